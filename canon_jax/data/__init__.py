@@ -1,0 +1,1 @@
+"""canon_jax.data."""

@@ -1,0 +1,1 @@
+"""Runnable entry points: training, sweeps, benchmarks, plots."""
