@@ -220,6 +220,35 @@ def test_sample_ancestors():
     assert np.count_nonzero(np.diff(anc[:, 1])) <= max(len(r) for r in g.rules[0][0]) - 1
 
 
+def test_samplers_follow_the_grammar_distribution():
+    """Sentence frequencies of both samplers on TINY2 match the enumerated probabilities (5-sigma binomial bands)."""
+    probs = enumerate_sentences(TINY2)
+    rng = np.random.default_rng(7)
+    for draws in (TINY2.sample_batch(rng, 20000), [TINY2.sample(rng) for _ in range(4000)]):
+        counts = defaultdict(int)
+        for d in draws:
+            counts[tuple(d)] += 1
+        assert set(counts) <= set(probs)
+        for sent, p in probs.items():
+            sigma = math.sqrt(p * (1 - p) / len(draws))
+            assert abs(counts[sent] / len(draws) - p) < 5 * sigma + 1e-9, (sent, p, counts[sent] / len(draws))
+
+
+@pytest.mark.parametrize("name", ["cfg3f", "cfg3e1", "cfg3k"])
+def test_sample_batch_real_grammars(name):
+    g = CFG.load(name)
+    seqs, anc = g.sample_batch(np.random.default_rng(0), 6, return_ancestors=True)
+    assert len(seqs) == 6 and g.accepts(seqs).all()
+    for s, a in zip(seqs, anc):
+        chex.assert_shape(a, (len(s), g.depth))
+        for t, tok in enumerate(s):
+            chain = list(a[t]) + [tok - 1]
+            assert all(any(chain[lvl + 1] in r for r in g.rules[lvl][chain[lvl]]) for lvl in range(g.depth))
+    assert g.sample_batch(np.random.default_rng(0), 0) == []
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        g.sample_batch(np.random.default_rng(0), -1)
+
+
 # ---------------------------------------------------------------------------------------------------- membership
 
 
