@@ -55,7 +55,9 @@ class Task:
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict] = {}
 
-    def __init__(self, offset: int | None = None, **params: Any):
+    def __init__(self, offset: int | None = None, *, task_name: str | None = None, **params: Any):
+        if task_name is not None:
+            self.name = task_name  # preset name (depo1/depo2, brevo1/brevo2) used in keys and messages
         unknown = sorted(set(params) - set(self.DEFAULTS))
         if unknown:
             raise ValueError(
@@ -194,10 +196,7 @@ def get_task(name: str, *, offset: int | None = None, **params: Any) -> Task:
         raise ValueError(
             f"unknown parameter(s) {unknown} for task {name!r}; valid parameters: {sorted(cls.DEFAULTS)}")
     preset.update(params)
-    task = cls(offset=offset, **preset)
-    task.name = name  # the preset name (depo1/depo2, brevo1/brevo2) identifies the task in keys and reports
-    task._task_key = rng_lib.string_hash(name + "|" + repr(sorted(task.params.items())))
-    return task
+    return cls(offset=offset, task_name=name, **preset)
 
 
 def task_defaults(name: str) -> dict:

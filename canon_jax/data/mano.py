@@ -43,14 +43,14 @@ class Mano(base.Task):
     def _validate(self):
         p = self.params
         if p["L"] < 1:
-            raise ValueError(f"mano: L (number of operations) must be >= 1, got L={p['L']}")
+            raise ValueError(f"{self.name}: L (number of operations) must be >= 1, got L={p['L']}")
         if p["mod"] < 2:
-            raise ValueError(f"mano: mod must be >= 2, got {p['mod']}")
+            raise ValueError(f"{self.name}: mod must be >= 2, got {p['mod']}")
         if not p["ops"] or any(c not in OP_SYMBOLS for c in p["ops"]) or len(set(p["ops"])) != len(p["ops"]):
-            raise ValueError(f"mano: ops must be distinct letters from {sorted(OP_SYMBOLS)} "
+            raise ValueError(f"{self.name}: ops must be distinct letters from {sorted(OP_SYMBOLS)} "
                              f"(a=+, s=-, m=*, d=/), got {p['ops']!r}")
         if "d" in p["ops"] and not _is_prime(p["mod"]):
-            raise ValueError(f"mano: division ('d' in ops) needs a prime mod, got mod={p['mod']}")
+            raise ValueError(f"{self.name}: division ('d' in ops) needs a prime mod, got mod={p['mod']}")
         self._ops = list(p["ops"])
         mod = p["mod"]
         self._val0 = NUM_SPECIAL
@@ -122,4 +122,4 @@ class Mano(base.Task):
         return codes, labels, {"L": l, "answer": ans}
 
     def show(self, sample):
-        return f"ops={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens))
+        return f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens))
