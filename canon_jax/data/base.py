@@ -72,6 +72,8 @@ class Task:
         if self.offset < NUM_SPECIAL:
             raise ValueError(f"vocabulary offset must be >= {NUM_SPECIAL} (the special tokens), got {self.offset}")
         self._task_key = rng_lib.string_hash(self.name + "|" + repr(sorted(self.params.items())))
+        self._key_prefix: dict = {}
+        self._delta = self.offset - NUM_SPECIAL
         n_codes = NUM_SPECIAL + self.num_task_tokens()
         g = np.arange(n_codes, dtype=np.int64)
         g[NUM_SPECIAL:] += self.offset - NUM_SPECIAL
@@ -105,13 +107,19 @@ class Task:
         """64-bit key of sample ``i``; a pure function of (task, params, split, seed, i)."""
         if i < 0:
             raise ValueError(f"sample index must be >= 0, got {i}")
-        return rng_lib.mix_key(seed, rng_lib.split_id(split), self._task_key, i)
+        prefix = self._key_prefix.get((seed, split))
+        if prefix is None:  # cache the (seed, split, task) part of the key: only i is mixed per sample
+            prefix = rng_lib.mix_key(seed, rng_lib.split_id(split), self._task_key)
+            self._key_prefix[(seed, split)] = prefix
+        return rng_lib.mix_key_continue(prefix, i)
 
     def sample(self, i: int, split: str = "train", seed: int = 0) -> Sample:
         """Sample ``i`` of the (infinite) ``split`` stream for ``seed``."""
         codes, labels, meta = self._generate(int(i), split, rng_lib.Rng(self.key(int(i), split, seed)), seed=seed)
-        return Sample(tokens=self._to_global[np.asarray(codes, dtype=np.int64)],
-                      labels=np.asarray(labels, dtype=np.int8), meta=meta)
+        tokens = np.array(codes, dtype=np.int32)
+        if self._delta:  # move the task's own codes to its block of the shared vocabulary
+            tokens[tokens >= NUM_SPECIAL] += self._delta
+        return Sample(tokens=tokens, labels=np.array(labels, dtype=np.int8), meta=meta)
 
     def to_codes(self, tokens) -> np.ndarray:
         """Global ids -> local codes; ids outside this task's vocabulary become -1."""

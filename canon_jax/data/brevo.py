@@ -28,14 +28,22 @@ def random_dag(rng: Rng, n: int) -> list[list[int]]:
     parents: list[list[int]] = [[] for _ in range(n)]
     outdeg = [0] * n
     avail = list(range(n_src))  # earlier nodes with out-degree < MAX_DEGREE, in index order
+    rnd = rng.random
     for i in range(n_src, n):
-        if avail:
-            p = rng.randint(1, min(len(avail), MAX_DEGREE))
-            for j in rng.sample(avail, p):
-                parents[i].append(j)
+        m = len(avail)
+        if m:
+            p = 1 + int(rnd() * min(m, MAX_DEGREE))
+            # p distinct candidates, uniformly (draw-and-reject: p <= 4 is small, so no copy of the list)
+            picked: list[int] = []
+            while len(picked) < p:
+                j = avail[int(rnd() * m)]
+                if j not in picked:
+                    picked.append(j)
+            parents[i] = picked
+            for j in picked:
                 outdeg[j] += 1
-            if any(outdeg[j] == MAX_DEGREE for j in parents[i]):
-                avail = [j for j in avail if outdeg[j] < MAX_DEGREE]
+                if outdeg[j] == MAX_DEGREE:
+                    avail.remove(j)
         avail.append(i)
     return parents
 

@@ -108,15 +108,47 @@ class Mano(base.Task):
             b = self._expr(rng, l - 1 - l1, out)
         return apply_op(op, a, b, mod)
 
+    def _expr_fast(self, rng: Rng, l: int, out: list[int]) -> int:
+        """Same law as :meth:`_expr` for op sets without division (no redraws): the tree is drawn iteratively in
+        prefix order, then evaluated by a reverse scan — about twice as fast as the recursion."""
+        rnd = rng.random
+        mod, val0, op0 = self.params["mod"], self._val0, self._op0
+        op_idx = [OP_INDEX[o] for o in self._ops]
+        nops, n_alias = len(op_idx), (2 if self.params["knowledge_augment"] else 1)
+        start = len(out)
+        stack = [l]
+        while stack:
+            k = stack.pop()
+            if k == 0:
+                out.append(val0 + int(rnd() * mod))
+            else:
+                # one uniform draw m in [0, nops * n_alias * k) decomposed (mixed radix) into three independent
+                # uniform choices: the op, its alias and the left subtree's number of operations l1
+                m = int(rnd() * (nops * n_alias * k))
+                out.append(op0 + op_idx[m % nops] + 4 * ((m // nops) % n_alias))
+                l1 = m // (nops * n_alias)
+                stack.append(k - 1 - l1)
+                stack.append(l1)  # the left subtree is emitted first
+        vals: list[int] = []
+        for c in reversed(out[start:]):
+            if c < op0:
+                vals.append(c - val0)
+            else:
+                a = vals.pop()
+                b = vals.pop()
+                oi = (c - op0) % 4
+                vals.append((a + b) % mod if oi == 0 else (a - b) % mod if oi == 1 else (a * b) % mod)
+        return vals[0]
+
     def _generate(self, i, split, rng: Rng, seed=0):
         p = self.params
         l = p["L"] if split == "test" else 1 + rng.below(p["L"])
-        aug = p["knowledge_augment"]
-        alt = (lambda: rng.random() < 0.5) if aug else (lambda: False)
+        # three independent fair coins for the BOS / length-token / '=' aliases (all False without augmentation)
+        alts = int(rng.random() * 8) if p["knowledge_augment"] else 0
         lbase = self._len0 + 4 * (l - 1)
-        codes = [self._bos_alt if alt() else BOS, lbase + (1 if alt() else 0)]
-        ans = self._expr(rng, l, codes)
-        codes.append(lbase + (3 if alt() else 2))
+        codes = [self._bos_alt if alts & 1 else BOS, lbase + (1 if alts & 2 else 0)]
+        ans = self._expr(rng, l, codes) if "d" in self._ops else self._expr_fast(rng, l, codes)
+        codes.append(lbase + (3 if alts & 4 else 2))
         codes.append(self._val0 + ans)
         labels = [0] * (len(codes) - 1) + [1]
         return codes, labels, {"L": l, "answer": ans}

@@ -41,6 +41,14 @@ def mix_key(*parts: int) -> int:
     return h
 
 
+def mix_key_continue(key: int, *parts: int) -> int:
+    """``mix_key(*a, *b) == mix_key_continue(mix_key(*a), *b)``: extend a key with more parts."""
+    h = key
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h
+
+
 def string_hash(s: str) -> int:
     """Stable (process-independent, unlike ``hash``) 32-bit hash of a string."""
     return zlib.crc32(s.encode("utf-8"))
