@@ -282,7 +282,7 @@ def test_samples_are_pure_functions_of_index():
     ("depo2", {"N": 300, "mini_vocab": 1}, "cannot form"), ("brevo1", {"N": 1}, "N must be >= 3"),
     ("mano", {"L": 0}, "L (number of operations) must be >= 1"), ("mano", {"ops": "asx"}, "ops must be"),
     ("mano", {"ops": "d", "mod": 10}, "prime"), ("depo1", {"bogus": 1}, "valid parameters"),
-    ("capo", {"num_people": 0}, "num_people"), ("mano", {"L": "abc"}, "expects int"),
+    ("capo", {"num_people": 0}, "num_people"), ("brevo1", {"mini_vocab": 9}, "only apply with multi_token"), ("mano", {"L": "abc"}, "expects int"),
 ])
 def test_bad_params_raise_clear_errors(name, params, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
@@ -309,3 +309,19 @@ def test_vocabulary_blocks_are_disjoint():
     m = v.task("mano", L=4)
     assert m.to_official(m.sample(0, "test", 0).tokens) == get_task("mano", L=4).to_official(
         get_task("mano", L=4).sample(0, "test", 0).tokens)  # placement does not change the sample
+
+
+@pytest.mark.parametrize("name", [n for n in TASK_NAMES if n != "lano"])
+def test_sample_shapes_and_dtypes(name):
+    import chex
+
+    params = {"capo": {"num_people": 30}}.get(name, {})
+    task = get_task(name, **params)
+    for split in ("train", "test"):
+        s = task.sample(1, split, 0)
+        n = len(s)
+        chex.assert_shape([s.tokens, s.labels], (n,))
+        assert s.tokens.dtype == np.int32 and s.labels.dtype == np.int8 and s.tokens[0] == BOS
+        assert s.labels.sum() >= 1 and set(np.unique(s.labels)) <= {0, 1}
+        assert s.tokens.min() >= 1 and s.tokens.max() < task.vocab_end
+        json.dumps(s.meta)  # meta is JSON-serialisable (the CLI dumps it)
