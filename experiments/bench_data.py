@@ -40,6 +40,36 @@ def bench_task(name, params, split, seconds):
     return (n / dc, tok / dc, tok / n, n / dt), None
 
 
+def _naive_mano_expr(l, R):
+    if l == 0:
+        v = R.randint(0, 22)
+        return [5000 + v], v
+    op = R.choice("asm")
+    tok = {"a": 1, "s": 2, "m": 3}[op] + R.choice([0, 4])
+    l1 = R.randint(0, l - 1)
+    a, va = _naive_mano_expr(l1, R)
+    b, vb = _naive_mano_expr(l - 1 - l1, R)
+    v = (va + vb) % 23 if op == "a" else (va - vb) % 23 if op == "s" else (va * vb) % 23
+    return [tok] + a + b, v
+
+
+def bench_naive_mano(seconds):
+    """Calibration: a plain recursive Mano generator in the style SPEC B.3 describes (random.randint per draw, one
+    random.Random per sample, official ids, no numpy) timed on this machine, to compare against canon-jax's Mano
+    under the same load."""
+    import random
+
+    n, tok, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        R = random.Random(n)
+        l = R.randint(1, 10)
+        e, v = _naive_mano_expr(l, R)
+        seq = [R.choice([9999, 9998]), 10 * l + R.choice([0, 1])] + e + [10 * l + R.choice([4, 5]), 5000 + v]
+        n += 1
+        tok += len(seq)
+    return n / (time.process_time() - c0), tok / (time.process_time() - c0), tok / n, n / (time.perf_counter() - t0)
+
+
 def bench_pipeline(seconds):
     cfg = DataConfig(tasks=[{"name": "depo1"}, {"name": "brevo1"}, {"name": "mano"}], seq_len=4096)
     it = iter(make_dataset(cfg, split="train", batch_size=1))
@@ -69,6 +99,10 @@ def main():
             print(f"| {name} | {params or 'defaults'} | {split} | n/a ({err}) | | | |")
             continue
         print(f"| {name} | {params or 'defaults'} | {split} | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:.0f} | {r[3]:,.0f} |")
+    if not a.tasks or "mano" in a.tasks:
+        r = bench_naive_mano(a.seconds)
+        print(f"| naive recursive Mano (calibration) | L=10 | train | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:.0f} | "
+              f"{r[3]:,.0f} |")
     if a.pipeline:
         cpu, wall = bench_pipeline(a.seconds)
         print(f"\npipeline depo1+brevo1+mano, seq_len 4096, batch 1: {cpu:.1f} windows/s (CPU), {wall:.1f} (wall)")

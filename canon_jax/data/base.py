@@ -54,6 +54,7 @@ class Task:
 
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict] = {}
+    RNG: ClassVar[type] = rng_lib.Rng  # per-sample random stream
 
     def __init__(self, offset: int | None = None, *, task_name: str | None = None, **params: Any):
         if task_name is not None:
@@ -115,11 +116,11 @@ class Task:
 
     def sample(self, i: int, split: str = "train", seed: int = 0) -> Sample:
         """Sample ``i`` of the (infinite) ``split`` stream for ``seed``."""
-        codes, labels, meta = self._generate(int(i), split, rng_lib.Rng(self.key(int(i), split, seed)), seed=seed)
+        codes, labels, meta = self._generate(int(i), split, self.RNG(self.key(int(i), split, seed)), seed=seed)
         tokens = np.array(codes, dtype=np.int32)
         if self._delta:  # move the task's own codes to its block of the shared vocabulary
             tokens[tokens >= NUM_SPECIAL] += self._delta
-        return Sample(tokens=tokens, labels=np.array(labels, dtype=np.int8), meta=meta)
+        return Sample(tokens=tokens, labels=np.asarray(labels, dtype=np.int8), meta=meta)
 
     def to_codes(self, tokens) -> np.ndarray:
         """Global ids -> local codes; ids outside this task's vocabulary become -1."""

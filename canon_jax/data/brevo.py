@@ -85,6 +85,9 @@ class Brevo(base.Task):
         p = self.params
         if p["N"] < 3:
             raise ValueError(f"{self.name}: N must be >= 3, got N={p['N']}")
+        if not p["multi_token"] and any(p[k] != self.DEFAULTS[k] for k in ("mini_vocab", "min_len", "max_len")):
+            raise ValueError(f"{self.name}: mini_vocab/min_len/max_len only apply with multi_token=True "
+                             f"(single-token nodes are the ids 1..N)")
         if p["multi_token"]:
             if p["mini_vocab"] < 1 or not 1 <= p["min_len"] <= p["max_len"]:
                 raise ValueError(f"{self.name}: need mini_vocab >= 1 and 1 <= min_len <= max_len, got {p}")

@@ -150,7 +150,8 @@ class Mano(base.Task):
         ans = self._expr(rng, l, codes) if "d" in self._ops else self._expr_fast(rng, l, codes)
         codes.append(lbase + (3 if alts & 4 else 2))
         codes.append(self._val0 + ans)
-        labels = [0] * (len(codes) - 1) + [1]
+        labels = np.zeros(len(codes), np.int8)
+        labels[-1] = 1  # the answer token only
         return codes, labels, {"L": l, "answer": ans}
 
     def show(self, sample):
