@@ -55,6 +55,12 @@ class Lano(base.Task):
     def terminal_codes(self, terminals) -> list[int]:
         return [NUM_SPECIAL + int(t) - 1 for t in terminals]
 
+    def sample_token(self, terminal: int) -> int:
+        """Global id of grammar terminal ``terminal`` (1..num_sym)."""
+        if not 1 <= terminal <= self.cfg.num_sym:
+            raise ValueError(f"{self.name}: terminal must be in 1..{self.cfg.num_sym}, got {terminal}")
+        return self.offset + terminal - 1
+
     def _generate(self, i, split, rng: Rng, seed=0):
         # CFG.sample takes a numpy Generator; derive it from this sample's own stream
         g = numpy_rng(int(rng.random() * (1 << 53)))

@@ -24,29 +24,22 @@ _EVALUATORS = {
 }
 
 
-def _evaluate_lano(task, **kwargs) -> dict:
-    """Adapter to the Lano evaluator (``canon_jax.eval.lano.evaluate_lano``, owned by the Lano component).
+def _evaluate_lano(task, *, max_new_tokens: int | None = None, **kwargs) -> dict:
+    """Adapter to the Lano evaluator ``canon_jax.eval.lano.evaluate_lano`` (owned by the Lano component).
 
-    Hands it the grammar and this task's token ids: ``bos_id``, ``eos_id`` and ``terminal_ids`` (global id of
-    terminal t = ``terminal_ids[t-1]``), plus the model functions and sizes.  Only keywords its signature declares
-    are passed; a required one it asks for that is not known here is an error.
+    Hands it the task's grammar and this task's token ids (``token_map``: BOS, EOS and the global id of every
+    terminal); the generation budget defaults to the grammar's longest string + EOS.  Other keywords (``kl_on``,
+    ``kl_epsilon``, ``length_multiple``) pass through.
     """
-    import inspect
-
     from canon_jax.data.base import BOS, EOS
     from canon_jax.eval import lano as lano_eval  # owned by the Lano component
 
-    fn = lano_eval.evaluate_lano
-    avail = dict(kwargs, task=task, cfg=task.cfg, cfg_name=task.params["cfg"], bos_id=BOS, eos_id=EOS,
-                 terminal_ids=[int(t) for t in task._to_global[task.terminal_codes(range(1, task.cfg.num_sym + 1))]])
-    sig = inspect.signature(fn)
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return fn(**avail)
-    missing = [n for n, p in sig.parameters.items()
-               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in avail]
-    if missing:
-        raise TypeError(f"canon_jax.eval.lano.evaluate_lano needs {missing}, which the registry does not provide")
-    return fn(**{n: v for n, v in avail.items() if n in sig.parameters})
+    num_sym = int(task.cfg.num_sym)
+    terminal_ids = [int(task.sample_token(t)) for t in range(1, num_sym + 1)]
+    if max_new_tokens is None:
+        max_new_tokens = int(task.cfg.max_len) + 1
+    return lano_eval.evaluate_lano(task.cfg, token_map={"bos_id": BOS, "eos_id": EOS, "terminal_ids": terminal_ids},
+                                   max_new_tokens=max_new_tokens, **kwargs)
 
 
 def _resolve_task(task_name: str, task_params: dict | None, vocab: Any):

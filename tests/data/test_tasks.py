@@ -237,16 +237,22 @@ def test_capo_people_unique_and_exposures():
 
 # ---------------------------------------------------------------------------------------------------------- Lano
 def test_lano_strings_accepted_by_grammar():
-    pytest.importorskip("canon_jax.data.lano_grammar", reason="Lano grammar (lano branch) not merged yet")
-    for cfg in ("cfg3b", "cfg3f"):
+    from canon_jax.data.lano_grammar import CFG
+
+    names = list(CFG.names())
+    assert len(names) == 9
+    for cfg in names:
         task = get_task("lano", cfg=cfg)
-        samples = [task.sample(i, split, 0) for split in ("train", "test") for i in range(5)]
+        samples = [task.sample(i, split, 0) for split in ("train", "test") for i in range(2 if cfg != "cfg3f" else 6)]
         seqs = []
         for s in samples:
             off = task.to_official(s.tokens)
             assert off[0] == 9999 and off[-1] == task.cfg.eos_id and s.labels[0] == 0 and s.labels[1:].all()
+            assert all(1 <= t <= task.cfg.num_sym for t in off[1:-1]) and s.meta["length"] == len(off) - 2
             seqs.append(off[1:-1])
-        assert task.cfg.accepts(seqs).all()
+        assert task.cfg.accepts(seqs).all(), cfg
+    with pytest.raises(ValueError, match="valid cfgs"):
+        get_task("lano", cfg="cfg9z")
 
 
 # ------------------------------------------------------------------------------------------------ determinism etc.
@@ -311,7 +317,7 @@ def test_vocabulary_blocks_are_disjoint():
         get_task("mano", L=4).sample(0, "test", 0).tokens)  # placement does not change the sample
 
 
-@pytest.mark.parametrize("name", [n for n in TASK_NAMES if n != "lano"])
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_sample_shapes_and_dtypes(name):
     import chex
 

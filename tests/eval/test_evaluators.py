@@ -143,21 +143,18 @@ def test_capo_oracle_wrong_and_bits():
 
 def test_lano_registry_calls_lano_evaluator():
     pytest.importorskip("canon_jax.eval.lano", reason="Lano evaluator (lano branch) not merged yet")
-    from canon_jax.data.base import BOS
-
     task = get_task("lano", cfg="cfg3b")
-    V = task.vocab_end
-    samples = {}
+    count = [0]
 
-    def gen(prompts, mask, max_new, rng):  # oracle: replays true grammar strings
+    def oracle(prompts, mask, max_new, rng):  # replays true grammar strings (+ EOS) in the task's ids
         out = np.full((prompts.shape[0], max_new), EOS, np.int32)
         for r in range(prompts.shape[0]):
-            s = task.sample(len(samples), "test", 99).tokens[1:]
-            samples[len(samples)] = s
-            out[r, :min(len(s), max_new)] = s[:max_new]
+            s = task.sample(count[0], "test", 99).tokens[1:]
+            count[0] += 1
+            out[r, :len(s)] = s
         return out
 
-    r = evaluate("lano", {"cfg": "cfg3b"}, generate_fn=gen, logits_fn=lambda x: _onehot_next(x, V),
-                 num_samples=4, batch_size=2)
-    assert isinstance(r, dict) and r
-    assert BOS == 1
+    good = evaluate("lano", {"cfg": "cfg3b"}, generate_fn=oracle, num_samples=4, batch_size=2)
+    assert good["gen_accuracy"] == 1.0
+    eos_only = lambda p, m, n, k: np.full((p.shape[0], n), EOS, np.int32)  # noqa: E731  empty strings
+    assert evaluate("lano", {"cfg": "cfg3b"}, generate_fn=eos_only, num_samples=4, batch_size=2)["gen_accuracy"] == 0.0
