@@ -198,3 +198,15 @@ def test_worker_count_does_not_change_batches(tmp_path):
                        env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == '{"same": true, "resumed": true}'
+
+
+def test_presets_fit_their_windows():
+    from canon_jax.data import PRESETS, preset
+
+    for name in PRESETS:
+        cfg = preset(name)
+        for t in cfg.vocabulary().tasks:
+            longest = max(len(t.sample(i, "test", 0)) for i in range(3))
+            assert longest <= cfg.seq_len, (name, t.name, longest)
+    with pytest.raises(ValueError, match="valid presets"):
+        preset("cpu_depo9")
