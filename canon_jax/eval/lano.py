@@ -22,6 +22,7 @@ The strings used for the KL are, by default, the model's own accepted generation
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -183,8 +184,8 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
     Returns:
       dict with ``cfg``, ``num_generated``, ``gen_accuracy``, ``num_accepted``, ``num_no_eos``, ``num_foreign``,
       ``mean_generated_length`` (accepted strings) and, when ``logits_fn`` is given, ``kl``, ``kl_pooled``,
-      ``kl_max`` (largest per-string mean), ``kl_on``, ``num_kl_strings``, ``num_kl_positions``. Missing parts are
-      absent from the dict.
+      ``kl_max`` (largest per-string mean), ``kl_on``, ``num_kl_strings``, ``num_kl_positions`` (the KL values are
+      NaN when there is no string to score, e.g. no accepted generation).
     """
     cfg = cfg_name if isinstance(cfg_name, CFG) else CFG.load(cfg_name)
     tmap = LanoTokenMap.coerce(token_map)
@@ -229,7 +230,10 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
         if out.ndim != 2 or out.shape[0] != batch_size:
             raise ValueError(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
                              f"{out.shape}")
-        s, st = parse_generations(out[: min(batch_size, num_samples - start)], tmap)
+        out = out[: min(batch_size, num_samples - start)]
+        if not np.issubdtype(out.dtype, np.integer):  # not token ids at all: every row is malformed
+            out = np.full(out.shape, -1, np.int64)
+        s, st = parse_generations(out, tmap)
         strings += s
         status += st
     ok_idx = [i for i, st in enumerate(status) if st == "ok"]
@@ -273,8 +277,9 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple):
             per_string.append(float(kl.mean()))
             pooled_sum += float(kl.sum())
             pooled_n += kl.size
-    if not per_string:
-        return {"num_kl_strings": 0, "num_kl_positions": 0}
+    if not per_string:  # e.g. no accepted generation to score: keep the keys, NaN values
+        return {"kl": math.nan, "kl_pooled": math.nan, "kl_max": math.nan, "num_kl_strings": 0,
+                "num_kl_positions": 0}
     return {
         "kl": float(np.mean(per_string)),
         "kl_pooled": pooled_sum / pooled_n,

@@ -107,6 +107,13 @@ def test_malformed_generations_are_invalid_not_errors():
     assert out["gen_accuracy"] == pytest.approx(1 / 5)
     assert (out["num_no_eos"], out["num_foreign"], out["num_accepted"]) == (1, 2, 1)
     assert "kl" not in out
+    # With a logits_fn but no accepted generation, the KL keys are present and NaN.
+    out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=gen, num_samples=5, batch_size=5, max_new_tokens=n,
+                        logits_fn=lambda t: np.zeros(t.shape + (VOCAB,)))
+    assert out["num_kl_strings"] == 1 and np.isfinite(out["kl"])
+    floats = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, k, r: tokens.astype(np.float32),
+                           num_samples=5, batch_size=5, max_new_tokens=n, logits_fn=lambda t: None)
+    assert floats["gen_accuracy"] == 0.0 and floats["num_kl_strings"] == 0 and math.isnan(floats["kl"])
 
 
 def test_kl_true_vs_model_matches_loop():
