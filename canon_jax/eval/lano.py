@@ -17,8 +17,16 @@ distribution.
   official demo's smoothing: both distributions become ``(p + eps) / (1 + K * eps)`` over the ``K = 1 + num_sym``
   columns before the KL.
 
-The strings used for the KL are, by default, the model's own accepted generations when a ``generate_fn`` is given
-(``kl_on="generated"``), otherwise fresh samples from the grammar (``kl_on="grammar"``).
+Which strings the KL is measured on (``kl_on``):
+
+* ``"grammar"``: ``num_samples`` fresh strings sampled from the grammar -> keys ``kl``, ``kl_pooled``, ``kl_max``,
+  ``num_kl_strings``, ``num_kl_positions``. This is ``E_{w ~ grammar}`` of the per-position KL: defined for any model
+  (also an untrained one, or when only ``logits_fn`` is given) and not biased by which strings the model manages to
+  generate. It is the primary number.
+* ``"generated"``: the model's own accepted generations -> the same keys with ``kl_generated`` in place of ``kl``
+  (``kl_generated``, ``kl_generated_pooled``, ``kl_generated_max``, ``num_kl_generated_strings``,
+  ``num_kl_generated_positions``); NaN when no generation was accepted.
+* ``"both"`` (default when both functions are given; otherwise ``"grammar"``).
 """
 from __future__ import annotations
 
@@ -174,18 +182,17 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
       logits_fn: ``(tokens [B, L] int32) -> [B, L, V]`` logits (causal: position ``t`` predicts token ``t + 1``).
         Rows are right-padded with EOS to a multiple of ``length_multiple`` and the batch to ``batch_size``, so the
         shapes are few and a jitted function compiles a few times only.
-      num_samples: strings generated (and, with ``kl_on="grammar"``, grammar strings scored).
+      num_samples: strings generated, and grammar strings scored for the KL.
       batch_size: rows per call of ``generate_fn`` / ``logits_fn``.
       seed: seeds the generation keys and the grammar sampler.
-      kl_on: ``"generated"`` (the model's accepted generations; default when ``generate_fn`` is given) or
-        ``"grammar"`` (fresh grammar samples; default otherwise).
+      kl_on: ``"grammar"``, ``"generated"`` or ``"both"`` (see the module docstring); default ``"both"`` when both
+        functions are given, else ``"grammar"``.
       kl_epsilon: KL smoothing (0 = exact; see the module docstring).
       length_multiple: padding multiple of the ``logits_fn`` sequence length.
     Returns:
-      dict with ``cfg``, ``num_generated``, ``gen_accuracy``, ``num_accepted``, ``num_no_eos``, ``num_foreign``,
-      ``mean_generated_length`` (accepted strings) and, when ``logits_fn`` is given, ``kl``, ``kl_pooled``,
-      ``kl_max`` (largest per-string mean), ``kl_on``, ``num_kl_strings``, ``num_kl_positions`` (the KL values are
-      NaN when there is no string to score, e.g. no accepted generation).
+      dict with ``cfg``; with ``generate_fn``: ``num_generated``, ``gen_accuracy``, ``num_accepted``,
+      ``num_no_eos``, ``num_foreign``, ``mean_generated_length`` (accepted strings; absent if none); with
+      ``logits_fn``: the KL keys of the module docstring.
     """
     cfg = cfg_name if isinstance(cfg_name, CFG) else CFG.load(cfg_name)
     tmap = LanoTokenMap.coerce(token_map)
@@ -197,24 +204,23 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"evaluate_lano: {name} must be a positive int, got {value!r}")
     if kl_on is None:
-        kl_on = "generated" if generate_fn is not None else "grammar"
-    if kl_on not in ("generated", "grammar"):
-        raise ValueError(f"evaluate_lano: kl_on must be 'generated' or 'grammar', got {kl_on!r}")
-    if kl_on == "generated" and generate_fn is None and logits_fn is not None:
-        raise ValueError("evaluate_lano: kl_on='generated' needs a generate_fn")
+        kl_on = "both" if generate_fn is not None and logits_fn is not None else "grammar"
+    if kl_on not in ("grammar", "generated", "both"):
+        raise ValueError(f"evaluate_lano: kl_on must be 'grammar', 'generated' or 'both', got {kl_on!r}")
+    if kl_on != "grammar" and (generate_fn is None or logits_fn is None):
+        raise ValueError(f"evaluate_lano: kl_on={kl_on!r} needs both generate_fn and logits_fn")
 
     result: dict = {"cfg": cfg.name}
     accepted: list[list[int]] = []
     if generate_fn is not None:
         accepted = _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new_tokens, seed, result)
     if logits_fn is not None:
-        if kl_on == "grammar":
-            rng = np.random.default_rng(seed)
-            strings = [cfg.sample(rng) for _ in range(num_samples)]
-        else:
-            strings = accepted
-        result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple))
-        result["kl_on"] = kl_on
+        if kl_on in ("grammar", "both"):
+            strings = cfg.sample_batch(np.random.default_rng(seed), num_samples)
+            result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple, "kl"))
+        if kl_on in ("generated", "both"):
+            result.update(_kl(cfg, tmap, logits_fn, accepted, batch_size, kl_epsilon, length_multiple,
+                              "kl_generated"))
     return result
 
 
@@ -253,7 +259,7 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
     return accepted
 
 
-def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple):
+def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, prefix):
     per_string, pooled_sum, pooled_n = [], 0.0, 0
     cols = tmap.columns
     for start in range(0, len(strings), batch_size):
@@ -278,12 +284,8 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple):
             pooled_sum += float(kl.sum())
             pooled_n += kl.size
     if not per_string:  # e.g. no accepted generation to score: keep the keys, NaN values
-        return {"kl": math.nan, "kl_pooled": math.nan, "kl_max": math.nan, "num_kl_strings": 0,
-                "num_kl_positions": 0}
-    return {
-        "kl": float(np.mean(per_string)),
-        "kl_pooled": pooled_sum / pooled_n,
-        "kl_max": float(np.max(per_string)),
-        "num_kl_strings": len(per_string),
-        "num_kl_positions": pooled_n,
-    }
+        mean = pooled = worst = math.nan
+    else:
+        mean, pooled, worst = float(np.mean(per_string)), pooled_sum / pooled_n, float(np.max(per_string))
+    return {prefix: mean, f"{prefix}_pooled": pooled, f"{prefix}_max": worst,
+            f"num_{prefix}_strings": len(per_string), f"num_{prefix}_positions": pooled_n}

@@ -50,12 +50,14 @@ def test_perfect_model_scores_one_and_zero_kl():
                         max_new_tokens=cfg.max_len + 1, seed=3)
     assert out["gen_accuracy"] == 1.0 and out["num_generated"] == 6 and out["num_accepted"] == 6
     assert out["num_no_eos"] == 0 and out["num_foreign"] == 0
-    assert out["kl_on"] == "generated" and out["num_kl_strings"] == 6
-    assert abs(out["kl"]) < 1e-12 and abs(out["kl_pooled"]) < 1e-12
+    assert out["num_kl_strings"] == 6 and out["num_kl_generated_strings"] == 6
+    assert out["num_kl_positions"] == sum(len(s) + 1 for s in cfg.sample_batch(np.random.default_rng(3), 6))
+    for key in ("kl", "kl_pooled", "kl_max", "kl_generated", "kl_generated_pooled", "kl_generated_max"):
+        assert abs(out[key]) < 1e-12, key
     # KL on fresh grammar strings (logits only), with the official smoothing: still zero for a perfect model.
     out2 = evaluate_lano("cfg3f", token_map=dict(bos_id=1, eos_id=2, terminal_ids=[3, 4, 5]), logits_fn=logits,
                          num_samples=3, batch_size=2, max_new_tokens=8, kl_epsilon=1e-5)
-    assert out2["kl_on"] == "grammar" and out2["num_kl_strings"] == 3 and "gen_accuracy" not in out2
+    assert out2["num_kl_strings"] == 3 and "gen_accuracy" not in out2 and "kl_generated" not in out2
     assert abs(out2["kl"]) < 1e-12
 
 
@@ -73,10 +75,9 @@ def test_uniform_model_low_accuracy_and_exact_kl():
     assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 16
     assert out["num_accepted"] == 0 and out["num_no_eos"] + out["num_foreign"] > 0
     # Independent KL: the model is uniform over the 4 columns, so KL_t = sum_c p log(4 p) = log 4 - H(p_t).
-    rng = np.random.default_rng(1)
     per_string = []
-    for _ in range(16):
-        p = np.exp(g.next_token_logprobs(g.sample(rng)))
+    for s in g.sample_batch(np.random.default_rng(1), 16):  # the evaluator's grammar strings for seed=1
+        p = np.exp(g.next_token_logprobs(s))
         ent = [-sum(v * math.log(v) for v in row if v > 0) for row in p]
         per_string.append(np.mean([math.log(4) - h for h in ent]))
     assert out["kl"] == pytest.approx(np.mean(per_string), rel=1e-10)
@@ -107,13 +108,16 @@ def test_malformed_generations_are_invalid_not_errors():
     assert out["gen_accuracy"] == pytest.approx(1 / 5)
     assert (out["num_no_eos"], out["num_foreign"], out["num_accepted"]) == (1, 2, 1)
     assert "kl" not in out
-    # With a logits_fn but no accepted generation, the KL keys are present and NaN.
+    # KL on the one accepted generation; with no accepted generation the keys are present and NaN.
+    flat = lambda t: np.zeros(t.shape + (VOCAB,))  # noqa: E731
     out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=gen, num_samples=5, batch_size=5, max_new_tokens=n,
-                        logits_fn=lambda t: np.zeros(t.shape + (VOCAB,)))
-    assert out["num_kl_strings"] == 1 and np.isfinite(out["kl"])
+                        logits_fn=flat)
+    assert out["num_kl_generated_strings"] == 1 and out["num_kl_generated_positions"] == len(s) + 1
+    assert out["num_kl_strings"] == 5 and np.isfinite(out["kl"]) and np.isfinite(out["kl_generated"])
     floats = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, k, r: tokens.astype(np.float32),
-                           num_samples=5, batch_size=5, max_new_tokens=n, logits_fn=lambda t: None)
-    assert floats["gen_accuracy"] == 0.0 and floats["num_kl_strings"] == 0 and math.isnan(floats["kl"])
+                           num_samples=5, batch_size=5, max_new_tokens=n, logits_fn=flat, kl_on="generated")
+    assert floats["gen_accuracy"] == 0.0 and floats["num_kl_generated_strings"] == 0
+    assert math.isnan(floats["kl_generated"]) and "kl" not in floats
 
 
 def test_kl_true_vs_model_matches_loop():
@@ -147,8 +151,10 @@ def test_argument_errors():
         evaluate_lano("cfg3f", token_map={"bos_id": 1, "terminal_ids": (3, 4, 5)}, logits_fn=fn, max_new_tokens=8)
     with pytest.raises(ValueError, match="give generate_fn, logits_fn or both"):
         evaluate_lano("cfg3f", token_map=TMAP, max_new_tokens=8)
-    with pytest.raises(ValueError, match="kl_on must be"):
+    with pytest.raises(ValueError, match="kl_on must be 'grammar', 'generated' or 'both'"):
         evaluate_lano("cfg3f", token_map=TMAP, logits_fn=fn, max_new_tokens=8, kl_on="model")
+    with pytest.raises(ValueError, match="needs both generate_fn and logits_fn"):
+        evaluate_lano("cfg3f", token_map=TMAP, logits_fn=fn, max_new_tokens=8, kl_on="both")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         evaluate_lano("cfg3f", token_map=TMAP, logits_fn=fn, max_new_tokens=8, batch_size=0)
     with pytest.raises(ValueError, match="unknown grammar"):
