@@ -13,9 +13,9 @@ distribution.
 
   averaged over the positions of each string, then over strings (``kl``); ``kl_pooled`` averages over all positions
   of all strings at once. Columns with ``p_true = 0`` contribute 0. No smoothing by default (``kl_epsilon = 0``): the
-  restricted softmax is strictly positive for finite logits, so the KL is finite. ``kl_epsilon > 0`` reproduces the
-  official demo's smoothing: both distributions become ``(p + eps) / (1 + K * eps)`` over the ``K = 1 + num_sym``
-  columns before the KL.
+  restricted softmax is strictly positive for finite logits, so the KL is finite. ``kl_epsilon > 0`` applies the
+  smoothing SPEC B.5 describes for the official demo (1e-5 there): add eps to both distributions and renormalise,
+  ``(p + eps) / (1 + K * eps)`` over the ``K = 1 + num_sym`` columns, before the KL.
 
 Which strings the KL is measured on (``kl_on``):
 
