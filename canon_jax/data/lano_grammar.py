@@ -91,6 +91,10 @@ class CFG:
                 f"got {len(sizes)} and {len(levels)}")
         if sizes[0] != 1:
             raise ValueError(f"CFG {name!r}: level 0 must hold exactly one (root) symbol, sizes[0] = {sizes[0]}")
+        if num_sym < 1:
+            raise ValueError(f"CFG {name!r}: num_sym must be >= 1, got {num_sym}")
+        if 1 <= int(d["eos_token"]) <= num_sym:
+            raise ValueError(f"CFG {name!r}: eos_token {d['eos_token']} collides with terminal ids 1..{num_sym}")
         if sizes[depth] != num_sym:
             raise ValueError(f"CFG {name!r}: last level size {sizes[depth]} != num_sym {num_sym}")
         rules = []

@@ -186,6 +186,8 @@ def test_names_and_bad_inputs():
         CFG.from_dict({**good, "all": [[{"children": [[0, 2]]}], good["all"][1]]})
     with pytest.raises(ValueError, match="empty rule"):
         CFG.from_dict({**good, "all": [[{"children": [[]]}], good["all"][1]]})
+    with pytest.raises(ValueError, match="eos_token 2 collides with terminal ids 1..2"):
+        CFG.from_dict({**good, "eos_token": 2})
     with pytest.raises(ValueError, match="exactly one"):
         CFG.from_dict({**good, "sizes": [2, 2]})
 
