@@ -619,7 +619,7 @@ class _BitTable:
 
 
 def _bit_concat(a: _BitTable, b: _BitTable, max_len: int) -> _BitTable:
-    """Table of ``a b``: start ``p`` derives length ``la + lb`` iff ``a`` derives ``[p, p+la)`` and ``b`` ``[p+la, ..)``."""
+    """Table of ``a b``: start ``p`` has length ``la + lb`` iff ``a`` derives ``[p, p+la)`` and ``b`` ``[p+la, ..)``."""
     lo = a.lo + b.lo
     hi = min(a.lo + a.rows - 1 + b.lo + b.rows - 1, max_len)
     out = _BitTable.empty(lo, hi, a.bits.shape[1])
