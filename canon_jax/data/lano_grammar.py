@@ -119,10 +119,13 @@ class CFG:
                 lvl_rules.append(tuple(sym_rules))
             rules.append(tuple(lvl_rules))
         idx = d.get("idx")
-        if idx is None:
-            symbol_ids = tuple(tuple(range(n)) for n in sizes)
+        if idx is None:  # no config ids: within-level indices, terminals by their ids
+            symbol_ids = tuple(tuple(range(n)) for n in sizes[:-1]) + (tuple(range(1, num_sym + 1)),)
         else:
             symbol_ids = tuple(tuple(int(v) for v in level) for level in idx)
+            if [len(level) for level in symbol_ids] != sizes:
+                raise ValueError(f"CFG {name!r}: 'idx' has {[len(level) for level in symbol_ids]} ids per level, "
+                                 f"'sizes' says {sizes}")
         return cls(name=name, depth=depth, num_sym=num_sym, eos_id=int(d["eos_token"]), rules=tuple(rules),
                    symbol_ids=symbol_ids)
 
