@@ -59,6 +59,11 @@ def test_perfect_model_scores_one_and_zero_kl():
                          num_samples=3, batch_size=2, max_new_tokens=8, kl_epsilon=1e-5)
     assert out2["num_kl_strings"] == 3 and "gen_accuracy" not in out2 and "kl_generated" not in out2
     assert abs(out2["kl"]) < 1e-12
+    # A model with a 64-token context: strings are scored on their first 64 positions, still exactly.
+    seen = []
+    out3 = evaluate_lano("cfg3f", token_map=TMAP, logits_fn=lambda t: seen.append(t.shape) or logits(t),
+                         num_samples=3, batch_size=3, max_new_tokens=8, max_length=64, seed=5)
+    assert seen == [(3, 64)] and out3["num_kl_positions"] == 3 * 64 and abs(out3["kl"]) < 1e-12
 
 
 def test_uniform_model_low_accuracy_and_exact_kl():
