@@ -10,7 +10,7 @@ Stages and why they are ordered this way:
 1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long) ``MapDataset``: element ``j`` picks a task
    with probability ∝ its weight from a key of (seed, split, j) and is that task's sample ``j``; a pure function of
    ``j``, so every stage below can address it.
-2. ``WindowShuffleMapDataset`` — shuffles indices inside windows of ``shuffle_window`` (the iid tasks do not need it;
+2. ``WindowShuffleMapDataset`` — shuffles indices inside windows of ``shuffle_buffer`` (the iid tasks do not need it;
    Capo's per-person exposures and any finite-index logic do).
 3. ``slice(process_index::process_count)`` — each JAX process reads only its own shard.
 4. ``to_iter_dataset`` + optional ``mp_prefetch`` — worker processes generate samples; grain slices the index space
@@ -57,18 +57,20 @@ class TaskSpec:
 class DataConfig:
     """Configuration of the synthetic-data pipeline.
 
-    tasks: the mix (``TaskSpec``s or dicts ``{"name", "weight", "params"}``); seq_len: packing window (4096 as in the
-    paper's 4k context; 256–1024 for CPU runs, see :data:`PRESETS`); loss_on: ``"answer"`` (answer tokens only,
-    default) or ``"all"``; seed: data seed; shuffle/shuffle_window: index-window shuffle; num_workers: grain worker
-    processes (0 = generate in the main process); split_long: cut samples longer than seq_len instead of failing.
+    tasks: the mix (``TaskSpec``s or dicts ``{"name", "weight", "params"}``).
+    seq_len: packing window (4096 as in the paper's 4k context; 256–1024 for CPU runs, see :data:`PRESETS`).
+    loss_on: ``"answer"`` (answer tokens only, default) or ``"all"``.
+    seed: data seed (sample i of every task is a function of it).
+    shuffle_buffer: size of the index windows shuffled together (0 = no shuffle).
+    num_workers: grain worker processes (0 = generate in the main process); worker_buffer_size: per-worker prefetch.
+    split_long: cut samples longer than seq_len into windows instead of failing.
     """
 
     tasks: list = dataclasses.field(default_factory=lambda: [TaskSpec("depo1")])
     seq_len: int = 4096
     loss_on: str = "answer"
     seed: int = 0
-    shuffle: bool = True
-    shuffle_window: int = 4096
+    shuffle_buffer: int = 4096
     num_workers: int = 0
     worker_buffer_size: int = 16
     split_long: bool = False
@@ -94,8 +96,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.seq_len < 2:
             raise ValueError(f"DataConfig.seq_len must be >= 2, got {self.seq_len}")
-        if self.shuffle_window < 1:
-            raise ValueError(f"DataConfig.shuffle_window must be >= 1, got {self.shuffle_window}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"DataConfig.shuffle_buffer must be >= 0 (0 = no shuffle), got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
 
@@ -186,8 +188,8 @@ def make_sample_dataset(cfg: DataConfig, *, split: str = "train", process_index:
     vocab = cfg.vocabulary()
     ds: grain.MapDataset = TaskMixtureMapDataset(vocab.tasks, [t.weight for t in cfg.tasks], split=split,
                                                  seed=cfg.seed)
-    if cfg.shuffle:
-        ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=cfg.shuffle_window,
+    if cfg.shuffle_buffer > 1:
+        ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=cfg.shuffle_buffer,
                                                         seed=mix_key(cfg.seed, 0x5F) & 0x7FFFFFFF)
     if process_count > 1:
         ds = ds[process_index::process_count]

@@ -81,7 +81,7 @@ def test_too_long_sample_error_and_split():
 
 def _cfg(**kw):
     base = dict(tasks=[TaskSpec("depo1", 1.0, {"N": 20, "K": 4}), TaskSpec("mano", 2.0, {"L": 4}),
-                       TaskSpec("brevo1", 1.0, {"N": 12})], seq_len=256, seed=3, shuffle_window=64)
+                       TaskSpec("brevo1", 1.0, {"N": 12})], seq_len=256, seed=3, shuffle_buffer=64)
     base.update(kw)
     return DataConfig(**base)
 
@@ -132,7 +132,7 @@ def test_process_sharding_partitions_the_stream():
 
 
 def test_mixture_weights():
-    cfg = _cfg(shuffle=False)
+    cfg = _cfg(shuffle_buffer=0)
     src = make_sample_dataset(cfg, split="train")
     idx = np.array([src.task_index(j) for j in range(4000)])
     counts = np.bincount(idx, minlength=3)
@@ -140,6 +140,8 @@ def test_mixture_weights():
 
 
 def test_config_validation():
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        _cfg(shuffle_buffer=-1)
     with pytest.raises(ValueError, match="loss_on"):
         _cfg(loss_on="some")
     with pytest.raises(ValueError, match="valid tasks"):
