@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from canon_jax.data import (DataConfig, SampleTooLongError, TaskSpec, get_task, make_dataset, make_sample_dataset,
+from canon_jax.data import (DataConfig, SampleTooLongError, TaskSpec, make_dataset, make_sample_dataset,
                             pack_samples)
 from canon_jax.data.base import PAD
 
