@@ -155,4 +155,19 @@ class Mano(base.Task):
         return codes, labels, {"L": l, "answer": ans}
 
     def show(self, sample):
-        return f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens))
+        """The prefix tokens and the expression in infix notation with its value."""
+        codes = self.to_codes(sample.tokens).tolist()
+        expr, pos = codes[2:-2], 0
+
+        def infix():
+            nonlocal pos
+            c = expr[pos]
+            pos += 1
+            if c < self._op0:
+                return str(c - self._val0)
+            sym = OP_SYMBOLS["asmd"[(c - self._op0) % 4]]
+            left = infix()
+            return f"({left} {sym} {infix()})"
+
+        return (f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens)) +
+                f"\n{infix()} = {sample.meta['answer']} (mod {self.params['mod']})")
