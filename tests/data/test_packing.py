@@ -131,6 +131,17 @@ def test_process_sharding_partitions_the_stream():
         make_sample_dataset(cfg, split="train", process_index=2, process_count=2)
 
 
+def test_task_stream_is_index_addressable():
+    from canon_jax.data import get_task
+
+    t = get_task("brevo2", N=10)
+    ds = t.dataset("test", seed=4)
+    assert len(ds) >= 2 ** 62
+    for i in (0, 17, 10 ** 12):
+        np.testing.assert_array_equal(ds[i]["tokens"], t.sample(i, "test", 4).tokens)
+        np.testing.assert_array_equal(ds[i]["labels"], t.sample(i, "test", 4).labels)
+
+
 def test_mixture_weights():
     cfg = _cfg(shuffle_buffer=0)
     src = make_sample_dataset(cfg, split="train")
