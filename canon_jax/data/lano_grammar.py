@@ -2,17 +2,18 @@
 
 The Lano grammars are *layered*: a symbol of level ``l`` expands only to symbols of level ``l + 1``, the root is the
 single symbol of level 0 and the last level holds the terminals ``1..num_sym``. Every derivation therefore has exactly
-``depth`` non-terminal levels, which both dynamic programs below exploit: they run one level at a time, bottom-up,
-and a level-``l`` symbol only ever spans between ``min_len[l]`` and ``max_len[l]`` tokens.
+``depth`` non-terminal levels, and every dynamic program below runs one level at a time, bottom-up, with no fixed
+point to iterate (no unary or recursive cycles exist).
 
-* :meth:`CFG.accepts` -- exact membership for a batch of strings. All strings of a chunk are concatenated into one
-  long position axis; for every symbol and span length the set of start positions it derives is a packed bitset
-  (``uint64`` words), so concatenating two children ``A B`` is, per length of ``A``, one bit shift of ``B``'s table
-  and one AND/OR. Spans crossing string boundaries are computed too but can never be part of a whole-string parse,
-  so they do no harm.
-* :meth:`CFG.next_token_logprobs` -- the grammar's exact next-token distribution for every prefix of one string,
-  from float64 log-space inside probabilities and prefix ("partial span") probabilities; sums over split points are
-  stable log-sum-exp matrix products (see :func:`_log_band_matmul`).
+* :meth:`CFG.sample` / :meth:`CFG.sample_batch` -- top-down expansion with uniform rule choice (an explicit stack,
+  or one vectorised step per level for a batch).
+* :meth:`CFG.accepts` -- exact membership for a batch of strings, which are concatenated on one position axis
+  (spans crossing a string boundary are dropped). Two exact DPs over spans: sorted span lists joined on the split
+  point (fast because sampled, corrupted and random strings derive few spans), and packed bitsets over (span
+  length, start position) whose cost does not depend on how many spans are derivable; ``"auto"`` hands only
+  span-dense strings (periodic ones such as ``1 2 1 2 ...``) to the bitsets.
+* :meth:`CFG.next_token_logprobs` -- the grammar's exact next-token distribution for every prefix of one string:
+  float64 log-space inside probabilities on span lists, then a top-down "left context" pass (details in the method).
 """
 from __future__ import annotations
 
@@ -184,9 +185,50 @@ class CFG:
             return tokens, np.asarray(chains, np.int32).reshape(len(tokens), depth)
         return tokens
 
-    def sample_batch(self, rng: np.random.Generator, n: int) -> list[list[int]]:
-        """``n`` independent sentences from :meth:`sample`."""
-        return [self.sample(rng) for _ in range(n)]
+    @functools.cached_property
+    def _rule_arrays(self):
+        """Per level: (number of rules [S], padded rules [S, Rmax, Lmax], rule lengths [S, Rmax])."""
+        out = []
+        for level in self.rules:
+            r_max = max(len(rs) for rs in level)
+            l_max = max(len(r) for rs in level for r in rs)
+            padded = np.zeros((len(level), r_max, l_max), np.int64)
+            lengths = np.zeros((len(level), r_max), np.int64)
+            for s, rs in enumerate(level):
+                for k, r in enumerate(rs):
+                    padded[s, k, : len(r)] = r
+                    lengths[s, k] = len(r)
+            out.append((np.array([len(rs) for rs in level]), padded, lengths))
+        return out
+
+    def sample_batch(self, rng: np.random.Generator, n: int, *, return_ancestors: bool = False):
+        """``n`` independent sentences, expanded one level at a time for the whole batch (vectorised; much faster
+        than :meth:`sample` for many strings, same distribution, different random stream).
+
+        Returns:
+          ``list`` of ``n`` lists of terminal ids; with ``return_ancestors`` also a list of ``[len, depth]`` int32
+          ancestor arrays as in :meth:`sample`.
+        """
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"CFG.sample_batch: n must be an int >= 0, got {n!r}")
+        if n == 0:
+            return ([], []) if return_ancestors else []
+        syms = np.zeros(n, np.int64)  # current frontier, left to right, string by string
+        owner = np.arange(n)
+        anc = np.zeros((n, 0), np.int32)
+        for lvl, (deg, padded, lengths) in enumerate(self._rule_arrays):
+            choice = rng.integers(0, deg[syms])
+            lens = lengths[syms, choice]
+            children = padded[syms, choice]  # [M, Lmax]
+            keep = np.arange(children.shape[1])[None, :] < lens[:, None]
+            if return_ancestors:
+                anc = np.repeat(np.concatenate([anc, syms[:, None].astype(np.int32)], axis=1), lens, axis=0)
+            syms, owner = children[keep], np.repeat(owner, lens)
+        cuts = np.cumsum(np.bincount(owner, minlength=n))[:-1]
+        tokens = [t.tolist() for t in np.split(syms + 1, cuts)]
+        if return_ancestors:
+            return tokens, np.split(anc, cuts)
+        return tokens
 
     # ---------------------------------------------------------------- membership
 
