@@ -169,3 +169,26 @@ def test_lano_registry_calls_lano_evaluator():
     assert good["gen_accuracy"] == 1.0
     eos_only = lambda p, m, n, k: np.full((p.shape[0], n), EOS, np.int32)  # noqa: E731  empty strings
     assert evaluate("lano", {"cfg": "cfg3b"}, generate_fn=eos_only, num_samples=4, batch_size=2)["gen_accuracy"] == 0.0
+
+    # KL: a model whose logits are the grammar's true next-token log-probabilities scores KL = 0; uniform does not
+    term = np.array([task.sample_token(t) for t in range(1, task.cfg.num_sym + 1)])
+    V = task.vocab_end
+
+    def true_logits(x):
+        out = np.full(x.shape + (V,), -1e9, np.float32)
+        for r in range(x.shape[0]):
+            w = []
+            for tok in x[r, 1:]:
+                if tok not in term:
+                    break
+                w.append(int(np.nonzero(term == tok)[0][0]) + 1)
+            lp = task.cfg.next_token_logprobs(w)
+            blk = out[r, :len(w) + 1]
+            blk[:, EOS] = lp[:, 0]
+            blk[:, term] = lp[:, 1:]
+        return out
+
+    kl_true = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=true_logits, num_samples=2, batch_size=2)["kl"]
+    kl_flat = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32),
+                       num_samples=2, batch_size=2)["kl"]
+    assert abs(kl_true) < 1e-9 and kl_flat > 0.05
