@@ -31,7 +31,7 @@ import numpy as np
 
 from canon_jax.data import base
 from canon_jax.data.packing import LOSS_ON, PackIterDataset
-from canon_jax.data.rng import Rng, mix_key, split_id
+from canon_jax.data.rng import mix_key, split_id
 from canon_jax.data.vocab import Vocabulary
 
 STREAM_LENGTH = 1 << 62
@@ -164,7 +164,7 @@ class TaskMixtureMapDataset(grain.MapDataset):
     def task_index(self, j: int) -> int:
         if len(self._tasks) == 1:
             return 0
-        u = Rng(mix_key(self._seed, self._sid, _MIX_TAG, j)).random()
+        u = (mix_key(self._seed, self._sid, _MIX_TAG, j) >> 11) * (1.0 / (1 << 53))  # uniform in [0, 1)
         for t, c in enumerate(self._cdf):
             if u < c:
                 return t
