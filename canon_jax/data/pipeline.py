@@ -20,6 +20,8 @@ Stages and why they are ordered this way:
 6. ``batch(batch_size, drop_remainder=True)``.
 
 The iterator state (``get_state``/``set_state``) is grain's: parent positions plus the packer's pending sample.
+With workers, scripts must guard their entry point with ``if __name__ == "__main__":``; absl flags are marked parsed
+here if nobody parsed them (grain's workers read them).
 """
 from __future__ import annotations
 
@@ -209,6 +211,10 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index:
     ds = make_sample_dataset(cfg, split=split, process_index=process_index, process_count=process_count)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; without absl.app nobody parses
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                                per_worker_buffer_size=cfg.worker_buffer_size))
     it_ds = PackIterDataset(it_ds, seq_len=cfg.seq_len, loss_on=cfg.loss_on, split_long=cfg.split_long)
