@@ -122,6 +122,12 @@ class Task:
             tokens[tokens >= NUM_SPECIAL] += self._delta
         return Sample(tokens=tokens, labels=np.asarray(labels, dtype=np.int8), meta=meta)
 
+    def dataset(self, split: str = "train", seed: int = 0):
+        """This task's infinite stream as a grain ``MapDataset``: element i = ``{"tokens", "labels"}`` of sample i."""
+        from canon_jax.data.pipeline import TaskMixtureMapDataset
+
+        return TaskMixtureMapDataset([self], [1.0], split=split, seed=seed)
+
     def to_codes(self, tokens) -> np.ndarray:
         """Global ids -> local codes; ids outside this task's vocabulary become -1."""
         return np.asarray([self._from_global.get(int(t), -1) for t in np.asarray(tokens).reshape(-1)], dtype=np.int64)

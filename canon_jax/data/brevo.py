@@ -138,7 +138,24 @@ class Brevo(base.Task):
         return codes, labels, {"n": n, "num_answer_nodes": len(order)}
 
     def show(self, sample):
-        toks = self.decode(sample.tokens)
-        q = toks.index("<query>")
-        return (f"n={sample.meta['n']}\nedges: {' '.join(toks[1:q])}\nquery: {' '.join(toks[q + 1:toks.index('<ans>')])}"
-                f"\nanswer: {' '.join(toks[toks.index('<ans>') + 1:])}")
+        """Edges as ``parent -> child``, the query and the answer list (node names joined with ``_``)."""
+        codes = self.to_codes(sample.tokens).tolist()
+        q, a = codes.index(QUERY), codes.index(ANSWER)
+
+        def names(cs):
+            if not self.params["multi_token"]:
+                return [self.code_name(c) for c in cs]
+            out, cur = [], []
+            for c in cs:
+                cur.append(self.code_name(c))
+                if c >= NUM_SPECIAL + self.params["mini_vocab"]:
+                    out.append("_".join(cur))
+                    cur = []
+            return out
+
+        nodes = names(codes[1:q])
+        lines = [f"n={sample.meta['n']}", "edges:"] + [f"  {p} -> {c}" for p, c in zip(nodes[0::2], nodes[1::2])]
+        lines.append(f"query: {' '.join(names(codes[q + 1:a]))}")
+        end = codes.index(EOS, a) if EOS in codes[a:] else len(codes)
+        lines.append(f"answer: {' '.join(names(codes[a + 1:end]))}")
+        return "\n".join(lines)

@@ -104,12 +104,27 @@ class Depo(base.Task):
         return codes, labels, {"n": n, "ks": ks}
 
     def show(self, sample):
-        toks = self.decode(sample.tokens)
-        out, cur = [], []
-        for t in toks:
-            if t.startswith("<hop"):
-                out.append(" ".join(cur))
-                cur = []
-            cur.append(t)
-        out.append(" ".join(cur))
-        return f"n={sample.meta['n']} ks={sample.meta['ks']}\n" + "\n".join(out)
+        """Edges as ``u -> v`` (words are joined token names) and queries as ``k-hop(q) = a``."""
+        mv = self.params["mini_vocab"]
+        codes = self.to_codes(sample.tokens).tolist()
+        hop0 = NUM_SPECIAL + 2 * mv
+        words, cur, i = [], [], 1
+        while i < len(codes) and codes[i] < hop0:
+            if codes[i] != SEP:
+                cur.append(self.code_name(codes[i]))
+                if codes[i] >= NUM_SPECIAL + mv:
+                    words.append("_".join(cur))
+                    cur = []
+            i += 1
+        lines = [f"n={sample.meta['n']} ks={sample.meta['ks']}", "edges:"]
+        lines += [f"  {a} -> {b}" for a, b in zip(words[0::2], words[1::2])]
+        lines.append("queries:")
+        while i < len(codes):
+            k = codes[i] - hop0 + 1
+            j = codes.index(ANSWER, i)
+            e = next((m for m in range(j + 1, len(codes)) if codes[m] >= hop0), len(codes))
+            q = "_".join(self.code_name(c) for c in codes[i + 1:j])
+            a = "_".join(self.code_name(c) for c in codes[j + 1:e])
+            lines.append(f"  {k}-hop({q}) = {a}")
+            i = e
+        return "\n".join(lines)

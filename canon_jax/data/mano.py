@@ -57,6 +57,10 @@ class Mano(base.Task):
         self._op0 = NUM_SPECIAL + mod
         self._len0 = NUM_SPECIAL + mod + 8
         self._bos_alt = NUM_SPECIAL + mod + 8 + 4 * p["L"]
+        # (op, alias) tokens drawn uniformly by _expr_fast, and each op token's kind (0 +, 1 -, 2 *, 3 /)
+        n_alias = 2 if p["knowledge_augment"] else 1
+        self._op_tokens = [self._op0 + OP_INDEX[o] + 4 * a for a in range(n_alias) for o in self._ops]
+        self._op_kinds = [j % 4 for j in range(8)]
 
     # codes: values 0..mod-1 | op ids 1..8 | per ℓ: 10ℓ, 10ℓ+1, 10ℓ+4, 10ℓ+5 | BOS alias (official 9998)
     def num_task_tokens(self):
@@ -113,31 +117,33 @@ class Mano(base.Task):
         prefix order, then evaluated by a reverse scan — about twice as fast as the recursion."""
         rnd = rng.random
         mod, val0, op0 = self.params["mod"], self._val0, self._op0
-        op_idx = [OP_INDEX[o] for o in self._ops]
-        nops, n_alias = len(op_idx), (2 if self.params["knowledge_augment"] else 1)
+        op_tokens, width = self._op_tokens, len(self._op_tokens)
+        kinds = self._op_kinds
+        emit = out.append
         start = len(out)
         stack = [l]
+        push, pop = stack.append, stack.pop
         while stack:
-            k = stack.pop()
+            k = pop()
             if k == 0:
-                out.append(val0 + int(rnd() * mod))
+                emit(val0 + int(rnd() * mod))
             else:
-                # one uniform draw m in [0, nops * n_alias * k) decomposed (mixed radix) into three independent
-                # uniform choices: the op, its alias and the left subtree's number of operations l1
-                m = int(rnd() * (nops * n_alias * k))
-                out.append(op0 + op_idx[m % nops] + 4 * ((m // nops) % n_alias))
-                l1 = m // (nops * n_alias)
-                stack.append(k - 1 - l1)
-                stack.append(l1)  # the left subtree is emitted first
+                # one uniform draw m in [0, width * k) decomposed (mixed radix) into two independent uniform
+                # choices: the (op, alias) token and the left subtree's number of operations l1
+                m = int(rnd() * (width * k))
+                emit(op_tokens[m % width])
+                l1 = m // width
+                push(k - 1 - l1)
+                push(l1)  # the left subtree is emitted first
         vals: list[int] = []
+        vpush, vpop = vals.append, vals.pop
         for c in reversed(out[start:]):
             if c < op0:
-                vals.append(c - val0)
+                vpush(c - val0)
             else:
-                a = vals.pop()
-                b = vals.pop()
-                oi = (c - op0) % 4
-                vals.append((a + b) % mod if oi == 0 else (a - b) % mod if oi == 1 else (a * b) % mod)
+                a = vpop()
+                kind = kinds[c - op0]
+                vpush((a + vpop()) % mod if kind == 0 else (a - vpop()) % mod if kind == 1 else (a * vpop()) % mod)
         return vals[0]
 
     def _generate(self, i, split, rng: Rng, seed=0):
@@ -155,4 +161,19 @@ class Mano(base.Task):
         return codes, labels, {"L": l, "answer": ans}
 
     def show(self, sample):
-        return f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens))
+        """The prefix tokens and the expression in infix notation with its value."""
+        codes = self.to_codes(sample.tokens).tolist()
+        expr, pos = codes[2:-2], 0
+
+        def infix():
+            nonlocal pos
+            c = expr[pos]
+            pos += 1
+            if c < self._op0:
+                return str(c - self._val0)
+            sym = OP_SYMBOLS["asmd"[(c - self._op0) % 4]]
+            left = infix()
+            return f"({left} {sym} {infix()})"
+
+        return (f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens)) +
+                f"\n{infix()} = {sample.meta['answer']} (mod {self.params['mod']})")

@@ -10,7 +10,7 @@ Stages and why they are ordered this way:
 1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long) ``MapDataset``: element ``j`` picks a task
    with probability ∝ its weight from a key of (seed, split, j) and is that task's sample ``j``; a pure function of
    ``j``, so every stage below can address it.
-2. ``WindowShuffleMapDataset`` — shuffles indices inside windows of ``shuffle_window`` (the iid tasks do not need it;
+2. ``WindowShuffleMapDataset`` — shuffles indices inside windows of ``shuffle_buffer`` (the iid tasks do not need it;
    Capo's per-person exposures and any finite-index logic do).
 3. ``slice(process_index::process_count)`` — each JAX process reads only its own shard.
 4. ``to_iter_dataset`` + optional ``mp_prefetch`` — worker processes generate samples; grain slices the index space
@@ -20,6 +20,8 @@ Stages and why they are ordered this way:
 6. ``batch(batch_size, drop_remainder=True)``.
 
 The iterator state (``get_state``/``set_state``) is grain's: parent positions plus the packer's pending sample.
+With workers, scripts must guard their entry point with ``if __name__ == "__main__":``; absl flags are marked parsed
+here if nobody parsed them (grain's workers read them).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from canon_jax.data import base
 from canon_jax.data.packing import LOSS_ON, PackIterDataset
-from canon_jax.data.rng import Rng, mix_key, split_id
+from canon_jax.data.rng import mix_key, split_id
 from canon_jax.data.vocab import Vocabulary
 
 STREAM_LENGTH = 1 << 62
@@ -57,18 +59,20 @@ class TaskSpec:
 class DataConfig:
     """Configuration of the synthetic-data pipeline.
 
-    tasks: the mix (``TaskSpec``s or dicts ``{"name", "weight", "params"}``); seq_len: packing window (4096 as in the
-    paper's 4k context; 256–1024 for CPU runs, see :data:`PRESETS`); loss_on: ``"answer"`` (answer tokens only,
-    default) or ``"all"``; seed: data seed; shuffle/shuffle_window: index-window shuffle; num_workers: grain worker
-    processes (0 = generate in the main process); split_long: cut samples longer than seq_len instead of failing.
+    tasks: the mix (``TaskSpec``s or dicts ``{"name", "weight", "params"}``).
+    seq_len: packing window (4096 as in the paper's 4k context; 256–1024 for CPU runs, see :data:`PRESETS`).
+    loss_on: ``"answer"`` (answer tokens only, default) or ``"all"``.
+    seed: data seed (sample i of every task is a function of it).
+    shuffle_buffer: size of the index windows shuffled together (0 = no shuffle).
+    num_workers: grain worker processes (0 = generate in the main process); worker_buffer_size: per-worker prefetch.
+    split_long: cut samples longer than seq_len into windows instead of failing.
     """
 
     tasks: list = dataclasses.field(default_factory=lambda: [TaskSpec("depo1")])
     seq_len: int = 4096
     loss_on: str = "answer"
     seed: int = 0
-    shuffle: bool = True
-    shuffle_window: int = 4096
+    shuffle_buffer: int = 4096
     num_workers: int = 0
     worker_buffer_size: int = 16
     split_long: bool = False
@@ -94,8 +98,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
         if self.seq_len < 2:
             raise ValueError(f"DataConfig.seq_len must be >= 2, got {self.seq_len}")
-        if self.shuffle_window < 1:
-            raise ValueError(f"DataConfig.shuffle_window must be >= 1, got {self.shuffle_window}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"DataConfig.shuffle_buffer must be >= 0 (0 = no shuffle), got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
 
@@ -162,7 +166,7 @@ class TaskMixtureMapDataset(grain.MapDataset):
     def task_index(self, j: int) -> int:
         if len(self._tasks) == 1:
             return 0
-        u = Rng(mix_key(self._seed, self._sid, _MIX_TAG, j)).random()
+        u = (mix_key(self._seed, self._sid, _MIX_TAG, j) >> 11) * (1.0 / (1 << 53))  # uniform in [0, 1)
         for t, c in enumerate(self._cdf):
             if u < c:
                 return t
@@ -186,8 +190,8 @@ def make_sample_dataset(cfg: DataConfig, *, split: str = "train", process_index:
     vocab = cfg.vocabulary()
     ds: grain.MapDataset = TaskMixtureMapDataset(vocab.tasks, [t.weight for t in cfg.tasks], split=split,
                                                  seed=cfg.seed)
-    if cfg.shuffle:
-        ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=cfg.shuffle_window,
+    if cfg.shuffle_buffer > 1:
+        ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=cfg.shuffle_buffer,
                                                         seed=mix_key(cfg.seed, 0x5F) & 0x7FFFFFFF)
     if process_count > 1:
         ds = ds[process_index::process_count]
@@ -207,6 +211,10 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index:
     ds = make_sample_dataset(cfg, split=split, process_index=process_index, process_count=process_count)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; without absl.app nobody parses
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                                per_worker_buffer_size=cfg.worker_buffer_size))
     it_ds = PackIterDataset(it_ds, seq_len=cfg.seq_len, loss_on=cfg.loss_on, split_long=cfg.split_long)

@@ -73,6 +73,8 @@ def generate(generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size:
     malformed model output — wrong width or non-integer — are replaced by -1, i.e. scored wrong)."""
     import jax  # only needed for the rng handed to the model
 
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if not prompts:
         return []
     length = max(len(p) for p in prompts)

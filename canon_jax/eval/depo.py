@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 
 from canon_jax.data.base import ANSWER, BOS, NUM_SPECIAL
 from canon_jax.eval import common

@@ -5,7 +5,6 @@ position is the true value.
 """
 from __future__ import annotations
 
-from canon_jax.data.base import NUM_SPECIAL
 from canon_jax.eval import common
 
 _OPS = {0: lambda a, b, m: (a + b) % m, 1: lambda a, b, m: (a - b) % m, 2: lambda a, b, m: (a * b) % m,

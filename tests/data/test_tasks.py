@@ -9,7 +9,8 @@ import pytest
 import scipy.stats
 
 from canon_jax.data import BOS, EOS, NUM_SPECIAL, PAD, TASK_NAMES, get_task, task_defaults
-from canon_jax.data.capo import NUM_TEMPLATES, attribute_values, people_table, tokenize, word_vocabulary
+from canon_jax.data.capo import (NUM_TEMPLATES, SENTENCE_KINDS, attribute_values, people_table, templates, tokenize,
+                                 word_vocabulary)
 from canon_jax.eval.brevo import check_answer, prompt_of
 from canon_jax.eval.mano import evaluate_prefix
 
@@ -193,6 +194,8 @@ def test_mano_answers_match_independent_evaluation(params):
 def test_capo_bios_state_exactly_the_attributes():
     task = get_task("capo", num_people=300, people_seed=4)
     words = word_vocabulary()
+    template_words = {w for kind in SENTENCE_KINDS for t in templates(kind)
+                      for w in tokenize(t.replace("{S}", " ").replace("{s}", " ").replace("{X}", " "))} | {"of"}
     for split in ("train", "test"):
         for i in range(40):
             s = task.sample(i, split, 0)
@@ -212,6 +215,14 @@ def test_capo_bios_state_exactly_the_attributes():
             assert 1900 <= int(attrs["birthyear"]) <= 2099 and 1 <= int(attrs["birthday"]) <= 28
             pron = "He" if m["person"] % 2 == 0 else "She"
             assert pron in text or pron.lower() in text
+            # exactly these facts: outside the 8 disjoint value spans only template words, the name and the
+            # pronoun remain (no other person's or field value sneaks in)
+            spans = sorted(m["spans"].values())
+            assert len(spans) == 8 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+            covered = {j for b, e in spans for j in range(b, e)}
+            rest = [words[t - NUM_SPECIAL] for j, t in enumerate(s.tokens[1:-1], start=1) if j not in covered]
+            allowed = template_words | set(tokenize(attrs["full_name"])) | {pron, pron.lower()}
+            assert set(rest) <= allowed, set(rest) - allowed
     # the company's city is its HQ city
     from canon_jax.data.capo import field_lists
     f = field_lists()
@@ -232,6 +243,11 @@ def test_capo_people_unique_and_exposures():
     assert persons[:N] != persons[N:2 * N]  # a fresh order per exposure
     assert [task.person_of(i, "test", 7) for i in range(N)] == list(range(N))
     assert all(v == 50 for v in NUM_TEMPLATES.values())
+    # attributes are uniform over their value lists (SPEC 0.5): chi-square on a larger table
+    big = people_table(6000, 1)
+    for attr, k in (("birthmonth", 12), ("birthday", 28), ("field", 100)):
+        assert scipy.stats.chisquare(np.bincount(big[attr], minlength=k)).pvalue > 1e-3, attr
+    assert big["birthyear"].min() >= 0 and big["birthyear"].max() < 200
     assert len(attribute_values("birthyear")) == 200
 
 

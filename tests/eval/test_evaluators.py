@@ -79,8 +79,9 @@ def _alt_topo(parents, query):
     return out
 
 
-def _brevo_oracle(task, *, garbage_after_eos=True, drop_eos=False):
-    words_code = lambda w: [6 + t - 1 for t in w]  # noqa: E731  (stand-alone task: offset = NUM_SPECIAL = 6)
+def _brevo_oracle(task, *, garbage_after_eos=True, drop_eos=False, out_offset=None):
+    off = task.offset if out_offset is None else out_offset
+    words_code = lambda w: [off + t - 1 for t in w]  # noqa: E731  word values -> global ids
     diffs = []
 
     def gen(prompts, mask, max_new, rng):
@@ -106,6 +107,16 @@ def test_brevo_oracle_accepts_other_valid_orders(name, params):
     # at least one oracle answer differs from the generator's own order: exact match would have failed it
     refs = [list(task.sample(i, "test", 0).tokens) for i in range(6)]
     assert any(not any(ref[-len(p):] == p for ref in refs) for p in produced)
+
+
+def test_brevo_in_a_task_mix_uses_the_mix_ids():
+    cfg = DataConfig(tasks=[{"name": "mano"}, {"name": "brevo2", "params": {"N": 10}}])
+    task = cfg.vocabulary().task("brevo2", N=10)
+    assert task.offset > 6
+    gen, _ = _brevo_oracle(task)
+    assert evaluate("brevo2", {"N": 10}, generate_fn=gen, num_samples=4, batch_size=2, vocab=cfg)["accuracy"] == 1.0
+    alone, _ = _brevo_oracle(task, out_offset=6)  # right answers, but in stand-alone ids: foreign to the mix
+    assert evaluate("brevo2", {"N": 10}, generate_fn=alone, num_samples=4, batch_size=2, vocab=cfg)["accuracy"] == 0.0
 
 
 def test_brevo_wrong_and_malformed_outputs_score_zero():
@@ -158,3 +169,26 @@ def test_lano_registry_calls_lano_evaluator():
     assert good["gen_accuracy"] == 1.0
     eos_only = lambda p, m, n, k: np.full((p.shape[0], n), EOS, np.int32)  # noqa: E731  empty strings
     assert evaluate("lano", {"cfg": "cfg3b"}, generate_fn=eos_only, num_samples=4, batch_size=2)["gen_accuracy"] == 0.0
+
+    # KL: a model whose logits are the grammar's true next-token log-probabilities scores KL = 0; uniform does not
+    term = np.array([task.sample_token(t) for t in range(1, task.cfg.num_sym + 1)])
+    V = task.vocab_end
+
+    def true_logits(x):
+        out = np.full(x.shape + (V,), -1e9, np.float32)
+        for r in range(x.shape[0]):
+            w = []
+            for tok in x[r, 1:]:
+                if tok not in term:
+                    break
+                w.append(int(np.nonzero(term == tok)[0][0]) + 1)
+            lp = task.cfg.next_token_logprobs(w)
+            blk = out[r, :len(w) + 1]
+            blk[:, EOS] = lp[:, 0]
+            blk[:, term] = lp[:, 1:]
+        return out
+
+    kl_true = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=true_logits, num_samples=2, batch_size=2)["kl"]
+    kl_flat = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32),
+                       num_samples=2, batch_size=2)["kl"]
+    assert abs(kl_true) < 1e-9 and kl_flat > 0.05
