@@ -7,6 +7,15 @@ modular inverse; a right subtree that evaluates to 0 under ÷ is redrawn.
 Sequence (official ids): ``[9999|9998] [10ℓ|10ℓ+1] expression [10ℓ+4|10ℓ+5] [5000+answer]``; the alternatives (and the
 op aliases + → 1|5, − → 2|6, × → 3|7, ÷ → 4|8) are drawn uniformly when ``knowledge_augment``, else the first one is
 used.  Only the answer token is labelled.  Train: ℓ ~ U{1..L}; test: ℓ = L.
+
+Randomness is counter-based (:class:`~canon_jax.data.rng.SplitMixRng`): sample i reads the uniform draws
+u_0, u_1, … of the SplitMix64 stream keyed by (task, params, split, seed, i) in a fixed layout — u_0 gives ℓ (unused
+in test), u_1 the three alias coins, u_2 … u_{2+2ℓ} the tree's nodes in prefix order (a leaf: value ⌊u·mod⌋; an
+operation with k operations below it: one draw ⌊u·W·k⌋ split into the (op, alias) token and l1, W = number of
+(op, alias) tokens); division redraws read further draws.  Because draw j of sample i is a fixed function of
+(key_i, j), many samples are generated at once with numpy (:meth:`Mano.generate_many`, used by :meth:`Mano.sample`
+through a cache of aligned index blocks) — bit-identical to the scalar reference path
+(:meth:`Mano.sample_scalar`), which the tests check.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import numpy as np
 
 from canon_jax.data import base
 from canon_jax.data.base import BOS, NUM_SPECIAL
-from canon_jax.data.rng import Rng
+from canon_jax.data.rng import Rng, SplitMixRng, mix_keys_np, splitmix_uniform_np
 
 OP_SYMBOLS = {"a": "+", "s": "-", "m": "*", "d": "/"}
 OP_INDEX = {"a": 0, "s": 1, "m": 2, "d": 3}  # official op id = 1 + index (alias: 5 + index)
@@ -39,6 +48,11 @@ def _is_prime(m: int) -> bool:
 class Mano(base.Task):
     name = "mano"
     DEFAULTS = {"L": 10, "ops": "asm", "mod": 23, "knowledge_augment": True}
+    RNG = SplitMixRng
+    # samples generated together by the vectorised path (aligned blocks of indices) and blocks kept per instance;
+    # 0 = always use the scalar path.  A window shuffle of 4096 indices touches 4 blocks of 1024.
+    block_size: int = 1024
+    cache_blocks: int = 16
 
     def _validate(self):
         p = self.params
@@ -61,6 +75,12 @@ class Mano(base.Task):
         n_alias = 2 if p["knowledge_augment"] else 1
         self._op_tokens = [self._op0 + OP_INDEX[o] + 4 * a for a in range(n_alias) for o in self._ops]
         self._op_kinds = [j % 4 for j in range(8)]
+        self._block_cache: dict = {}
+        # answer-only labels of a sample of length n (the last token), copied per sample
+        self._labels = {}
+        for n in range(7, 2 * p["L"] + 6):
+            self._labels[n] = np.zeros(n, np.int8)
+            self._labels[n][-1] = 1
 
     # codes: values 0..mod-1 | op ids 1..8 | per ℓ: 10ℓ, 10ℓ+1, 10ℓ+4, 10ℓ+5 | BOS alias (official 9998)
     def num_task_tokens(self):
@@ -148,9 +168,10 @@ class Mano(base.Task):
 
     def _generate(self, i, split, rng: Rng, seed=0):
         p = self.params
-        l = p["L"] if split == "test" else 1 + rng.below(p["L"])
+        u_len, u_alt = rng.random(), rng.random()  # always consumed: fixed draw layout (see module docstring)
+        l = p["L"] if split == "test" else 1 + int(u_len * p["L"])
         # three independent fair coins for the BOS / length-token / '=' aliases (all False without augmentation)
-        alts = int(rng.random() * 8) if p["knowledge_augment"] else 0
+        alts = int(u_alt * 8) if p["knowledge_augment"] else 0
         lbase = self._len0 + 4 * (l - 1)
         codes = [self._bos_alt if alts & 1 else BOS, lbase + (1 if alts & 2 else 0)]
         ans = self._expr(rng, l, codes) if "d" in self._ops else self._expr_fast(rng, l, codes)
@@ -159,6 +180,117 @@ class Mano(base.Task):
         labels = np.zeros(len(codes), np.int8)
         labels[-1] = 1  # the answer token only
         return codes, labels, {"L": l, "answer": ans}
+
+    # -- vectorised generation ------------------------------------------------------------------------------------
+    def sample_scalar(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
+        """Sample ``i`` by the one-sample Python path (the reference the vectorised path must reproduce)."""
+        return base.Task.sample(self, i, split, seed)
+
+    def sample(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
+        """Sample ``i`` of the ``split`` stream; computed with its aligned block of ``block_size`` indices."""
+        i = int(i)
+        if self.block_size <= 0 or "d" in self._ops or i < 0:
+            return self.sample_scalar(i, split, seed)
+        r = i % self.block_size
+        ck = (split, seed, i - r)
+        block = self._block_cache.get(ck)
+        if block is None:
+            block = self._make_block(ck)
+        codes, lengths, ells, answers = block
+        n = lengths[r]
+        return base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(),
+                           meta={"L": ells[r], "answer": answers[r]})
+
+    def __getstate__(self):  # grain pickles datasets into worker processes: do not ship the cache
+        state = dict(self.__dict__)
+        state["_block_cache"] = {}
+        return state
+
+    def _make_block(self, ck):
+        split, seed, b0 = ck
+        codes, lengths, ells, answers = self.generate_many(np.arange(b0, b0 + self.block_size), split, seed)
+        block = (codes, lengths.tolist(), ells.tolist(), answers.tolist())
+        self._block_cache[ck] = block
+        while len(self._block_cache) > self.cache_blocks:  # oldest first (plain dict: insertion order)
+            self._block_cache.pop(next(iter(self._block_cache)))
+        return block
+
+    def generate_many(self, indices, split: str = "train", seed: int = 0):
+        """Samples ``indices`` at once (no division in ``ops``): returns ``(tokens, lengths, ells, answers)``.
+
+        tokens: int32 ``[B, 2L+5]`` global ids, row b valid on its first ``lengths[b]`` entries (PAD after);
+        lengths, ells, answers: int64 ``[B]`` (sample length, number of operations ℓ, answer value).
+        Row b equals :meth:`sample_scalar` of ``indices[b]`` exactly.
+        """
+        if "d" in self._ops:
+            raise ValueError("mano: vectorised generation does not support division (redraws); use sample_scalar")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if (idx < 0).any():
+            raise ValueError(f"sample indices must be >= 0, got {idx[idx < 0][:3].tolist()}")
+        p = self.params
+        L, mod = p["L"], p["mod"]
+        B, n_nodes_max = idx.shape[0], 2 * L + 1
+        self.key(0, split, seed)  # fills the (seed, split) key prefix
+        keys = mix_keys_np(self._key_prefix[(seed, split)], idx)
+        u = splitmix_uniform_np(keys, 2 + n_nodes_max)  # [B, 2 + 2L + 1]
+        ells = np.full(B, L, np.int64) if split == "test" else 1 + np.floor(u[:, 0] * L).astype(np.int64)
+        alts = np.floor(u[:, 1] * 8).astype(np.int64) if p["knowledge_augment"] else np.zeros(B, np.int64)
+        n_nodes = 2 * ells + 1
+        op_tokens = np.asarray(self._op_tokens, np.int64)
+        width = op_tokens.shape[0]
+        rows = np.arange(B)
+        # 1) draw the trees in prefix order with one explicit stack of pending subtree sizes per sample
+        stack = np.zeros((B, L + 2), np.int64)
+        stack[:, 0] = ells
+        sp = np.ones(B, np.int64)
+        expr = np.zeros((B, n_nodes_max), np.int64)  # local codes of the nodes
+        for t in range(n_nodes_max):
+            active = t < n_nodes
+            top = np.maximum(sp - 1, 0)
+            k = stack[rows, top]
+            ut = u[:, 2 + t]
+            leaf = k == 0
+            m = np.floor(ut * (width * np.maximum(k, 1))).astype(np.int64)
+            l1 = m // width
+            expr[:, t] = np.where(leaf, self._val0 + np.floor(ut * mod).astype(np.int64), op_tokens[m % width])
+            push = active & ~leaf
+            sp = np.where(active, sp - 1, sp)
+            # an operation replaces its entry by (right size, left size); the left subtree is emitted first
+            stack[rows, np.where(push, sp, 0)] = np.where(push, k - 1 - l1, stack[rows, 0])
+            stack[rows, np.where(push, sp + 1, 0)] = np.where(push, l1, stack[rows, 0])
+            sp = np.where(push, sp + 2, sp)
+        # 2) evaluate by a reverse scan with a value stack (kind: -1 value, 0 +, 1 -, 2 *)
+        kind_of = np.full(self._op0 + 8, -1, np.int64)
+        kind_of[self._op0:] = self._op_kinds
+        kind_all = kind_of[expr]
+        value_all = expr - self._val0
+        vals = np.zeros((B, L + 2), np.int64)
+        vsp = np.zeros(B, np.int64)
+        for t in range(n_nodes_max - 1, -1, -1):
+            active = t < n_nodes
+            kind = kind_all[:, t]
+            is_val = kind < 0
+            a = vals[rows, np.maximum(vsp - 1, 0)]
+            b = vals[rows, np.maximum(vsp - 2, 0)]
+            res = np.where(kind == 0, a + b, np.where(kind == 1, a - b, a * b)) % mod
+            new = np.where(is_val, value_all[:, t], res)
+            pos = np.where(is_val, vsp, vsp - 2)  # a value is pushed; an op pops two and pushes one
+            pos = np.where(active, pos, 0)
+            vals[rows, pos] = np.where(active, new, vals[rows, 0])
+            vsp = np.where(active, pos + 1, vsp)
+        answers = vals[:, 0]
+        # 3) assemble [BOS|BOS'] [LEN|LEN'] expr [EQ|EQ'] answer
+        width_out = n_nodes_max + 4
+        out = np.full((B, width_out), base.PAD, np.int64)
+        lbase = self._len0 + 4 * (ells - 1)
+        out[:, 0] = np.where(alts & 1, self._bos_alt, BOS)
+        out[:, 1] = lbase + ((alts >> 1) & 1)
+        out[:, 2:2 + n_nodes_max] = np.where(np.arange(n_nodes_max)[None, :] < n_nodes[:, None], expr, base.PAD)
+        out[rows, 2 + n_nodes] = lbase + np.where(alts & 4, 3, 2)
+        out[rows, 3 + n_nodes] = self._val0 + answers
+        if self._delta:
+            out[out >= NUM_SPECIAL] += self._delta
+        return out.astype(np.int32), n_nodes + 4, ells, answers
 
     def show(self, sample):
         """The prefix tokens and the expression in infix notation with its value."""

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 import scipy.stats
@@ -12,6 +13,7 @@ from canon_jax.data import BOS, EOS, NUM_SPECIAL, PAD, TASK_NAMES, get_task, tas
 from canon_jax.data.capo import (NUM_TEMPLATES, SENTENCE_KINDS, attribute_values, people_table, templates, tokenize,
                                  word_vocabulary)
 from canon_jax.eval.brevo import check_answer, prompt_of
+from canon_jax.data.rng import SplitMixRng, mix_key_continue, mix_keys_np, splitmix_uniform, splitmix_uniform_np
 from canon_jax.eval.mano import evaluate_prefix
 
 
@@ -188,6 +190,47 @@ def test_mano_answers_match_independent_evaluation(params):
                 assert off[0] == 9999 and off[1] % 10 == 0 and all(t >= 5000 or t <= 4 for t in off[2:-2])
     counts = np.bincount(seen_len, minlength=L + 1)[1:]
     assert scipy.stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_splitmix_stream_matches_published_reference():
+    """The counter-based stream is SplitMix64: its first outputs for seed 1234567 are the published reference values
+    (Rosetta Code "Pseudo-random numbers/Splitmix64"), so Mano's samples are the same on every machine."""
+    ref = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+           16408922859458223821]
+    want = [(r >> 11) * 2.0 ** -53 for r in ref]
+    assert [splitmix_uniform(1234567, j) for j in range(5)] == want
+    rng = SplitMixRng(1234567)
+    assert [rng.random() for _ in range(5)] == want
+    keys = np.array([1234567, 0, 2 ** 64 - 1], dtype=np.uint64)
+    u = splitmix_uniform_np(keys, 5)
+    chex.assert_shape(u, (3, 5))
+    assert u[0].tolist() == want
+    assert u[1:].tolist() == [[splitmix_uniform(int(k), j) for j in range(5)] for k in keys[1:]]
+    idx = np.array([0, 7, 2 ** 40 + 3])
+    assert mix_keys_np(99, idx).tolist() == [mix_key_continue(99, int(i)) for i in idx]
+
+
+@pytest.mark.parametrize("params", [{}, {"L": 3, "ops": "m", "knowledge_augment": False}, {"L": 1, "ops": "as"}])
+def test_mano_vectorised_equals_scalar_path(params):
+    """The block generator reproduces the one-sample reference path exactly (any index, split, seed, offset)."""
+    for offset in (None, 300):
+        task = get_task("mano", offset=offset, **params)
+        task.block_size = 64
+        idx = list(range(0, 150)) + [1000, 10 ** 12 + 5, 63, 64, 65]
+        for split in ("train", "test"):
+            for i in idx:
+                a, b = task.sample(i, split, 3), task.sample_scalar(i, split, 3)
+                assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels), (split, i)
+                assert a.meta == b.meta and a.tokens.dtype == np.int32 and a.labels.dtype == np.int8
+        toks, lengths, ells, answers = task.generate_many(np.array([5, 1, 5]), "train", 3)
+        chex.assert_shape(toks, (3, 2 * task.params["L"] + 5))
+        chex.assert_shape([lengths, ells, answers], [(3,)] * 3)
+        assert np.array_equal(toks[0], toks[2]) and (toks[0, lengths[0]:] == PAD).all()
+        assert toks[1, :lengths[1]].tolist() == task.sample_scalar(1, "train", 3).tokens.tolist()
+    with pytest.raises(ValueError, match="division"):
+        get_task("mano", ops="asmd").generate_many([0])
+    with pytest.raises(ValueError, match=">= 0"):
+        get_task("mano").generate_many([-1])
 
 
 # ---------------------------------------------------------------------------------------------------------- Capo
