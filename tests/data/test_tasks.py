@@ -314,12 +314,39 @@ def test_lano_strings_accepted_by_grammar():
         get_task("lano", cfg="cfg9z")
 
 
+def test_lano_blocks_keep_samples_pure_functions_of_index():
+    """Sample i is row i % BLOCK of CFG.sample_batch seeded by its block's key: independent of access order, cache
+    state and vocabulary placement; blocks and splits differ."""
+    from canon_jax.data import lano as lano_mod
+    from canon_jax.data.rng import numpy_rng
+
+    B = lano_mod.BLOCK
+    task = get_task("lano", cfg="cfg3b")
+    idx = [0, 1, B - 1, B, 3 * B + 5, 10 ** 9 + 7]
+    fwd = [task.sample(i, "train", 4) for i in idx]
+    fresh = get_task("lano", cfg="cfg3b", offset=50)
+    fresh.cache_blocks = 1  # every call regenerates its block
+    rev = [fresh.sample(i, "train", 4) for i in reversed(idx)][::-1]
+    for i, a, b in zip(idx, fwd, rev):
+        assert fresh.to_official(b.tokens) == task.to_official(a.tokens)
+        b0 = i - i % B
+        g = numpy_rng(mix_key_continue(task.key(b0, "train", 4), lano_mod._BLOCK_TAG))
+        assert task.to_official(a.tokens)[1:-1] == task.cfg.sample_batch(g, B)[i % B]
+    assert len({tuple(s.tokens.tolist()) for s in fwd}) == len(fwd)
+    assert not np.array_equal(task.sample(0, "test", 4).tokens, fwd[0].tokens)
+    with pytest.raises(ValueError, match=">= 0"):
+        task.sample(-1)
+    with pytest.raises(ValueError, match="multiple of"):
+        task.block_strings(3, "train", 0)
+
+
 # ------------------------------------------------------------------------------------------------ determinism etc.
 _DIGEST_SCRIPT = """
 import hashlib, sys
 from canon_jax.data import get_task
 h = hashlib.sha256()
-for name, params in [("depo1", {"N": 30}), ("brevo2", {"N": 10}), ("mano", {}), ("capo", {"num_people": 20})]:
+for name, params in [("depo1", {"N": 30}), ("brevo2", {"N": 10}), ("mano", {}), ("capo", {"num_people": 20}),
+                     ("lano", {"cfg": "cfg3b"}), ("mano", {"ops": "asmd"})]:
     t = get_task(name, **params)
     for split in ("train", "test"):
         for i in (0, 5, 123456789):
