@@ -26,6 +26,7 @@ here if nobody parsed them (grain's workers read them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -66,6 +67,10 @@ class DataConfig:
     shuffle_buffer: size of the index windows shuffled together (0 = no shuffle).
     num_workers: grain worker processes (0 = generate in the main process); worker_buffer_size: per-worker prefetch.
     split_long: cut samples longer than seq_len into windows instead of failing.
+    num_samples: None = the infinite stream; an int = only samples ``0..num_samples-1`` of the mixture (split over
+      the processes), after which the iterator ends; the last batch is filled with all-padding windows (loss_mask 0)
+      so that no sample is dropped.  For a single Capo task, ``num_samples = num_people * exposures``
+      (:meth:`DataConfig.capo_num_samples`) shows every person exactly ``exposures`` times.
     """
 
     tasks: list = dataclasses.field(default_factory=lambda: [TaskSpec("depo1")])
@@ -76,6 +81,7 @@ class DataConfig:
     num_workers: int = 0
     worker_buffer_size: int = 16
     split_long: bool = False
+    num_samples: int | None = None
 
     def __post_init__(self):
         specs = []
@@ -102,6 +108,15 @@ class DataConfig:
             raise ValueError(f"DataConfig.shuffle_buffer must be >= 0 (0 = no shuffle), got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_samples is not None and (isinstance(self.num_samples, bool) or int(self.num_samples) < 1):
+            raise ValueError(f"DataConfig.num_samples must be None (infinite) or >= 1, got {self.num_samples!r}")
+
+    def capo_num_samples(self) -> int:
+        """``num_people * exposures`` of a single-task Capo config (the samples of exactly ``exposures`` passes)."""
+        if len(self.tasks) != 1 or self.tasks[0].name != "capo":
+            raise ValueError("capo_num_samples needs a config whose only task is capo (in a mix the mixture decides "
+                             "which stream indices Capo gets, so exposures are only balanced on average)")
+        return self.vocabulary().tasks[0].num_train_samples
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
@@ -146,11 +161,48 @@ def preset(name: str, **overrides) -> DataConfig:
     return DataConfig(**d)
 
 
+class WindowPermuteMapDataset(grain.MapDataset):
+    """Element j = parent[start + π_w(j - start)] for the window w = j // window of ``[start, start + size)``, π_w a
+    seeded permutation; the last window may be shorter (it is permuted within itself, unlike grain's
+    ``WindowShuffleMapDataset``, which wraps a partial last window around to earlier elements)."""
+
+    def __init__(self, parent: grain.MapDataset, *, window_size: int, seed: int):
+        super().__init__(parent)
+        self._window, self._seed, self._n = int(window_size), int(seed), len(parent)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self):
+        return self._n
+
+    def _perm(self, w: int) -> np.ndarray:
+        p = self._perms.get(w)
+        if p is None:
+            size = min(self._window, self._n - w * self._window)
+            p = np.random.default_rng(mix_key(self._seed, 0x5F5F, w)).permutation(size)
+            self._perms[w] = p
+            while len(self._perms) > 4:
+                self._perms.pop(next(iter(self._perms)))
+        return p
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        if not 0 <= j < self._n:
+            raise IndexError(f"index {j} out of range for length {self._n}")
+        w, r = divmod(j, self._window)
+        return self._parent[w * self._window + int(self._perm(w)[r])]
+
+    def __str__(self):
+        return f"WindowPermuteMapDataset(window_size={self._window})"
+
+
 class TaskMixtureMapDataset(grain.MapDataset):
     """Element j = sample j of a task chosen by weight from key(seed, split, j): ``{"tokens", "labels"}``."""
 
-    def __init__(self, tasks: Sequence[base.Task], weights: Sequence[float], *, split: str, seed: int):
+    def __init__(self, tasks: Sequence[base.Task], weights: Sequence[float], *, split: str, seed: int,
+                 length: int | None = None):
         super().__init__()
+        self._length = STREAM_LENGTH if length is None else int(length)
         if len(tasks) != len(weights) or not tasks:
             raise ValueError("need one weight per task and at least one task")
         w = np.asarray(weights, dtype=np.float64)
@@ -161,7 +213,7 @@ class TaskMixtureMapDataset(grain.MapDataset):
         self._sid = split_id(split)
 
     def __len__(self):
-        return STREAM_LENGTH
+        return self._length
 
     def task_index(self, j: int) -> int:
         if len(self._tasks) == 1:
@@ -175,6 +227,8 @@ class TaskMixtureMapDataset(grain.MapDataset):
     def __getitem__(self, j):
         if isinstance(j, slice):
             return self.slice(j)
+        if not 0 <= j < self._length:
+            raise IndexError(f"sample index {j} out of range for a stream of {self._length}")
         s = self._tasks[self.task_index(j)].sample(j, self._split, self._seed)
         return {"tokens": s.tokens, "labels": s.labels}
 
@@ -189,8 +243,10 @@ def make_sample_dataset(cfg: DataConfig, *, split: str = "train", process_index:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     vocab = cfg.vocabulary()
     ds: grain.MapDataset = TaskMixtureMapDataset(vocab.tasks, [t.weight for t in cfg.tasks], split=split,
-                                                 seed=cfg.seed)
-    if cfg.shuffle_buffer > 1:
+                                                 seed=cfg.seed, length=cfg.num_samples)
+    if cfg.shuffle_buffer > 1 and cfg.num_samples is not None:  # finite: the last window may be partial
+        ds = WindowPermuteMapDataset(ds, window_size=cfg.shuffle_buffer, seed=mix_key(cfg.seed, 0x5F))
+    elif cfg.shuffle_buffer > 1:
         ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=cfg.shuffle_buffer,
                                                         seed=mix_key(cfg.seed, 0x5F) & 0x7FFFFFFF)
     if process_count > 1:
@@ -218,4 +274,15 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                                per_worker_buffer_size=cfg.worker_buffer_size))
     it_ds = PackIterDataset(it_ds, seq_len=cfg.seq_len, loss_on=cfg.loss_on, split_long=cfg.split_long)
-    return it_ds.batch(batch_size, drop_remainder=True)
+    if cfg.num_samples is None:
+        return it_ds.batch(batch_size, drop_remainder=True)
+    # finite stream: keep the last partial batch, filled with all-padding windows so every batch has one shape
+    return it_ds.batch(batch_size, drop_remainder=False).map(functools.partial(_fill_batch, batch_size=batch_size))
+
+
+def _fill_batch(batch: dict, *, batch_size: int) -> dict:
+    """Pads a short final batch with empty windows (PAD tokens, segment 0, loss_mask 0)."""
+    n = batch["inputs"].shape[0]
+    if n == batch_size:
+        return batch
+    return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}

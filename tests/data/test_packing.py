@@ -224,3 +224,45 @@ def test_presets_fit_their_windows():
             assert longest <= cfg.seq_len, (name, t.name, longest)
     with pytest.raises(ValueError, match="valid presets"):
         preset("cpu_depo9")
+
+
+def test_window_permute_handles_a_partial_last_window():
+    import grain
+
+    from canon_jax.data.pipeline import WindowPermuteMapDataset
+
+    ds = WindowPermuteMapDataset(grain.MapDataset.range(10), window_size=4, seed=3)
+    out = [ds[j] for j in range(len(ds))]
+    assert len(ds) == 10
+    # a permutation inside each window [0,4), [4,8), [8,10): nothing wraps to earlier elements
+    assert sorted(out[:4]) == [0, 1, 2, 3] and sorted(out[4:8]) == [4, 5, 6, 7] and sorted(out[8:]) == [8, 9]
+    assert out != list(range(10))
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+def test_capo_finite_stream_gives_exact_exposures():
+    """num_samples = num_people * exposures: each person's biography appears exactly `exposures` times, also when the
+    shuffle window does not divide the stream and across process shards; the packed batches keep every sample."""
+    N, E = 30, 3
+    spec = [{"name": "capo", "params": {"num_people": N, "exposures": E}}]
+    n = DataConfig(tasks=spec).capo_num_samples()
+    assert n == N * E
+    cfg = DataConfig(tasks=spec, seq_len=256, shuffle_buffer=64, num_samples=n)  # 64 does not divide 90
+    task = cfg.vocabulary().tasks[0]
+    persons = {tuple(task.sample(i, "train", 0).tokens.tolist()): task.person_of(i, "train", 0) for i in range(n)}
+    shards = [make_sample_dataset(cfg, split="train", process_index=p, process_count=2) for p in (0, 1)]
+    seen = [persons[tuple(ds[j]["tokens"].tolist())] for ds in shards for j in range(len(ds))]
+    assert len(seen) == n and np.bincount(seen, minlength=N).tolist() == [E] * N
+    batches = list(iter(make_dataset(cfg, split="train", batch_size=4)))
+    for b in batches:
+        chex.assert_shape([b["inputs"], b["loss_mask"], b["segment_ids"]], [(4, 256)] * 3)
+    # every sample is packed exactly once (segments counted per window); the filler windows are empty
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == n
+    last = batches[-1]
+    empty = last["segment_ids"].max(axis=1) == 0
+    assert empty.any() and (last["inputs"][empty] == PAD).all() and (last["loss_mask"][empty] == 0).all()
+    with pytest.raises(ValueError, match="only task is capo"):
+        DataConfig(tasks=spec + [{"name": "mano"}]).capo_num_samples()
+    with pytest.raises(ValueError, match="num_samples"):
+        DataConfig(tasks=spec, num_samples=0)
