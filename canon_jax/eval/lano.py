@@ -31,6 +31,7 @@ Which strings the KL is measured on (``kl_on``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -236,10 +237,14 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
     for b, start in enumerate(range(0, num_samples, batch_size)):
         prompts = np.full((batch_size, 1), tmap.bos_id, np.int32)
         mask = np.ones((batch_size, 1), bool)
-        out = np.asarray(generate_fn(prompts, mask, max_new_tokens, jax.random.fold_in(base_key, b)))
-        if out.ndim != 2 or out.shape[0] != batch_size:
-            raise ValueError(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
-                             f"{out.shape}")
+        try:
+            out = np.asarray(generate_fn(prompts, mask, max_new_tokens, jax.random.fold_in(base_key, b)))
+        except (TypeError, ValueError):  # e.g. ragged rows: not an array
+            out = np.zeros(0)
+        if out.ndim != 2 or out.shape[0] != batch_size:  # malformed: every row of the batch is invalid
+            warnings.warn(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
+                          f"{out.shape}; the batch is scored invalid", RuntimeWarning, stacklevel=3)
+            out = np.full((batch_size, max_new_tokens), -1, np.int64)
         out = out[: min(batch_size, num_samples - start)]
         if not np.issubdtype(out.dtype, np.integer):  # not token ids at all: every row is malformed
             out = np.full(out.shape, -1, np.int64)
@@ -278,13 +283,20 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, max
         for r, s in enumerate(chunk):
             tokens[r, 0] = tmap.bos_id
             tokens[r, 1: len(s) + 1] = tmap.encode(s)
-        logits = np.asarray(logits_fn(tokens))
-        if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
-            raise ValueError(f"evaluate_lano: logits_fn must return [batch, length, vocab] for tokens of shape "
-                             f"{tokens.shape}, got {logits.shape}")
-        if logits.shape[2] <= cols.max():
-            raise ValueError(f"evaluate_lano: logits have vocab size {logits.shape[2]} but token_map uses id "
-                             f"{int(cols.max())}")
+        try:
+            logits = np.asarray(logits_fn(tokens), dtype=np.float64)
+        except (TypeError, ValueError):
+            logits = np.zeros(0)
+        if logits.ndim != 3 or logits.shape[:2] != tokens.shape or logits.shape[2] <= cols.max():
+            # malformed (wrong shape, too few vocabulary columns, not numbers): infinitely far from the truth
+            warnings.warn(f"evaluate_lano: logits_fn must return [batch, length, vocab > {int(cols.max())}] for "
+                          f"tokens of shape {tokens.shape}, got {logits.shape}; KL = inf for the batch",
+                          RuntimeWarning, stacklevel=3)
+            for s in chunk:
+                per_string.append(math.inf)
+                pooled_sum += math.inf
+                pooled_n += len(s) + 1
+            continue
         for r, s in enumerate(chunk):
             true = cfg.next_token_logprobs(s)  # [n + 1, 1 + num_sym]; rows depend only on their prefix
             kl = kl_true_vs_model(true, logits[r, : len(s) + 1][:, cols].astype(np.float64), epsilon=epsilon)

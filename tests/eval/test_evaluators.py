@@ -127,9 +127,30 @@ def test_brevo_wrong_and_malformed_outputs_score_zero():
     rand = lambda p, m, n, k: rng.integers(-5, 40, (p.shape[0], n)).astype(np.int32)  # noqa: E731
     assert evaluate("brevo1", {"N": 25}, generate_fn=rand, num_samples=4, batch_size=4)["accuracy"] == 0.0
     short = lambda p, m, n, k: np.zeros((p.shape[0], 3), np.int32)  # noqa: E731  wrong width
-    assert evaluate("brevo1", {"N": 25}, generate_fn=short, num_samples=2, batch_size=2)["accuracy"] == 0.0
+    with pytest.warns(RuntimeWarning, match="scored wrong"):
+        assert evaluate("brevo1", {"N": 25}, generate_fn=short, num_samples=2, batch_size=2)["accuracy"] == 0.0
+    ragged = lambda p, m, n, k: [[1, 2], [3]]  # noqa: E731  not an array
+    with pytest.warns(RuntimeWarning, match="scored wrong"):
+        assert evaluate("brevo1", {"N": 25}, generate_fn=ragged, num_samples=2, batch_size=2)["accuracy"] == 0.0
     floats = lambda p, m, n, k: np.zeros((p.shape[0], n), np.float32)  # noqa: E731  wrong dtype
     assert evaluate("brevo1", {"N": 25}, generate_fn=floats, num_samples=2, batch_size=2)["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("name,params", [("depo1", {"N": 20}), ("mano", {"L": 4}), ("capo", {"num_people": 10})])
+def test_malformed_logits_are_scored_wrong_not_errors(name, params):
+    V = get_task(name, **params).vocab_end
+    for bad in (lambda x: np.zeros((x.shape[0], 3, V), np.float32),   # wrong length
+                lambda x: np.zeros(x.shape, np.float32),                # no vocabulary axis
+                lambda x: np.full(x.shape + (V,), "a"),                 # not numbers
+                lambda x: [[1.0], [2.0, 3.0]]):                          # ragged
+        with pytest.warns(RuntimeWarning, match="scored wrong"):
+            out = evaluate(name, params, logits_fn=bad, num_samples=3, batch_size=2)
+        acc = out["value_accuracy"] if name == "capo" else out["accuracy"]
+        assert acc == 0.0, (name, out)
+    # a vocabulary axis too small to hold the answer ids: wrong, no error
+    small = evaluate(name, params, logits_fn=lambda x: np.zeros(x.shape + (2,), np.float32), num_samples=2,
+                     batch_size=2)
+    assert (small["value_accuracy"] if name == "capo" else small["accuracy"]) == 0.0
 
 
 def test_capo_oracle_wrong_and_bits():
