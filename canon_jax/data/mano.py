@@ -201,6 +201,19 @@ class Mano(base.Task):
         return base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(),
                            meta={"L": ells[r], "answer": answers[r]})
 
+    def sample_many(self, indices, split: str = "train", seed: int = 0) -> list[base.Sample]:
+        """Samples ``indices`` (any order, any gaps) in one vectorised call; identical to :meth:`sample` each."""
+        idx = [int(i) for i in indices]
+        # numpy's per-call overhead makes small vectorised calls slow: few indices go through the block cache
+        if self.block_size <= 0 or "d" in self._ops or len(idx) < 128:
+            return [self.sample(i, split, seed) for i in idx]
+        codes, lengths, ells, answers = self.generate_many(np.asarray(idx, np.int64), split, seed)
+        out = []
+        for r, (n, l, a) in enumerate(zip(lengths.tolist(), ells.tolist(), answers.tolist())):
+            out.append(base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(),
+                                   meta={"L": l, "answer": a}))
+        return out
+
     def __getstate__(self):  # grain pickles datasets into worker processes: do not ship the cache
         state = dict(self.__dict__)
         state["_block_cache"] = {}

@@ -119,6 +119,29 @@ def test_pipeline_resume_is_exact():
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert state["pending"], "the state should carry the sample that did not fit (resume is not trivial)"
+    assert state["parent"]["consumed"], "the state should be inside a read chunk (resume is not trivial)"
+
+
+def test_read_chunk_does_not_change_batches_and_getitems_matches_getitem():
+    ref = [next(it) for it in [iter(make_dataset(_cfg(read_chunk=1), split="train", batch_size=2))] for _ in range(4)]
+    for chunk in (7, 64):
+        it = iter(make_dataset(_cfg(read_chunk=chunk), split="train", batch_size=2))
+        for a in ref:
+            b = next(it)
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    # the batched read (vectorised Mano, blocked Lano) equals element-wise reads, in any index order
+    cfg = _cfg(tasks=[TaskSpec("mano", 2.0, {"L": 5}), TaskSpec("lano", 1.0, {"cfg": "cfg3b"}),
+                      TaskSpec("depo1", 1.0, {"N": 10, "K": 4})], shuffle_buffer=0)
+    ds = make_sample_dataset(cfg, split="train")
+    idx = [40, 3, 2 ** 40 + 1, 0, 17, 3] + list(range(1000, 1400, 2))  # > 128 Mano indices: vectorised call
+    got = ds._getitems(idx)
+    fresh = make_sample_dataset(cfg, split="train")
+    for j, g in zip(idx, got):
+        e = fresh[j]
+        assert np.array_equal(g["tokens"], e["tokens"]) and np.array_equal(g["labels"], e["labels"]), j
+    with pytest.raises(ValueError, match="read_chunk"):
+        _cfg(read_chunk=0)
 
 
 def test_process_sharding_partitions_the_stream():
