@@ -187,7 +187,8 @@ def test_config_validation():
         DataConfig.from_dict({"seq_length": 5})
     with pytest.raises(ValueError, match="valid parameters"):
         make_dataset(DataConfig(tasks=[{"name": "mano", "params": {"LL": 3}}]), split="train", batch_size=1)
-    ds = make_dataset(_cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})]), split="test", batch_size=1)
+    ds = make_dataset(_cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})], read_chunk=4), split="test",
+                      batch_size=1)
     with pytest.raises(SampleTooLongError, match="does not fit"):
         next(iter(ds))
 
