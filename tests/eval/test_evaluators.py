@@ -173,6 +173,47 @@ def test_capo_oracle_wrong_and_bits():
     assert uni["loss_bits/birthyear"] == pytest.approx(math.log2(V)) and uni["bits_loss"] == 0.0
 
 
+def test_capo_per_attribute_scores_match_reference_checker():
+    """A model right on some attributes and wrong on others: the evaluator's per-attribute value accuracy equals a
+    loop that decodes the greedy value words and asks the reference checker ``check_attribute``."""
+    from canon_jax.eval.capo import ALL_ATTRIBUTES, check_attribute
+
+    params = {"num_people": 16}
+    task = get_task("capo", **params)
+    V = task.vocab_end
+    samples = [task.sample(i, "test", 0) for i in range(8)]
+    spans = {tuple(s.tokens.tolist()): s.meta["spans"] for s in samples}
+    broken = {"birthcity": 0, "university": 1, "birthyear": 0}  # attribute -> which value token is predicted wrong
+
+    def model(x):
+        out = _onehot_next(x, V)
+        for r, row in enumerate(x):
+            key = next((k for k in spans if list(k) == row[:len(k)].tolist()), None)
+            if key is None:
+                continue
+            for a, j in broken.items():
+                b, e = spans[key][a]
+                if j < e - b:  # corrupt the prediction of value token j (row b + j - 1 predicts token b + j)
+                    out[r, b + j - 1] = np.roll(out[r, b + j - 1], 1)
+        return out
+
+    res = evaluate("capo", params, logits_fn=model, num_samples=8, batch_size=3)
+    for a in ALL_ATTRIBUTES:
+        ref = []
+        for s in samples:
+            b, e = s.meta["spans"][a]
+            am = np.argmax(model(s.tokens[None])[0], -1)
+            words = [task.code_name(int(c)) for c in task.to_codes(am[b - 1:e - 1])]
+            ref.append(check_attribute(task, s.meta["person"], a, words))
+        assert res[f"value_accuracy/{a}"] == pytest.approx(np.mean(ref)), a
+    assert res["value_accuracy/birthcity"] == 0.0 and res["value_accuracy/field"] == 1.0
+    p0 = task.person(3)
+    assert check_attribute(task, 3, "birthcity", p0["birthcity"]) and not check_attribute(task, 3, "birthcity", "x")
+    assert not check_attribute(task, 3, "birthyear", [p0["birthyear"], "1"]) and not check_attribute(task, 3, "field", [])
+    with pytest.raises(ValueError, match="valid attributes"):
+        check_attribute(task, 3, "shoe_size", "9")
+
+
 def test_lano_registry_calls_lano_evaluator():
     pytest.importorskip("canon_jax.eval.lano", reason="Lano evaluator (lano branch) not merged yet")
     task = get_task("lano", cfg="cfg3b")
