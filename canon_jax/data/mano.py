@@ -15,7 +15,8 @@ operation with k operations below it: one draw ⌊u·W·k⌋ split into the (op,
 (op, alias) tokens); division redraws read further draws.  Because draw j of sample i is a fixed function of
 (key_i, j), many samples are generated at once with numpy (:meth:`Mano.generate_many`, used by :meth:`Mano.sample`
 through a cache of aligned index blocks) — bit-identical to the scalar reference path
-(:meth:`Mano.sample_scalar`), which the tests check.
+(:meth:`Mano.sample_scalar`), which the tests check.  Operation sets with division are generated one sample at a
+time with ``random.Random`` (same draw order, but a different generator: redraws make the layout data-dependent).
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ class Mano(base.Task):
         if "d" in p["ops"] and not _is_prime(p["mod"]):
             raise ValueError(f"{self.name}: division ('d' in ops) needs a prime mod, got mod={p['mod']}")
         self._ops = list(p["ops"])
+        if "d" in self._ops:
+            # division (zero-divisor redraws) is generated one sample at a time: the Mersenne Twister's random() is
+            # cheaper per draw in pure Python than the counter-based stream, which only pays off vectorised
+            self.RNG = Rng
         mod = p["mod"]
         self._val0 = NUM_SPECIAL
         self._op0 = NUM_SPECIAL + mod
