@@ -7,14 +7,14 @@
 
 Stages and why they are ordered this way:
 
-1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long) ``MapDataset``: element ``j`` picks a task
+1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long, or ``num_samples`` long) ``MapDataset``: element ``j`` picks a task
    with probability ∝ its weight from a key of (seed, split, j) and is that task's sample ``j``; a pure function of
    ``j``, so every stage below can address it.
 2. :class:`WindowPermuteMapDataset` — shuffles indices inside windows of ``shuffle_buffer`` (the iid tasks do not need it;
    Capo's per-person exposures and any finite-index logic do).
 3. ``slice(process_index::process_count)`` — each JAX process reads only its own shard.
-4. chunks of ``read_chunk`` consecutive elements of that shard, each read with one ``_getitems`` call (grain's shuffle
-   and slice pass it down to the mixture, which generates each task's part at once: vectorised for Mano), then
+4. chunks of ``read_chunk`` consecutive elements of that shard, each read with one ``_getitems`` call (the window
+   permutation and grain's slice pass it down to the mixture, which generates each task's part at once: vectorised for Mano), then
    ``to_iter_dataset`` + optional ``mp_prefetch`` — worker processes generate whole chunks; grain slices the chunk
    index space ``worker::num_workers`` and interleaves round-robin, so the sample order does not depend on
    ``num_workers``; the chunks are flattened again in the main process.
