@@ -15,8 +15,8 @@ operation with k operations below it: one draw ⌊u·W·k⌋ split into the (op,
 (op, alias) tokens); division redraws read further draws.  Because draw j of sample i is a fixed function of
 (key_i, j), many samples are generated at once with numpy (:meth:`Mano.generate_many`, used by :meth:`Mano.sample`
 through a cache of aligned index blocks) — bit-identical to the scalar reference path
-(:meth:`Mano.sample_scalar`), which the tests check.  Operation sets with division are generated one sample at a
-time with ``random.Random`` (same draw order, but a different generator: redraws make the layout data-dependent).
+(:meth:`Mano.sample_scalar`), which the tests check.  With division, the rows whose tree has a zero divisor (their
+redraws make the draw layout data-dependent) are recomputed by the scalar path.
 """
 from __future__ import annotations
 
@@ -67,10 +67,6 @@ class Mano(base.Task):
         if "d" in p["ops"] and not _is_prime(p["mod"]):
             raise ValueError(f"{self.name}: division ('d' in ops) needs a prime mod, got mod={p['mod']}")
         self._ops = list(p["ops"])
-        if "d" in self._ops:
-            # division (zero-divisor redraws) is generated one sample at a time: the Mersenne Twister's random() is
-            # cheaper per draw in pure Python than the counter-based stream, which only pays off vectorised
-            self.RNG = Rng
         mod = p["mod"]
         self._val0 = NUM_SPECIAL
         self._op0 = NUM_SPECIAL + mod
@@ -120,15 +116,19 @@ class Mano(base.Task):
         return "<bos'>"
 
     def _expr(self, rng: Rng, l: int, out: list[int]) -> int:
+        """Recursive generator (any ops, division included): one draw per node in prefix order, exactly like
+        :meth:`_expr_fast`; a ÷ whose divisor subtree evaluates to 0 redraws that subtree from the next draws."""
         mod = self.params["mod"]
         if l == 0:
-            v = rng.below(mod)
+            v = int(rng.random() * mod)
             out.append(self._val0 + v)
             return v
-        op = self._ops[rng.below(len(self._ops))]
-        alias = 4 if (self.params["knowledge_augment"] and rng.random() < 0.5) else 0
-        out.append(self._op0 + OP_INDEX[op] + alias)
-        l1 = rng.below(l)
+        width = len(self._op_tokens)
+        m = int(rng.random() * (width * l))
+        tok = self._op_tokens[m % width]
+        l1 = m // width
+        out.append(tok)
+        op = "asmd"[(tok - self._op0) % 4]
         a = self._expr(rng, l1, out)
         mark = len(out)
         b = self._expr(rng, l - 1 - l1, out)
@@ -179,7 +179,7 @@ class Mano(base.Task):
         alts = int(u_alt * 8) if p["knowledge_augment"] else 0
         lbase = self._len0 + 4 * (l - 1)
         codes = [self._bos_alt if alts & 1 else BOS, lbase + (1 if alts & 2 else 0)]
-        ans = self._expr(rng, l, codes) if "d" in self._ops else self._expr_fast(rng, l, codes)
+        ans = self._expr(rng, l, codes) if "d" in self._ops else self._expr_fast(rng, l, codes)  # same draws
         codes.append(lbase + (3 if alts & 4 else 2))
         codes.append(self._val0 + ans)
         labels = np.zeros(len(codes), np.int8)
@@ -194,7 +194,7 @@ class Mano(base.Task):
     def sample(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
         """Sample ``i`` of the ``split`` stream; computed with its aligned block of ``block_size`` indices."""
         i = int(i)
-        if self.block_size <= 0 or "d" in self._ops or i < 0:
+        if self.block_size <= 0 or i < 0:
             return self.sample_scalar(i, split, seed)
         r = i % self.block_size
         ck = (split, seed, i - r)
@@ -210,7 +210,7 @@ class Mano(base.Task):
         """Samples ``indices`` (any order, any gaps) in one vectorised call; identical to :meth:`sample` each."""
         idx = [int(i) for i in indices]
         # numpy's per-call overhead makes small vectorised calls slow: few indices go through the block cache
-        if self.block_size <= 0 or "d" in self._ops or len(idx) < 128:
+        if self.block_size <= 0 or len(idx) < 128:
             return [self.sample(i, split, seed) for i in idx]
         codes, lengths, ells, answers = self.generate_many(np.asarray(idx, np.int64), split, seed)
         out = []
@@ -234,14 +234,12 @@ class Mano(base.Task):
         return block
 
     def generate_many(self, indices, split: str = "train", seed: int = 0):
-        """Samples ``indices`` at once (no division in ``ops``): returns ``(tokens, lengths, ells, answers)``.
+        """Samples ``indices`` at once: returns ``(tokens, lengths, ells, answers)``.
 
         tokens: int32 ``[B, 2L+5]`` global ids, row b valid on its first ``lengths[b]`` entries (PAD after);
         lengths, ells, answers: int64 ``[B]`` (sample length, number of operations ℓ, answer value).
         Row b equals :meth:`sample_scalar` of ``indices[b]`` exactly.
         """
-        if "d" in self._ops:
-            raise ValueError("mano: vectorised generation does not support division (redraws); use sample_scalar")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if (idx < 0).any():
             raise ValueError(f"sample indices must be >= 0, got {idx[idx < 0][:3].tolist()}")
@@ -284,13 +282,18 @@ class Mano(base.Task):
         value_all = expr - self._val0
         vals = np.zeros((B, L + 2), np.int64)
         vsp = np.zeros(B, np.int64)
+        # modular inverses (0 -> 0: a zero divisor is redrawn below); zero_div marks rows that need the redraw
+        inv = np.array([pow(v, mod - 2, mod) if v else 0 for v in range(mod)], np.int64) if "d" in self._ops \
+            else np.zeros(mod, np.int64)
+        zero_div = np.zeros(B, bool)
         for t in range(n_nodes_max - 1, -1, -1):
             active = t < n_nodes
             kind = kind_all[:, t]
             is_val = kind < 0
             a = vals[rows, np.maximum(vsp - 1, 0)]
             b = vals[rows, np.maximum(vsp - 2, 0)]
-            res = np.where(kind == 0, a + b, np.where(kind == 1, a - b, a * b)) % mod
+            res = np.where(kind == 0, a + b, np.where(kind == 1, a - b, np.where(kind == 2, a * b, a * inv[b]))) % mod
+            zero_div |= active & (kind == 3) & (b == 0)
             new = np.where(is_val, value_all[:, t], res)
             pos = np.where(is_val, vsp, vsp - 2)  # a value is pushed; an op pops two and pushes one
             pos = np.where(active, pos, 0)
@@ -308,7 +311,15 @@ class Mano(base.Task):
         out[rows, 3 + n_nodes] = self._val0 + answers
         if self._delta:
             out[out >= NUM_SPECIAL] += self._delta
-        return out.astype(np.int32), n_nodes + 4, ells, answers
+        out = out.astype(np.int32)
+        # a ÷ with a zero divisor redraws its divisor subtree from further draws (data-dependent layout): these rows
+        # (about 1 in 10 for ops=asmd, L=10) are recomputed by the one-sample path, which reads the same draws
+        for r in np.flatnonzero(zero_div).tolist():
+            smp = self.sample_scalar(int(idx[r]), split, seed)
+            out[r] = base.PAD
+            out[r, :len(smp)] = smp.tokens
+            answers[r] = smp.meta["answer"]
+        return out, n_nodes + 4, ells, answers
 
     def show(self, sample):
         """The prefix tokens and the expression in infix notation with its value."""
