@@ -1,0 +1,115 @@
+"""Public entry points: ``gla`` (vector gates) and ``ssd`` (Mamba2, scalar per-head gates) on one scan kernel."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import BlockSizes, resolve_backend, round_up
+from pallas_kernels.linear_scan.op import _Static, scan_op
+
+
+def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    sub = min(bs.sub_chunk, chunk)
+    if vector and chunk % sub:
+        raise ValueError(f"chunk size {chunk} must be a multiple of BlockSizes.sub_chunk={bs.sub_chunk}")
+    chunk = min(chunk, round_up(t_len, sub if vector else 8))
+    return chunk, sub
+
+
+def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector):
+    """Inputs time-major [B, T, H, D]; st0 [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
+    be = resolve_backend(backend, interpret)
+    bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
+    t_len = q.shape[1]
+    chunk, sub = _plan(t_len, chunk_size, bs, vector)
+    tp = round_up(t_len, chunk)
+    # Head-major layout so one chunk of one head is a [C, D] tile; padded tokens have k = v = 0 and log-gate 0,
+    # so they leave the state unchanged.
+    prep = lambda a: jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, 0), (0, tp - t_len), (0, 0)))
+    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=bool(interpret))
+    o, sf = scan_op(prep(q), prep(k), prep(v), prep(g.astype(jnp.float32)), st0, st)
+    return jnp.swapaxes(o[:, :, :t_len], 1, 2), sf
+
+
+def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,
+        interpret: bool = False, block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+    """Gated linear attention with per-key-channel gates.
+
+    ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``, ``o_t = (scale q_t)^T S_t`` per (batch, head).
+
+    Args:
+      q, k: ``[batch, time, heads, Dk]``; v: ``[batch, time, heads, Dv]``.
+      log_gate: ``[batch, time, heads, Dk]``, ``<= 0`` (log of the forget gate); accumulated in float32.
+      scale: query scale, default ``Dk ** -0.5``.
+      initial_state: optional ``[batch, heads, Dk, Dv]``.
+      chunk_size: tokens per chunk (multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
+      interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv``.
+
+    Returns:
+      ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.
+    """
+    if q.ndim != 4 or k.shape != q.shape or log_gate.shape != q.shape:
+        raise ValueError(f"gla: q, k and log_gate must share one [batch, time, heads, Dk] shape, got q {q.shape}, "
+                         f"k {k.shape}, log_gate {log_gate.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
+    bsz, _, heads, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (bsz, heads, dk, dv):
+        raise ValueError(f"gla: initial_state must be [batch, heads, Dk, Dv]={(bsz, heads, dk, dv)}, "
+                         f"got {initial_state.shape}")
+    scale = dk ** -0.5 if scale is None else scale
+    st0 = (jnp.zeros((bsz, heads, dv, dk), jnp.float32) if initial_state is None
+           else jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3))
+    o, sf = _run(q, k, v, log_gate, st0, scale=scale, chunk_size=chunk_size, interpret=interpret,
+                 block_sizes=block_sizes, backend=backend, vector=True)
+    return o, jnp.swapaxes(sf, 2, 3)
+
+
+def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, interpret: bool = False,
+        block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+    """Mamba2 state-space duality scan on the scalar-gate kernel.
+
+    ``h_t = exp(dt_t A_h) h_{t-1} + (dt_t x_t) B_t^T``, ``y_t = h_t C_t + D_h x_t`` per (batch, head).
+
+    Args:
+      x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (already softplus-ed, > 0); A: ``[heads]`` (< 0).
+      B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
+      D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
+
+    Returns:
+      ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"ssd: x must be [batch, time, heads, P], got {x.shape}")
+    bsz, t_len, heads, p = x.shape
+    if dt.shape != (bsz, t_len, heads):
+        raise ValueError(f"ssd: dt must be [batch, time, heads]={(bsz, t_len, heads)}, got {dt.shape}")
+    if A.shape != (heads,):
+        raise ValueError(f"ssd: A must be [heads]=({heads},), got {A.shape}")
+    if B.ndim != 4 or B.shape[:2] != (bsz, t_len) or C.shape != B.shape or heads % B.shape[2]:
+        raise ValueError(f"ssd: B and C must be [batch, time, groups, N] with heads % groups == 0, got B {B.shape}, "
+                         f"C {C.shape}, heads={heads}")
+    if D is not None and D.shape != (heads,):
+        raise ValueError(f"ssd: D must be [heads]=({heads},), got {D.shape}")
+    n = B.shape[-1]
+    if initial_state is not None and initial_state.shape != (bsz, heads, p, n):
+        raise ValueError(f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, "
+                         f"got {initial_state.shape}")
+    rep = heads // B.shape[2]
+    q = jnp.repeat(C, rep, axis=2)
+    k = jnp.repeat(B, rep, axis=2)
+    dtf = dt.astype(jnp.float32)
+    v = (dtf[..., None] * x.astype(jnp.float32)).astype(x.dtype)
+    g = (dtf * A.astype(jnp.float32))[..., None]  # scalar log-gate per (token, head)
+    st0 = (jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None
+           else initial_state.astype(jnp.float32))  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
+    y, sf = _run(q, k, v, g, st0, scale=1.0, chunk_size=chunk_size, interpret=interpret,
+                 block_sizes=block_sizes, backend=backend, vector=False)
+    if D is not None:
+        y = (y.astype(jnp.float32) + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(x.dtype)
+    return y, sf
