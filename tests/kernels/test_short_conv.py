@@ -1,5 +1,7 @@
 """Short-conv Pallas kernels (TPU and GPU families) in interpret mode: values vs a float64 loop, gradients vs
 ``jax.vjp`` of the independent XLA implementation in ``canon_jax.ops.conv``."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -45,9 +47,11 @@ def test_forward_matches_float64_loop(case):
     x, w, bias, state, seg = _inputs(0, b, t, d, k, dtype)
     kw = dict(bias=bias if use_bias else None, activation=act, residual=res,
               segment_ids=seg if use_seg else None, initial_state=state if use_state else None)
-    y = short_conv(jnp.asarray(x, dtype), jnp.asarray(w), interpret=True, backend=backend, block_sizes=SMALL,
-                   **{k_: (None if v is None else (jnp.asarray(v, dtype) if k_ == "initial_state" else v))
-                      for k_, v in kw.items()})
+    kw_dev = {k_: (None if v is None else (jnp.asarray(v, dtype) if k_ == "initial_state" else jnp.asarray(v)))
+              for k_, v in kw.items() if k_ not in ("activation", "residual")}
+    fn = jax.jit(lambda x, w, kw_dev: short_conv(x, w, interpret=True, backend=backend, block_sizes=SMALL,
+                                                 activation=act, residual=res, **kw_dev))
+    y = fn(jnp.asarray(x, dtype), jnp.asarray(w), kw_dev)
     chex.assert_shape(y, (b, t, d))
     assert y.dtype == dtype
     ref = short_conv_reference(x, w, **kw)
@@ -78,8 +82,8 @@ def test_gradients_match_xla(case):
 
     kern = lambda *a, **kw: short_conv(*a, interpret=True, backend=backend, block_sizes=SMALL, **kw)
     xla = lambda *a, **kw: causal_conv1d(*a, impl="xla", **kw)
-    g_k = jax.grad(loss, argnums=(1, 2, 3, 4))(kern, x, w, bias, state)
-    g_x = jax.grad(loss, argnums=(1, 2, 3, 4))(xla, x, w, bias, state)
+    g_k = jax.jit(jax.grad(functools.partial(loss, kern), argnums=(0, 1, 2, 3)))(x, w, bias, state)
+    g_x = jax.jit(jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3)))(x, w, bias, state)
     for name, a, r in zip(("dx", "dw", "dbias", "dstate"), g_k, g_x):
         chex.assert_shape(a, r.shape)
         scale = max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
