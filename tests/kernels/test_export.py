@@ -15,7 +15,8 @@ PLATFORM = {"tpu": "tpu", "gpu": "cuda"}
 def _export(fn, args, backend, expect_kernel=True):
     exp = jax.export.export(jax.jit(fn), platforms=[PLATFORM[backend]])(*args)
     text = exp.mlir_module()
-    assert not expect_kernel or ("tpu_custom_call" in text) if backend == "tpu" else ("mosaic_gpu" in text), "no Pallas kernel lowered"
+    marker = "tpu_custom_call" if backend == "tpu" else "mosaic_gpu"
+    assert not expect_kernel or marker in text, "no Pallas kernel lowered"
 
 
 def _grad(fn, n):
