@@ -78,3 +78,13 @@ def linear_scan(impl, op_name, *args, **kw):
         return None
     api = _pallas_api("pallas_kernels.linear_scan", op_name)
     return getattr(api, op_name)(*args, interpret=r[1], **kw)
+
+
+def gla(impl, q, k, v, log_gate, **kw):
+    """Hook called by ``canon_jax.ops.gla`` (``scale``, ``initial_state``, ``chunk_size`` keywords)."""
+    return linear_scan(impl, "gla", q, k, v, log_gate, **kw)
+
+
+def ssd(impl, x, dt, A, B, C, D=None, **kw):
+    """Hook called by ``canon_jax.ops.ssd`` (``initial_state``, ``chunk_size`` keywords)."""
+    return linear_scan(impl, "ssd", x, dt, A, B, C, D, **kw)

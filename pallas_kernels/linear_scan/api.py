@@ -1,6 +1,7 @@
 """Public entry points: ``gla`` (vector gates) and ``ssd`` (Mamba2, scalar per-head gates) on one scan kernel."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -13,9 +14,8 @@ def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
     chunk = bs.chunk if bs.chunk is not None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    sub = min(bs.sub_chunk, chunk)
-    if vector and chunk % sub:
-        raise ValueError(f"chunk size {chunk} must be a multiple of BlockSizes.sub_chunk={bs.sub_chunk}")
+    # The secondary chunk must divide the chunk: the largest divisor of it not above BlockSizes.sub_chunk's gcd.
+    sub = math.gcd(chunk, bs.sub_chunk)
     chunk = min(chunk, round_up(t_len, sub if vector else 8))
     return chunk, sub
 
@@ -46,7 +46,7 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
       log_gate: ``[batch, time, heads, Dk]``, ``<= 0`` (log of the forget gate); accumulated in float32.
       scale: query scale, default ``Dk ** -0.5``.
       initial_state: optional ``[batch, heads, Dk, Dv]``.
-      chunk_size: tokens per chunk (multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
+      chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
       interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv``.
 
     Returns:

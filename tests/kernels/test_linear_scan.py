@@ -145,8 +145,8 @@ def test_bad_arguments_raise():
     q = jnp.zeros((1, 8, 2, 16))
     with pytest.raises(ValueError, match="log_gate"):
         gla(q, q, q, jnp.zeros((1, 8, 2, 8)), interpret=True)
-    with pytest.raises(ValueError, match="sub_chunk"):
-        gla(q, q, q, q, chunk_size=24, interpret=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gla(q, q, q, q, chunk_size=0, interpret=True)
     with pytest.raises(ValueError, match="groups"):
         ssd(jnp.zeros((1, 8, 3, 4)), jnp.zeros((1, 8, 3)), jnp.zeros(3), jnp.zeros((1, 8, 2, 4)),
             jnp.zeros((1, 8, 2, 4)), interpret=True)
