@@ -1,8 +1,15 @@
-"""Custom VJP of the chunked scan: Pallas forward, exact backward by differentiating the XLA chunked path.
+"""Custom VJP of the chunked scan.
 
-The backward is ``jax.vjp`` of ``reference.scan_xla``, which runs the *same* chunk math (same non-positive
-exponents) with ``lax.scan`` over chunks, so the gradient is exact (not a surrogate); it is XLA, not a Pallas
-kernel (see docs/kernels.md, "not done").
+Forward: the Pallas scan kernel; it saves only its inputs. Backward (TPU kernels):
+
+1. a ``states_only`` pass of the forward kernel recomputes the state entering every chunk (no outputs, one
+   ``[Dv, C] x [C, Dk]`` matmul per chunk);
+2. the reverse-time kernel walks the chunks from last to first carrying ``dS^T`` in VMEM and produces dq, dk, dv
+   and the gradient of the chunk-local cumulative gates (``reference.chunk_step_bwd``);
+3. XLA turns the cumulative-gate gradient into the raw-gate gradient (reverse cumulative sum inside each chunk).
+
+The Mosaic GPU family has no working kernels for the scan yet (docs/kernels.md); its backward is ``jax.vjp`` of
+``reference.scan_xla`` (the same chunk math with ``lax.scan``), so interpret-mode runs of it stay exact.
 """
 from __future__ import annotations
 
@@ -53,6 +60,20 @@ def _fwd(q, k, v, g, st0, st):
 def _bwd(st, res, cts):
     q, k, v, g, st0 = res
     do, dsf = cts
+    if st.backend == "tpu":
+        from pallas_kernels.linear_scan import tpu
+
+        b = reference.chunk_cumsum(g, st.chunk)
+        brow = _brow(b, st.chunk) if g.shape[-1] == 1 else None
+        states, _ = tpu.scan_call(q, k, v, b, brow, st0, scale=st.scale, chunk=st.chunk, sub_chunk=st.sub_chunk,
+                                  out_dtype=jnp.float32, interpret=st.interpret, states_only=True)
+        dq, dk, dv, db, dst0 = tpu.scan_bwd_call(q, k, v, b, brow, do, states, dsf.astype(jnp.float32),
+                                                 scale=st.scale, chunk=st.chunk, sub_chunk=st.sub_chunk,
+                                                 interpret=st.interpret)
+        bsz, heads, t_len, x = db.shape
+        dbc = db.reshape(bsz, heads, t_len // st.chunk, st.chunk, x)
+        dg = jnp.flip(jnp.cumsum(jnp.flip(dbc, 3), axis=3), 3).reshape(db.shape)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), dst0.astype(st0.dtype)
 
     def xla(q, k, v, g, st0):
         b = reference.chunk_cumsum(g, st.chunk)

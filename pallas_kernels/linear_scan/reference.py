@@ -135,3 +135,87 @@ def scan_xla(q, k, v, b, st0, *, scale, chunk, sub_chunk):
 
     st, o = jax.lax.scan(one, st0, (split(q), split(k), split(v), split(b)))
     return jnp.moveaxis(o, 0, 2).reshape(bsz, heads, t_len, v.shape[-1]), st
+
+
+def chunk_step_bwd(st, dst, q, k, v, b, do, brow=None, *, scale, sub_chunk, scalar):
+    """Backward of ``chunk_step`` for one chunk, the math of the reverse-time kernel.
+
+    Args:
+      st: ``[Dv, Dk]`` float32 state (transposed) *entering* the chunk (recomputed by a forward states pass).
+      dst: ``[Dv, Dk]`` float32 gradient of the state *leaving* the chunk.
+      q, k, v, b, brow: as in ``chunk_step`` (b ``[C, Dk]``, or ``[C, 1]`` when ``scalar``; brow ``[1, C]`` or None,
+        then taken as ``b^T``); do: ``[C, Dv]``.
+    Returns:
+      ``(dq [C, Dk], dk [C, Dk], dv [C, Dv], db [C, Dk or 1], dst_in [Dv, Dk])``, float32; ``db`` is the gradient
+      with respect to the chunk-local *cumulative* log-gates (the caller turns it into the raw-gate gradient with a
+      reverse cumulative sum).
+
+    Every term is a product of factors ``exp(non-positive difference)``; the gate gradient uses
+    ``db = q * dq_hat - k * dk_hat`` (each score depends on ``b`` only through ``b_t - b_s``), plus the direct terms
+    of the last row (state decay).
+    """
+    c_len = q.shape[0]
+    qf = q.astype(jnp.float32) * scale
+    kf = k.astype(jnp.float32)
+    vf = v.astype(jnp.float32)
+    dof = do.astype(jnp.float32)
+    b_last = b[c_len - 1:c_len]
+    eb = jnp.exp(b)
+    e_last = jnp.exp(b_last - b)  # [C, Dk or 1]
+    # inter-chunk term o += (q e^b) S0 and the state update S_C = e^{b_C} S0 + sum_s (k_s e^{b_C - b_s}) v_s^T
+    dq = _dot(dof, st) * eb
+    dk = _dot(vf, dst) * e_last  # state-update part first (needed alone for the last-row gate term)
+    db_last = jnp.sum(st * dst, axis=0, keepdims=True) * jnp.exp(b_last) + jnp.sum(kf * dk, axis=0, keepdims=True)
+    dv = _dot_nt(kf * e_last, dst)
+    dst_in = dst * jnp.exp(b_last) + _dot_tn(dof, qf * eb)
+    if scalar:
+        rows = jax.lax.broadcasted_iota(jnp.int32, (c_len, c_len), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (c_len, c_len), 1)
+        brow = jnp.swapaxes(b, 0, 1) if brow is None else brow
+        decay = jnp.exp(jnp.where(rows >= cols, b - brow, -jnp.inf))
+        p = _dot_nt(dof, vf) * decay  # d(q k^T) entries
+        dq = dq + _dot(p, kf)
+        dk_intra = _dot_tn(p, qf)
+        dv = dv + _dot_tn(_dot_nt(qf, kf) * decay, dof)
+    else:
+        n_sub = c_len // sub_chunk
+        dq_parts, dk_parts, dv_parts = [], [], []
+        for i in range(n_sub):
+            dq_parts.append(jnp.zeros((sub_chunk, qf.shape[1]), jnp.float32))
+            dk_parts.append(jnp.zeros((sub_chunk, kf.shape[1]), jnp.float32))
+            dv_parts.append(jnp.zeros((sub_chunk, vf.shape[1]), jnp.float32))
+        tri = jax.lax.broadcasted_iota(jnp.int32, (sub_chunk, 1), 0)
+        for i in range(n_sub):
+            lo = i * sub_chunk
+            q_i, b_i, do_i = qf[lo:lo + sub_chunk], b[lo:lo + sub_chunk], dof[lo:lo + sub_chunk]
+            for j in range(i):
+                jl = j * sub_chunk
+                ref = b[jl + sub_chunk - 1:jl + sub_chunk]
+                eq = jnp.exp(b_i - ref)
+                ek = jnp.exp(ref - b[jl:jl + sub_chunk])
+                qi, kj = q_i * eq, kf[jl:jl + sub_chunk] * ek
+                da = _dot_nt(do_i, vf[jl:jl + sub_chunk])  # [c, c]
+                dq_parts[i] = dq_parts[i] + _dot(da, kj) * eq
+                dk_parts[j] = dk_parts[j] + _dot_tn(da, qi) * ek
+                dv_parts[j] = dv_parts[j] + _dot_tn(_dot_nt(qi, kj), do_i)
+            for s in range(sub_chunk):
+                idx = lo + s
+                e = jnp.exp(jnp.where(tri >= s, b_i - b[idx:idx + 1], -jnp.inf))  # [c, Dk]
+                qe = q_i * e
+                a_col = jnp.sum(qe * kf[idx:idx + 1], axis=1, keepdims=True)  # [c, 1]
+                da_col = jnp.sum(do_i * vf[idx:idx + 1], axis=1, keepdims=True)  # [c, 1]
+                dq_parts[i] = dq_parts[i] + da_col * e * kf[idx:idx + 1]
+                hit = tri == s
+                dk_parts[i] = dk_parts[i] + jnp.where(hit, jnp.sum(da_col * qe, axis=0, keepdims=True), 0.0)
+                dv_parts[i] = dv_parts[i] + jnp.where(hit, jnp.sum(a_col * do_i, axis=0, keepdims=True), 0.0)
+        cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+        dq = dq + cat(dq_parts)
+        dk_intra = cat(dk_parts)
+        dv = dv + cat(dv_parts)
+    # gate gradient: q * dq_hat over every q-side term, minus k * dk_hat over every k-side term, plus the last row
+    db = qf * dq - kf * (dk + dk_intra)
+    last = jax.lax.broadcasted_iota(jnp.int32, (c_len, 1), 0) == c_len - 1
+    db = db + jnp.where(last, db_last, 0.0)
+    if scalar:
+        db = jnp.sum(db, axis=1, keepdims=True)
+    return dq * scale, dk + dk_intra, dv, db, dst_in
