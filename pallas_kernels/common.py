@@ -10,6 +10,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("tpu", "gpu")
+SCAN_LAYOUTS = ("auto", "time_major", "head_major")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,19 +26,25 @@ class BlockSizes:
         ``chunk_size`` argument.
       sub_chunk: tokens per secondary chunk inside a vector-gated (GLA) chunk: the intra-chunk decay factors are
         formed against a reference point inside each sub-chunk pair so every exponent stays a non-positive
-        difference; must divide the chunk.
+        difference; the kernel uses ``gcd(chunk, sub_chunk)``.
+      scan_layout: ``"auto"`` | ``"time_major"`` | ``"head_major"``: the scan's operand layout (``ScanLayout``).
+        "auto" reads the callers' ``[B, T, H, D]`` in place (blocks along ``H*D``) on TPU when Dk and Dv are
+        multiples of 128, and transposes to ``[B, H, T, D]`` otherwise (and always on GPU).
     """
 
     block_t: int = 256
     block_d: int = 512
     chunk: Optional[int] = None
     sub_chunk: int = 16
+    scan_layout: str = "auto"
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "sub_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")
+        if self.scan_layout not in SCAN_LAYOUTS:
+            raise ValueError(f"BlockSizes.scan_layout must be one of {SCAN_LAYOUTS}, got {self.scan_layout!r}")
         if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"BlockSizes.chunk must be None or a positive int, got {self.chunk!r}")
 

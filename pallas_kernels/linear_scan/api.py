@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import BlockSizes, resolve_backend, round_up
 from pallas_kernels.linear_scan.op import _Static, scan_op
+from pallas_kernels.linear_scan.tpu import ScanLayout
 
 
 def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
@@ -20,19 +21,35 @@ def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
     return chunk, sub
 
 
-def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector):
-    """Inputs time-major [B, T, H, D]; st0 [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
+def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector, rep=1):
+    """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
+    [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
     be = resolve_backend(backend, interpret)
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
-    t_len = q.shape[1]
+    bsz, t_len, heads, dv = v.shape
+    dk = q.shape[-1]
     chunk, sub = _plan(t_len, chunk_size, bs, vector)
     tp = round_up(t_len, chunk)
-    # Head-major layout so one chunk of one head is a [C, D] tile; padded tokens have k = v = 0 and log-gate 0,
-    # so they leave the state unchanged.
-    prep = lambda a: jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, 0), (0, tp - t_len), (0, 0)))
-    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=bool(interpret))
-    o, sf = scan_op(prep(q), prep(k), prep(v), prep(g.astype(jnp.float32)), st0, st)
-    return jnp.swapaxes(o[:, :, :t_len], 1, 2), sf
+    time_major = be == "tpu" and (bs.scan_layout == "time_major" or (
+        bs.scan_layout == "auto" and dk % 128 == 0 and dv % 128 == 0))
+    if not time_major and rep > 1:
+        q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
+    # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
+    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
+    q, k, v, g = pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32))
+    if time_major:
+        flat = lambda a: a.reshape(bsz, tp, -1)
+        q, k, v = flat(q), flat(k), flat(v)
+        g = flat(g) if vector else jnp.swapaxes(g, 1, 2)[..., None]
+    else:
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+        g = jnp.swapaxes(g, 1, 2) if vector else jnp.swapaxes(g, 1, 2)[..., None]
+    layout = ScanLayout("time" if time_major else "head", heads, dk, dv, rep if time_major else 1)
+    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=bool(interpret),
+                 layout=layout, scalar=not vector)
+    o, sf = scan_op(q, k, v, g, st0, st)
+    o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
+    return o[:, :t_len], sf
 
 
 def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,
@@ -101,15 +118,13 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, int
         raise ValueError(f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, "
                          f"got {initial_state.shape}")
     rep = heads // B.shape[2]
-    q = jnp.repeat(C, rep, axis=2)
-    k = jnp.repeat(B, rep, axis=2)
     dtf = dt.astype(jnp.float32)
     v = (dtf[..., None] * x.astype(jnp.float32)).astype(x.dtype)
-    g = (dtf * A.astype(jnp.float32))[..., None]  # scalar log-gate per (token, head)
+    g = dtf * A.astype(jnp.float32)  # scalar log-gate per (token, head)
     st0 = (jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
-    y, sf = _run(q, k, v, g, st0, scale=1.0, chunk_size=chunk_size, interpret=interpret,
-                 block_sizes=block_sizes, backend=backend, vector=False)
+    y, sf = _run(C, B, v, g, st0, scale=1.0, chunk_size=chunk_size, interpret=interpret,
+                 block_sizes=block_sizes, backend=backend, vector=False, rep=rep)
     if D is not None:
         y = (y.astype(jnp.float32) + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(x.dtype)
     return y, sf

@@ -12,8 +12,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.linear_scan import tpu
 
 
-def scan_call(q, k, v, b, brow, st0, *, scale, chunk, sub_chunk, out_dtype, interpret):
+def scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk, out_dtype, interpret):
     """Same contract as ``tpu.scan_call``."""
     params = plgpu.CompilerParams(dimension_semantics=("parallel", "parallel", "sequential"))
-    return tpu.scan_call(q, k, v, b, brow, st0, scale=scale, chunk=chunk, sub_chunk=sub_chunk, out_dtype=out_dtype,
-                         interpret=interpret, params=params)
+    return tpu.scan_call(q, k, v, b, brow, st0, layout=layout, scale=scale, chunk=chunk, sub_chunk=sub_chunk,
+                         out_dtype=out_dtype, interpret=interpret, params=params)

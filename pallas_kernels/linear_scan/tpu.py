@@ -7,6 +7,7 @@ diagonal part). Inputs arrive head-major ``[B, H, T, D]`` so a chunk is one ``[C
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -52,32 +53,71 @@ def _kernel(*refs, scale, sub_chunk, scalar, has_s0, n_chunks, states_only=False
         sf_ref[...] = st_new
 
 
-def scan_call(q, k, v, b, brow, st0, *, scale, chunk, sub_chunk, out_dtype, interpret, params=None,
-              states_only=False):
-    """q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; b: chunk-local cumulative log-gates [B, H, T, Dk or 1] float32;
-    brow: [B, H, T // chunk, 1, chunk] (scalar gates) or None; st0: [B, H, Dv, Dk] or None.
-    Returns (o [B, H, T, Dv] out_dtype, S^T [B, H, Dv, Dk] float32), or with ``states_only`` (the backward's
-    recomputation) (states entering each chunk [B, H, T // chunk, Dv, Dk] float32, S^T)."""
-    bsz, heads, t_len, dk = q.shape
-    dv = v.shape[-1]
+@dataclasses.dataclass(frozen=True)
+class ScanLayout:
+    """Operand layout of the scan kernels.
+
+    ``kind="head"``: ``[B, H, T, D]`` (the wrapper transposes the callers' ``[B, T, H, D]``; one HBM pass per
+    operand). ``kind="time"``: the callers' layout reshaped for free to ``[B, T, H*D]``; a chunk of one head is the
+    block ``(chunk, D)`` at column block ``h`` (TPU needs ``D % 128 == 0``), and q/k of grouped heads (SSD's B/C)
+    are read through ``h // rep`` without being repeated. Scalar gates are always head-major ``[B, H, T, 1]``.
+    """
+
+    kind: str
+    heads: int
+    dk: int
+    dv: int
+    rep: int = 1
+
+    def spec(self, what, chunk, n, reverse=False):
+        cidx = (lambda c: n - 1 - c) if reverse else (lambda c: c)
+        width = {"qk": self.dk, "k_out": self.dk, "v": self.dv, "b": self.dk, "b1": 1}[what]
+        if self.kind == "head" or what == "b1":
+            return pl.BlockSpec((None, None, chunk, width), lambda b_, h, c: (b_, h, cidx(c), 0))
+        # lax.div (truncating; h >= 0): ``//`` lowers through ``sign``, whose Mosaic rule needs a TPU to query.
+        col = (lambda h: jax.lax.div(h, self.rep)) if what == "qk" and self.rep > 1 else (lambda h: h)
+        return pl.BlockSpec((None, chunk, width), lambda b_, h, c: (b_, cidx(c), col(h)))
+
+    def out_shape(self, what, bsz, t_len, dtype):
+        width = {"k_out": self.dk, "v": self.dv, "b": self.dk, "b1": 1}[what]
+        if self.kind == "head" or what == "b1":
+            return jax.ShapeDtypeStruct((bsz, self.heads, t_len, width), dtype)
+        return jax.ShapeDtypeStruct((bsz, t_len, self.heads * width), dtype)
+
+
+def scan_call(q, k, v, b, brow, st0, *, layout: ScanLayout, scale, chunk, sub_chunk, out_dtype, interpret,
+              params=None, states_only=False):
+    """Forward scan kernel.
+
+    Args:
+      q, k, v: per ``layout`` (``[B, H, T, D]`` or ``[B, T, H*D]``; q/k may have H/rep groups in the time layout).
+      b: chunk-local cumulative log-gates, float32: vector gates like k (per head), scalar gates ``[B, H, T, 1]``.
+      brow: ``[B, H, T // chunk, 1, chunk]`` (scalar gates) or None. st0: ``[B, H, Dv, Dk]`` or None.
+    Returns:
+      ``(o, S^T [B, H, Dv, Dk] float32)`` with ``o`` like v in ``out_dtype``; with ``states_only`` (the backward's
+      recomputation) ``(states entering each chunk [B, H, T // chunk, Dv, Dk] float32, S^T)``.
+    """
+    bsz, t_len = q.shape[0], (q.shape[2] if layout.kind == "head" else q.shape[1])
+    heads, dk, dv = layout.heads, layout.dk, layout.dv
     n = t_len // chunk
-    row = lambda width: pl.BlockSpec((None, None, chunk, width), lambda b_, h, c: (b_, h, c, 0))
+    scalar = brow is not None
     state = pl.BlockSpec((None, None, dv, dk), lambda b_, h, c: (b_, h, 0, 0))
-    in_specs = [row(dk), row(dk), row(dv), row(b.shape[-1])]
+    in_specs = [layout.spec("qk", chunk, n), layout.spec("qk", chunk, n), layout.spec("v", chunk, n),
+                layout.spec("b1" if scalar else "b", chunk, n)]
     args = [q, k, v, b]
-    if brow is not None:
+    if scalar:
         in_specs.append(pl.BlockSpec((None, None, None, 1, chunk), lambda b_, h, c: (b_, h, c, 0, 0)))
         args.append(brow)
     if st0 is not None:
         in_specs.append(state)
         args.append(st0)
-    kernel = functools.partial(_kernel, scale=scale, sub_chunk=sub_chunk, scalar=brow is not None,
+    kernel = functools.partial(_kernel, scale=scale, sub_chunk=sub_chunk, scalar=scalar,
                                has_s0=st0 is not None, n_chunks=n, states_only=states_only)
     if states_only:
         first = (jax.ShapeDtypeStruct((bsz, heads, n, dv, dk), jnp.float32),
                  pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, c, 0, 0)))
     else:
-        first = (jax.ShapeDtypeStruct((bsz, heads, t_len, dv), out_dtype), row(dv))
+        first = (layout.out_shape("v", bsz, t_len, out_dtype), layout.spec("v", chunk, n))
     return pl.pallas_call(
         kernel,
         out_shape=(first[0], jax.ShapeDtypeStruct((bsz, heads, dv, dk), jnp.float32)),
@@ -117,37 +157,41 @@ def _bwd_kernel(*refs, scale, sub_chunk, scalar, n_chunks):
         ds0_ref[...] = dst_in
 
 
-def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, scale, chunk, sub_chunk, interpret, params=None):
+def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scale, chunk, sub_chunk, interpret,
+                  params=None):
     """Reverse-time backward kernel: the chunk axis runs from the last chunk to the first with the state gradient
     ``dS^T [Dv, Dk]`` in a float32 VMEM scratch.
 
-    Args: as ``scan_call``; do: [B, H, T, Dv]; states: [B, H, T // chunk, Dv, Dk] entering states (from the
-      ``states_only`` pass); dsf: [B, H, Dv, Dk] gradient of the final state.
-    Returns: float32 (dq, dk [B, H, T, Dk], dv [B, H, T, Dv], db [B, H, T, Dk or 1] (cumulative-gate gradient),
-      dS0^T [B, H, Dv, Dk]).
+    Args: as ``scan_call``; do: like v; states: ``[B, H, T // chunk, Dv, Dk]`` entering states (from the
+      ``states_only`` pass); dsf: ``[B, H, Dv, Dk]`` gradient of the final state.
+    Returns: float32 ``(dq, dk, dv, db, dS0^T [B, H, Dv, Dk])``; dq/dk per head (like v but Dk wide: the caller
+      sums grouped heads), db like b (the gradient with respect to the cumulative gates).
     """
-    bsz, heads, t_len, dk = q.shape
-    dv = v.shape[-1]
+    bsz, t_len = q.shape[0], (q.shape[2] if layout.kind == "head" else q.shape[1])
+    heads, dk, dv = layout.heads, layout.dk, layout.dv
     n = t_len // chunk
-    rev = lambda width: pl.BlockSpec((None, None, chunk, width), lambda b_, h, c: (b_, h, n - 1 - c, 0))
+    scalar = brow is not None
+    bkind = "b1" if scalar else "b"
+    spec = lambda what: layout.spec(what, chunk, n, reverse=True)
     state = pl.BlockSpec((None, None, dv, dk), lambda b_, h, c: (b_, h, 0, 0))
-    in_specs = [rev(dk), rev(dk), rev(dv), rev(b.shape[-1])]
+    in_specs = [spec("qk"), spec("qk"), spec("v"), spec(bkind)]
     args = [q, k, v, b]
-    if brow is not None:
+    if scalar:
         in_specs.append(pl.BlockSpec((None, None, None, 1, chunk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)))
         args.append(brow)
-    in_specs += [rev(dv), pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)),
+    in_specs += [spec("v"), pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)),
                  state]
     args += [do, states, dsf]
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    kernel = functools.partial(_bwd_kernel, scale=scale, sub_chunk=sub_chunk, scalar=brow is not None, n_chunks=n)
+    f32 = jnp.float32
+    kernel = functools.partial(_bwd_kernel, scale=scale, sub_chunk=sub_chunk, scalar=scalar, n_chunks=n)
     return pl.pallas_call(
         kernel,
-        out_shape=(f32(bsz, heads, t_len, dk), f32(bsz, heads, t_len, dk), f32(bsz, heads, t_len, dv),
-                   f32(bsz, heads, t_len, b.shape[-1]), f32(bsz, heads, dv, dk)),
+        out_shape=(layout.out_shape("k_out", bsz, t_len, f32), layout.out_shape("k_out", bsz, t_len, f32),
+                   layout.out_shape("v", bsz, t_len, f32), layout.out_shape(bkind, bsz, t_len, f32),
+                   jax.ShapeDtypeStruct((bsz, heads, dv, dk), f32)),
         grid=(bsz, heads, n),
         in_specs=in_specs,
-        out_specs=(rev(dk), rev(dk), rev(dv), rev(b.shape[-1]), state),
+        out_specs=(spec("k_out"), spec("k_out"), spec("v"), spec(bkind), state),
         scratch_shapes=[(pltpu.VMEM if params is None else plgpu.SMEM)((dv, dk), jnp.float32)],
         compiler_params=params if params is not None else tpu_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,

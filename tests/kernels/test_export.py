@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.linear_scan import gla, ssd
 from pallas_kernels.short_conv import short_conv
 
@@ -45,11 +46,14 @@ SSD_ARGS = (S((1, 4096, 16, 256), jnp.bfloat16), S((1, 4096, 16), jnp.float32), 
             S((1, 4096, 1, 128), jnp.bfloat16), S((1, 4096, 1, 128), jnp.bfloat16))
 
 
-def test_scan_lowers_on_tpu():
-    fg = lambda q, k, v, g: gla(q, k, v, g, backend="tpu")[0]
+@pytest.mark.parametrize("layout", ["auto", "head_major"])  # auto = time-major at these widths
+def test_scan_lowers_on_tpu(layout):
+    bs = BlockSizes.default("tpu")
+    bs = BlockSizes(block_t=bs.block_t, block_d=bs.block_d, sub_chunk=bs.sub_chunk, scan_layout=layout)
+    fg = lambda q, k, v, g: gla(q, k, v, g, backend="tpu", block_sizes=bs)[0]
     _export(fg, GLA_ARGS, "tpu")
     _export(_grad(fg, 4), GLA_ARGS, "tpu")
-    fs = lambda *a: ssd(*a, chunk_size=128, backend="tpu")[0]
+    fs = lambda *a: ssd(*a, chunk_size=128, backend="tpu", block_sizes=bs)[0]
     _export(fs, SSD_ARGS, "tpu")
     _export(_grad(fs, 5), SSD_ARGS, "tpu")
 

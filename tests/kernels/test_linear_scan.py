@@ -12,7 +12,6 @@ from pallas_kernels.common import BlockSizes
 from pallas_kernels.linear_scan import gla, gla_reference, ssd, ssd_reference
 from pallas_kernels.linear_scan import reference as scan_ref
 
-SUB8 = BlockSizes(sub_chunk=8)
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
@@ -37,19 +36,22 @@ def _token_scan_gla(q, k, v, g, s0, scale):
 
 
 # (B, T, H, Dk, Dv, chunk, state, dtype): T < chunk, T % chunk != 0, several chunks, bf16
+# (B, T, H, Dk, Dv, chunk, state, dtype, layout): T < chunk, T % chunk != 0, several chunks, bf16, both layouts
 GLA_CASES = [
-    (1, 5, 2, 16, 8, 16, False, jnp.float32),
-    (2, 37, 2, 16, 8, 16, True, jnp.float32),
-    (1, 40, 1, 8, 16, 16, True, jnp.bfloat16),
+    (1, 5, 2, 16, 8, 16, False, jnp.float32, "head_major"),
+    (2, 37, 2, 16, 8, 16, True, jnp.float32, "head_major"),
+    (2, 37, 2, 16, 8, 16, True, jnp.float32, "time_major"),
+    (1, 40, 1, 8, 16, 16, True, jnp.bfloat16, "auto"),
 ]
 
 
 @pytest.mark.parametrize("case", GLA_CASES, ids=str)
 def test_gla_values(case):
-    b, t, h, dk, dv, chunk, use_state, dtype = case
+    b, t, h, dk, dv, chunk, use_state, dtype, layout = case
     q, k, v, g, s0 = _gla_inputs(0, b, t, h, dk, dv, dtype)
     s0 = s0 if use_state else None
-    fn = jax.jit(lambda *a: gla(*a, initial_state=s0, chunk_size=chunk, interpret=True, block_sizes=SUB8))
+    bs = BlockSizes(sub_chunk=8, scan_layout=layout)
+    fn = jax.jit(lambda *a: gla(*a, initial_state=s0, chunk_size=chunk, interpret=True, block_sizes=bs))
     o, sf = fn(q, k, v, g)
     chex.assert_shape(o, (b, t, h, dv))
     chex.assert_shape(sf, (b, h, dk, dv))
@@ -60,7 +62,8 @@ def test_gla_values(case):
     np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
 
 
-def test_gla_gradients():
+@pytest.mark.parametrize("layout", ["head_major", "time_major"])
+def test_gla_gradients(layout):
     b, t, h, dk, dv = 1, 21, 2, 16, 8
     q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, jnp.float32)
     rng = np.random.default_rng(3)
@@ -72,7 +75,8 @@ def test_gla_gradients():
         o, s = fn(q, k, v, g, s0)
         return jnp.sum(o * do) + jnp.sum(s * ds)
 
-    kern = lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, chunk_size=16, interpret=True, block_sizes=SUB8)
+    bs = BlockSizes(sub_chunk=8, scan_layout=layout)
+    kern = lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, chunk_size=16, interpret=True, block_sizes=bs)
     oracle = lambda q, k, v, g, s0: _token_scan_gla(q, k, v, g, s0, scale)
     gk = jax.jit(jax.grad(functools.partial(loss, kern), argnums=range(5)))(q, k, v, g, s0)
     go = jax.jit(jax.grad(functools.partial(loss, oracle), argnums=range(5)))(q, k, v, g, s0)
@@ -116,18 +120,21 @@ def _ssd_inputs(seed, b, t, h, p, g, n, dtype):
 
 
 SSD_CASES = [
-    (1, 6, 2, 8, 1, 16, 16, False, jnp.float32),   # T < chunk
-    (2, 45, 4, 8, 2, 16, 16, True, jnp.float32),   # groups, T % chunk != 0
-    (1, 40, 2, 16, 1, 8, 32, True, jnp.bfloat16),
+    (1, 6, 2, 8, 1, 16, 16, False, jnp.float32, "auto"),        # T < chunk
+    (2, 45, 4, 8, 2, 16, 16, True, jnp.float32, "head_major"),  # groups, T % chunk != 0
+    (2, 45, 4, 8, 2, 16, 16, True, jnp.float32, "time_major"),  # groups read in place through h // rep
+    (1, 40, 2, 16, 1, 8, 32, True, jnp.bfloat16, "auto"),
 ]
 
 
 @pytest.mark.parametrize("case", SSD_CASES, ids=str)
 def test_ssd_values(case):
-    b, t, h, p, grp, n, chunk, use_state, dtype = case
+    b, t, h, p, grp, n, chunk, use_state, dtype, layout = case
     x, dt, a, bm, cm, d, h0 = _ssd_inputs(0, b, t, h, p, grp, n, dtype)
     h0 = h0 if use_state else None
-    y, hf = jax.jit(lambda *z: ssd(*z, initial_state=h0, chunk_size=chunk, interpret=True))(x, dt, a, bm, cm, d)
+    bs = BlockSizes(scan_layout=layout)
+    y, hf = jax.jit(lambda *z: ssd(*z, initial_state=h0, chunk_size=chunk, interpret=True, block_sizes=bs))(
+        x, dt, a, bm, cm, d)
     chex.assert_shape(y, (b, t, h, p))
     chex.assert_shape(hf, (b, h, p, n))
     ry, rh = ssd_reference(*(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
@@ -138,7 +145,7 @@ def test_ssd_values(case):
 
 
 def test_ssd_gradients():
-    b, t, h, p, grp, n = 1, 19, 2, 8, 1, 16
+    b, t, h, p, grp, n = 1, 19, 4, 8, 2, 16  # two groups of two heads, time-major (q/k gradients summed per group)
     x, dt, a, bm, cm, d, h0 = _ssd_inputs(2, b, t, h, p, grp, n, jnp.float32)
     rng = np.random.default_rng(4)
     dy = jnp.asarray(rng.standard_normal((b, t, h, p)), jnp.float32)
@@ -146,14 +153,16 @@ def test_ssd_gradients():
     def oracle(x, dt, a, bm, cm, d, h0):
         def step(hs, xs):
             xt, dtt, bt, ct = xs
-            hs = jnp.exp(dtt * a)[..., None, None] * hs + (dtt[..., None] * xt)[..., None] * bt[:, None, None, :]
-            return hs, jnp.einsum("bhpn,bn->bhp", hs, ct) + d[:, None] * xt
-        xs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(bm[:, :, 0], 1, 0),
-              jnp.moveaxis(cm[:, :, 0], 1, 0))
+            hs = jnp.exp(dtt * a)[..., None, None] * hs + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
+            return hs, jnp.einsum("bhpn,bhn->bhp", hs, ct) + d[:, None] * xt
+        rep = h // grp
+        xs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(jnp.repeat(bm, rep, axis=2), 1, 0),
+              jnp.moveaxis(jnp.repeat(cm, rep, axis=2), 1, 0))
         hs, y = jax.lax.scan(step, h0, xs)
         return jnp.moveaxis(y, 0, 1), hs
 
-    kern = lambda *z: ssd(*z[:6], initial_state=z[6], chunk_size=8, interpret=True)
+    bs = BlockSizes(scan_layout="time_major")
+    kern = lambda *z: ssd(*z[:6], initial_state=z[6], chunk_size=8, interpret=True, block_sizes=bs)
     loss = lambda fn, *z: jnp.sum(fn(*z)[0] * dy) + jnp.sum(fn(*z)[1])
     args = (x, dt, a, bm, cm, d, h0)
     gk = jax.jit(jax.grad(functools.partial(loss, kern), argnums=range(7)))(*args)
