@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.ops.dispatch import accelerator_backend
+
+try:
+    from canon_jax.ops import gla as ops_gla  # canon_jax.ops.gla (the linear models' op), if merged
+except ImportError:
+    ops_gla = None
 from pallas_kernels.linear_scan import gla as gla_kernel
 from pallas_kernels.linear_scan import reference as scan_ref
 from pallas_kernels.short_conv import short_conv
@@ -87,6 +92,8 @@ def bench_scan(accel, reps):
         g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, dk), jnp.float32)) / 16
 
         def xla_chunked(q, k, v, g):
+            if ops_gla is not None:  # the library's XLA chunked path, when present
+                return ops_gla(q, k, v, g, chunk_size=chunk, impl="xla")[0]
             tr = lambda a: jnp.swapaxes(a, 1, 2)
             bc = scan_ref.chunk_cumsum(tr(g), chunk)
             o, _ = scan_ref.scan_xla(tr(q), tr(k), tr(v), bc, jnp.zeros((b, h, dv, dk), jnp.float32),

@@ -34,6 +34,7 @@ VALUE_CASES = [
     ("tpu", 1, 37, 32, 3, "silu", False, True, False, True, jnp.float32),  # T % block != 0, channel tiles, segments
     ("tpu", 2, 40, 16, 5, "silu", True, True, True, True, jnp.float32),    # everything on, K = 5
     ("tpu", 1, 21, 16, 1, None, True, False, True, False, jnp.float32),    # K = 1
+    ("tpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),    # D = 40: channels zero-padded to 48
     ("tpu", 2, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
     ("gpu", 2, 3, 16, 4, None, True, False, True, False, jnp.float32),
     ("gpu", 1, 37, 32, 5, "silu", True, True, True, False, jnp.float32),
@@ -61,6 +62,7 @@ def test_forward_matches_float64_loop(case):
 GRAD_CASES = [
     ("tpu", 2, 19, 32, 4, "silu", True, True, True, True, jnp.float32),
     ("tpu", 1, 3, 16, 5, None, True, False, True, False, jnp.float32),   # T < K: state gradient hits every row
+    ("tpu", 1, 12, 24, 4, None, True, True, True, False, jnp.float32),   # padded channels
     ("tpu", 2, 21, 16, 3, "silu", False, True, True, True, jnp.bfloat16),
     ("gpu", 2, 19, 32, 4, "silu", True, True, True, False, jnp.float32),
 ]
