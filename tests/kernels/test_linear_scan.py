@@ -62,10 +62,12 @@ def test_gla_values(case):
     np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
 
 
-@pytest.mark.parametrize("layout", ["head_major", "time_major"])
-def test_gla_gradients(layout):
-    b, t, h, dk, dv = 1, 21, 2, 16, 8
-    q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, jnp.float32)
+@pytest.mark.parametrize("layout,dtype", [("head_major", jnp.float32), ("time_major", jnp.float32),
+                                          ("head_major", jnp.bfloat16)],
+                         ids=["head_major-f32", "time_major-f32", "head_major-bf16"])
+def test_gla_gradients(layout, dtype):
+    b, t, h, dk, dv = 1, 13, 2, 16, 8  # two chunks of 8 (the second padded), two sub-chunks of 4 each
+    q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, dtype)
     rng = np.random.default_rng(3)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
     ds = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
@@ -73,17 +75,21 @@ def test_gla_gradients(layout):
 
     def loss(fn, q, k, v, g, s0):
         o, s = fn(q, k, v, g, s0)
-        return jnp.sum(o * do) + jnp.sum(s * ds)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * ds)
 
-    bs = BlockSizes(sub_chunk=8, scan_layout=layout)
-    kern = lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, chunk_size=16, interpret=True, block_sizes=bs)
+    bs = BlockSizes(sub_chunk=4, scan_layout=layout)
+    kern = lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, chunk_size=8, interpret=True, block_sizes=bs)
+    # the oracle sees the same (rounded) inputs in float32; its gradients are rounded to the input dtype at the end
     oracle = lambda q, k, v, g, s0: _token_scan_gla(q, k, v, g, s0, scale)
     gk = jax.jit(jax.grad(functools.partial(loss, kern), argnums=range(5)))(q, k, v, g, s0)
     go = jax.jit(jax.grad(functools.partial(loss, oracle), argnums=range(5)))(q, k, v, g, s0)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
     for name, a, r in zip(("dq", "dk", "dv", "dlog_gate", "dstate"), gk, go):
         chex.assert_shape(a, r.shape)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4 * max(1.0, float(jnp.abs(r).max())),
-                                   rtol=1e-4, err_msg=name)
+        assert a.dtype == r.dtype, name
+        r32 = np.asarray(r.astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), r32,
+                                   atol=tol * max(1.0, float(np.abs(r32).max())), rtol=tol, err_msg=name)
 
 
 @pytest.mark.parametrize("scalar", [False, True])
