@@ -6,8 +6,10 @@ Forward saves only the inputs (x, weight, bias, segment ids, initial state); the
   when the activation is on; otherwise ``g = dy``.
 * ``dx = anti-causal conv of g (+ dy for the residual)``: the same tile kernel run in the "anticausal" direction
   (halo from the *next* block), residual fused.
-* ``dw``, ``dbias`` and ``d initial_state`` are reductions over batch and time: XLA (``reference.dweight_xla`` etc.),
-  which fuses the K shifted products into one pass over ``g`` and ``x``.
+* ``dw`` and ``dbias`` (TPU): the dx kernel also reads the forward input tile (with its causal halo) and writes
+  per-tile sums ``sum_t g[t] x[t-s]`` and ``sum_t g[t]`` (``[B, T/bt, K+1, D]``), which XLA adds up. Mosaic GPU: XLA
+  reductions (``reference.dweight_xla``). ``d initial_state`` touches only the first K-1 outputs: XLA
+  (``reference.dhistory_xla``).
 """
 from __future__ import annotations
 
@@ -110,13 +112,23 @@ def _bwd(st, res, dy):
     bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes)
     wp = jnp.pad(weight.astype(jnp.float32), ((0, 0), (0, dp - d)))
     bits = None if segment_ids is None else _bits(segment_ids, k, tp, "anticausal")
-    dx = _kernels(st.backend).conv_call(
-        _pad(g, tp, dp), wp, halo0=None, bias=None, bits=bits, extra=_pad(dy, tp, dp) if st.residual else None,
-        direction="anticausal", activation=None, residual_x=False, out_dtype=x.dtype, bt=bt, bd=bd, hrows=hrows,
-        interpret=st.interpret)[:, :t_len, :d]
+    kw = dict(halo0=None, bias=None, bits=bits, extra=_pad(dy, tp, dp) if st.residual else None,
+              direction="anticausal", activation=None, residual_x=False, out_dtype=x.dtype, bt=bt, bd=bd,
+              hrows=hrows, interpret=st.interpret)
     g32 = g.astype(jnp.float32)
-    dw = reference.dweight_xla(g32, x, k, segment_ids, initial_state).astype(weight.dtype)
-    dbias = None if bias is None else jnp.sum(g32, axis=(0, 1)).astype(bias.dtype)
+    if st.backend == "tpu":  # dw and dbias as per-tile partial sums from the dx kernel, reduced here
+        dx, partial = tpu.conv_call(
+            _pad(g, tp, dp), wp, dw_x=_pad(x, tp, dp),
+            dw_halo0=None if initial_state is None else _halo0(initial_state, hrows, dp, x.dtype),
+            dw_bits=None if segment_ids is None else _bits(segment_ids, k, tp, "causal"), **kw)
+        sums = jnp.sum(partial, axis=(0, 1))[:, :d]
+        dw, dbias = sums[:k].astype(weight.dtype), sums[k]
+    else:  # Mosaic GPU: XLA reductions (see docs/kernels.md)
+        dx = gpu.conv_call(_pad(g, tp, dp), wp, **kw)
+        dw = reference.dweight_xla(g32, x, k, segment_ids, initial_state).astype(weight.dtype)
+        dbias = jnp.sum(g32, axis=(0, 1))
+    dx = dx[:, :t_len, :d]
+    dbias = None if bias is None else dbias.astype(bias.dtype)
     dstate = None
     if initial_state is not None:
         dh = reference.dhistory_xla(g32, weight, segment_ids)  # [B, K-1, D]
