@@ -67,7 +67,7 @@ def linear_scan(impl, op_name, *args, **kw):
     ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
     Returns ``(out, final_state)`` exactly like ``pallas_kernels.linear_scan.gla`` / ``ssd``, or ``None``.
     ``impl="auto"`` uses the kernel only on TPU: the Mosaic GPU scan does not lower yet (docs/kernels.md);
-    ``impl="pallas"`` on GPU raises that lowering error.
+    ``impl="pallas"`` on GPU raises ``NotImplementedError`` saying so.
     """
     if op_name not in LINEAR_SCAN_OPS:
         raise ValueError(f"linear_scan: unknown op {op_name!r}; choose one of {LINEAR_SCAN_OPS}")

@@ -25,6 +25,11 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
     """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
     [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
     be = resolve_backend(backend, interpret)
+    if be == "gpu" and not interpret:
+        raise NotImplementedError(
+            "linear_scan: there is no Mosaic GPU scan kernel yet: the Pallas body does not lower with jax 0.10.2 "
+            "(no dot_general lowering in Mosaic GPU; 'Mosaic GPU kernel exceeds available shared memory' at "
+            "Dk=128, Dv=256); see docs/kernels.md. Use the XLA chunked path (canon_jax.ops impl='xla').")
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
     bsz, t_len, heads, dv = v.shape
     dk = q.shape[-1]
