@@ -26,6 +26,8 @@ def main():
     bias = jnp.asarray(rng.standard_normal(32), jnp.float32)
     seg = jnp.asarray(np.sort(rng.integers(1, 3, (4, 13)), axis=1), jnp.int32)
     kw = dict(interpret=True, block_sizes=BlockSizes(block_t=8, block_d=16), activation="silu", residual=True)
+    # inputs already laid out on the mesh, as under a sharded training step
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model")))
     plain = lambda x, w, bias: short_conv(x, w, bias=bias, segment_ids=seg, **kw)
     shard = lambda x, w, bias: short_conv_sharded(x, w, bias=bias, segment_ids=seg, mesh=mesh, rules=rules, **kw)
     close(jax.jit(shard)(x, w, bias), jax.jit(plain)(x, w, bias))
