@@ -74,8 +74,9 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
     Returns:
       ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.
     """
-    if q.ndim != 4 or k.shape != q.shape or log_gate.shape != q.shape:
-        raise ValueError(f"gla: q, k and log_gate must share one [batch, time, heads, Dk] shape, got q {q.shape}, "
+    if q.ndim != 4 or 0 in q.shape or k.shape != q.shape or log_gate.shape != q.shape:
+        raise ValueError(f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
+                         f"q {q.shape}, "
                          f"k {k.shape}, log_gate {log_gate.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
@@ -106,8 +107,8 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, int
     Returns:
       ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.
     """
-    if x.ndim != 4:
-        raise ValueError(f"ssd: x must be [batch, time, heads, P], got {x.shape}")
+    if x.ndim != 4 or 0 in x.shape:
+        raise ValueError(f"ssd: x must be a non-empty [batch, time, heads, P], got {x.shape}")
     bsz, t_len, heads, p = x.shape
     if dt.shape != (bsz, t_len, heads):
         raise ValueError(f"ssd: dt must be [batch, time, heads]={(bsz, t_len, heads)}, got {dt.shape}")

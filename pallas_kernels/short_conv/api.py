@@ -42,8 +42,8 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
       ``y``: ``[batch, time, channels]`` in ``x.dtype``. (The final state is a slice of the inputs; the op computes
       it outside the kernel.)
     """
-    if x.ndim != 3:
-        raise ValueError(f"short_conv: x must be [batch, time, channels], got shape {x.shape}")
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"short_conv: x must be a non-empty [batch, time, channels], got shape {x.shape}")
     if weight.ndim != 2 or weight.shape[1] != x.shape[2] or weight.shape[0] < 1:
         raise ValueError(f"short_conv: weight must be [K>=1, channels={x.shape[2]}], got shape {weight.shape}")
     k = weight.shape[0]

@@ -104,6 +104,8 @@ def test_bad_arguments_raise():
     x = jnp.zeros((1, 8, 16))
     with pytest.raises(ValueError, match="weight"):
         short_conv(x, jnp.zeros((4, 8)), interpret=True)
+    with pytest.raises(ValueError, match="non-empty"):
+        short_conv(jnp.zeros((1, 0, 16)), jnp.zeros((4, 16)), interpret=True)
     with pytest.raises(ValueError, match="activation"):
         short_conv(x, jnp.zeros((4, 16)), activation="gelu", interpret=True)
     with pytest.raises(ValueError, match="backend"):
