@@ -76,8 +76,7 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
     """
     if q.ndim != 4 or 0 in q.shape or k.shape != q.shape or log_gate.shape != q.shape:
         raise ValueError(f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
-                         f"q {q.shape}, "
-                         f"k {k.shape}, log_gate {log_gate.shape}")
+                         f"q {q.shape}, k {k.shape}, log_gate {log_gate.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
     bsz, _, heads, dk = q.shape
