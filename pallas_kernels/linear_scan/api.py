@@ -51,7 +51,7 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
         q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
         g = jnp.swapaxes(g, 1, 2) if vector else jnp.swapaxes(g, 1, 2)[..., None]
     layout = ScanLayout("time" if time_major else "head", heads, dk, dv, rep if time_major else 1)
-    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=bool(interpret),
+    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=interpret,
                  layout=layout, scalar=not vector)
     o, sf = scan_op(q, k, v, g, st0, st)
     o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
@@ -70,7 +70,8 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
       scale: query scale, default ``Dk ** -0.5``.
       initial_state: optional ``[batch, heads, Dk, Dv]``.
       chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
-      interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv``.
+      interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
+        ``pltpu.InterpretParams``).
 
     Returns:
       ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.

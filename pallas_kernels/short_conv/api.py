@@ -34,7 +34,9 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
       segment_ids: optional int ``[batch, time]``; taps never cross into another segment (TPU kernel only).
       initial_state: optional ``[batch, channels, K]``, the last K raw inputs before ``x`` (oldest first).
       residual: add ``x`` to the output.
-      interpret: run the kernel in Pallas interpret mode (any device).
+      interpret: run the kernel in Pallas interpret mode (any device); ``True``, or a
+        ``jax.experimental.pallas.tpu.InterpretParams`` for the TPU family's stricter interpreter (NaN-filled
+        scratch, out-of-bounds and race checks).
       block_sizes: tile sizes; default ``BlockSizes.default(backend)``.
       backend: ``"tpu"`` or ``"gpu"`` kernel family; default the current device's (``"tpu"`` under interpret on CPU).
 
@@ -57,10 +59,12 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
         raise ValueError(f"short_conv: initial_state must be [batch, channels, K]={(x.shape[0], x.shape[2], k)}, "
                          f"got {initial_state.shape}")
     be = resolve_backend(backend, interpret)
+    if be == "gpu" and not isinstance(interpret, bool):
+        raise ValueError("short_conv: interpret must be a bool for the GPU kernel family (InterpretParams is TPU's)")
     if be == "gpu" and segment_ids is not None:
         raise NotImplementedError("short_conv: the Mosaic GPU kernel does not support segment_ids "
                                   "(see pallas_kernels/short_conv/gpu.py); use the XLA implementation")
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
-    st = _Static(activation=activation, residual=bool(residual), backend=be, interpret=bool(interpret),
+    st = _Static(activation=activation, residual=bool(residual), backend=be, interpret=interpret,
                  block_sizes=bs)
     return short_conv_op(x, weight, bias, segment_ids, initial_state, st)
