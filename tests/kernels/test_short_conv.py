@@ -10,6 +10,7 @@ import pytest
 
 from canon_jax.ops.conv import causal_conv1d
 from pallas_kernels.common import BlockSizes
+from pallas_kernels.short_conv import reference as conv_ref
 from pallas_kernels.short_conv import short_conv, short_conv_reference
 
 SMALL = BlockSizes(block_t=16, block_d=16)  # several time and channel tiles at CI sizes
@@ -112,3 +113,16 @@ def test_bad_arguments_raise():
         short_conv(x, jnp.zeros((4, 16)), interpret=True, backend="cpu")
     with pytest.raises(NotImplementedError, match="interpret=True"):
         short_conv(x, jnp.zeros((4, 16)))  # compiled kernel on a CPU-only machine
+
+
+def test_reference_backward_pieces_match_autodiff():
+    """The XLA backward pieces (dx, dw, d initial-state) equal jax.vjp of the XLA pre-activation."""
+    x, w, _, state, seg = _inputs(4, 2, 9, 8, 4, jnp.float32)
+    x, w, state, seg = jnp.asarray(x), jnp.asarray(w), jnp.asarray(state), jnp.asarray(seg)
+    g = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+    _, vjp = jax.vjp(lambda x, w, s: conv_ref.conv_pre_xla(x, w, None, seg, s), x, w, state)
+    dx, dw, ds = vjp(g)
+    np.testing.assert_allclose(conv_ref.dx_xla(g, w, seg), dx, atol=1e-5)
+    np.testing.assert_allclose(conv_ref.dweight_xla(g, x, 4, seg, state), dw, atol=1e-5)
+    np.testing.assert_allclose(conv_ref.dhistory_xla(g, w, seg), jnp.swapaxes(ds, 1, 2)[:, 1:], atol=1e-5)
+    np.testing.assert_allclose(ds[:, :, 0], 0.0)  # slot 0 of the state is never read
