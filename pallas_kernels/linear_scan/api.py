@@ -15,7 +15,7 @@ def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
     chunk = bs.chunk if bs.chunk is not None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    # The secondary chunk must divide the chunk: the largest divisor of it not above BlockSizes.sub_chunk's gcd.
+    # The secondary chunk must divide the chunk: gcd(chunk, BlockSizes.sub_chunk).
     sub = math.gcd(chunk, bs.sub_chunk)
     # Short sequences shrink the chunk, to a multiple of 16 rows (a bf16 sublane tile on TPU) and of the sub-chunk.
     chunk = min(chunk, round_up(t_len, math.lcm(sub, 16) if vector else 16))
