@@ -30,6 +30,9 @@ class BlockSizes:
       scan_layout: ``"auto"`` | ``"time_major"`` | ``"head_major"``: the scan's operand layout (``ScanLayout``).
         "auto" reads the callers' ``[B, T, H, D]`` in place (blocks along ``H*D``) on TPU when Dk and Dv are
         multiples of 128, and transposes to ``[B, H, T, D]`` otherwise (and always on GPU).
+      block_dv: Mosaic GPU scan only: Dv columns of the state per CTA (a multiple of 64 dividing Dv); the grid is
+        (batch, heads, Dv / block_dv) and each CTA keeps a ``[Dk, block_dv]`` float32 state slice in registers
+        (64 -> 64 registers per thread at Dk = 128).
     """
 
     block_t: int = 256
@@ -37,9 +40,10 @@ class BlockSizes:
     chunk: Optional[int] = None
     sub_chunk: int = 16
     scan_layout: str = "auto"
+    block_dv: int = 64
 
     def __post_init__(self):
-        for name in ("block_t", "block_d", "sub_chunk"):
+        for name in ("block_t", "block_d", "sub_chunk", "block_dv"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")

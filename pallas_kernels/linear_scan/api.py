@@ -25,12 +25,20 @@ def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
 def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector, rep=1):
     """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
     [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
-    be = resolve_backend(backend, interpret)
-    if be == "gpu" and not interpret:
-        raise NotImplementedError(
-            "linear_scan: there is no Mosaic GPU scan kernel yet: the Pallas body does not lower with jax 0.10.2 "
-            "(no dot_general lowering in Mosaic GPU; 'Mosaic GPU kernel exceeds available shared memory' at "
-            "Dk=128, Dv=256); see docs/kernels.md. Use the XLA chunked path (canon_jax.ops impl='xla').")
+    from pallas_kernels.linear_scan import gpu
+
+    gpu_interp = gpu.is_gpu_interpret(interpret)  # the Mosaic GPU interpreter runs the GPU kernel family
+    be = "gpu" if gpu_interp and backend is None else resolve_backend(backend, interpret)
+    if gpu_interp and be != "gpu":
+        raise ValueError(f"linear_scan: Mosaic GPU interpret params need backend='gpu' (or None), got {backend!r}")
+    if be == "gpu" and (not interpret or gpu_interp):
+        if vector:
+            raise NotImplementedError(
+                "linear_scan: there is no Mosaic GPU scan kernel for vector (GLA) gates yet; only scalar gates "
+                "(ssd) have one (pallas_kernels/linear_scan/gpu.py, docs/kernels.md). Use the XLA chunked path "
+                "(canon_jax.ops impl='xla').")
+        return _run_gpu(q, k, v, g, st0, chunk_size=chunk_size, block_sizes=block_sizes,
+                        interpret=interpret if gpu_interp else None)
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
     bsz, t_len, heads, dv = v.shape
     dk = q.shape[-1]
@@ -56,6 +64,26 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
     o, sf = scan_op(q, k, v, g, st0, st)
     o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
     return o[:, :t_len], sf
+
+
+def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
+    """Scalar gates on the Mosaic GPU wgmma kernel (``gpu.scalar_scan``; backward on the XLA path). Same arguments
+    as ``_run``; q/k keep their groups (the kernel reads group ``h // rep``). ``interpret``: None (compile) or
+    the Mosaic GPU interpreter's params."""
+    from pallas_kernels.linear_scan import gpu
+
+    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
+    bsz, t_len, heads, dv = v.shape
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    chunk = min(chunk, round_up(t_len, 64))  # short sequences: one 64-row wgmma tile is the smallest chunk
+    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
+    tp = round_up(t_len, chunk)
+    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
+    o, s = gpu.scalar_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
+                           chunk, bs.block_dv, interpret)
+    return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
 
 
 def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,

@@ -1,19 +1,286 @@
-"""Mosaic GPU variant of the chunked scan: the TPU kernel body with a "sequential" chunk axis (Mosaic GPU runs
-sequential grid axes as an in-kernel loop with TMA pipelining) and the state in shared memory.
+"""Mosaic GPU (Hopper, wgmma) forward kernel of the chunked scan with *scalar* per-head gates (Mamba2 SSD).
 
-Status in jax 0.10.2: see docs/kernels.md and ``tests/kernels/test_export.py`` for what lowers; the lowering error
-for the parts that do not is recorded there verbatim.
+Per (batch, head, Dv-block) one CTA (one warpgroup) walks the chunks of the sequence in a ``fori_loop`` carrying its
+slice of the state ``S [Dk, block_dv]`` (float32) in registers (WGMMA layout). Per chunk of ``C`` tokens, with
+``b`` the chunk-local cumulative log-gates (float32, computed by XLA outside the kernel):
+
+* ``P = (Q K^T) * exp(b_t - b_s) [t >= s]``           (wgmma ``[C, Dk] x [Dk, C]``; mask and decay in registers)
+* ``O = exp(b_t) * (Q S) + P V``                        (two wgmma: ``[C, Dk] x [Dk, dv]`` and ``[C, C] x [C, dv]``)
+* ``S <- exp(b_C) S + K^T (exp(b_C - b_s) * V)``         (wgmma ``[Dk, C] x [C, dv]``)
+
+Every exponent is a non-positive difference (``b`` is non-increasing down a chunk). wgmma operands are bfloat16
+(inputs are cast; the state and ``P`` are rounded to bfloat16 for their matmuls), accumulation is float32.
+``K`` arrives pre-transposed ``[B, G, Dk, T]`` (one XLA transpose of K) so that no wgmma operand needs a transposed
+shared-memory view: both the ``Q K^T`` right operand and the ``K^T V`` left operand are plain ``[Dk, C]`` tiles.
+The gate factors ``exp(b)``, ``exp(b_C - b)`` and ``exp(b_C)`` are also XLA-side (float32 vectors, tiny).
+
+Everything goes through shared memory by TMA (``copy_gmem_to_smem``) and is single-buffered: this is a first,
+correct-by-construction kernel, not a tuned one (no copy/compute overlap, one warpgroup per CTA).
+
+Status (jax 0.10.2, no GPU in the session that wrote it): lowers with ``jax.export(..., platforms=["cuda"])`` at the
+paper's shape; values checked in Mosaic GPU interpret mode (``InterpretGPUParams``) against float64 references at
+small shapes; **never compiled by ptxas nor run on a GPU**. See docs/kernels.md.
+
+``tpu_body_scan_call`` keeps the earlier attempt (the TPU kernel body under Mosaic GPU compiler params), which does
+not lower (shared-memory overflow), so that the failure stays reproducible in ``tests/kernels/test_export.py``.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.linear_scan import tpu
+from pallas_kernels.linear_scan import reference, tpu
+
+WG = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the row of a WGMMA-layout [M, N] array
+COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the column
 
 
-def scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk, out_dtype, interpret):
-    """Same contract as ``tpu.scan_call``."""
+def interpret_params():
+    """The Mosaic GPU interpreter (jax 0.10.2 keeps it under ``jax._src``; not re-exported by ``plgpu``)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def is_gpu_interpret(interpret) -> bool:
+    """Whether ``interpret`` asks for the Mosaic GPU interpreter (runs this file's wgmma kernel on CPU)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return isinstance(interpret, InterpretGPUParams)
+
+
+def _smem(shape, dtype):
+    """A 2-D shared-memory tile laid out for TMA and wgmma: 128-byte swizzle, tiles of (8, 128 bytes)."""
+    minor = 128 // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
+
+
+def _mm(a_ref, b_ref, shape):
+    """``a @ b`` of two shared-memory refs by wgmma into a fresh float32 accumulator; returns the value."""
+    def body(acc):
+        plgpu.wgmma(acc, a_ref, b_ref)
+        return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, rep: int = 1, out_dtype=jnp.bfloat16,
+                 interpret=None):
+    """Scalar-gate chunked scan, forward.
+
+    Args:
+      q: ``[B, T, G, Dk]`` bfloat16 (queries; SSD's C). kt: ``[B, G, Dk, T]`` bfloat16 (keys transposed; SSD's B).
+        Head ``h`` reads group ``h // rep``.
+      v: ``[B, T, H, Dv]`` bfloat16 (SSD's dt*x).
+      b: ``[B, H, T]`` float32 chunk-local cumulative log-gates (non-increasing within each chunk, <= 0).
+      eb: ``exp(b)``; ek: ``exp(b_C - b)`` (``b_C`` the chunk's last value), both ``[B, H, T]`` float32.
+      sdec: ``[B, H, T // chunk, Dk]`` float32, ``exp(b_C)`` of each chunk broadcast over Dk.
+      s0: ``[B, H, Dk, Dv]`` float32 initial state.
+      chunk: C, a multiple of 64 dividing T. block_dv: Dv columns per CTA (multiple of 64, divides Dv).
+      out_dtype: dtype of ``o`` (bfloat16 or float32).
+    Returns:
+      ``(o [B, T, H, Dv] out_dtype, S [B, H, Dk, Dv] float32)``.
+    """
+    bsz, t_len, groups, dk = q.shape
+    heads, dv = v.shape[2], v.shape[3]
+    n = t_len // chunk
+    nv = dv // block_dv
+    c, dvb = chunk, block_dv
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    # Register layouts are a lowering annotation with identity semantics; the Mosaic GPU interpreter of jax 0.10.2
+    # has no rule for ``layout_cast`` (nor layout-annotated iotas), so interpret mode leaves them out.
+    lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast
+    iota = ((lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)) if interpret is not None
+            else (lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=WG)))
+
+    def body(q_ref, kt_ref, v_ref, b_ref, eb_ref, ek_ref, sd_ref, s0_ref, o_ref, sf_ref,
+             q_s, kt_s, v_s, vd_s, p_s, s16_s, s32_s, o_s, b_s, eb_s, ek_s, sd_s, bars):
+        bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        gi = lax.div(hi, jnp.int32(rep))
+        cols = pl.ds(vi * dvb, dvb)
+
+        plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], s32_s, bars.at[0])
+        plgpu.barrier_wait(bars.at[0])
+        st = lc(s32_s[...], WG)
+
+        def step(ci, st):
+            rows = pl.ds(ci * c, c)
+            copies = ((q_ref.at[bi, rows, gi, :], q_s), (kt_ref.at[bi, gi, :, rows], kt_s),
+                      (v_ref.at[bi, rows, hi, cols], v_s), (b_ref.at[bi, hi, rows], b_s),
+                      (eb_ref.at[bi, hi, rows], eb_s), (ek_ref.at[bi, hi, rows], ek_s),
+                      (sd_ref.at[bi, hi, ci, :], sd_s))
+            for i, (src, dst) in enumerate(copies):
+                plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+            for i in range(len(copies)):
+                plgpu.barrier_wait(bars.at[i])
+            # the state entering the chunk, rounded for the Q S wgmma
+            s16_s[...] = st.astype(bf16)
+            # intra-chunk scores with the causal decay mask
+            scores = _mm(q_s, kt_s, (c, c))
+            bt = lc(b_s[...], ROW)
+            bs = lc(b_s[...], COL)
+            diff = lax.broadcast_in_dim(bt, (c, c), [0]) - lax.broadcast_in_dim(bs, (c, c), [1])
+            r_id, c_id = iota(0), iota(1)
+            # where(): the exponent is <= 0 on the kept (t >= s) half; the other half is never exponentiated usefully
+            p = jnp.where(r_id >= c_id, scores * jnp.exp(jnp.minimum(diff, 0.0)), 0.0)
+            p_s[...] = p.astype(bf16)
+            # values decayed to the end of the chunk, for the state update
+            ekv = lc(ek_s[...], ROW)
+            vd = v_s[...].astype(f32) * lax.broadcast_in_dim(ekv, (c, dvb), [0])
+            vd_s[...] = vd.astype(bf16)
+            plgpu.commit_smem()  # register -> shared-memory stores visible to wgmma
+            inter = _mm(q_s, s16_s, (c, dvb))
+            intra = _mm(p_s, v_s, (c, dvb))
+            ebv = lc(eb_s[...], ROW)
+            out = inter * lax.broadcast_in_dim(ebv, (c, dvb), [0]) + intra
+            o_s[...] = out.astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, rows, hi, cols])
+            upd = _mm(kt_s, vd_s, (dk, dvb))
+            sdv = lc(sd_s[...], ROW)
+            st = st * lax.broadcast_in_dim(sdv, (dk, dvb), [0]) + upd
+            plgpu.wait_smem_to_gmem(0)  # o_s is rewritten by the next chunk
+            return st
+
+        st = lax.fori_loop(0, n, step, st)
+        s32_s[...] = st
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s32_s, sf_ref.at[bi, hi, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _smem((c, dk), bf16),  # q
+        _smem((dk, c), bf16),  # k^T
+        _smem((c, dvb), bf16),  # v
+        _smem((c, dvb), bf16),  # decayed v
+        _smem((c, c), bf16),  # P
+        _smem((dk, dvb), bf16),  # state, bf16 copy
+        _smem((dk, dvb), f32),  # state, f32 (initial / final)
+        _smem((c, dvb), out_dtype),  # output tile
+        plgpu.SMEM((c,), f32), plgpu.SMEM((c,), f32), plgpu.SMEM((c,), f32), plgpu.SMEM((dk,), f32),
+        plgpu.Barrier(num_barriers=7),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype), jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
+        scratch_types=scratch,
+        grid=(bsz, heads, nv),
+        grid_names=("b", "h", "v"),
+        interpret=interpret,
+        kernel_name="ssd_scan_fwd_wgmma",
+    )
+    return kernel(q, kt, v, b, eb, ek, sdec, s0)
+
+
+def tpu_body_scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk, out_dtype, interpret):
+    """The TPU kernel body under Mosaic GPU compiler params (same contract as ``tpu.scan_call``). Does not lower in
+    jax 0.10.2 (shared-memory overflow at the paper's shape); kept only to reproduce that failure."""
     params = plgpu.CompilerParams(dimension_semantics=("parallel", "parallel", "sequential"))
     return tpu.scan_call(q, k, v, b, brow, st0, layout=layout, scale=scale, chunk=chunk, sub_chunk=sub_chunk,
                          out_dtype=out_dtype, interpret=interpret, params=params)
+
+
+scan_call = tpu_body_scan_call  # the name op.py used for the GPU family (interpret-mode runs of the TPU body)
+
+
+
+def _prep_gates(g, chunk):
+    """g: ``[B, T, H]`` raw scalar log-gates (T a multiple of chunk) -> the kernel's float32 gate operands."""
+    bsz, t_len, heads = g.shape
+    b = jnp.cumsum(jnp.swapaxes(g.astype(jnp.float32), 1, 2).reshape(bsz, heads, t_len // chunk, chunk), axis=-1)
+    b_last = b[..., -1:]
+    flat = lambda a: a.reshape(bsz, heads, t_len)
+    return flat(b), flat(jnp.exp(b)), flat(jnp.exp(b_last - b)), jnp.exp(b_last)  # last: [B, H, n, 1]
+
+
+def _scalar_scan_xla(q, k, v, g, s0, chunk):
+    """The same scan on the XLA chunked path (``reference.scan_xla``), float32: the backward of the GPU op."""
+    rep = v.shape[2] // q.shape[2]
+    hm = lambda a: jnp.swapaxes(jnp.repeat(a, rep, axis=2) if a.shape[2] != v.shape[2] else a, 1, 2)
+    b = reference.chunk_cumsum(jnp.swapaxes(g, 1, 2)[..., None], chunk)
+    o, st = reference.scan_xla(hm(q.astype(jnp.float32)), hm(k.astype(jnp.float32)), hm(v.astype(jnp.float32)), b,
+                               jnp.swapaxes(s0, 2, 3), scale=1.0, chunk=chunk, sub_chunk=chunk)
+    return jnp.swapaxes(o, 1, 2), jnp.swapaxes(st, 2, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def scalar_scan(q, k, v, g, s0, chunk, block_dv, interpret):
+    """Scalar-gate scan ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t`` on the wgmma kernel.
+
+    q, k: ``[B, T, G, Dk]`` (head h uses group ``h // (H/G)``); v: ``[B, T, H, Dv]``; g: ``[B, T, H]`` float32 raw
+    log-gates; s0: ``[B, H, Dk, Dv]`` float32. T a multiple of ``chunk``. Returns ``(o [B, T, H, Dv] in v.dtype
+    (bfloat16 or float32; the matmuls are bfloat16 either way), S [B, H, Dk, Dv] float32)``. The backward is ``jax.vjp`` of the XLA chunked path (no GPU backward kernel).
+    """
+    b, eb, ek, last = _prep_gates(g, chunk)
+    bsz, heads, n = last.shape[:3]
+    sdec = jnp.broadcast_to(last, (bsz, heads, n, q.shape[-1]))
+    kt = jnp.swapaxes(jnp.swapaxes(k.astype(jnp.bfloat16), 1, 2), 2, 3)  # [B, G, Dk, T]
+    return ssd_scan_fwd(q.astype(jnp.bfloat16), kt, v.astype(jnp.bfloat16), b, eb, ek, sdec, s0, chunk=chunk,
+                        block_dv=block_dv, rep=v.shape[2] // q.shape[2],
+                        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+
+
+def _scalar_scan_fwd(q, k, v, g, s0, chunk, block_dv, interpret):
+    return scalar_scan(q, k, v, g, s0, chunk, block_dv, interpret), (q, k, v, g, s0)
+
+
+def _scalar_scan_bwd(chunk, block_dv, interpret, res, cts):
+    q, k, v, g, s0 = res
+    _, vjp = jax.vjp(lambda *a: _scalar_scan_xla(*a, chunk), q, k, v, g, s0)
+    grads = vjp(tuple(ct.astype(jnp.float32) for ct in cts))
+    return tuple(d.astype(a.dtype) for d, a in zip(grads, res))
+
+
+scalar_scan.defvjp(_scalar_scan_fwd, _scalar_scan_bwd)
+
+
+def check_supported(chunk, dk, dv, block_dv):
+    """Raises ``NotImplementedError`` naming the constraint when the wgmma kernel cannot take these sizes."""
+    if chunk % 64 or chunk < 64:
+        raise NotImplementedError(f"Mosaic GPU scan: chunk_size must be a positive multiple of 64 (the wgmma M "
+                                  f"tile), got {chunk}")
+    if dk % 64:
+        raise NotImplementedError(f"Mosaic GPU scan: Dk (SSD's N) must be a multiple of 64, got {dk}")
+    if block_dv % 64 or dv % block_dv:
+        raise NotImplementedError(f"Mosaic GPU scan: Dv (SSD's P) must be a multiple of block_dv={block_dv} "
+                                  f"(itself a multiple of 64), got {dv}")
+
+
+def ssd_gpu(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, block_dv: int = 64,
+            interpret=None):
+    """Mamba2 SSD forward on the Mosaic GPU wgmma kernel (same semantics as ``pallas_kernels.linear_scan.ssd``).
+
+    Args:
+      x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (> 0); A: ``[heads]`` (< 0);
+      B, C: ``[batch, time, groups, N]`` (``heads % groups == 0``); D: optional ``[heads]``;
+      initial_state: optional ``[batch, heads, P, N]``.
+      chunk_size: tokens per chunk, a multiple of 64 (the wgmma M tile). block_dv: P columns per CTA.
+      interpret: None (compile for the GPU) or ``interpret_params()`` (Mosaic GPU interpreter on CPU).
+    Returns:
+      ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``. Forward only (no VJP).
+
+    Requirements (checked): N % 64 == 0, P % block_dv == 0, block_dv % 64 == 0, chunk_size % 64 == 0.
+    """
+    bsz, t_len, heads, p = x.shape
+    n_state = B.shape[3]
+    if heads % B.shape[2]:
+        raise ValueError(f"ssd_gpu: heads={heads} must be a multiple of groups={B.shape[2]}")
+    check_supported(chunk_size, n_state, p, block_dv)
+    c = chunk_size
+    tp = -(-t_len // c) * c
+    f32 = jnp.float32
+    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
+    dtf = pad_t(dt.astype(f32))  # padded tokens: dt = 0 -> v = 0 and gate 0, the state is unchanged
+    v = (dtf[..., None] * pad_t(x.astype(f32))).astype(jnp.bfloat16)
+    s0 = (jnp.zeros((bsz, heads, n_state, p), f32) if initial_state is None
+          else jnp.swapaxes(initial_state.astype(f32), 2, 3))  # the kernel's S [Dk, Dv] = [N, P] is h^T
+    o, sf = scalar_scan(pad_t(C), pad_t(B), v, dtf * A.astype(f32), s0, c, block_dv, interpret)
+    y = o[:, :t_len].astype(f32)
+    if D is not None:
+        y = y + D.astype(f32)[:, None] * x.astype(f32)
+    return y.astype(x.dtype), jnp.swapaxes(sf, 2, 3)

@@ -58,22 +58,34 @@ def test_scan_lowers_on_tpu(layout):
     _export(_grad(fs, 5), SSD_ARGS, "tpu")
 
 
-def test_scan_on_gpu_raises_a_clear_error():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_ssd_lowers_on_gpu(dtype):
+    """The Mosaic GPU wgmma scalar-gate kernel. Its backward is XLA (no GPU backward kernel): value_and_grad is
+    exported so that the program holds the forward kernel and the XLA backward (plain grad would drop the
+    forward kernel, whose output it does not need)."""
+    args = tuple(S(a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype) for a in SSD_ARGS)
+    fs = lambda *a: ssd(*a, chunk_size=64, backend="gpu")[0]
+    _export(fs, args, "gpu")
+    _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu")
+
+
+def test_gla_on_gpu_raises_a_clear_error():
     q = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(NotImplementedError, match="no Mosaic GPU scan kernel"):
+    with pytest.raises(NotImplementedError, match="no Mosaic GPU scan kernel for vector"):
         gla(q, q, q, q, backend="gpu")
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
                    reason="Mosaic GPU: 'kernel exceeds available shared memory' (docs/kernels.md)")
-def test_scan_gpu_body_does_not_lower_yet():
-    """Keeps the recorded failure reproducible: the TPU body under Mosaic GPU compiler params, paper shapes."""
+def test_scan_tpu_body_does_not_lower_on_gpu():
+    """Keeps the recorded failure reproducible: the TPU body (GLA vector gates) under Mosaic GPU compiler params,
+    paper shapes. GLA has no GPU kernel; see docs/kernels.md."""
     from pallas_kernels.linear_scan import gpu
     from pallas_kernels.linear_scan.tpu import ScanLayout
 
     def fn(q, k, v, b):
         tr = lambda a: jnp.swapaxes(a, 1, 2)
-        return gpu.scan_call(tr(q), tr(k), tr(v), tr(b), None, None, layout=ScanLayout("head", 16, 128, 256),
-                             scale=1.0, chunk=64, sub_chunk=16, out_dtype=jnp.bfloat16, interpret=False)[0]
+        return gpu.tpu_body_scan_call(tr(q), tr(k), tr(v), tr(b), None, None, layout=ScanLayout("head", 16, 128, 256),
+                                      scale=1.0, chunk=64, sub_chunk=16, out_dtype=jnp.bfloat16, interpret=False)[0]
 
     _export(fn, GLA_ARGS, "gpu")
