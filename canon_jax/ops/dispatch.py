@@ -66,8 +66,10 @@ def linear_scan(impl, op_name, *args, **kw):
     ``op_name="gla"``: ``args = (q, k, v, log_gate)``, keywords ``scale``, ``initial_state``, ``chunk_size``;
     ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
     Returns ``(out, final_state)`` exactly like ``pallas_kernels.linear_scan.gla`` / ``ssd``, or ``None``.
-    ``impl="auto"`` uses the kernel only on TPU: the Mosaic GPU scan does not lower yet (docs/kernels.md);
-    ``impl="pallas"`` on GPU raises ``NotImplementedError`` saying so.
+    ``impl="auto"`` uses the kernel only on TPU. On GPU, ``impl="pallas"`` is the explicit opt-in to the Mosaic GPU
+    wgmma kernel, which exists for ``ssd`` (scalar gates) only: it lowers and is value-checked in the Mosaic GPU
+    interpreter but has never been compiled or run on a GPU (docs/kernels.md), hence not "auto"; ``gla`` with
+    ``impl="pallas"`` on GPU raises ``NotImplementedError``.
     """
     if op_name not in LINEAR_SCAN_OPS:
         raise ValueError(f"linear_scan: unknown op {op_name!r}; choose one of {LINEAR_SCAN_OPS}")

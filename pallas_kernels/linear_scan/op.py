@@ -9,9 +9,10 @@ Forward: the Pallas scan kernel; it saves only its inputs. Backward (TPU kernels
 3. XLA turns the cumulative-gate gradient into the raw-gate gradient (reverse cumulative sum inside each chunk) and
    sums the q/k gradients of heads that share a group.
 
-The Mosaic GPU family has no working kernels for the scan yet (docs/kernels.md); its backward is ``jax.vjp`` of
-``reference.scan_xla`` (the same chunk math with ``lax.scan``, head-major layout), so interpret-mode runs of it
-stay exact.
+This op serves the TPU kernels and interpret-mode runs of their body. The compiled Mosaic GPU scan (scalar gates
+only) is a different kernel with its own custom VJP, ``gpu.scalar_scan`` (docs/kernels.md); here the non-TPU
+backward is ``jax.vjp`` of ``reference.scan_xla`` (the same chunk math with ``lax.scan``, head-major layout), so
+interpret-mode runs stay exact.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.linear_scan import gla, gpu, ssd, ssd_reference
 
@@ -40,8 +43,11 @@ def test_ssd_gpu_kernel_values(case):
     x, dt, a, bm, cm, d, h0 = _inputs(0, b, t, h, p, grp, n, dtype)
     h0 = h0 if use_state else None
     bs = BlockSizes(block_dv=bdv)
+    # detect_races: the interpreter's race detector over shared-memory accesses (TMA copies, loads, stores)
+    params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
     y, hf = ssd(x, dt, a, bm, cm, d, initial_state=h0, chunk_size=chunk, block_sizes=bs, backend="gpu",
-                interpret=gpu.interpret_params())
+                interpret=params)
+    assert not get_races().races_found
     chex.assert_shape(y, (b, t, h, p))
     chex.assert_shape(hf, (b, h, p, n))
     assert y.dtype == dtype and hf.dtype == jnp.float32
