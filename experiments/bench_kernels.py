@@ -106,6 +106,13 @@ def bench_scan(accel, reps):
         paths = {"xla chunked": xla_chunked, "dot_product_attention": attention}
         if accel and accelerator_backend() == "tpu":
             paths["pallas"] = lambda q, k, v, g: gla_kernel(q, k, v, g, chunk_size=chunk)[0]
+        if accel and accelerator_backend() == "gpu":
+            # The Mosaic GPU kernel covers scalar gates only (SSD): same shapes, one gate per (token, head).
+            from pallas_kernels.linear_scan import gpu as scan_gpu
+
+            paths["pallas, scalar gates (Mosaic GPU wgmma; unverified on hardware)"] = (
+                lambda q, k, v, g: scan_gpu.scalar_scan(q, k, v, g[..., 0], jnp.zeros((b, h, dk, dv), jnp.float32),
+                                                        chunk, 64, None)[0])
         flops = _scan_flops(b, t, h, dk, dv, chunk)
         for name, fn in paths.items():
             t_f = _time(jax.jit(fn), q, k, v, g, reps=reps)
