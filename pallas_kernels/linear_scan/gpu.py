@@ -14,8 +14,9 @@ Every exponent is a non-positive difference (``b`` is non-increasing down a chun
 shared-memory view: both the ``Q K^T`` right operand and the ``K^T V`` left operand are plain ``[Dk, C]`` tiles.
 The gate factors ``exp(b)``, ``exp(b_C - b)`` and ``exp(b_C)`` are also XLA-side (float32 vectors, tiny).
 
-Everything goes through shared memory by TMA (``copy_gmem_to_smem``) and is single-buffered: this is a first,
-correct-by-construction kernel, not a tuned one (no copy/compute overlap, one warpgroup per CTA).
+Everything goes through shared memory by TMA (``copy_gmem_to_smem``); the chunk operands are double-buffered (the
+copies of chunk ``c + 1`` are issued before chunk ``c`` is computed). Otherwise untuned: one warpgroup per CTA,
+synchronous wgmma, the output tile's store is waited for at every chunk.
 
 Status (jax 0.10.2, no GPU in the session that wrote it): lowers with ``jax.export(..., platforms=["cuda"])`` at the
 paper's shape; values checked in Mosaic GPU interpret mode (``InterpretGPUParams``) against float64 references at
@@ -100,24 +101,39 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
 
     def body(q_ref, kt_ref, v_ref, b_ref, eb_ref, ek_ref, sd_ref, s0_ref, o_ref, sf_ref,
              q_s, kt_s, v_s, vd_s, p_s, s16_s, s32_s, o_s, b_s, eb_s, ek_s, sd_s, bars):
+        bufs = (q_s, kt_s, v_s, b_s, eb_s, ek_s, sd_s)  # double-buffered: [2, ...]
         bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         gi = lax.div(hi, jnp.int32(rep))
         cols = pl.ds(vi * dvb, dvb)
 
-        plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], s32_s, bars.at[0])
-        plgpu.barrier_wait(bars.at[0])
-        st = lc(s32_s[...], WG)
+        n_in = 7  # operands copied per chunk
 
-        def step(ci, st):
+        def issue(ci, slot):
+            """Starts the TMA copies of chunk ``ci`` into buffer ``slot`` (one barrier per operand and slot)."""
             rows = pl.ds(ci * c, c)
             copies = ((q_ref.at[bi, rows, gi, :], q_s), (kt_ref.at[bi, gi, :, rows], kt_s),
                       (v_ref.at[bi, rows, hi, cols], v_s), (b_ref.at[bi, hi, rows], b_s),
                       (eb_ref.at[bi, hi, rows], eb_s), (ek_ref.at[bi, hi, rows], ek_s),
                       (sd_ref.at[bi, hi, ci, :], sd_s))
             for i, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-            for i in range(len(copies)):
-                plgpu.barrier_wait(bars.at[i])
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + i])
+
+        plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], s32_s, bars.at[2 * n_in])
+        issue(0, 0)
+        plgpu.barrier_wait(bars.at[2 * n_in])
+        st = lc(s32_s[...], WG)
+
+        def step(ci, st):
+            rows = pl.ds(ci * c, c)
+            slot = lax.rem(ci, 2)
+
+            @pl.when(ci + 1 < n)
+            def _prefetch():  # the other buffer was last read by chunk ci - 1, whose matmuls are all finished
+                issue(ci + 1, 1 - slot)
+
+            for i in range(n_in):
+                plgpu.barrier_wait(bars.at[slot * n_in + i])
+            q_s, kt_s, v_s, b_s, eb_s, ek_s, sd_s = (r.at[slot] for r in bufs)
             # the state entering the chunk, rounded for the Q S wgmma
             s16_s[...] = st.astype(bf16)
             # intra-chunk scores with the causal decay mask
@@ -154,16 +170,16 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _smem((c, dk), bf16),  # q
-        _smem((dk, c), bf16),  # k^T
-        _smem((c, dvb), bf16),  # v
+        _smem((2, c, dk), bf16),  # q (two buffers: chunk ci + 1 is copied in while chunk ci is computed)
+        _smem((2, dk, c), bf16),  # k^T
+        _smem((2, c, dvb), bf16),  # v
         _smem((c, dvb), bf16),  # decayed v
         _smem((c, c), bf16),  # P
         _smem((dk, dvb), bf16),  # state, bf16 copy
         _smem((dk, dvb), f32),  # state, f32 (initial / final)
         _smem((c, dvb), out_dtype),  # output tile
-        plgpu.SMEM((c,), f32), plgpu.SMEM((c,), f32), plgpu.SMEM((c,), f32), plgpu.SMEM((dk,), f32),
-        plgpu.Barrier(num_barriers=7),
+        plgpu.SMEM((2, c), f32), plgpu.SMEM((2, c), f32), plgpu.SMEM((2, c), f32), plgpu.SMEM((2, dk), f32),
+        plgpu.Barrier(num_barriers=2 * 7 + 1),
     ]
     kernel = plgpu.kernel(
         body,
