@@ -110,7 +110,8 @@ def bench_scan(accel, reps):
             # The Mosaic GPU kernel covers scalar gates only (SSD): same shapes, one gate per (token, head).
             from pallas_kernels.linear_scan import gpu as scan_gpu
 
-            paths["pallas, scalar gates (Mosaic GPU wgmma; unverified on hardware)"] = (
+            # fwd+bwd of this path is the XLA backward alone: jax.grad does not need the kernel's output and drops it.
+            paths["pallas, scalar gates (Mosaic GPU wgmma; unverified on hardware; bwd = XLA)"] = (
                 lambda q, k, v, g: scan_gpu.scalar_scan(q, k, v, g[..., 0], jnp.zeros((b, h, dk, dv), jnp.float32),
                                                         chunk, 64, None)[0])
         flops = _scan_flops(b, t, h, dk, dv, chunk)

@@ -266,37 +266,3 @@ def check_supported(chunk, dk, dv, block_dv):
         raise NotImplementedError(f"Mosaic GPU scan: Dv (SSD's P) must be a multiple of block_dv={block_dv} "
                                   f"(itself a multiple of 64), got {dv}")
 
-
-def ssd_gpu(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, block_dv: int = 64,
-            interpret=None):
-    """Mamba2 SSD forward on the Mosaic GPU wgmma kernel (same semantics as ``pallas_kernels.linear_scan.ssd``).
-
-    Args:
-      x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (> 0); A: ``[heads]`` (< 0);
-      B, C: ``[batch, time, groups, N]`` (``heads % groups == 0``); D: optional ``[heads]``;
-      initial_state: optional ``[batch, heads, P, N]``.
-      chunk_size: tokens per chunk, a multiple of 64 (the wgmma M tile). block_dv: P columns per CTA.
-      interpret: None (compile for the GPU) or ``interpret_params()`` (Mosaic GPU interpreter on CPU).
-    Returns:
-      ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``. Forward only (no VJP).
-
-    Requirements (checked): N % 64 == 0, P % block_dv == 0, block_dv % 64 == 0, chunk_size % 64 == 0.
-    """
-    bsz, t_len, heads, p = x.shape
-    n_state = B.shape[3]
-    if heads % B.shape[2]:
-        raise ValueError(f"ssd_gpu: heads={heads} must be a multiple of groups={B.shape[2]}")
-    check_supported(chunk_size, n_state, p, block_dv)
-    c = chunk_size
-    tp = -(-t_len // c) * c
-    f32 = jnp.float32
-    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    dtf = pad_t(dt.astype(f32))  # padded tokens: dt = 0 -> v = 0 and gate 0, the state is unchanged
-    v = (dtf[..., None] * pad_t(x.astype(f32))).astype(jnp.bfloat16)
-    s0 = (jnp.zeros((bsz, heads, n_state, p), f32) if initial_state is None
-          else jnp.swapaxes(initial_state.astype(f32), 2, 3))  # the kernel's S [Dk, Dv] = [N, P] is h^T
-    o, sf = scalar_scan(pad_t(C), pad_t(B), v, dtf * A.astype(f32), s0, c, block_dv, interpret)
-    y = o[:, :t_len].astype(f32)
-    if D is not None:
-        y = y + D.astype(f32)[:, None] * x.astype(f32)
-    return y.astype(x.dtype), jnp.swapaxes(sf, 2, 3)
