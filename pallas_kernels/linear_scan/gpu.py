@@ -146,7 +146,8 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
             bs = lc(b_s[...], COL)
             diff = lax.broadcast_in_dim(bt, (c, c), [0]) - lax.broadcast_in_dim(bs, (c, c), [1])
             r_id, c_id = iota(0), iota(1)
-            # where(): the exponent is <= 0 on the kept (t >= s) half; the other half is never exponentiated usefully
+            # kept entries (t >= s) have diff <= 0; the masked ones (t < s) would be positive, so minimum() keeps the
+            # exp finite before where() drops them
             p = jnp.where(r_id >= c_id, scores * jnp.exp(jnp.minimum(diff, 0.0)), 0.0)
             p_s[...] = p.astype(bf16)
             # values decayed to the end of the chunk, for the state update
@@ -187,7 +188,8 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
     ]
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype), jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
+        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
+                  jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
         scratch_types=scratch,
         grid=(bsz, heads, nv),
         grid_names=("b", "h", "v"),
@@ -206,7 +208,6 @@ def tpu_body_scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk
 
 
 scan_call = tpu_body_scan_call  # the name op.py used for the GPU family (interpret-mode runs of the TPU body)
-
 
 
 def _prep_gates(g, chunk):
@@ -234,7 +235,8 @@ def scalar_scan(q, k, v, g, s0, chunk, block_dv, interpret):
 
     q, k: ``[B, T, G, Dk]`` (head h uses group ``h // (H/G)``); v: ``[B, T, H, Dv]``; g: ``[B, T, H]`` float32 raw
     log-gates; s0: ``[B, H, Dk, Dv]`` float32. T a multiple of ``chunk``. Returns ``(o [B, T, H, Dv] in v.dtype
-    (bfloat16 or float32; the matmuls are bfloat16 either way), S [B, H, Dk, Dv] float32)``. The backward is ``jax.vjp`` of the XLA chunked path (no GPU backward kernel).
+    (bfloat16 or float32; the matmuls are bfloat16 either way), S [B, H, Dk, Dv] float32)``. The backward is
+    ``jax.vjp`` of the XLA chunked path (no GPU backward kernel).
     """
     b, eb, ek, last = _prep_gates(g, chunk)
     bsz, heads, n = last.shape[:3]

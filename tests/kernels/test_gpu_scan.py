@@ -32,7 +32,8 @@ def _inputs(seed, b, t, h, p, g, n, dtype):
 
 # (batch, T, heads, P, groups, N, chunk, block_dv, initial state, dtype)
 CASES = [
-    (1, 150, 2, 128, 1, 64, 64, 64, True, jnp.float32),   # 3 chunks (buffer reuse), T % chunk != 0, 2 Dv blocks, 2 heads/group
+    # 3 chunks (both buffers reused), T % chunk != 0, 2 Dv blocks, 2 heads per group
+    (1, 150, 2, 128, 1, 64, 64, 64, True, jnp.float32),
     (1, 64, 2, 64, 2, 128, 64, 64, False, jnp.bfloat16),  # one chunk, a group per head, Dk = 128
 ]
 
