@@ -216,7 +216,8 @@ def hf_state_dict_from_params(config: ModelConfig, params) -> dict:
     flat = flatten_dict(nn.unbox(params))
     out = {}
     for hf_name, (path, kind) in _global_map(config).items():
-        out[hf_name] = _to_hf(np.asarray(flat[path], np.float32), kind)
+        # safetensors writes the raw buffer: a transposed view must be made contiguous first
+        out[hf_name] = np.ascontiguousarray(_to_hf(np.asarray(flat[path], np.float32), kind))
     for i in range(config.num_layers):
         for name, (path, kind) in _layer_map(config).items():
             a = flat[("layers",) + path][i] if config.scan_layers else flat[(f"layers_{i}",) + path]
