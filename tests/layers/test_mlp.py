@@ -1,0 +1,33 @@
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from canon_jax.config import ModelConfig
+from canon_jax.layers.mlp import MLP
+
+
+@pytest.mark.parametrize("canon", ["", "D"])
+def test_fused_and_separate_projections_compute_the_same(canon):
+    cfg = ModelConfig(hidden_size=16, num_heads=2, intermediate_size=24, canon_set=canon)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 16)), jnp.float32)
+    sep = nn.unbox(MLP(cfg).init(jax.random.key(0), x)["params"])
+    y = MLP(cfg).apply({"params": sep}, x)
+    chex.assert_shape(y, (2, 6, 16))
+    fused = {k: v for k, v in sep.items() if k not in ("gate_proj", "up_proj")}
+    fused["both_proj"] = {"kernel": jnp.concatenate([sep["gate_proj"]["kernel"], sep["up_proj"]["kernel"]], 1)}
+    np.testing.assert_allclose(np.asarray(MLP(cfg, fused=True).apply({"params": fused}, x)), np.asarray(y), atol=1e-6)
+    # float64 reference: W2(SiLU(g) * u), with Canon-D on concat(g, u)
+    xs = np.asarray(x, np.float64)
+    g = xs @ np.asarray(sep["gate_proj"]["kernel"], np.float64)
+    u = xs @ np.asarray(sep["up_proj"]["kernel"], np.float64)
+    if canon:
+        w = np.asarray(sep["canon_d"]["kernel"], np.float64)  # [K, 48]
+        gu = np.concatenate([g, u], -1)
+        conv = sum(w[j] * np.pad(gu, ((0, 0), (3 - j, 0), (0, 0)))[:, :6] for j in range(4))
+        gu = gu + conv
+        g, u = gu[..., :24], gu[..., 24:]
+    ref = (g / (1 + np.exp(-g)) * u) @ np.asarray(sep["down_proj"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
