@@ -101,8 +101,8 @@ def make_split_canon(config: ModelConfig, channel_axis: str, name: str) -> Split
 class Kernel(nn.Module):
     """Holds one projection weight ``kernel: [in, out]`` (same param path as ``nn.Dense(name=...)``) and returns it.
 
-    Used so that several projections of the same input (q|k|v, gate|up) run as one matmul on the concatenated
-    kernels: one bigger GEMM, and the Canon-B/D input comes out contiguous with no activation concat.
+    Lets a layer use the raw weight, e.g. split the fused ``both_proj`` into its gate and up halves so that each half
+    is its own GEMM feeding :class:`SplitCanon` (no ``[batch, time, 2 * ffn]`` activation to slice).
     """
 
     shape: tuple
@@ -116,7 +116,7 @@ class Kernel(nn.Module):
 
 
 def fused_projection(x, kernels, dtype):
-    """``x: [..., in]`` times ``concat(kernels, axis=1)`` -> ``[..., sum(out)]`` in ``dtype``."""
+    """``x: [..., in]`` times ``concat(kernels, axis=1)`` -> ``[..., sum(out)]`` in ``dtype`` (one GEMM)."""
     w = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
     return jnp.dot(x.astype(dtype), w.astype(dtype))
 
