@@ -54,8 +54,8 @@ def _full_recompute_greedy(model, params, prompt, n, mask=None):
 
 
 @pytest.mark.parametrize("kw", [dict(canon_set="ABCD", rope_dim=4, qk_norm=True),
-                                dict(canon_set="ABCD", canon_kernel=3, canon_activation=True, scan_layers=True, remat="full",
-                                     tie_embeddings=True, rope_version="lingua")])
+                                dict(canon_set="ABCD", canon_kernel=3, canon_activation=True, scan_layers=True,
+                                     remat="full", tie_embeddings=True, rope_version="lingua")])
 def test_cache_equals_full_recomputation(kw):
     config = ModelConfig(vocab_size=53, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=48, **kw)
