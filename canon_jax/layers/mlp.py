@@ -60,7 +60,8 @@ class SplitCanon(nn.Module):
     def __call__(self, parts, *, segment_ids=None, decode: bool = False):
         widths = [p.shape[-1] for p in parts]
         total = sum(widths)
-        weight = self.param("kernel", nn.with_logical_partitioning(canon_kernel_init, ("conv_kernel", self.channel_axis)),
+        axes = ("conv_kernel", self.channel_axis)
+        weight = self.param("kernel", nn.with_logical_partitioning(canon_kernel_init, axes),
                             (self.kernel_size, total), self.param_dtype)
         bias = None
         if self.use_bias:
