@@ -88,36 +88,35 @@ def jit_apply(mixer):
     return jax.jit(mixer.apply, static_argnames=("decode", "mutable"))
 
 
-def check_decode(mixer, variables, x, tol=1e-4):
-    """Prefill 7 tokens, then 3 single steps, then a 4-token chunk, then single steps: == the full forward."""
+def check_decode_and_token_mask(mixer, variables, x, n_pad=3, prefill=10, tol=1e-4):
+    """(1) Prefill ``prefill`` tokens, then single steps == the full forward.
+    (2) Left padding (masked garbage tokens) does not change the valid tokens' outputs, in the full forward and
+    through the decode path (prefill with the padded prompt, then one step).
+    Shapes are shared between the cases (an all-True mask where none is needed; outputs are causal, so a prefix of
+    the full forward is the forward of the prefix) to keep the number of compilations at four."""
     apply = jit_apply(mixer)
-    full = apply(variables, x)
-    cache = init(mixer, x[:, :1], decode=True)["cache"]
-    outs, pos = [], 0
-    for n in [7, 1, 1, 1, 4] + [1] * (x.shape[1] - 14):
-        y, mut = apply({**variables, "cache": cache}, x[:, pos:pos + n], decode=True, mutable=("cache",))
-        cache, pos = mut["cache"], pos + n
+    b, t = x.shape[:2]
+    ones = jnp.ones((b, t), bool)
+    cache0 = init(mixer, x[:, :1], decode=True)["cache"]
+    full = apply(variables, x, token_mask=ones)
+    y, mut = apply({**variables, "cache": cache0}, x[:, :prefill], token_mask=ones[:, :prefill], decode=True,
+                   mutable=("cache",))
+    outs = [y]
+    for i in range(prefill, t):
+        y, mut = apply({**variables, "cache": mut["cache"]}, x[:, i:i + 1], decode=True, mutable=("cache",))
         outs.append(y)
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, rtol=tol, atol=tol)
 
-
-def check_token_mask(mixer, variables, x, n_pad=3, tol=1e-4):
-    """Left padding (masked garbage tokens) must not change the valid tokens' outputs."""
-    garbage = 5.0 * make_x(9, n_pad, x.shape[0])
-    xp = jnp.concatenate([garbage, x], 1)
-    mask = jnp.concatenate([jnp.zeros((x.shape[0], n_pad), bool), jnp.ones(x.shape[:2], bool)], 1)
-    apply = jit_apply(mixer)
-    ref = apply(variables, x)
+    xp = jnp.concatenate([5.0 * make_x(9, n_pad, b), x[:, :t - n_pad]], 1)  # garbage, then the first valid tokens
+    mask = jnp.concatenate([jnp.zeros((b, n_pad), bool), jnp.ones((b, t - n_pad), bool)], 1)
     out = apply(variables, xp, token_mask=mask)
     chex.assert_shape(out, xp.shape)
-    chex.assert_trees_all_close(out[:, n_pad:], ref, rtol=tol, atol=tol)
-    # and the same through the decode path (prefill with the padded prompt, then one step)
-    cache = init(mixer, xp[:, :1], decode=True)["cache"]
-    y, mut = apply({**variables, "cache": cache}, xp[:, :n_pad + 5], token_mask=mask[:, :n_pad + 5],
-                   decode=True, mutable=("cache",))
-    y2, _ = apply({**variables, "cache": mut["cache"]}, xp[:, n_pad + 5:n_pad + 6], decode=True,
-                  mutable=("cache",))
-    chex.assert_trees_all_close(jnp.concatenate([y[:, n_pad:], y2], 1), ref[:, :6], rtol=tol, atol=tol)
+    chex.assert_trees_all_close(out[:, n_pad:], full[:, :t - n_pad], rtol=tol, atol=tol)
+    y, mut = apply({**variables, "cache": cache0}, xp[:, :prefill], token_mask=mask[:, :prefill], decode=True,
+                   mutable=("cache",))
+    y2, _ = apply({**variables, "cache": mut["cache"]}, xp[:, prefill:prefill + 1], decode=True, mutable=("cache",))
+    chex.assert_trees_all_close(jnp.concatenate([y[:, n_pad:], y2], 1), full[:, :prefill + 1 - n_pad],
+                                rtol=tol, atol=tol)
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------------
@@ -126,7 +125,11 @@ def test_matches_numpy(canon_set):
     cfg = ModelConfig(arch="gla", hidden_size=D, num_heads=H, canon_set=canon_set, linear_chunk_size=16)
     mixer = GLAMixer(cfg)
     x = make_x()
-    variables = perturb(init(mixer, x))
+    variables = init(mixer, x)
+    if canon_set:
+        check_init_stats(nn.unbox(variables["params"]))
+        np.testing.assert_allclose(np.std(nn.unbox(variables["params"])["gk_proj"]["up"]), 0.02 ** 0.5 / 2, rtol=0.1)
+    variables = perturb(variables)
     y = jax.jit(mixer.apply)(variables, x)
     chex.assert_shape(y, (B, T, D))
     expected = gla_mixer_np(np_params(variables), cfg, np.asarray(x, np.float64))
@@ -138,14 +141,13 @@ def test_decode_and_token_mask():
     mixer = GLAMixer(cfg)
     x = make_x()
     variables = perturb(init(mixer, x))
-    check_decode(mixer, variables, x)
-    check_token_mask(mixer, variables, x)
+    check_decode_and_token_mask(mixer, variables, x)
 
 
-def test_init_and_param_shapes():
+def test_param_shapes():
     d, h = 256, 4
     cfg = ModelConfig(arch="gla", hidden_size=d, num_heads=h, canon_set="bB")
-    params = nn.unbox(jax.eval_shape(GLAMixer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4, d)))["params"])
+    params = nn.unbox(jax.eval_shape(GLAMixer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1, d)))["params"])
     shapes = jax.tree.map(lambda a: a.shape, params)
     assert shapes["q_proj"]["kernel"] == (d, d) and shapes["v_proj"]["kernel"] == (d, 2 * d)
     assert shapes["o_proj"]["kernel"] == (2 * d, d)
@@ -153,13 +155,18 @@ def test_init_and_param_shapes():
     assert shapes["g_proj"] == {"down": (d, 16), "up": (16, 2 * d), "bias": (2 * d,)}
     assert shapes["v_conv1d"]["kernel"] == (4, 2 * d) and shapes["canon_b"]["kernel"] == (4, 4 * d)
     assert shapes["o_norm"] == (2 * d // h,)
-    real = nn.unbox(init(GLAMixer(cfg), jnp.zeros((1, 1, d)))["params"])
-    np.testing.assert_allclose(np.std(real["q_proj"]["kernel"]), 0.02, rtol=0.05)
-    np.testing.assert_allclose(np.std(real["q_conv1d"]["kernel"]), 0.02, rtol=0.1)
-    np.testing.assert_allclose(np.std(real["gk_proj"]["down"]), 0.02 ** 0.5 / 2, rtol=0.05)  # zeyuan_split_init
-    np.testing.assert_allclose(np.std(real["g_proj"]["up"]), 0.02 ** 0.5 / 2, rtol=0.05)
-    assert np.all(real["o_norm"] == 1) and np.all(real["gk_proj"]["bias"] == 0)
+
+
+def check_init_stats(real):
+    """Init statistics at D = 32 (>= 1024 entries per matrix: the sample std is within ~2.2% per sigma)."""
+    np.testing.assert_allclose(np.std(real["q_proj"]["kernel"]), 0.02, rtol=0.1)
+    np.testing.assert_allclose(np.std(real["v_proj"]["kernel"]), 0.02, rtol=0.1)
+    np.testing.assert_allclose(np.std(real["v_conv1d"]["kernel"]), 0.02, rtol=0.1)
+    np.testing.assert_allclose(np.std(real["g_proj"]["up"]), 0.02 ** 0.5 / 2, rtol=0.1)  # zeyuan_split_init
+    np.testing.assert_allclose(np.std(real["g_proj"]["down"]), 0.02 ** 0.5 / 2, rtol=0.15)  # 512 entries
+    assert np.all(real["o_norm"] == 1) and np.all(real["g_proj"]["bias"] == 0)
     assert np.abs(real["canon_b"]["kernel"]).max() <= 0.5  # Kaiming-uniform U(-1/2, 1/2) for K = 4
+    assert np.std(real["canon_b"]["kernel"]) > 0.2  # ... and not N(0, 0.02)
 
 
 def test_bad_input():
