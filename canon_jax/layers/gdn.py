@@ -25,6 +25,14 @@ from canon_jax.layers.gla import _dense, check_linear_call, output_block, projec
 from canon_jax.layers.lowrank import mask_tokens, recurrent_cache
 from canon_jax.ops.gdn import gated_delta_rule, gated_delta_rule_step
 
+
+try:  # the mixer registry belongs to the model package; the mixer itself also works without it
+    from canon_jax.models.registry import register_mixer
+except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
+    if e.name != "canon_jax.models.registry":
+        raise
+    register_mixer = None
+
 __all__ = ["GDNMixer", "a_log_init", "dt_bias_init"]
 
 
@@ -87,3 +95,7 @@ class GDNMixer(nn.Module):
         if cache is not None and not is_init:
             cache.value = state
         return output_block(self, cfg, x, o)
+
+
+if register_mixer is not None:
+    register_mixer("gdn", GDNMixer)

@@ -26,6 +26,14 @@ from canon_jax.layers.canon import Canon
 from canon_jax.layers.lowrank import LowRankLinear, ShortConv, mask_tokens, normal_init, recurrent_cache, rms_norm
 from canon_jax.ops.gla import gla, gla_step
 
+
+try:  # the mixer registry belongs to the model package; the mixer itself also works without it
+    from canon_jax.models.registry import register_mixer
+except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
+    if e.name != "canon_jax.models.registry":
+        raise
+    register_mixer = None
+
 __all__ = ["GLAMixer", "check_linear_call", "project_qkv", "output_block"]
 
 
@@ -121,3 +129,7 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     y = rms_norm(o, norm_w, cfg.norm_eps) * jax.nn.silu(g.astype(jnp.float32)).reshape(b, t, h, dv)
     y = y.reshape(b, t, h * dv).astype(dtype)
     return _dense(cfg.hidden_size, ("value", "embed"), cfg, "o_proj")(y)
+
+
+if register_mixer is not None:
+    register_mixer("gla", GLAMixer)

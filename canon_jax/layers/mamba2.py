@@ -27,6 +27,14 @@ from canon_jax.layers.gla import _dense, check_linear_call
 from canon_jax.layers.lowrank import ShortConv, mask_tokens, recurrent_cache, rms_norm, torch_default_init
 from canon_jax.ops.ssd import ssd, ssd_step
 
+
+try:  # the mixer registry belongs to the model package; the mixer itself also works without it
+    from canon_jax.models.registry import register_mixer
+except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
+    if e.name != "canon_jax.models.registry":
+        raise
+    register_mixer = None
+
 __all__ = ["Mamba2Mixer", "mamba2_dims"]
 
 
@@ -96,3 +104,7 @@ class Mamba2Mixer(nn.Module):
         y = y.reshape(bsz, t, di).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         y = rms_norm(y, norm_w, cfg.norm_eps).astype(jnp.dtype(cfg.dtype))
         return _dense(cfg.hidden_size, ("value", "embed"), cfg, "out_proj", torch_default_init(di))(y)
+
+
+if register_mixer is not None:
+    register_mixer("mamba2", Mamba2Mixer)
