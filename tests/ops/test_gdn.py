@@ -55,23 +55,23 @@ _step = jax.jit(gated_delta_rule_step, static_argnames=("use_qk_l2norm",))
 @pytest.mark.parametrize("t", [1, 63, 64, 100, 257])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_oracle(t, with_state):
-    for seed, l2 in ((t, True),):
-        q, k, v, g, beta, s0 = make_inputs(seed, t, with_state, l2)
-        o_ref, s_ref = oracle(q, k, v, g, beta, DK ** -0.5, s0, l2)
-        for impl in ("reference", "xla"):
-            o, s = _fwd(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=l2, chunk_size=CHUNK, impl=impl)
-            chex.assert_shape(o, (B, t, H, DV))
-            chex.assert_shape(s, (B, H, DK, DV))
-            assert_close(o, o_ref)
-            assert_close(s, s_ref)
-        state = jnp.zeros((B, H, DK, DV)) if s0 is None else jnp.asarray(s0)
-        outs = []
-        for i in range(t):
-            o_t, state = _step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], state, use_qk_l2norm=l2)
-            chex.assert_shape(o_t, (B, H, DV))
-            outs.append(o_t)
-        assert_close(jnp.stack(outs, 1), o_ref)
-        assert_close(state, s_ref)
+    seed, l2 = t, True
+    q, k, v, g, beta, s0 = make_inputs(seed, t, with_state, l2)
+    o_ref, s_ref = oracle(q, k, v, g, beta, DK ** -0.5, s0, l2)
+    for impl in ("reference", "xla"):
+        o, s = _fwd(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=l2, chunk_size=CHUNK, impl=impl)
+        chex.assert_shape(o, (B, t, H, DV))
+        chex.assert_shape(s, (B, H, DK, DV))
+        assert_close(o, o_ref)
+        assert_close(s, s_ref)
+    state = jnp.zeros((B, H, DK, DV)) if s0 is None else jnp.asarray(s0)
+    outs = []
+    for i in range(t):
+        o_t, state = _step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], state, use_qk_l2norm=l2)
+        chex.assert_shape(o_t, (B, H, DV))
+        outs.append(o_t)
+    assert_close(jnp.stack(outs, 1), o_ref)
+    assert_close(state, s_ref)
 
 
 def test_forward_without_l2norm():

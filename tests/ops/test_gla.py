@@ -47,25 +47,25 @@ _step = jax.jit(gla_step)
 @pytest.mark.parametrize("t", [1, 63, 64, 100, 257])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_oracle(t, with_state):
-    for seed in (t,):
-        q, k, v, g, s0 = make_inputs(seed, t, with_state)
-        o_ref, s_ref = oracle(q, k, v, g, DK ** -0.5, s0)
-        for impl in ("reference", "xla"):
-            o, s = _fwd(q, k, v, g, initial_state=s0, chunk_size=CHUNK, impl=impl)
-            chex.assert_shape(o, (B, t, H, DV))
-            chex.assert_shape(s, (B, H, DK, DV))
-            assert o.dtype == jnp.float32
-            assert_close(o, o_ref)
-            assert_close(s, s_ref)
-        # decode: one token at a time from the same initial state
-        state = jnp.zeros((B, H, DK, DV)) if s0 is None else jnp.asarray(s0)
-        outs = []
-        for i in range(t):
-            o_t, state = _step(q[:, i], k[:, i], v[:, i], g[:, i], state)
-            chex.assert_shape(o_t, (B, H, DV))
-            outs.append(o_t)
-        assert_close(jnp.stack(outs, 1), o_ref)
-        assert_close(state, s_ref)
+    seed = t
+    q, k, v, g, s0 = make_inputs(seed, t, with_state)
+    o_ref, s_ref = oracle(q, k, v, g, DK ** -0.5, s0)
+    for impl in ("reference", "xla"):
+        o, s = _fwd(q, k, v, g, initial_state=s0, chunk_size=CHUNK, impl=impl)
+        chex.assert_shape(o, (B, t, H, DV))
+        chex.assert_shape(s, (B, H, DK, DV))
+        assert o.dtype == jnp.float32
+        assert_close(o, o_ref)
+        assert_close(s, s_ref)
+    # decode: one token at a time from the same initial state
+    state = jnp.zeros((B, H, DK, DV)) if s0 is None else jnp.asarray(s0)
+    outs = []
+    for i in range(t):
+        o_t, state = _step(q[:, i], k[:, i], v[:, i], g[:, i], state)
+        chex.assert_shape(o_t, (B, H, DV))
+        outs.append(o_t)
+    assert_close(jnp.stack(outs, 1), o_ref)
+    assert_close(state, s_ref)
 
 
 def test_gradients_chunked_match_reference():
@@ -86,9 +86,10 @@ def test_gradients_chunked_match_reference():
         assert_close(a, b)
 
 
-def test_custom_scale_and_bfloat16_output_dtype():
-    q, k, v, g, _ = make_inputs(5, 20, False)
-    o, _ = jax.jit(lambda *a: gla(*a, scale=0.3))(q, k, v, g)
+def test_custom_scale_odd_chunk_and_bfloat16_output_dtype():
+    q, k, v, g, _ = make_inputs(5, 50, False)
+    # chunk 24: sub-chunks of 12 (the largest divisor <= 16), 3 chunks with a padded last one
+    o, _ = jax.jit(lambda *a: gla(*a, scale=0.3, chunk_size=24))(q, k, v, g)
     assert_close(o, oracle(q, k, v, g, 0.3, None)[0])
     ob, sb = _fwd(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v, g)))
     assert ob.dtype == jnp.bfloat16 and sb.dtype == jnp.float32

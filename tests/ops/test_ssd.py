@@ -52,23 +52,23 @@ _step = jax.jit(ssd_step)
 @pytest.mark.parametrize("t", [1, 63, 64, 100, 257])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_oracle(t, with_state):
-    for seed in (t,):
-        x, dt, a, bm, cm, d, s0 = make_inputs(seed, t, with_state)
-        y_ref, s_ref = oracle(x, dt, a, bm, cm, d, s0)
-        for impl in ("reference", "xla"):
-            y, s = _fwd(x, dt, a, bm, cm, d, initial_state=s0, chunk_size=CHUNK, impl=impl)
-            chex.assert_shape(y, (B, t, H, P))
-            chex.assert_shape(s, (B, H, P, N))
-            assert_close(y, y_ref)
-            assert_close(s, s_ref)
-        state = jnp.zeros((B, H, P, N)) if s0 is None else jnp.asarray(s0)
-        outs = []
-        for i in range(t):
-            y_t, state = _step(x[:, i], dt[:, i], a, bm[:, i], cm[:, i], state, d)
-            chex.assert_shape(y_t, (B, H, P))
-            outs.append(y_t)
-        assert_close(jnp.stack(outs, 1), y_ref)
-        assert_close(state, s_ref)
+    seed = t
+    x, dt, a, bm, cm, d, s0 = make_inputs(seed, t, with_state)
+    y_ref, s_ref = oracle(x, dt, a, bm, cm, d, s0)
+    for impl in ("reference", "xla"):
+        y, s = _fwd(x, dt, a, bm, cm, d, initial_state=s0, chunk_size=CHUNK, impl=impl)
+        chex.assert_shape(y, (B, t, H, P))
+        chex.assert_shape(s, (B, H, P, N))
+        assert_close(y, y_ref)
+        assert_close(s, s_ref)
+    state = jnp.zeros((B, H, P, N)) if s0 is None else jnp.asarray(s0)
+    outs = []
+    for i in range(t):
+        y_t, state = _step(x[:, i], dt[:, i], a, bm[:, i], cm[:, i], state, d)
+        chex.assert_shape(y_t, (B, H, P))
+        outs.append(y_t)
+    assert_close(jnp.stack(outs, 1), y_ref)
+    assert_close(state, s_ref)
 
 
 def test_without_d():
