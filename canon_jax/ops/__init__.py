@@ -1,7 +1,8 @@
 """Math with one signature and several implementations (XLA reference/chunked paths, Pallas kernels).
 
 ``causal_conv1d`` (the Canon conv), ``gla`` (gated linear attention), ``gated_delta_rule`` (GDN) and ``ssd``
-(Mamba2) each take ``impl=`` in {"auto", "xla", "pallas", "pallas_interpret"}.
+(Mamba2) each take ``impl=`` in {"auto", "xla", "pallas", "pallas_interpret"}; the three linear recurrences also take
+``"reference"`` (a token-by-token ``lax.scan``; ``"xla"`` is their chunked form).
 """
 from __future__ import annotations
 
