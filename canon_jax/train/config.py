@@ -79,6 +79,9 @@ class TextDataSection:
     eval_files: List[str] = field(default_factory=list)
     tokenizer: Optional[str] = None  # path to a Hugging Face tokenizers JSON; None = built-in byte-level tokenizer
     text_field: str = "text"  # field holding the document in .jsonl / Parquet rows
+    txt_mode: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or one per "line"
+    bos_token: Optional[str] = None  # None = detect (<bos>, <s>, <|begin_of_text|>, ...)
+    eos_token: Optional[str] = None  # None = detect (<eos>, </s>, <|end_of_text|>, <|endoftext|>, ...)
     add_bos: bool = True
     add_eos: bool = True
     eval_batches: int = 8  # held-out batches for the validation loss
@@ -177,6 +180,7 @@ class ExperimentConfig:
 _CHOICES = {
     "data.kind": ("synthetic", "text"),
     "data.loss_on": ("answer", "all"),
+    "data.text.txt_mode": ("file", "paragraph", "line"),
     "optim.schedule": ("cosine", "constant"),
     "optim.decay": ("all", "no_norm_bias_embed"),
     "optim.z_loss": ("none", "official", "palm"),
