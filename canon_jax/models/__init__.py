@@ -1,1 +1,6 @@
-"""canon_jax.models."""
+"""Causal LMs assembled from a :class:`canon_jax.config.ModelConfig`."""
+from canon_jax.models.registry import get_mixer, register_mixer, registered_mixers
+from canon_jax.models.blocks import Block
+from canon_jax.models.causal_lm import CausalLM, init_cache
+
+__all__ = ["CausalLM", "init_cache", "Block", "get_mixer", "register_mixer", "registered_mixers"]

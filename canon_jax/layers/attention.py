@@ -1,0 +1,131 @@
+"""Grouped-query causal self-attention with QK-norm and Canon-B (SPEC A.2).
+
+Order of operations (as in the official LlamaCanon): ``q, k, v`` projections (no biases) -> optional RMSNorm over the
+*whole* q and k projections (one weight of width ``H*hd`` / ``H_kv*hd``) -> optional Canon-B on ``concat(q, k, v)``
+-> split into heads -> (partial) RoPE on q and k -> causal softmax attention with scale ``hd^-1/2`` -> output
+projection.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from canon_jax.config import ModelConfig
+from canon_jax.layers.mlp import compute_dtype, make_canon, mask_inputs, weight_init
+from canon_jax.layers.norm import RMSNorm
+from canon_jax.layers.rope import apply_rope
+
+__all__ = ["Attention", "dot_product_attention"]
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def dot_product_attention(q, k, v, allowed):
+    """Softmax attention with grouped KV heads.
+
+    Args:
+      q: ``[batch, time, heads, hd]``; k, v: ``[batch, keys, kv_heads, hd]`` (``heads`` a multiple of ``kv_heads``;
+        query head ``h`` uses KV head ``h // (heads // kv_heads)``, as HF ``repeat_kv``).
+      allowed: bool ``[batch, time, keys]``, True where the query may attend the key.
+    Returns:
+      ``[batch, time, heads, hd]`` in ``q.dtype``; scores and softmax in float32, scale ``hd^-1/2``. A query with no
+      allowed key (only possible at masked padding positions) gets a uniform average instead of NaN.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+class Attention(nn.Module):
+    """The Llama mixer: ``x: [batch, time, d]`` -> ``[batch, time, d]``.
+
+    Mixer signature shared by every architecture: ``__call__(x, *, positions, segment_ids, token_mask, decode)``.
+
+    * ``positions``: int ``[batch, time]``, RoPE positions (default ``0..T-1``, or continuing the cache in decode).
+    * ``segment_ids``: int ``[batch, time]``; used (attention and Canon-B) only when ``config.segment_aware``.
+    * ``token_mask``: bool ``[batch, time]``; False keys are never attended and Canon-B inputs are zeroed there.
+    * ``decode``: use the ``"cache"`` collection (``cached_key``/``cached_value`` ``[batch, max_len, kv_heads, hd]``,
+      ``cached_mask`` ``[batch, max_len]``, ``cache_index`` scalar). The first (init) call only creates the cache
+      with ``max_len`` = the input length.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, positions=None, segment_ids=None, token_mask=None, decode: bool = False):
+        cfg = self.config
+        b, t, d = x.shape
+        h, kvh, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
+
+        def dense(features, axes, fan, name):
+            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
+                            kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
+
+        q = dense(h * hd, ("embed", "heads"), d, "q_proj")(x)
+        k = dense(kvh * hd, ("embed", "kv_heads"), d, "k_proj")(x)
+        v = dense(kvh * hd, ("embed", "kv_heads"), d, "v_proj")(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.norm_eps, "heads", pdt, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
+        seg = segment_ids if cfg.segment_aware else None
+        if cfg.has_canon("B"):
+            qkv = jnp.concatenate([q, k, v], axis=-1)
+            qkv = make_canon(cfg, "qkv", "canon_b")(mask_inputs(qkv, token_mask), segment_ids=seg, decode=decode)
+            q, k, v = qkv[..., :h * hd], qkv[..., h * hd:(h + kvh) * hd], qkv[..., (h + kvh) * hd:]
+        q = q.reshape(b, t, h, hd)
+        k = k.reshape(b, t, kvh, hd)
+        v = v.reshape(b, t, kvh, hd)
+
+        initialized = decode and self.has_variable("cache", "cache_index")
+        if decode:
+            ck = self.variable("cache", "cached_key", jnp.zeros, (b, t, kvh, hd), k.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, (b, t, kvh, hd), v.dtype)
+            cm = self.variable("cache", "cached_mask", jnp.zeros, (b, t), jnp.bool_)
+            ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if positions is None:
+            start = ci.value if initialized else 0
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope_kw = dict(rope_dim=cfg.effective_rope_dim, theta=cfg.rope_theta, version=cfg.rope_version)
+        q = apply_rope(q, positions, **rope_kw)
+        k = apply_rope(k, positions, **rope_kw)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        valid = jnp.ones((b, t), jnp.bool_) if token_mask is None else token_mask.astype(jnp.bool_)
+
+        if initialized:
+            if seg is not None:
+                raise NotImplementedError("Attention: segment-aware masking is not supported in decode mode; "
+                                          "pass segment_ids=None when decoding")
+            max_len = ck.value.shape[1]
+            idx = ci.value
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
+            cm.value = jax.lax.dynamic_update_slice(cm.value, valid, (0, idx))
+            ci.value = idx + t
+            q_idx = idx + jnp.arange(t)
+            causal = q_idx[:, None] >= jnp.arange(max_len)[None, :]
+            allowed = causal[None] & cm.value[:, None, :]
+            out = dot_product_attention(q, ck.value.astype(dt), cv.value.astype(dt), allowed)
+        else:
+            allowed = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & valid[:, None, :]
+            if seg is not None:
+                allowed = allowed & (seg[:, :, None] == seg[:, None, :])
+            out = dot_product_attention(q, k, v, allowed)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return dense(d, ("heads", "embed"), d, "o_proj")(out.reshape(b, t, h * hd))
+
+
+def _register():
+    from canon_jax.models.registry import register_mixer
+    register_mixer("llama", Attention)
+
+
+_register()

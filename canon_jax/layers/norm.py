@@ -1,0 +1,33 @@
+"""RMSNorm (SPEC A.2): ``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+__all__ = ["RMSNorm", "rms_norm"]
+
+
+def rms_norm(x, weight, eps: float):
+    """``x: [..., d]``, ``weight: [d]`` -> ``[..., d]`` in ``x.dtype``; the statistics are taken in float32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis of ``x: [..., d]`` with a learnable ``scale: [d]`` (initialised to 1).
+
+    ``axis_name`` is the logical axis of the scale (``embed`` for block norms, ``heads``/``kv_heads`` for QK-norm).
+    """
+
+    eps: float = 1e-5
+    axis_name: str = "embed"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps)

@@ -1,0 +1,48 @@
+"""The pre-norm residual block shared by every architecture (SPEC A.2, A.3).
+
+``h = x + Mixer(CanonA(RMSNorm(x)))``; ``x_next = h + MLP(CanonC(RMSNorm(h)))`` with Canon-D inside the MLP. The mixer
+comes from the registry (``config.arch``); ``config.use_mlp=False`` drops the MLP half.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from canon_jax.config import ModelConfig
+from canon_jax.layers.mlp import MLP, make_canon, mask_inputs
+from canon_jax.layers.norm import RMSNorm
+from canon_jax.models.registry import get_mixer
+
+__all__ = ["Block"]
+
+_ACT = ("batch", "length", "embed")
+
+
+class Block(nn.Module):
+    """One layer on ``x: [batch, time, d]``; returns ``(x_next, None)`` so that it can be ``nn.scan``-ned.
+
+    ``decode`` is a module attribute (not a call argument) so that ``nn.scan``/``nn.remat`` see only array inputs.
+    """
+
+    config: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions=None, segment_ids=None, token_mask=None):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        seg = segment_ids if cfg.segment_aware else None
+        a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
+        if cfg.has_canon("A"):
+            a = make_canon(cfg, "embed", "canon_a")(mask_inputs(a, token_mask), segment_ids=seg, decode=self.decode)
+        y = get_mixer(cfg.arch)(cfg, name="mixer")(a, positions=positions, segment_ids=segment_ids,
+                                                   token_mask=token_mask, decode=self.decode)
+        x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
+        if cfg.use_mlp:
+            c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
+            if cfg.has_canon("C"):
+                c = make_canon(cfg, "embed", "canon_c")(mask_inputs(c, token_mask), segment_ids=seg, decode=self.decode)
+            y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(c, segment_ids=segment_ids, token_mask=token_mask,
+                                                                decode=self.decode)
+            x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
+        return x, None

@@ -1,0 +1,94 @@
+"""``CausalLM``: embedding -> blocks -> final RMSNorm -> (tied or untied) head, float32 logits."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from canon_jax.config import ModelConfig
+from canon_jax.layers.mlp import compute_dtype, weight_init
+from canon_jax.layers.norm import RMSNorm
+from canon_jax.models.blocks import Block
+from canon_jax.models.registry import get_mixer
+
+__all__ = ["CausalLM", "init_cache", "REMAT_POLICIES"]
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the element-wise rest
+}
+
+
+class CausalLM(nn.Module):
+    """Causal language model for any ``config.arch`` (the mixer comes from :mod:`canon_jax.models.registry`).
+
+    ``__call__(input_ids [batch, time] int, *, segment_ids=None, positions=None, token_mask=None, decode=False)``
+    returns float32 logits ``[batch, time, vocab]``.
+
+    * ``segment_ids`` (int, 0 = padding, documents from 1) is used only when ``config.segment_aware``.
+    * ``positions`` default to ``0..T-1`` (or continue the cache when decoding).
+    * ``token_mask`` (bool, None = all valid): masked tokens never influence later tokens (left padding).
+    * ``decode=True`` reads/writes the ``"cache"`` collection (see :func:`init_cache`).
+    """
+
+    config: ModelConfig
+
+    def _check(self, input_ids, segment_ids, positions, token_mask):
+        if input_ids.ndim != 2:
+            raise ValueError(f"CausalLM: input_ids must be [batch, time], got shape {input_ids.shape}")
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"CausalLM: input_ids must be integers, got dtype {input_ids.dtype}")
+        for name, v in (("segment_ids", segment_ids), ("positions", positions), ("token_mask", token_mask)):
+            if v is not None and v.shape != input_ids.shape:
+                raise ValueError(f"CausalLM: {name} must have the shape of input_ids {input_ids.shape}, got {v.shape}")
+
+    @nn.compact
+    def __call__(self, input_ids, *, segment_ids=None, positions=None, token_mask=None, decode: bool = False):
+        cfg = self.config
+        self._check(input_ids, segment_ids, positions, token_mask)
+        get_mixer(cfg.arch)  # fail early with a clear error for an unregistered arch
+        dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
+        d = cfg.hidden_size
+        embed = nn.Embed(cfg.vocab_size, d, dtype=dt, param_dtype=pdt,
+                         embedding_init=nn.with_logical_partitioning(weight_init(cfg, d), ("vocab", "embed")),
+                         name="embed")
+        x = embed(input_ids.astype(jnp.int32))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if positions is None and not decode:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if token_mask is not None:
+            token_mask = token_mask.astype(jnp.bool_)
+
+        block_cls = Block
+        if cfg.remat != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids, token_mask)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block_cls(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids, token_mask)
+
+        x = RMSNorm(cfg.norm_eps, "embed", pdt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                              kernel_init=nn.with_logical_partitioning(weight_init(cfg, d), ("embed", "vocab")),
+                              name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+def init_cache(model: CausalLM, batch: int, max_len: int):
+    """Zero decoding cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated).
+
+    Returns the ``"cache"`` collection (KV caches, Canon states for every site and layer) without computing params.
+    """
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"init_cache: batch and max_len must be >= 1, got {batch}, {max_len}")
+    ids = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
