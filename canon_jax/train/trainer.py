@@ -107,11 +107,11 @@ def _loss_terms(model, cfg: ExperimentConfig, params, batch, total_tokens):
         kwargs = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
     logits = model.apply({"params": params}, batch["inputs"], **kwargs)
     mask = batch["loss_mask"].astype(jnp.float32)
-    loss, _ = cross_entropy(logits, batch["targets"], mask, z_loss=cfg.optim.z_loss,
-                            z_loss_weight=cfg.optim.z_loss_weight)
-    n = mask.sum()
-    # cross_entropy is a masked mean; an empty micro-batch contributes nothing (guard against 0/0).
-    return jnp.where(n > 0, loss, 0.0) * n / total_tokens
+    loss, aux = cross_entropy(logits, batch["targets"], mask, z_loss=cfg.optim.z_loss,
+                              z_loss_weight=cfg.optim.z_loss_weight)
+    # cross_entropy is a masked mean (0 for an all-masked micro-batch); re-weight by this micro-batch's share.
+    w = mask.sum() / total_tokens
+    return loss * w, aux["nll"] * w
 
 
 def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
@@ -122,9 +122,9 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
     def step_fn(state, batch):
         params = state["params"]
         total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-        grad_fn = jax.value_and_grad(lambda p, b: _loss_terms(model, cfg, p, b, total))
+        grad_fn = jax.value_and_grad(lambda p, b: _loss_terms(model, cfg, p, b, total), has_aux=True)
         if accum == 1:
-            loss, grads = grad_fn(params, batch)
+            (loss, nll), grads = grad_fn(params, batch)
         else:
             def split(x):  # [B, ...] -> [accum, B/accum, ...] keeping each device's rows on the device
                 x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -136,16 +136,17 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
             micro = jax.tree.map(split, batch)
 
             def body(carry, mb):
-                l, g = grad_fn(params, mb)
-                return (carry[0] + l, jax.tree.map(jnp.add, carry[1], g)), None
+                (l, n), g = grad_fn(params, mb)
+                return (carry[0] + l, carry[1] + n, jax.tree.map(jnp.add, carry[2], g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
-        grad_norm = optax.global_norm(grads)
+            zero = jnp.zeros((), jnp.float32)
+            (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, zeros), micro)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "nll": nll, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                    "tokens": batch["loss_mask"].astype(jnp.float32).sum(),
                    "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads)}
         return new_state, metrics
@@ -193,7 +194,7 @@ class Trainer:
             params = nn.meta.unbox(init_boxed(rng))
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
-        with self.mesh:
+        with self.context():
             self._init = jax.jit(init_state, out_shardings=self.state_shardings)
         step_fn = build_train_step(self.model, cfg, self.tx, self.schedule, self.mesh)
         batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
@@ -201,8 +202,17 @@ class Trainer:
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
 
     # ----------------------------------------------------------------------------------------------------------------
+    def context(self):
+        """Mesh + logical-axis rules for tracing (activates the model's ``with_logical_constraint`` annotations)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(shd.LOGICAL_RULES))
+        return stack
+
     def init_state(self, seed: Optional[int] = None):
-        with self.mesh:
+        with self.context():
             return self._init(jax.random.key(self.cfg.train.seed if seed is None else seed))
 
     def restore_target(self):
@@ -221,7 +231,7 @@ class Trainer:
         """One optimizer step on a global batch (dict of numpy or global arrays)."""
         if not isinstance(batch["inputs"], jax.Array):
             batch = self.global_batch(batch)
-        with self.mesh:
+        with self.context():
             return self._step(state, {k: batch[k] for k in BATCH_KEYS})
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -230,7 +240,7 @@ class Trainer:
         apply = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
 
         def fn(tokens):
-            with self.mesh:
+            with self.context():
                 return np.asarray(apply(params, jnp.asarray(tokens, jnp.int32)))
 
         return fn
@@ -242,7 +252,7 @@ class Trainer:
         def fn(prompts, prompt_mask, max_new_tokens, rng=None):
             if rng is not None and not isinstance(rng, jax.Array):
                 rng = jax.random.key(int(np.asarray(rng).ravel()[0]) if np.ndim(rng) else int(rng))
-            with self.mesh:
+            with self.context():
                 out = generate(self.model, params, jnp.asarray(prompts, jnp.int32), int(max_new_tokens),
                                temperature=temperature, rng=rng, prompt_mask=jnp.asarray(prompt_mask, bool))
             return np.asarray(out)
@@ -399,16 +409,18 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     raise TrainingDiverged(_nonfinite_report(step, loss, gnorm, jax.device_get(m["nonfinite"])))
                 last_loss = loss
+                if step == start + 1:  # exclude compilation from the throughput window
+                    window_t0, window_steps = time.perf_counter(), 0
                 if step % cfg.train.log_every == 0 or step == stop:
-                    dt = time.perf_counter() - window_t0
-                    tps = tokens_per_step * window_steps / dt
-                    rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": gnorm,
+                    dt = max(time.perf_counter() - window_t0, 1e-9)
+                    tps = tokens_per_step * window_steps / dt if window_steps else float("nan")
+                    rec = {"step": step, "loss": loss, "nll": float(m["nll"]), "lr": float(m["lr"]), "grad_norm": gnorm,
                            "tokens_per_s": tps, "loss_tokens": float(m["tokens"]),
-                           "tokens_seen": step * tokens_per_step, "step_time_s": dt / window_steps}
-                    if peak:
+                           "tokens_seen": step * tokens_per_step, "step_time_s": dt / window_steps if window_steps else float("nan")}
+                    if peak and window_steps:
                         rec["mfu"] = tps * fpt / (n_dev * peak)
                     logger.log(rec)
-                    logger.progress(step, loss, tps)
+                    logger.progress(step, loss, tps if window_steps else None)
                     window_t0, window_steps = time.perf_counter(), 0
                 if ckpt is not None and (step % cfg.checkpoint.every == 0 or pre.requested or step == stop):
                     ckpt.save(step, state, it.get_state(), cfg_dict, force=True)
@@ -433,15 +445,13 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
 
 def _text_eval_loss(trainer: Trainer, cfg: ExperimentConfig, data_factory, local_bs, pi, pc, params) -> float:
     """Mean token loss over ``data.text.eval_batches`` batches of the held-out files."""
-    from canon_jax.losses import cross_entropy
-
     ds = data_factory(cfg, split="eval", batch_size=local_bs, process_index=pi, process_count=pc)
     fn = jax.jit(lambda p, b: _eval_sums(trainer.model, p, b))
     tot, n = 0.0, 0.0
     for i, batch in enumerate(ds):
         if i >= cfg.data.text.eval_batches:
             break
-        with trainer.mesh:
+        with trainer.context():
             s, c = fn(params, trainer.global_batch(batch))
         tot, n = tot + float(s), n + float(c)
     return tot / max(n, 1.0)
