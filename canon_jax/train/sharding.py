@@ -15,6 +15,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 __all__ = ["MESH_AXES", "LOGICAL_RULES", "LOGICAL_AXES", "make_mesh", "logical_shardings", "batch_sharding",
            "maybe_initialize_distributed", "mesh_shape"]
 
@@ -63,10 +65,33 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def _divisible_spec(spec: P, shape, mesh) -> P:
+    """Drop the mesh axes of any dimension they do not divide (e.g. a 259-token vocabulary on tensor=2): that
+    dimension is replicated instead of failing. Sizes that divide keep their sharding."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    out = []
+    for dim, axes in zip(shape, entries):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        if names and dim % size:
+            log.info("sharding: dimension of size %d is not divisible by mesh axes %s (%d); replicating it",
+                     dim, names, size)
+            out.append(None)
+        else:
+            out.append(axes)
+    return P(*out)
+
+
 def logical_shardings(abstract_tree, mesh, rules=LOGICAL_RULES):
-    """NamedShardings for a tree of boxed (logically partitioned) abstract values; unboxed leaves are replicated."""
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    """NamedShardings for a tree of boxed (logically partitioned) abstract values; unboxed leaves are replicated.
+
+    A dimension whose size the mapped mesh axes do not divide is replicated (see :func:`_divisible_spec`).
+    """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+    shapes = nn.meta.unbox(abstract_tree)
+    fixed = jax.tree.map(lambda sp, a: _divisible_spec(sp, a.shape, mesh), specs, shapes,
+                         is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda sp: NamedSharding(mesh, sp), fixed, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh) -> NamedSharding:
