@@ -1,5 +1,6 @@
 """Parity with the official PyTorch LlamaCanon outputs in tests/data/refs (see PROVENANCE.md)."""
 import chex
+import jax
 import numpy as np
 
 from canon_jax.interop import load_hf_checkpoint
@@ -10,7 +11,7 @@ def test_forward_matches_official_logits(refs_dir):
     model, params = load_hf_checkpoint(str(d))
     ids = np.load(d / "inputs.npz")["input_ids"]
     expected = np.load(d / "expected.npz")["logits"]
-    logits = model.apply({"params": params}, ids)
+    logits = jax.jit(model.apply)({"params": params}, ids)
     chex.assert_shape(logits, expected.shape)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
@@ -20,6 +21,6 @@ def test_forward_matches_official_logits_scanned(refs_dir):
     model, params = load_hf_checkpoint(str(d), scan_layers=True, remat="full")
     ids = np.load(d / "inputs.npz")["input_ids"]
     expected = np.load(d / "expected.npz")["logits"]
-    logits = model.apply({"params": params}, ids)
+    logits = jax.jit(model.apply)({"params": params}, ids)
     chex.assert_shape(logits, expected.shape)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)

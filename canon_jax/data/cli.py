@@ -1,0 +1,92 @@
+"""Command line: inspect and export task samples.
+
+    python -m canon_jax.data dump TASK --split {train,test} --num N --seed S [--set KEY=VALUE ...]
+                                  [--id-convention {canon,official}] --out FILE.jsonl
+    python -m canon_jax.data show TASK [--split ...] [--num N] [--seed S] [--set KEY=VALUE ...]
+    python -m canon_jax.data vocab TASK [TASK ...]
+
+``dump`` writes one JSON object per line: ``{"tokens", "loss_mask", "meta"}`` where ``loss_mask`` is the per-token
+answer label of the sample (1 = supervised answer token; the packer turns it into target-semantics masks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from canon_jax.data import base
+from canon_jax.data.vocab import Vocabulary
+
+
+def _parse_sets(items: list[str] | None) -> dict:
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        params[k.strip()] = v.strip()
+    return params
+
+
+def _make_task(name: str, sets: list[str] | None) -> base.Task:
+    if name not in base.TASK_NAMES:
+        raise SystemExit(f"unknown task {name!r}; valid tasks: {', '.join(base.TASK_NAMES)}")
+    try:
+        return base.get_task(name, **_parse_sets(sets))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _common(p: argparse.ArgumentParser, num_default: int):
+    p.add_argument("task", help=f"one of {', '.join(base.TASK_NAMES)}")
+    p.add_argument("--split", choices=base.SPLITS, default="train")
+    p.add_argument("--num", type=int, default=num_default, help="number of samples")
+    p.add_argument("--start", type=int, default=0, help="index of the first sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="task parameter override (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m canon_jax.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dump", help="write samples as JSON lines")
+    _common(d, 100)
+    d.add_argument("--id-convention", choices=("canon", "official"), default="canon")
+    d.add_argument("--out", required=True, help="output .jsonl file ('-' = stdout)")
+    s = sub.add_parser("show", help="print samples in human-readable form")
+    _common(s, 1)
+    v = sub.add_parser("vocab", help="print the shared vocabulary layout of a task mix")
+    v.add_argument("tasks", nargs="+")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "vocab":
+        bad = [t for t in args.tasks if t not in base.TASK_NAMES]
+        if bad:
+            raise SystemExit(f"unknown task(s) {bad}; valid tasks: {', '.join(base.TASK_NAMES)}")
+        print(Vocabulary(args.tasks).describe())
+        return 0
+    if args.num < 0 or args.start < 0:
+        raise SystemExit("--num and --start must be >= 0")
+    task = _make_task(args.task, args.set)
+    if args.cmd == "show":
+        for i in range(args.start, args.start + args.num):
+            smp = task.sample(i, args.split, args.seed)
+            print(f"=== {task.name} {args.split} sample {i} ({len(smp)} tokens, "
+                  f"{int(smp.labels.sum())} answer tokens)")
+            print(task.show(smp))
+        return 0
+    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    try:
+        for i in range(args.start, args.start + args.num):
+            smp = task.sample(i, args.split, args.seed)
+            toks = task.to_official(smp.tokens) if args.id_convention == "official" else smp.tokens.tolist()
+            out.write(json.dumps({"tokens": toks, "loss_mask": smp.labels.tolist(), "meta": smp.meta}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
