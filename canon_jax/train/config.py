@@ -96,7 +96,8 @@ class DataSection:
     # synthetic
     tasks: List[TaskEntry] = field(default_factory=list)
     loss_on: str = "answer"  # "answer" (SPEC 0.1 default) or "all"
-    shuffle_buffer: int = 0  # passed to DataConfig when it has such a field (0 = the data package's default)
+    shuffle_buffer: int = 4096  # index windows shuffled together (0 = no shuffle)
+    split_long: bool = False  # cut samples longer than seq_len into windows instead of failing
     # real text
     text: TextDataSection = field(default_factory=TextDataSection)
 

@@ -62,10 +62,12 @@ def _data_config(cfg: ExperimentConfig):
     values = {
         "tasks": [{"name": t.name, "weight": t.weight, "params": dict(t.params)} for t in d.tasks],
         "seq_len": d.seq_len, "loss_on": d.loss_on, "seed": d.seed, "num_workers": d.num_workers,
+        "shuffle_buffer": d.shuffle_buffer, "split_long": d.split_long,
     }
-    if d.shuffle_buffer:
-        values["shuffle_buffer"] = d.shuffle_buffer
-    return DataConfig(**{k: v for k, v in values.items() if k in names})
+    try:
+        return DataConfig(**{k: v for k, v in values.items() if k in names})
+    except (ValueError, TypeError) as e:  # unknown task / parameter: name the config key
+        raise ConfigError(f"data.tasks: {str(e).splitlines()[0]}") from None
 
 
 def make_train_data(cfg: ExperimentConfig, *, split: str, batch_size: int, process_index: int, process_count: int):
@@ -87,11 +89,7 @@ def data_vocab_size(cfg: ExperimentConfig) -> Optional[int]:
         from canon_jax.train.text_data import load_tokenizer
 
         return load_tokenizer(cfg.data.text.tokenizer).get_vocab_size()
-    try:
-        from canon_jax.data import vocab_size
-    except ImportError:
-        return None
-    return vocab_size([t.name for t in cfg.data.tasks])
+    return _data_config(cfg).vocab_size()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,11 +301,14 @@ def _evaluate(trainer: Trainer, params, cfg: ExperimentConfig, step: int, logger
     from canon_jax.eval import evaluate
 
     logits_fn = trainer.logits_fn(params)
-    generate_fn = trainer.generate_fn(params)
+    vocab = _data_config(cfg)  # token ids of the training mix
     for t in (cfg.eval.tasks or cfg.data.tasks):
         t0 = time.perf_counter()
-        m = evaluate(t.name, dict(t.params), logits_fn=logits_fn, generate_fn=generate_fn,
-                     num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        # Lano's generation accuracy samples at temperature 1 (SPEC 0.6); the other generation tasks are greedy.
+        generate_fn = trainer.generate_fn(params, temperature=1.0 if t.name == "lano" else 0.0)
+        extra = {"num_params": trainer.n_params} if t.name == "capo" else {}
+        m = evaluate(t.name, dict(t.params), logits_fn=logits_fn, generate_fn=generate_fn, vocab=vocab,
+                     num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, **extra)
         rec = {"step": step, "eval": t.name, **{f"{t.name}/{k}": v for k, v in _flatten(m).items()},
                "eval_seconds": time.perf_counter() - t0}
         logger.log(rec, prefix="eval")
