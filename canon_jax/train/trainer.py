@@ -245,7 +245,7 @@ class Trainer:
 
     def generate_fn(self, params, temperature: float = 0.0):
         """Generation for the evaluators: ``(prompts [B,P], prompt_mask [B,P], max_new_tokens, rng) -> [B,N]``."""
-        from canon_jax import generate
+        from canon_jax.generate import generate
 
         def fn(prompts, prompt_mask, max_new_tokens, rng=None):
             if rng is not None and not isinstance(rng, jax.Array):
