@@ -101,6 +101,6 @@ PRESETS = sorted(p for p in CONFIGS_ROOT.rglob("*.yaml") if "sweeps" not in p.pa
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(CONFIGS_ROOT)) for p in PRESETS])
 def test_every_preset_validates(path):
     # Model presets are fragments without a data section: give them a task so the whole config validates.
-    overrides = ["data.tasks=[{name: depo1}]"] if path.parent.name == "models" else []
+    overrides = ["data.tasks=[{name: depo1}]"] if "models" in path.relative_to(CONFIGS_ROOT).parts else []
     cfg = load_config(path, overrides)
     assert model_config(cfg).vocab_size >= 1
