@@ -6,7 +6,8 @@
 The step is the full trainer step (forward, backward, clipping, AdamW, sharded as configured). Batches are random
 token windows of the configured shape (``--real-data`` reads the config's data pipeline instead), so the number
 measures the model step, not data generation. Timing: ``--warmup`` steps (compilation) are excluded; then the median
-of ``--repeats`` timings of ``--steps`` steps each, ending with ``block_until_ready``.
+of ``--repeats`` timings of ``--steps`` steps each, ending with ``block_until_ready``. Also reported: CPU-seconds of
+the process per step (``time.process_time``), which is what matters on a shared CPU.
 """
 from __future__ import annotations
 
@@ -54,14 +55,16 @@ def main(argv=None):
         state, m = tr.step(state, batches[i % 4])
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(args.steps):
             state, m = tr.step(state, batches[i % 4])
         jax.block_until_ready(m["loss"])
         times.append((time.perf_counter() - t0) / args.steps)
+        cpu_times.append((time.process_time() - c0) / args.steps)
     step_s = statistics.median(times)
+    cpu_s = statistics.median(cpu_times)
     tps = B * L / step_s
     fpt = flops_per_token(tr.model_config, tr.n_params, L)
     peak = cfg.train.peak_flops_per_device or peak_flops_per_device()
@@ -69,7 +72,10 @@ def main(argv=None):
         "config": args.config, "overrides": args.overrides, "params": tr.n_params, "batch": B, "seq_len": L,
         "dtype": cfg.model.dtype, "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
         "mesh": dict(tr.mesh.shape), "ms_per_step": 1000 * step_s, "tokens_per_s": tps,
-        "step_times_ms": [1000 * t for t in times], "warmup_s": compile_s, "flops_per_token": fpt,
+        "step_times_ms": [1000 * t for t in times],
+        # CPU-seconds of this process (all threads) per step: on a shared machine, tokens per CPU-second times the
+        # number of cores bounds what a quiet machine would reach.
+        "cpu_s_per_step": cpu_s, "tokens_per_cpu_s": B * L / cpu_s, "warmup_s": compile_s, "flops_per_token": fpt,
         "mfu": tps * fpt / (jax.device_count() * peak) if peak else None,
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "final_loss": float(m["loss"]),

@@ -177,8 +177,8 @@ def make_text_dataset(data_cfg, *, split: str, batch_size: int, process_index: i
                          t.add_bos, t.add_eos, t.bos_token, t.eos_token)
     seq_len = data_cfg.seq_len
     n = stream.num_windows(seq_len)
-    if n < process_count * batch_size and split == "train":
-        raise ValueError(f"data.text: {len(stream.tokens)} tokens give {n} windows of seq_len {seq_len}, fewer than "
+    if n < process_count * batch_size:
+        raise ValueError(f"data.text.{'train' if split == 'train' else 'eval'}_files: {len(stream.tokens)} tokens give {n} windows of seq_len {seq_len}, fewer than "
                          f"one global batch ({process_count} x {batch_size}); add text or lower data.seq_len")
     ds = grain.MapDataset.range(n)
     if split == "train":
