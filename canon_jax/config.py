@@ -148,6 +148,12 @@ class ModelConfig:
                 raise _err("ssm_state_size", f"state size must be > 0, got {self.ssm_state_size}")
             if not self.expand_k > 0 or not self.expand_v > 0:
                 raise _err("expand_k", f"expand_k/expand_v must be > 0, got {self.expand_k}/{self.expand_v}")
+            if not self.gate_logit_normalizer > 0:
+                raise _err("gate_logit_normalizer", f"must be > 0, got {self.gate_logit_normalizer}")
+            for name in ("expand_k", "expand_v"):
+                width = self.hidden_size * getattr(self, name)
+                if width != int(width):
+                    raise _err(name, f"hidden_size * {name} = {width} is not a whole number of channels")
             for name, width in (("expand_k", self.key_dim), ("expand_v", self.value_dim)):
                 if width % self.num_heads:
                     raise _err(name, f"width {width} is not divisible by num_heads {self.num_heads}")

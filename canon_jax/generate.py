@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from typing import Optional
 
 import jax
@@ -101,3 +103,14 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
                                jnp.asarray(temperature if not greedy else 1.0, jnp.float32), rng,
                                max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, return_logits=return_logits)
     return (tokens, logits) if return_logits else tokens
+
+
+class _CallableModule(types.ModuleType):
+    """``canon_jax.generate`` is both this module and the function: importing the submodule makes Python bind the
+    package attribute ``canon_jax.generate`` to the module, so the module forwards calls to :func:`generate`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -122,6 +122,10 @@ class Task:
             tokens[tokens >= NUM_SPECIAL] += self._delta
         return Sample(tokens=tokens, labels=np.asarray(labels, dtype=np.int8), meta=meta)
 
+    def sample_many(self, indices, split: str = "train", seed: int = 0) -> list[Sample]:
+        """``[self.sample(i, split, seed) for i in indices]``; tasks with a vectorised generator override it."""
+        return [self.sample(int(i), split, seed) for i in indices]
+
     def dataset(self, split: str = "train", seed: int = 0):
         """This task's infinite stream as a grain ``MapDataset``: element i = ``{"tokens", "labels"}`` of sample i."""
         from canon_jax.data.pipeline import TaskMixtureMapDataset

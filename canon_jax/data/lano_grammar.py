@@ -91,6 +91,10 @@ class CFG:
                 f"got {len(sizes)} and {len(levels)}")
         if sizes[0] != 1:
             raise ValueError(f"CFG {name!r}: level 0 must hold exactly one (root) symbol, sizes[0] = {sizes[0]}")
+        if num_sym < 1:
+            raise ValueError(f"CFG {name!r}: num_sym must be >= 1, got {num_sym}")
+        if 1 <= int(d["eos_token"]) <= num_sym:
+            raise ValueError(f"CFG {name!r}: eos_token {d['eos_token']} collides with terminal ids 1..{num_sym}")
         if sizes[depth] != num_sym:
             raise ValueError(f"CFG {name!r}: last level size {sizes[depth]} != num_sym {num_sym}")
         rules = []
@@ -115,10 +119,13 @@ class CFG:
                 lvl_rules.append(tuple(sym_rules))
             rules.append(tuple(lvl_rules))
         idx = d.get("idx")
-        if idx is None:
-            symbol_ids = tuple(tuple(range(n)) for n in sizes)
+        if idx is None:  # no config ids: within-level indices, terminals by their ids
+            symbol_ids = tuple(tuple(range(n)) for n in sizes[:-1]) + (tuple(range(1, num_sym + 1)),)
         else:
             symbol_ids = tuple(tuple(int(v) for v in level) for level in idx)
+            if [len(level) for level in symbol_ids] != sizes:
+                raise ValueError(f"CFG {name!r}: 'idx' has {[len(level) for level in symbol_ids]} ids per level, "
+                                 f"'sizes' says {sizes}")
         return cls(name=name, depth=depth, num_sym=num_sym, eos_id=int(d["eos_token"]), rules=tuple(rules),
                    symbol_ids=symbol_ids)
 
@@ -615,7 +622,7 @@ class _BitTable:
 
 
 def _bit_concat(a: _BitTable, b: _BitTable, max_len: int) -> _BitTable:
-    """Table of ``a b``: start ``p`` derives length ``la + lb`` iff ``a`` derives ``[p, p+la)`` and ``b`` ``[p+la, ..)``."""
+    """Table of ``a b``: start ``p`` has length ``la + lb`` iff ``a`` derives ``[p, p+la)`` and ``b`` ``[p+la, ..)``."""
     lo = a.lo + b.lo
     hi = min(a.lo + a.rows - 1 + b.lo + b.rows - 1, max_len)
     out = _BitTable.empty(lo, hi, a.bits.shape[1])

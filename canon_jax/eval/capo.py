@@ -15,6 +15,9 @@ because it is a function of the company and carries no extra bits):
 * ``bits_accuracy = Σ_a N · value_accuracy[a] · log2|V_a|`` — a cruder, accuracy-scaled variant.
 
 ``bits_per_param_*`` divide by ``num_params`` when given.  Estimates from ``num_samples`` < N people are scaled to N.
+
+Pure-Python reference checker: :func:`check_attribute` (is a value, as words, the person's attribute in the people
+table?) — the tests decode the model's greedy value tokens and compare it with the evaluator's per-attribute scores.
 """
 from __future__ import annotations
 
@@ -22,11 +25,24 @@ import math
 
 import numpy as np
 
-from canon_jax.data.capo import attribute_values
+from canon_jax.data.capo import attribute_values, tokenize
 from canon_jax.eval import common
 
 BIT_ATTRIBUTES = ("birthyear", "birthmonth", "birthday", "birthcity", "university", "field", "company1name")
 ALL_ATTRIBUTES = BIT_ATTRIBUTES + ("company1city",)
+
+
+def check_attribute(task, person: int, attribute: str, words) -> bool:
+    """True iff ``words`` (a list of word strings, or one string) is exactly person ``person``'s ``attribute`` value
+    in ``task``'s people table; anything else (other values, extra or missing words, non-strings) is False."""
+    if attribute not in ALL_ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; valid attributes: {list(ALL_ATTRIBUTES)}")
+    if isinstance(words, str):
+        words = tokenize(words)
+    try:
+        return [str(w) for w in words] == tokenize(task.person(int(person))[attribute])
+    except TypeError:
+        return False
 
 
 def value_sizes() -> dict[str, int]:

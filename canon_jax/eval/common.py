@@ -9,9 +9,14 @@ Models are passed as plain functions:
 
 Every call uses the same ``[batch_size, L]`` shape (short batches are filled with copies of their first row and the
 extra rows ignored) so that a jitted model compiles once per evaluation.
+
+Malformed model outputs never crash an evaluation: logits of the wrong shape or a non-numeric type, generations of
+the wrong shape or dtype, NaNs and out-of-vocabulary ids are scored wrong (a ``RuntimeWarning`` names the shape
+problem, so a mis-wired model is not silently scored zero).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,9 +54,11 @@ def teacher_forced(logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: 
         for r in range(batch_size):
             s = chunk[r] if r < len(chunk) else chunk[0]
             x[r, :len(s)] = s
-        logits = np.asarray(logits_fn(x))
-        if logits.ndim != 3 or logits.shape[:2] != (batch_size, length):
-            raise ValueError(f"logits_fn returned shape {logits.shape}; expected [{batch_size}, {length}, vocab]")
+        logits = _as_logits(logits_fn(x), (batch_size, length))
+        if logits is None:  # malformed: every row of this batch is scored wrong
+            for s in chunk:
+                out.append((np.full(len(s), -1, np.int64), np.full(len(s) - 1, -np.inf) if logprobs else None))
+            continue
         am = np.argmax(logits, axis=-1)
         for r, s in enumerate(chunk):
             n = len(s)
@@ -65,6 +72,24 @@ def teacher_forced(logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: 
                 lp = np.where(np.isnan(lp), -np.inf, lp)
             out.append((am[r, :n], lp))
     return out
+
+
+def _as_logits(y, lead_shape: tuple[int, int]) -> np.ndarray | None:
+    """``y`` as a float array ``[*lead_shape, V]`` (V >= 1), or None (with a warning) if it is not one."""
+    try:
+        arr = np.asarray(y)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"dtype {arr.dtype}")
+        arr = arr.astype(np.float64, copy=False) if arr.dtype.kind != "f" else arr
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"logits_fn returned a non-numeric output ({e}); the batch is scored wrong", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    if arr.ndim != 3 or arr.shape[:2] != tuple(lead_shape) or arr.shape[2] < 1:
+        warnings.warn(f"logits_fn returned shape {arr.shape}; expected [{lead_shape[0]}, {lead_shape[1]}, vocab]: "
+                      f"the batch is scored wrong", RuntimeWarning, stacklevel=3)
+        return None
+    return arr
 
 
 def generate(generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size: int, max_new_tokens: int,
@@ -88,7 +113,13 @@ def generate(generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size:
             p = chunk[r] if r < len(chunk) else chunk[0]
             x[r, length - len(p):] = p
             mask[r, length - len(p):] = True
-        y = np.asarray(generate_fn(x, mask, max_new_tokens, jax.random.fold_in(key, bi)))
+        try:
+            y = np.asarray(generate_fn(x, mask, max_new_tokens, jax.random.fold_in(key, bi)))
+        except (TypeError, ValueError):  # e.g. ragged rows: not an array at all
+            y = np.zeros(0)
+        if y.ndim != 2 or y.shape != (batch_size, max_new_tokens):
+            warnings.warn(f"generate_fn returned shape {y.shape}; expected [{batch_size}, {max_new_tokens}]: the "
+                          f"batch is scored wrong", RuntimeWarning, stacklevel=2)
         for r in range(len(chunk)):
             row = y[r] if (y.ndim == 2 and y.shape[0] == batch_size) else np.zeros(0)
             if not np.issubdtype(row.dtype, np.integer) or row.shape != (max_new_tokens,):

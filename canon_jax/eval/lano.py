@@ -31,6 +31,7 @@ Which strings the KL is measured on (``kl_on``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -170,7 +171,7 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]
 def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, Mapping], max_new_tokens: int,
                   generate_fn: Optional[GenerateFn] = None, logits_fn: Optional[LogitsFn] = None,
                   num_samples: int = 256, batch_size: int = 32, seed: int = 0, kl_on: Optional[str] = None,
-                  kl_epsilon: float = 0.0, length_multiple: int = 128) -> dict:
+                  kl_epsilon: float = 0.0, length_multiple: int = 128, max_length: Optional[int] = None) -> dict:
     """Generation accuracy and KL(true || model) of a model on a Lano grammar.
 
     Args:
@@ -189,6 +190,9 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
         functions are given, else ``"grammar"``.
       kl_epsilon: KL smoothing (0 = exact; see the module docstring).
       length_multiple: padding multiple of the ``logits_fn`` sequence length.
+      max_length: the model's context (BOS included), or None. Longer strings are scored on their first
+        ``max_length`` positions only, which is exact for those positions (row ``t`` of the true distribution depends
+        only on the prefix ``w[:t]``), so the KL stays unbiased per position.
     Returns:
       dict with ``cfg``; with ``generate_fn``: ``num_generated``, ``gen_accuracy``, ``num_accepted``,
       ``num_no_eos``, ``num_foreign``, ``mean_generated_length`` (accepted strings; absent if none); with
@@ -200,7 +204,7 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
     if generate_fn is None and logits_fn is None:
         raise ValueError("evaluate_lano: give generate_fn, logits_fn or both")
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
-                        ("length_multiple", length_multiple)):
+                        ("length_multiple", length_multiple), ("max_length", 1 if max_length is None else max_length)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"evaluate_lano: {name} must be a positive int, got {value!r}")
     if kl_on is None:
@@ -217,9 +221,10 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
     if logits_fn is not None:
         if kl_on in ("grammar", "both"):
             strings = cfg.sample_batch(np.random.default_rng(seed), num_samples)
-            result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple, "kl"))
+            result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple, max_length,
+                              "kl"))
         if kl_on in ("generated", "both"):
-            result.update(_kl(cfg, tmap, logits_fn, accepted, batch_size, kl_epsilon, length_multiple,
+            result.update(_kl(cfg, tmap, logits_fn, accepted, batch_size, kl_epsilon, length_multiple, max_length,
                               "kl_generated"))
     return result
 
@@ -232,10 +237,14 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
     for b, start in enumerate(range(0, num_samples, batch_size)):
         prompts = np.full((batch_size, 1), tmap.bos_id, np.int32)
         mask = np.ones((batch_size, 1), bool)
-        out = np.asarray(generate_fn(prompts, mask, max_new_tokens, jax.random.fold_in(base_key, b)))
-        if out.ndim != 2 or out.shape[0] != batch_size:
-            raise ValueError(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
-                             f"{out.shape}")
+        try:
+            out = np.asarray(generate_fn(prompts, mask, max_new_tokens, jax.random.fold_in(base_key, b)))
+        except (TypeError, ValueError):  # e.g. ragged rows: not an array
+            out = np.zeros(0)
+        if out.ndim != 2 or out.shape[0] != batch_size:  # malformed: every row of the batch is invalid
+            warnings.warn(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
+                          f"{out.shape}; the batch is scored invalid", RuntimeWarning, stacklevel=3)
+            out = np.full((batch_size, max_new_tokens), -1, np.int64)
         out = out[: min(batch_size, num_samples - start)]
         if not np.issubdtype(out.dtype, np.integer):  # not token ids at all: every row is malformed
             out = np.full(out.shape, -1, np.int64)
@@ -259,26 +268,37 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
     return accepted
 
 
-def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, prefix):
+def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, max_length, prefix):
     per_string, pooled_sum, pooled_n = [], 0.0, 0
     cols = tmap.columns
+    if max_length is not None:  # [BOS] + max_length - 1 tokens: rows 0 .. max_length - 1
+        strings = [s[: max_length - 1] for s in strings]
     for start in range(0, len(strings), batch_size):
         chunk = strings[start:start + batch_size]
         longest = max(len(s) for s in chunk) + 1
         length = -(-longest // length_multiple) * length_multiple
+        if max_length is not None:
+            length = min(length, max_length)
         tokens = np.full((batch_size, length), tmap.eos_id, np.int32)
         for r, s in enumerate(chunk):
             tokens[r, 0] = tmap.bos_id
             tokens[r, 1: len(s) + 1] = tmap.encode(s)
-        logits = np.asarray(logits_fn(tokens))
-        if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
-            raise ValueError(f"evaluate_lano: logits_fn must return [batch, length, vocab] for tokens of shape "
-                             f"{tokens.shape}, got {logits.shape}")
-        if logits.shape[2] <= cols.max():
-            raise ValueError(f"evaluate_lano: logits have vocab size {logits.shape[2]} but token_map uses id "
-                             f"{int(cols.max())}")
+        try:
+            logits = np.asarray(logits_fn(tokens), dtype=np.float64)
+        except (TypeError, ValueError):
+            logits = np.zeros(0)
+        if logits.ndim != 3 or logits.shape[:2] != tokens.shape or logits.shape[2] <= cols.max():
+            # malformed (wrong shape, too few vocabulary columns, not numbers): infinitely far from the truth
+            warnings.warn(f"evaluate_lano: logits_fn must return [batch, length, vocab > {int(cols.max())}] for "
+                          f"tokens of shape {tokens.shape}, got {logits.shape}; KL = inf for the batch",
+                          RuntimeWarning, stacklevel=3)
+            for s in chunk:
+                per_string.append(math.inf)
+                pooled_sum += math.inf
+                pooled_n += len(s) + 1
+            continue
         for r, s in enumerate(chunk):
-            true = cfg.next_token_logprobs(s)  # [n + 1, 1 + num_sym]
+            true = cfg.next_token_logprobs(s)  # [n + 1, 1 + num_sym]; rows depend only on their prefix
             kl = kl_true_vs_model(true, logits[r, : len(s) + 1][:, cols].astype(np.float64), epsilon=epsilon)
             per_string.append(float(kl.mean()))
             pooled_sum += float(kl.sum())

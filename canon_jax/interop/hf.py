@@ -81,7 +81,8 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
 def hf_config_from_model_config(config: ModelConfig) -> dict:
     """The LlamaCanon ``config.json`` dict (HF field names of SPEC A.4) for an ``arch="llama"`` config."""
     if config.arch != "llama":
-        raise CheckpointError(f"hf_config_from_model_config: only arch='llama' has an HF LlamaCanon form, got {config.arch!r}")
+        raise CheckpointError("hf_config_from_model_config: only arch='llama' has an HF LlamaCanon form, "
+                              f"got {config.arch!r}")
     hf = {
         "architectures": ["LlamaCanonForCausalLM"], "model_type": "LlamaCanon",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
@@ -158,12 +159,14 @@ def _expected_shapes(config: ModelConfig) -> dict:
         out[hf_name] = _to_hf(np.empty(flat[path].shape, np.float32), kind).shape
     for i in range(config.num_layers):
         for name, (path, kind) in _layer_map(config).items():
-            out[f"model.layers.{i}.{name}"] = _to_hf(np.empty(flat[(f"layers_{i}",) + path].shape, np.float32), kind).shape
+            shape = flat[(f"layers_{i}",) + path].shape
+            out[f"model.layers.{i}.{name}"] = _to_hf(np.empty(shape, np.float32), kind).shape
     return out
 
 
 def _global_map(config: ModelConfig) -> dict:
-    m = {"model.embed_tokens.weight": (("embed", "embedding"), "vec"), "model.norm.weight": (("final_norm", "scale"), "vec")}
+    m = {"model.embed_tokens.weight": (("embed", "embedding"), "vec"),
+         "model.norm.weight": (("final_norm", "scale"), "vec")}
     if not config.tie_embeddings:
         m["lm_head.weight"] = (("lm_head", "kernel"), "linear")
     return m
@@ -187,7 +190,8 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: dict) -> dict:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
-                              f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, tied={config.tie_embeddings})")
+                              f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
+                              f"tied={config.tie_embeddings})")
     for n, shape in expected.items():
         if tuple(tensors[n].shape) != tuple(shape):
             raise CheckpointError(f"tensor {n}: expected shape {tuple(shape)}, found {tuple(tensors[n].shape)}")
@@ -216,7 +220,8 @@ def hf_state_dict_from_params(config: ModelConfig, params) -> dict:
     flat = flatten_dict(nn.unbox(params))
     out = {}
     for hf_name, (path, kind) in _global_map(config).items():
-        out[hf_name] = _to_hf(np.asarray(flat[path], np.float32), kind)
+        # safetensors writes the raw buffer: a transposed view must be made contiguous first
+        out[hf_name] = np.ascontiguousarray(_to_hf(np.asarray(flat[path], np.float32), kind))
     for i in range(config.num_layers):
         for name, (path, kind) in _layer_map(config).items():
             a = flat[("layers",) + path][i] if config.scan_layers else flat[(f"layers_{i}",) + path]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.mlp import compute_dtype, make_canon, mask_inputs, weight_init
+from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_split_canon, mask_inputs, weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.layers.rope import apply_rope
 
@@ -68,17 +68,19 @@ class Attention(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
                             kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
 
-        q = dense(h * hd, ("embed", "heads"), d, "q_proj")(x)
-        k = dense(kvh * hd, ("embed", "kv_heads"), d, "k_proj")(x)
-        v = dense(kvh * hd, ("embed", "kv_heads"), d, "v_proj")(x)
-        if cfg.qk_norm:
+        def proj(width, axis, name):
+            return fused_projection(x, [Kernel((d, width), ("embed", axis), weight_init(cfg, d), pdt, name=name)()], dt)
+
+        q = proj(h * hd, "heads", "q_proj")
+        k = proj(kvh * hd, "kv_heads", "k_proj")
+        v = proj(kvh * hd, "kv_heads", "v_proj")
+        if cfg.qk_norm:  # over the whole q and k projections (one weight each), before Canon-B
             q = RMSNorm(cfg.norm_eps, "heads", pdt, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
         seg = segment_ids if cfg.segment_aware else None
-        if cfg.has_canon("B"):
-            qkv = jnp.concatenate([q, k, v], axis=-1)
-            qkv = make_canon(cfg, "qkv", "canon_b")(mask_inputs(qkv, token_mask), segment_ids=seg, decode=decode)
-            q, k, v = qkv[..., :h * hd], qkv[..., h * hd:(h + kvh) * hd], qkv[..., (h + kvh) * hd:]
+        if cfg.has_canon("B"):  # Canon-B on concat(q, k, v), computed part by part (see SplitCanon)
+            q, k, v = make_split_canon(cfg, "qkv", "canon_b")([mask_inputs(a, token_mask) for a in (q, k, v)],
+                                                              segment_ids=seg, decode=decode)
         q = q.reshape(b, t, h, hd)
         k = k.reshape(b, t, kvh, hd)
         v = v.reshape(b, t, kvh, hd)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import Canon
+from canon_jax.layers.canon import Canon, canon_kernel_init
+from canon_jax.ops.conv import causal_conv1d
 
-__all__ = ["MLP", "weight_init", "make_canon", "compute_dtype"]
+__all__ = ["MLP", "Kernel", "SplitCanon", "weight_init", "make_canon", "make_split_canon", "compute_dtype",
+           "fused_projection"]
 
 
 def compute_dtype(config: ModelConfig):
@@ -31,6 +33,93 @@ def make_canon(config: ModelConfig, channel_axis: str, name: str) -> Canon:
                  activation="silu" if config.canon_activation else None, use_bias=config.canon_bias,
                  channel_axis=channel_axis, param_dtype=jnp.dtype(config.param_dtype), impl=config.kernel_impl,
                  name=name)
+
+
+class SplitCanon(nn.Module):
+    """A Canon layer over ``concat(parts, -1)`` that never materialises the concatenation.
+
+    Same parameters (``kernel: [K, sum(C_i)]``, optional ``bias``) and decode cache (``state: [batch, sum(C_i), K]``)
+    as :class:`canon_jax.layers.Canon` on the concatenated tensor, so checkpoints and caches are interchangeable.
+    A depthwise conv acts channel by channel, so convolving each part with its slice of the weight gives exactly the
+    same numbers; skipping the concat/split of ``[batch, time, C]`` activations (and their gradients) roughly halves
+    the Canon-B/D overhead of a training step on CPU (see docs/benchmarks.md, "Llama step").
+
+    ``__call__(parts, *, segment_ids=None, decode=False)`` with ``parts``: list of ``[batch, time, C_i]``; returns the
+    list of outputs (same shapes).
+    """
+
+    kernel_size: int = 4
+    residual: bool = True
+    activation: object = None
+    use_bias: bool = False
+    channel_axis: str = "qkv"
+    param_dtype: object = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, parts, *, segment_ids=None, decode: bool = False):
+        widths = [p.shape[-1] for p in parts]
+        total = sum(widths)
+        axes = ("conv_kernel", self.channel_axis)
+        weight = self.param("kernel", nn.with_logical_partitioning(canon_kernel_init, axes),
+                            (self.kernel_size, total), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
+                              (total,), self.param_dtype)
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        kw = dict(activation=self.activation, segment_ids=segment_ids, residual=self.residual, impl=self.impl)
+
+        def conv(i, x, initial_state=None, final=False):
+            o, c = offsets[i], widths[i]
+            return causal_conv1d(x, weight[:, o:o + c], bias=None if bias is None else bias[o:o + c],
+                                 initial_state=initial_state, return_final_state=final, **kw)
+
+        if not decode:
+            return [conv(i, x) for i, x in enumerate(parts)]
+        is_init = not self.has_variable("cache", "state")
+        state = self.variable("cache", "state", jnp.zeros, (parts[0].shape[0], total, self.kernel_size),
+                              parts[0].dtype)
+        if is_init:  # the init call only creates the cache
+            return [conv(i, x) for i, x in enumerate(parts)]
+        outs, finals = [], []
+        for i, x in enumerate(parts):
+            o, c = offsets[i], widths[i]
+            y, f = conv(i, x, state.value[:, o:o + c], final=True)
+            outs.append(y)
+            finals.append(f)
+        state.value = jnp.concatenate(finals, axis=1)
+        return outs
+
+
+def make_split_canon(config: ModelConfig, channel_axis: str, name: str) -> SplitCanon:
+    return SplitCanon(kernel_size=config.canon_kernel, residual=config.canon_residual,
+                      activation="silu" if config.canon_activation else None, use_bias=config.canon_bias,
+                      channel_axis=channel_axis, param_dtype=jnp.dtype(config.param_dtype), impl=config.kernel_impl,
+                      name=name)
+
+
+class Kernel(nn.Module):
+    """Holds one projection weight ``kernel: [in, out]`` (same param path as ``nn.Dense(name=...)``) and returns it.
+
+    Lets a layer use the raw weight, e.g. split the fused ``both_proj`` into its gate and up halves so that each half
+    is its own GEMM feeding :class:`SplitCanon` (no ``[batch, time, 2 * ffn]`` activation to slice).
+    """
+
+    shape: tuple
+    axes: tuple
+    init: object
+    param_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.with_logical_partitioning(self.init, self.axes), self.shape, self.param_dtype)
+
+
+def fused_projection(x, kernels, dtype):
+    """``x: [..., in]`` times ``concat(kernels, axis=1)`` -> ``[..., sum(out)]`` in ``dtype`` (one GEMM)."""
+    w = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
+    return jnp.dot(x.astype(dtype), w.astype(dtype))
 
 
 def mask_inputs(x, token_mask):
@@ -62,15 +151,17 @@ class MLP(nn.Module):
                             kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
 
         if self.fused:
-            gu = dense(2 * f, ("embed", "mlp"), d, "both_proj")(x)
+            w = Kernel((d, 2 * f), ("embed", "mlp"), weight_init(cfg, d), pdt, name="both_proj")()
+            g, u = fused_projection(x, [w[:, :f]], dt), fused_projection(x, [w[:, f:]], dt)
         else:
-            gu = jnp.concatenate([dense(f, ("embed", "mlp"), d, "gate_proj")(x),
-                                  dense(f, ("embed", "mlp"), d, "up_proj")(x)], axis=-1)
-        gu = nn.with_logical_constraint(gu, ("batch", "length", "mlp"))
-        if cfg.has_canon("D"):
+            g, u = (fused_projection(x, [Kernel((d, f), ("embed", "mlp"), weight_init(cfg, d), pdt, name=n)()], dt)
+                    for n in ("gate_proj", "up_proj"))
+        g = nn.with_logical_constraint(g, ("batch", "length", "mlp"))
+        u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
+        if cfg.has_canon("D"):  # Canon-D on concat(gate, up), computed part by part (see SplitCanon)
             seg = segment_ids if cfg.segment_aware else None
-            gu = make_canon(cfg, "mlp", "canon_d")(mask_inputs(gu, token_mask), segment_ids=seg, decode=decode)
-        g, u = gu[..., :f], gu[..., f:]
+            g, u = make_split_canon(cfg, "mlp", "canon_d")([mask_inputs(g, token_mask), mask_inputs(u, token_mask)],
+                                                           segment_ids=seg, decode=decode)
         h = nn.silu(g) * u
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(d, ("mlp", "embed"), f, "down_proj")(h)

@@ -43,5 +43,6 @@ def get_mixer(arch: str):
             raise ValueError(f"arch={arch!r}: its mixer module {_PROVIDERS[arch]!r} is not available ({e})") from e
     if arch not in _MIXERS:
         raise ValueError(f"arch={arch!r} has no registered mixer (registered: {registered_mixers()}); "
-                         f"call canon_jax.models.register_mixer({arch!r}, MixerClass) in {_PROVIDERS.get(arch, 'your module')}")
+                         f"call canon_jax.models.register_mixer({arch!r}, MixerClass) in "
+                         f"{_PROVIDERS.get(arch, 'your module')}")
     return _MIXERS[arch]

@@ -46,12 +46,45 @@ def _resolve(impl: str, op: str) -> tuple[bool, bool] | None:
 
 
 def short_conv(impl, x, weight, **kw):
+    """``y`` from the Pallas short-conv kernel, or ``None`` for the XLA path (``impl="xla"``, or ``"auto"`` on CPU
+    or when the device's kernel does not cover the call, e.g. segment ids on GPU)."""
     r = _resolve(impl, "causal_conv1d")
     if r is None:
         return None
     api = _pallas_api("pallas_kernels.short_conv", "causal_conv1d")
-    if not hasattr(api, "short_conv"):
-        if impl == "auto":
-            return None
-        raise NotImplementedError("causal_conv1d: pallas_kernels.short_conv.short_conv is not implemented yet")
+    if impl == "auto" and not api.supports(interpret=r[1], segment_ids=kw.get("segment_ids")):
+        return None
     return api.short_conv(x, weight, interpret=r[1], **kw)
+
+
+LINEAR_SCAN_OPS = ("gla", "ssd")
+
+
+def linear_scan(impl, op_name, *args, **kw):
+    """Routes a gated linear scan to the Pallas kernel, or returns ``None`` for the XLA path.
+
+    ``op_name="gla"``: ``args = (q, k, v, log_gate)``, keywords ``scale``, ``initial_state``, ``chunk_size``;
+    ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
+    Returns ``(out, final_state)`` exactly like ``pallas_kernels.linear_scan.gla`` / ``ssd``, or ``None``.
+    ``impl="auto"`` uses the kernel only on TPU: the Mosaic GPU scan does not lower yet (docs/kernels.md);
+    ``impl="pallas"`` on GPU raises ``NotImplementedError`` saying so.
+    """
+    if op_name not in LINEAR_SCAN_OPS:
+        raise ValueError(f"linear_scan: unknown op {op_name!r}; choose one of {LINEAR_SCAN_OPS}")
+    r = _resolve(impl, op_name)
+    if r is None:
+        return None
+    if impl == "auto" and accelerator_backend() != "tpu":
+        return None
+    api = _pallas_api("pallas_kernels.linear_scan", op_name)
+    return getattr(api, op_name)(*args, interpret=r[1], **kw)
+
+
+def gla(impl, q, k, v, log_gate, **kw):
+    """Hook called by ``canon_jax.ops.gla`` (``scale``, ``initial_state``, ``chunk_size`` keywords)."""
+    return linear_scan(impl, "gla", q, k, v, log_gate, **kw)
+
+
+def ssd(impl, x, dt, A, B, C, D=None, **kw):
+    """Hook called by ``canon_jax.ops.ssd`` (``initial_state``, ``chunk_size`` keywords)."""
+    return linear_scan(impl, "ssd", x, dt, A, B, C, D, **kw)

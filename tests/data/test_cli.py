@@ -53,6 +53,15 @@ def test_show_and_errors(capsys):
         main(["show", "depo1", "--set", "N=5", "--set", "K=5"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["show", "depo1", "--set", "N"])
+    # the impossible parameters, through the CLI: N < 3, L < 1, an unknown cfg (valid ones listed)
+    with pytest.raises(SystemExit, match="N must be >= 3"):
+        main(["dump", "brevo1", "--set", "N=2", "--out", "-"])
+    with pytest.raises(SystemExit, match=r"L \(number of operations\) must be >= 1"):
+        main(["dump", "mano", "--set", "L=0", "--out", "-"])
+    with pytest.raises(SystemExit, match=r"unknown cfg 'cfg3z'; valid cfgs: \['cfg3b'"):
+        main(["show", "lano", "--set", "cfg=cfg3z"])
+    with pytest.raises(SystemExit, match="expects int"):
+        main(["show", "mano", "--set", "L=ten"])
     assert main(["vocab", "depo1", "mano"]) == 0
     assert "vocab_size" in capsys.readouterr().out
 

@@ -119,6 +119,29 @@ def test_pipeline_resume_is_exact():
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert state["pending"], "the state should carry the sample that did not fit (resume is not trivial)"
+    assert state["parent"]["consumed"], "the state should be inside a read chunk (resume is not trivial)"
+
+
+def test_read_chunk_does_not_change_batches_and_getitems_matches_getitem():
+    ref = [next(it) for it in [iter(make_dataset(_cfg(read_chunk=1), split="train", batch_size=2))] for _ in range(4)]
+    for chunk in (7, 64):
+        it = iter(make_dataset(_cfg(read_chunk=chunk), split="train", batch_size=2))
+        for a in ref:
+            b = next(it)
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    # the batched read (vectorised Mano, blocked Lano) equals element-wise reads, in any index order
+    cfg = _cfg(tasks=[TaskSpec("mano", 2.0, {"L": 5}), TaskSpec("lano", 1.0, {"cfg": "cfg3b"}),
+                      TaskSpec("depo1", 1.0, {"N": 10, "K": 4})], shuffle_buffer=0)
+    ds = make_sample_dataset(cfg, split="train")
+    idx = [40, 3, 2 ** 40 + 1, 0, 17, 3] + list(range(1000, 1400, 2))  # > 128 Mano indices: vectorised call
+    got = ds._getitems(idx)
+    fresh = make_sample_dataset(cfg, split="train")
+    for j, g in zip(idx, got):
+        e = fresh[j]
+        assert np.array_equal(g["tokens"], e["tokens"]) and np.array_equal(g["labels"], e["labels"]), j
+    with pytest.raises(ValueError, match="read_chunk"):
+        _cfg(read_chunk=0)
 
 
 def test_process_sharding_partitions_the_stream():
@@ -164,7 +187,8 @@ def test_config_validation():
         DataConfig.from_dict({"seq_length": 5})
     with pytest.raises(ValueError, match="valid parameters"):
         make_dataset(DataConfig(tasks=[{"name": "mano", "params": {"LL": 3}}]), split="train", batch_size=1)
-    ds = make_dataset(_cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})]), split="test", batch_size=1)
+    ds = make_dataset(_cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})], read_chunk=4), split="test",
+                      batch_size=1)
     with pytest.raises(SampleTooLongError, match="does not fit"):
         next(iter(ds))
 
@@ -224,3 +248,45 @@ def test_presets_fit_their_windows():
             assert longest <= cfg.seq_len, (name, t.name, longest)
     with pytest.raises(ValueError, match="valid presets"):
         preset("cpu_depo9")
+
+
+def test_window_permute_handles_a_partial_last_window():
+    import grain
+
+    from canon_jax.data.pipeline import WindowPermuteMapDataset
+
+    ds = WindowPermuteMapDataset(grain.MapDataset.range(10), window_size=4, seed=3)
+    out = [ds[j] for j in range(len(ds))]
+    assert len(ds) == 10
+    # a permutation inside each window [0,4), [4,8), [8,10): nothing wraps to earlier elements
+    assert sorted(out[:4]) == [0, 1, 2, 3] and sorted(out[4:8]) == [4, 5, 6, 7] and sorted(out[8:]) == [8, 9]
+    assert out != list(range(10))
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+def test_capo_finite_stream_gives_exact_exposures():
+    """num_samples = num_people * exposures: each person's biography appears exactly `exposures` times, also when the
+    shuffle window does not divide the stream and across process shards; the packed batches keep every sample."""
+    N, E = 30, 3
+    spec = [{"name": "capo", "params": {"num_people": N, "exposures": E}}]
+    n = DataConfig(tasks=spec).capo_num_samples()
+    assert n == N * E
+    cfg = DataConfig(tasks=spec, seq_len=256, shuffle_buffer=64, num_samples=n)  # 64 does not divide 90
+    task = cfg.vocabulary().tasks[0]
+    persons = {tuple(task.sample(i, "train", 0).tokens.tolist()): task.person_of(i, "train", 0) for i in range(n)}
+    shards = [make_sample_dataset(cfg, split="train", process_index=p, process_count=2) for p in (0, 1)]
+    seen = [persons[tuple(ds[j]["tokens"].tolist())] for ds in shards for j in range(len(ds))]
+    assert len(seen) == n and np.bincount(seen, minlength=N).tolist() == [E] * N
+    batches = list(iter(make_dataset(cfg, split="train", batch_size=4)))
+    for b in batches:
+        chex.assert_shape([b["inputs"], b["loss_mask"], b["segment_ids"]], [(4, 256)] * 3)
+    # every sample is packed exactly once (segments counted per window); the filler windows are empty
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == n
+    last = batches[-1]
+    empty = last["segment_ids"].max(axis=1) == 0
+    assert empty.any() and (last["inputs"][empty] == PAD).all() and (last["loss_mask"][empty] == 0).all()
+    with pytest.raises(ValueError, match="only task is capo"):
+        DataConfig(tasks=spec + [{"name": "mano"}]).capo_num_samples()
+    with pytest.raises(ValueError, match="num_samples"):
+        DataConfig(tasks=spec, num_samples=0)

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 import scipy.stats
@@ -12,6 +13,7 @@ from canon_jax.data import BOS, EOS, NUM_SPECIAL, PAD, TASK_NAMES, get_task, tas
 from canon_jax.data.capo import (NUM_TEMPLATES, SENTENCE_KINDS, attribute_values, people_table, templates, tokenize,
                                  word_vocabulary)
 from canon_jax.eval.brevo import check_answer, prompt_of
+from canon_jax.data.rng import SplitMixRng, mix_key_continue, mix_keys_np, splitmix_uniform, splitmix_uniform_np
 from canon_jax.eval.mano import evaluate_prefix
 
 
@@ -190,6 +192,54 @@ def test_mano_answers_match_independent_evaluation(params):
     assert scipy.stats.chisquare(counts).pvalue > 1e-3
 
 
+def test_splitmix_stream_matches_published_reference():
+    """The counter-based stream is SplitMix64: its first outputs for seed 1234567 are the published reference values
+    (Rosetta Code "Pseudo-random numbers/Splitmix64"), so Mano's samples are the same on every machine."""
+    ref = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+           16408922859458223821]
+    want = [(r >> 11) * 2.0 ** -53 for r in ref]
+    assert [splitmix_uniform(1234567, j) for j in range(5)] == want
+    rng = SplitMixRng(1234567)
+    assert [rng.random() for _ in range(5)] == want
+    keys = np.array([1234567, 0, 2 ** 64 - 1], dtype=np.uint64)
+    u = splitmix_uniform_np(keys, 5)
+    chex.assert_shape(u, (3, 5))
+    assert u[0].tolist() == want
+    assert u[1:].tolist() == [[splitmix_uniform(int(k), j) for j in range(5)] for k in keys[1:]]
+    idx = np.array([0, 7, 2 ** 40 + 3])
+    assert mix_keys_np(99, idx).tolist() == [mix_key_continue(99, int(i)) for i in idx]
+
+
+@pytest.mark.parametrize("params", [{}, {"L": 3, "ops": "m", "knowledge_augment": False}, {"L": 1, "ops": "as"},
+                                    {"ops": "asmd"}, {"L": 6, "ops": "dm", "mod": 5}])
+def test_mano_vectorised_equals_scalar_path(params):
+    """The block generator reproduces the one-sample reference path exactly (any index, split, seed, offset;
+    with division, rows with zero-divisor redraws included)."""
+    for offset in (None, 300):
+        task = get_task("mano", offset=offset, **params)
+        task.block_size = 64
+        idx = list(range(0, 150)) + [1000, 10 ** 12 + 5, 63, 64, 65]
+        for split in ("train", "test"):
+            for i in idx:
+                a, b = task.sample(i, split, 3), task.sample_scalar(i, split, 3)
+                assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels), (split, i)
+                assert a.meta == b.meta and a.tokens.dtype == np.int32 and a.labels.dtype == np.int8
+        toks, lengths, ells, answers = task.generate_many(np.array([5, 1, 5]), "train", 3)
+        chex.assert_shape(toks, (3, 2 * task.params["L"] + 5))
+        chex.assert_shape([lengths, ells, answers], [(3,)] * 3)
+        assert np.array_equal(toks[0], toks[2]) and (toks[0, lengths[0]:] == PAD).all()
+        assert toks[1, :lengths[1]].tolist() == task.sample_scalar(1, "train", 3).tokens.tolist()
+    if "d" in params.get("ops", ""):  # the zero-divisor redraw case is among the compared indices
+        redrawn = 0
+        for i in range(150):
+            rng = SplitMixRng(task.key(i, "train", 3))
+            _, _, meta = task._generate(i, "train", rng, seed=3)
+            redrawn += rng._j > 2 + 2 * meta["L"] + 1  # more draws than nodes: a subtree was redrawn
+        assert redrawn >= 3, redrawn
+    with pytest.raises(ValueError, match=">= 0"):
+        get_task("mano").generate_many([-1])
+
+
 # ---------------------------------------------------------------------------------------------------------- Capo
 def test_capo_bios_state_exactly_the_attributes():
     task = get_task("capo", num_people=300, people_seed=4)
@@ -271,12 +321,39 @@ def test_lano_strings_accepted_by_grammar():
         get_task("lano", cfg="cfg9z")
 
 
+def test_lano_blocks_keep_samples_pure_functions_of_index():
+    """Sample i is row i % BLOCK of CFG.sample_batch seeded by its block's key: independent of access order, cache
+    state and vocabulary placement; blocks and splits differ."""
+    from canon_jax.data import lano as lano_mod
+    from canon_jax.data.rng import numpy_rng
+
+    B = lano_mod.BLOCK
+    task = get_task("lano", cfg="cfg3b")
+    idx = [0, 1, B - 1, B, 3 * B + 5, 10 ** 9 + 7]
+    fwd = [task.sample(i, "train", 4) for i in idx]
+    fresh = get_task("lano", cfg="cfg3b", offset=50)
+    fresh.cache_blocks = 1  # every call regenerates its block
+    rev = [fresh.sample(i, "train", 4) for i in reversed(idx)][::-1]
+    for i, a, b in zip(idx, fwd, rev):
+        assert fresh.to_official(b.tokens) == task.to_official(a.tokens)
+        b0 = i - i % B
+        g = numpy_rng(mix_key_continue(task.key(b0, "train", 4), lano_mod._BLOCK_TAG))
+        assert task.to_official(a.tokens)[1:-1] == task.cfg.sample_batch(g, B)[i % B]
+    assert len({tuple(s.tokens.tolist()) for s in fwd}) == len(fwd)
+    assert not np.array_equal(task.sample(0, "test", 4).tokens, fwd[0].tokens)
+    with pytest.raises(ValueError, match=">= 0"):
+        task.sample(-1)
+    with pytest.raises(ValueError, match="multiple of"):
+        task.block_strings(3, "train", 0)
+
+
 # ------------------------------------------------------------------------------------------------ determinism etc.
 _DIGEST_SCRIPT = """
 import hashlib, sys
 from canon_jax.data import get_task
 h = hashlib.sha256()
-for name, params in [("depo1", {"N": 30}), ("brevo2", {"N": 10}), ("mano", {}), ("capo", {"num_people": 20})]:
+for name, params in [("depo1", {"N": 30}), ("brevo2", {"N": 10}), ("mano", {}), ("capo", {"num_people": 20}),
+                     ("lano", {"cfg": "cfg3b"}), ("mano", {"ops": "asmd"})]:
     t = get_task(name, **params)
     for split in ("train", "test"):
         for i in (0, 5, 123456789):

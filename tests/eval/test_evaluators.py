@@ -127,9 +127,30 @@ def test_brevo_wrong_and_malformed_outputs_score_zero():
     rand = lambda p, m, n, k: rng.integers(-5, 40, (p.shape[0], n)).astype(np.int32)  # noqa: E731
     assert evaluate("brevo1", {"N": 25}, generate_fn=rand, num_samples=4, batch_size=4)["accuracy"] == 0.0
     short = lambda p, m, n, k: np.zeros((p.shape[0], 3), np.int32)  # noqa: E731  wrong width
-    assert evaluate("brevo1", {"N": 25}, generate_fn=short, num_samples=2, batch_size=2)["accuracy"] == 0.0
+    with pytest.warns(RuntimeWarning, match="scored wrong"):
+        assert evaluate("brevo1", {"N": 25}, generate_fn=short, num_samples=2, batch_size=2)["accuracy"] == 0.0
+    ragged = lambda p, m, n, k: [[1, 2], [3]]  # noqa: E731  not an array
+    with pytest.warns(RuntimeWarning, match="scored wrong"):
+        assert evaluate("brevo1", {"N": 25}, generate_fn=ragged, num_samples=2, batch_size=2)["accuracy"] == 0.0
     floats = lambda p, m, n, k: np.zeros((p.shape[0], n), np.float32)  # noqa: E731  wrong dtype
     assert evaluate("brevo1", {"N": 25}, generate_fn=floats, num_samples=2, batch_size=2)["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("name,params", [("depo1", {"N": 20}), ("mano", {"L": 4}), ("capo", {"num_people": 10})])
+def test_malformed_logits_are_scored_wrong_not_errors(name, params):
+    V = get_task(name, **params).vocab_end
+    for bad in (lambda x: np.zeros((x.shape[0], 3, V), np.float32),   # wrong length
+                lambda x: np.zeros(x.shape, np.float32),                # no vocabulary axis
+                lambda x: np.full(x.shape + (V,), "a"),                 # not numbers
+                lambda x: [[1.0], [2.0, 3.0]]):                          # ragged
+        with pytest.warns(RuntimeWarning, match="scored wrong"):
+            out = evaluate(name, params, logits_fn=bad, num_samples=3, batch_size=2)
+        acc = out["value_accuracy"] if name == "capo" else out["accuracy"]
+        assert acc == 0.0, (name, out)
+    # a vocabulary axis too small to hold the answer ids: wrong, no error
+    small = evaluate(name, params, logits_fn=lambda x: np.zeros(x.shape + (2,), np.float32), num_samples=2,
+                     batch_size=2)
+    assert (small["value_accuracy"] if name == "capo" else small["accuracy"]) == 0.0
 
 
 def test_capo_oracle_wrong_and_bits():
@@ -150,6 +171,47 @@ def test_capo_oracle_wrong_and_bits():
     uni = evaluate("capo", params, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32), num_samples=4,
                    batch_size=4)
     assert uni["loss_bits/birthyear"] == pytest.approx(math.log2(V)) and uni["bits_loss"] == 0.0
+
+
+def test_capo_per_attribute_scores_match_reference_checker():
+    """A model right on some attributes and wrong on others: the evaluator's per-attribute value accuracy equals a
+    loop that decodes the greedy value words and asks the reference checker ``check_attribute``."""
+    from canon_jax.eval.capo import ALL_ATTRIBUTES, check_attribute
+
+    params = {"num_people": 16}
+    task = get_task("capo", **params)
+    V = task.vocab_end
+    samples = [task.sample(i, "test", 0) for i in range(8)]
+    spans = {tuple(s.tokens.tolist()): s.meta["spans"] for s in samples}
+    broken = {"birthcity": 0, "university": 1, "birthyear": 0}  # attribute -> which value token is predicted wrong
+
+    def model(x):
+        out = _onehot_next(x, V)
+        for r, row in enumerate(x):
+            key = next((k for k in spans if list(k) == row[:len(k)].tolist()), None)
+            if key is None:
+                continue
+            for a, j in broken.items():
+                b, e = spans[key][a]
+                if j < e - b:  # corrupt the prediction of value token j (row b + j - 1 predicts token b + j)
+                    out[r, b + j - 1] = np.roll(out[r, b + j - 1], 1)
+        return out
+
+    res = evaluate("capo", params, logits_fn=model, num_samples=8, batch_size=3)
+    for a in ALL_ATTRIBUTES:
+        ref = []
+        for s in samples:
+            b, e = s.meta["spans"][a]
+            am = np.argmax(model(s.tokens[None])[0], -1)
+            words = [task.code_name(int(c)) for c in task.to_codes(am[b - 1:e - 1])]
+            ref.append(check_attribute(task, s.meta["person"], a, words))
+        assert res[f"value_accuracy/{a}"] == pytest.approx(np.mean(ref)), a
+    assert res["value_accuracy/birthcity"] == 0.0 and res["value_accuracy/field"] == 1.0
+    p0 = task.person(3)
+    assert check_attribute(task, 3, "birthcity", p0["birthcity"]) and not check_attribute(task, 3, "birthcity", "x")
+    assert not check_attribute(task, 3, "birthyear", [p0["birthyear"], "1"]) and not check_attribute(task, 3, "field", [])
+    with pytest.raises(ValueError, match="valid attributes"):
+        check_attribute(task, 3, "shoe_size", "9")
 
 
 def test_lano_registry_calls_lano_evaluator():

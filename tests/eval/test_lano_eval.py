@@ -59,6 +59,11 @@ def test_perfect_model_scores_one_and_zero_kl():
                          num_samples=3, batch_size=2, max_new_tokens=8, kl_epsilon=1e-5)
     assert out2["num_kl_strings"] == 3 and "gen_accuracy" not in out2 and "kl_generated" not in out2
     assert abs(out2["kl"]) < 1e-12
+    # A model with a 64-token context: strings are scored on their first 64 positions, still exactly.
+    seen = []
+    out3 = evaluate_lano("cfg3f", token_map=TMAP, logits_fn=lambda t: seen.append(t.shape) or logits(t),
+                         num_samples=3, batch_size=3, max_new_tokens=8, max_length=64, seed=5)
+    assert seen == [(3, 64)] and out3["num_kl_positions"] == 3 * 64 and abs(out3["kl"]) < 1e-12
 
 
 def test_uniform_model_low_accuracy_and_exact_kl():
@@ -159,6 +164,23 @@ def test_argument_errors():
         evaluate_lano("cfg3f", token_map=TMAP, logits_fn=fn, max_new_tokens=8, batch_size=0)
     with pytest.raises(ValueError, match="unknown grammar"):
         evaluate_lano("cfg0", token_map=TMAP, logits_fn=fn, max_new_tokens=8)
-    with pytest.raises(ValueError, match=r"generate_fn must return \[batch=2, N\]"):
-        evaluate_lano("cfg3f", token_map=TMAP, generate_fn=lambda p, m, n, r: np.zeros((1, n), np.int32),
-                      num_samples=2, batch_size=2, max_new_tokens=8)
+
+
+def test_malformed_output_shapes_are_scored_not_errors():
+    """Wrong-shaped or non-array generations are invalid strings; wrong-shaped logits (or too few vocabulary
+    columns, or non-numbers) give KL = inf for their batch; a RuntimeWarning names the problem."""
+    with pytest.warns(RuntimeWarning, match=r"generate_fn must return \[batch=2, N\]"):
+        out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, n, r: np.zeros((1, n), np.int32),
+                            num_samples=2, batch_size=2, max_new_tokens=8)
+    assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 2
+    with pytest.warns(RuntimeWarning):
+        out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, n, r: [[1, 2], [3]],
+                            num_samples=3, batch_size=2, max_new_tokens=8)
+    assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 3
+    for bad in (lambda t: np.zeros(t.shape + (4,)),          # vocabulary too small for the terminal ids
+                lambda t: np.zeros((1,) + t.shape[1:] + (VOCAB,)),  # wrong batch
+                lambda t: "not logits"):
+        with pytest.warns(RuntimeWarning, match="KL = inf"):
+            out = evaluate_lano("cfg3b", token_map=TMAP, logits_fn=bad, num_samples=3, batch_size=2,
+                                max_new_tokens=8)
+        assert out["kl"] == math.inf and out["num_kl_strings"] == 3

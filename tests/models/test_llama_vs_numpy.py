@@ -13,6 +13,7 @@ from canon_jax.config import ModelConfig
 from canon_jax.interop import load_hf_checkpoint, save_hf_checkpoint
 from canon_jax.models import CausalLM
 from tests.models import np_llama
+from tests.models.helpers import random_params
 
 TINY = dict(vocab_size=41, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
 
@@ -25,21 +26,6 @@ CASES = {
                                           canon_residual=False, canon_set="ABCD", tie_embeddings=True),
     "no_canon": dict(canon_set=""),
 }
-
-
-def random_params(model, seed):
-    """Random values for every parameter of ``model`` (norm scales around 1, so that no weight is trivially 1 or 0).
-
-    Shapes come from ``jax.eval_shape`` of the init: no compilation needed.
-    """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    leaves, tree = jax.tree.flatten(nn.unbox(shapes))
-    rng = np.random.default_rng(seed)
-    new = []
-    for a in leaves:
-        r = rng.normal(size=a.shape) * 0.3
-        new.append(jnp.asarray((1.0 + r) if a.ndim == 1 else r, jnp.float32))
-    return jax.tree.unflatten(tree, new)
 
 
 def write_random_checkpoint(tmp_path, config, seed=0):

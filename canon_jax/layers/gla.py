@@ -1,0 +1,135 @@
+"""GLA5: the gated-linear-attention mixer of Part 4.2, with Canon-b and Canon-B (SPEC A.3).
+
+``x: [batch, time, d]`` ->
+
+1. ``q = Wq x`` (d -> key_dim), ``k = Wk x`` (d -> key_dim), ``v = Wv x`` (d -> value_dim), no biases.
+2. Canon-b (``"b"`` in canon_set): q, k, v each through their own short conv (SiLU, no residual, no bias,
+   N(0, 0.02)); without ``b`` just SiLU. Canon-B (``"B"``): a residual Canon on ``concat[q, k, v]`` (the official code
+   cannot do this for GLA; canon-jax can).
+3. Forget gate: ``log_gate = logsigmoid(low_rank(x)) / gate_logit_normalizer`` per key channel (rank 16, bias on the
+   second factor).
+4. ``o = gla(q, k, v, log_gate)`` per head (scale ``head_k_dim ** -0.5``).
+5. Output gate: ``o = RMSNorm_head(o) * SiLU(low_rank(x))`` (norm weight ``[head_v_dim]`` shared by the heads),
+   then ``Wo`` (value_dim -> d).
+
+Masked tokens (``token_mask`` False, left padding) zero the conv inputs and get log-gate 0 and k = 0, i.e. an identity
+transition, so they influence no later token.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from canon_jax.config import ModelConfig
+from canon_jax.layers.canon import Canon
+from canon_jax.layers.lowrank import LowRankLinear, ShortConv, mask_tokens, normal_init, recurrent_cache, rms_norm
+from canon_jax.ops.gla import gla, gla_step
+
+
+try:  # the mixer registry belongs to the model package; the mixer itself also works without it
+    from canon_jax.models.registry import register_mixer
+except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
+    if e.name != "canon_jax.models.registry":
+        raise
+    register_mixer = None
+
+__all__ = ["GLAMixer", "check_linear_call", "project_qkv", "output_block"]
+
+
+def check_linear_call(cfg: ModelConfig, x, segment_ids, name: str):
+    if x.ndim != 3 or x.shape[-1] != cfg.hidden_size:
+        raise ValueError(f"{name}: x must be [batch, time, hidden_size={cfg.hidden_size}], got {x.shape}")
+    if cfg.segment_aware and segment_ids is not None:
+        raise NotImplementedError(
+            f"{name}: segment_aware=True would need the recurrent state reset at document starts, which the linear "
+            "mixers do not implement; use segment_aware=False (SPEC 0.9 default: run across boundaries)")
+
+
+def _dense(features, axes, cfg, name, init=None):
+    return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype),
+                    param_dtype=jnp.dtype(cfg.param_dtype),
+                    kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.initializer_range), axes))
+
+
+def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
+    """q, k, v projections + Canon-b (or SiLU) + Canon-B, shared by GLA5 and GDN2. Must be called from a compact
+    method (the submodules attach to the calling module). Returns ``[B, T, key_dim]`` x2 and ``[B, T, value_dim]``."""
+    q = _dense(cfg.key_dim, ("embed", "key"), cfg, "q_proj")(x)
+    k = _dense(cfg.key_dim, ("embed", "key"), cfg, "k_proj")(x)
+    v = _dense(cfg.value_dim, ("embed", "value"), cfg, "v_proj")(x)
+    seg = segment_ids if cfg.segment_aware else None
+    if cfg.has_canon("b"):
+        convs = []
+        for name, t, axis in (("q_conv1d", q, "key"), ("k_conv1d", k, "key"), ("v_conv1d", v, "value")):
+            conv = ShortConv(kernel_size=cfg.conv_size, residual=False, activation="silu", use_bias=False,
+                             channel_axis=axis, kernel_init=normal_init(cfg.initializer_range),
+                             param_dtype=jnp.dtype(cfg.param_dtype), impl=cfg.kernel_impl, name=name)
+            convs.append(conv(mask_tokens(t, token_mask), segment_ids=seg, decode=decode))
+        q, k, v = convs
+    else:
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+    if cfg.has_canon("B"):
+        canon = Canon(kernel_size=cfg.canon_kernel, residual=cfg.canon_residual,
+                      activation="silu" if cfg.canon_activation else None, use_bias=cfg.canon_bias,
+                      channel_axis="qkv", param_dtype=jnp.dtype(cfg.param_dtype), impl=cfg.kernel_impl,
+                      name="canon_b")
+        qkv = canon(mask_tokens(jnp.concatenate([q, k, v], axis=-1), token_mask), segment_ids=seg, decode=decode)
+        q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+    return q, k, v
+
+
+class GLAMixer(nn.Module):
+    """GLA5 token mixer: ``[batch, time, d] -> [batch, time, d]``. See the module docstring."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, *, segment_ids=None, positions=None, token_mask=None, decode: bool = False):
+        del positions  # position-free mixer
+        cfg = self.config
+        check_linear_call(cfg, x, segment_ids, "GLAMixer")
+        bsz, t, _ = x.shape
+        h = cfg.num_heads
+        dk, dv = cfg.key_dim // h, cfg.value_dim // h
+        q, k, v = project_qkv(cfg, x, segment_ids=segment_ids, token_mask=token_mask, decode=decode)
+        std = cfg.initializer_range ** 0.5 / cfg.gate_low_rank ** 0.25  # zeyuan_split_init
+        gk = LowRankLinear(cfg.key_dim, cfg.gate_low_rank, ("embed", "key"), use_bias=True, factor_std=std,
+                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="gk_proj")(x)
+        log_gate = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / cfg.gate_logit_normalizer
+        # identity transition at masked steps: no decay, no write
+        log_gate = mask_tokens(log_gate, token_mask)
+        k = mask_tokens(k, token_mask)
+        q, k, log_gate = (a.reshape(bsz, t, h, dk) for a in (q, k, log_gate))
+        v = v.reshape(bsz, t, h, dv)
+
+        cache, is_init = recurrent_cache(self, (bsz, h, dk, dv), decode)
+        if cache is not None and not is_init and t == 1:
+            o, state = gla_step(q[:, 0], k[:, 0], v[:, 0], log_gate[:, 0], cache.value)
+            o = o[:, None]
+        else:
+            o, state = gla(q, k, v, log_gate, initial_state=None if is_init else cache.value,
+                           chunk_size=cfg.linear_chunk_size, impl=cfg.kernel_impl)
+        if cache is not None and not is_init:
+            cache.value = state
+        return output_block(self, cfg, x, o)
+
+
+def output_block(module: nn.Module, cfg: ModelConfig, x, o):
+    """``Wo(RMSNorm_head(o) * SiLU(g))`` with the rank-``output_gate_rank`` gate ``g = low_rank(x)``;
+    ``o: [B, T, H, head_v_dim]`` -> ``[B, T, d]``. Called from a compact method (GLA5 and GDN2)."""
+    b, t, h, dv = o.shape
+    dtype = jnp.dtype(cfg.dtype)
+    pdt = jnp.dtype(cfg.param_dtype)
+    std = cfg.initializer_range ** 0.5 / cfg.output_gate_rank ** 0.25  # zeyuan_split_init
+    g = LowRankLinear(cfg.value_dim, cfg.output_gate_rank, ("embed", "value"), use_bias=True, factor_std=std,
+                      dtype=dtype, param_dtype=pdt, name="g_proj")(x)
+    norm_w = module.param("o_norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)),
+                               (dv,), pdt)
+    y = rms_norm(o, norm_w, cfg.norm_eps) * jax.nn.silu(g.astype(jnp.float32)).reshape(b, t, h, dv)
+    y = y.reshape(b, t, h * dv).astype(dtype)
+    return _dense(cfg.hidden_size, ("value", "embed"), cfg, "o_proj")(y)
+
+
+if register_mixer is not None:
+    register_mixer("gla", GLAMixer)

@@ -1,0 +1,99 @@
+"""Shared plumbing for the Pallas kernels: block sizes per backend, backend choice, compiler parameters."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import tpu as pltpu
+
+BACKENDS = ("tpu", "gpu")
+SCAN_LAYOUTS = ("auto", "time_major", "head_major")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the kernels.
+
+    Attributes:
+      block_t: rows (tokens) per short-conv tile; rounded up to the halo granularity (8 rows for 32-bit, 16 for
+        16-bit inputs) and down to the padded sequence length.
+      block_d: channels per short-conv tile; used when it divides the channel count, otherwise the whole channel
+        axis is one tile (small widths) or the channels are zero-padded to a multiple of it.
+      chunk: tokens per linear-scan chunk (the state is carried across chunks); ``None`` keeps the op's
+        ``chunk_size`` argument.
+      sub_chunk: tokens per secondary chunk inside a vector-gated (GLA) chunk: the intra-chunk decay factors are
+        formed against a reference point inside each sub-chunk pair so every exponent stays a non-positive
+        difference; the kernel uses ``gcd(chunk, sub_chunk)``.
+      scan_layout: ``"auto"`` | ``"time_major"`` | ``"head_major"``: the scan's operand layout (``ScanLayout``).
+        "auto" reads the callers' ``[B, T, H, D]`` in place (blocks along ``H*D``) on TPU when Dk and Dv are
+        multiples of 128, and transposes to ``[B, H, T, D]`` otherwise (and always on GPU).
+    """
+
+    block_t: int = 256
+    block_d: int = 512
+    chunk: Optional[int] = None
+    sub_chunk: int = 16
+    scan_layout: str = "auto"
+
+    def __post_init__(self):
+        for name in ("block_t", "block_d", "sub_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {v!r}")
+        if self.scan_layout not in SCAN_LAYOUTS:
+            raise ValueError(f"BlockSizes.scan_layout must be one of {SCAN_LAYOUTS}, got {self.scan_layout!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"BlockSizes.chunk must be None or a positive int, got {self.chunk!r}")
+
+    @classmethod
+    def default(cls, backend: str) -> "BlockSizes":
+        """Per-backend defaults.
+
+        TPU: large lane-dense tiles (VMEM is 16-128 MiB; every grid step costs ~0.35 us, so tiles of 256x512 f32
+        = 512 KiB keep the step overhead small). GPU (Mosaic GPU, H100): the conv tile must fit 227 KiB of shared
+        memory *with* the weight rows pre-broadcast to the tile height (see ``short_conv/gpu.py``), so 32x128.
+        """
+        if backend == "tpu":
+            return cls(block_t=256, block_d=512, sub_chunk=16)
+        if backend == "gpu":
+            return cls(block_t=32, block_d=128, sub_chunk=16)
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(backend: Optional[str], interpret: bool) -> str:
+    """Which kernel family to build: the named ``backend``, else the default device's, else (CPU) ``"tpu"`` in
+    interpret mode. Raises when a compiled kernel is asked for on a machine without TPU/GPU."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    if interpret:
+        return "tpu"
+    raise NotImplementedError(
+        f"Pallas kernels need a TPU or GPU (default backend is {platform!r}); pass interpret=True to run them "
+        "in interpret mode, or use the XLA implementation")
+
+
+def tpu_params(semantics):
+    return pltpu.CompilerParams(dimension_semantics=tuple(semantics))
+
+
+def gpu_params():
+    return plgpu.CompilerParams()
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def sublane_rows(dtype) -> int:
+    """Second-minor tile height of a TPU vreg for ``dtype`` (8 for 32-bit, 16 for 16-bit, 32 for 8-bit)."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)

@@ -1,0 +1,137 @@
+"""Public entry points: ``gla`` (vector gates) and ``ssd`` (Mamba2, scalar per-head gates) on one scan kernel."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import BlockSizes, resolve_backend, round_up
+from pallas_kernels.linear_scan.op import _Static, scan_op
+from pallas_kernels.linear_scan.tpu import ScanLayout
+
+
+def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    # The secondary chunk must divide the chunk: gcd(chunk, BlockSizes.sub_chunk).
+    sub = math.gcd(chunk, bs.sub_chunk)
+    # Short sequences shrink the chunk, to a multiple of 16 rows (a bf16 sublane tile on TPU) and of the sub-chunk.
+    chunk = min(chunk, round_up(t_len, math.lcm(sub, 16) if vector else 16))
+    return chunk, sub
+
+
+def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector, rep=1):
+    """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
+    [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
+    be = resolve_backend(backend, interpret)
+    if be == "gpu" and not interpret:
+        raise NotImplementedError(
+            "linear_scan: there is no Mosaic GPU scan kernel yet: the Pallas body does not lower with jax 0.10.2 "
+            "(no dot_general lowering in Mosaic GPU; 'Mosaic GPU kernel exceeds available shared memory' at "
+            "Dk=128, Dv=256); see docs/kernels.md. Use the XLA chunked path (canon_jax.ops impl='xla').")
+    bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
+    bsz, t_len, heads, dv = v.shape
+    dk = q.shape[-1]
+    chunk, sub = _plan(t_len, chunk_size, bs, vector)
+    tp = round_up(t_len, chunk)
+    time_major = be == "tpu" and (bs.scan_layout == "time_major" or (
+        bs.scan_layout == "auto" and dk % 128 == 0 and dv % 128 == 0))
+    if not time_major and rep > 1:
+        q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
+    # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
+    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
+    q, k, v, g = pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32))
+    if time_major:
+        flat = lambda a: a.reshape(bsz, tp, -1)
+        q, k, v = flat(q), flat(k), flat(v)
+        g = flat(g) if vector else jnp.swapaxes(g, 1, 2)[..., None]
+    else:
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+        g = jnp.swapaxes(g, 1, 2) if vector else jnp.swapaxes(g, 1, 2)[..., None]
+    layout = ScanLayout("time" if time_major else "head", heads, dk, dv, rep if time_major else 1)
+    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=interpret,
+                 layout=layout, scalar=not vector)
+    o, sf = scan_op(q, k, v, g, st0, st)
+    o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
+    return o[:, :t_len], sf
+
+
+def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,
+        interpret: bool = False, block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+    """Gated linear attention with per-key-channel gates.
+
+    ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``, ``o_t = (scale q_t)^T S_t`` per (batch, head).
+
+    Args:
+      q, k: ``[batch, time, heads, Dk]``; v: ``[batch, time, heads, Dv]``.
+      log_gate: ``[batch, time, heads, Dk]``, ``<= 0`` (log of the forget gate); accumulated in float32.
+      scale: query scale, default ``Dk ** -0.5``.
+      initial_state: optional ``[batch, heads, Dk, Dv]``.
+      chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
+      interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
+        ``pltpu.InterpretParams``).
+
+    Returns:
+      ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.
+    """
+    if q.ndim != 4 or 0 in q.shape or k.shape != q.shape or log_gate.shape != q.shape:
+        raise ValueError(f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
+                         f"q {q.shape}, k {k.shape}, log_gate {log_gate.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
+    bsz, _, heads, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (bsz, heads, dk, dv):
+        raise ValueError(f"gla: initial_state must be [batch, heads, Dk, Dv]={(bsz, heads, dk, dv)}, "
+                         f"got {initial_state.shape}")
+    scale = dk ** -0.5 if scale is None else scale
+    st0 = (jnp.zeros((bsz, heads, dv, dk), jnp.float32) if initial_state is None
+           else jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3))
+    o, sf = _run(q, k, v, log_gate, st0, scale=scale, chunk_size=chunk_size, interpret=interpret,
+                 block_sizes=block_sizes, backend=backend, vector=True)
+    return o, jnp.swapaxes(sf, 2, 3)
+
+
+def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, interpret: bool = False,
+        block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+    """Mamba2 state-space duality scan on the scalar-gate kernel.
+
+    ``h_t = exp(dt_t A_h) h_{t-1} + (dt_t x_t) B_t^T``, ``y_t = h_t C_t + D_h x_t`` per (batch, head).
+
+    Args:
+      x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (already softplus-ed, > 0); A: ``[heads]`` (< 0).
+      B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
+      D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
+
+    Returns:
+      ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.
+    """
+    if x.ndim != 4 or 0 in x.shape:
+        raise ValueError(f"ssd: x must be a non-empty [batch, time, heads, P], got {x.shape}")
+    bsz, t_len, heads, p = x.shape
+    if dt.shape != (bsz, t_len, heads):
+        raise ValueError(f"ssd: dt must be [batch, time, heads]={(bsz, t_len, heads)}, got {dt.shape}")
+    if A.shape != (heads,):
+        raise ValueError(f"ssd: A must be [heads]=({heads},), got {A.shape}")
+    if B.ndim != 4 or B.shape[:2] != (bsz, t_len) or C.shape != B.shape or heads % B.shape[2]:
+        raise ValueError(f"ssd: B and C must be [batch, time, groups, N] with heads % groups == 0, got B {B.shape}, "
+                         f"C {C.shape}, heads={heads}")
+    if D is not None and D.shape != (heads,):
+        raise ValueError(f"ssd: D must be [heads]=({heads},), got {D.shape}")
+    n = B.shape[-1]
+    if initial_state is not None and initial_state.shape != (bsz, heads, p, n):
+        raise ValueError(f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, "
+                         f"got {initial_state.shape}")
+    rep = heads // B.shape[2]
+    dtf = dt.astype(jnp.float32)
+    v = (dtf[..., None] * x.astype(jnp.float32)).astype(x.dtype)
+    g = dtf * A.astype(jnp.float32)  # scalar log-gate per (token, head)
+    st0 = (jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None
+           else initial_state.astype(jnp.float32))  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
+    y, sf = _run(C, B, v, g, st0, scale=1.0, chunk_size=chunk_size, interpret=interpret,
+                 block_sizes=block_sizes, backend=backend, vector=False, rep=rep)
+    if D is not None:
+        y = (y.astype(jnp.float32) + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(x.dtype)
+    return y, sf

@@ -1,0 +1,118 @@
+"""Mosaic GPU kernel for the short conv (H100-class; no Triton).
+
+Same tiling as ``tpu.py`` (grid ``(batch, channel_block, time_block)``, halo rows from a second BlockSpec, tile and
+halo staged in one float32 shared-memory buffer, tap ``s`` = a shifted window of it). Differences forced by the
+Mosaic GPU lowering in jax 0.10.2 (each found by ``jax.export(..., platforms=["cuda"])``):
+
+* A ``[block_d]`` weight row cannot be broadcast against a ``[block_t, block_d]`` tile loaded from shared memory
+  ("Incompatible FragmentedArray layouts" in lane semantics, "Layout inference failed to find a solution" in
+  warpgroup semantics), so the wrapper passes the weights pre-broadcast to ``[K, block_t, channels]`` (and the bias
+  to ``[block_t, channels]``): K·block_t·channels floats, read once per tile from L2.
+* Values of different dtypes loaded from shared memory get different strided layouts, so every operand is first
+  staged as float32 in shared memory (``jnp.concatenate`` is not lowered either).
+* Segment-id masks are not supported: a ``[B, T, 1]`` int32 mask operand fails the TMA rule "async_copy requires
+  all GMEM strides except the last one to be a multiple of 16 bytes", and a lane-vector mask cannot be broadcast
+  across the channel axis (first point). ``api.short_conv`` raises ``NotImplementedError`` for segment ids on GPU.
+* ``commit_smem`` (fence + warpgroup barrier) separates the staging writes from the shifted reads; it has no CPU
+  rule, so interpret mode skips it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import gpu_params
+
+
+def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_extra, activation, residual_x, interpret):
+    it = iter(refs)
+    x_ref, halo_ref = next(it), next(it)
+    halo0_ref = next(it) if has_halo0 else None
+    w_ref = next(it)
+    bias_ref = next(it) if has_bias else None
+    extra_ref = next(it) if has_extra else None
+    o_ref, buf, stage = next(it), next(it), next(it)
+    t = pl.program_id(2)
+    bd = x_ref.shape[-1]
+    if direction == "causal":
+        main, halo_at, edge = hrows, 0, t == 0
+    else:
+        main, halo_at, edge = 0, bt, t == nt - 1
+    buf[pl.ds(main, bt), :] = x_ref[...].astype(jnp.float32)
+
+    @pl.when(edge)
+    def _():
+        if has_halo0:
+            buf[pl.ds(halo_at, hrows), :] = halo0_ref[...].astype(jnp.float32)
+        else:
+            buf[pl.ds(halo_at, hrows), :] = jnp.zeros((hrows, bd), jnp.float32)
+
+    @pl.when(jnp.logical_not(edge))
+    def _():
+        buf[pl.ds(halo_at, hrows), :] = halo_ref[...].astype(jnp.float32)
+
+    if has_extra:
+        stage[...] = extra_ref[...].astype(jnp.float32)
+    if not interpret:
+        plgpu.commit_smem()
+    acc = jnp.zeros((bt, bd), jnp.float32)
+    for s in range(k):
+        start = main - s if direction == "causal" else s
+        acc = acc + buf[pl.ds(start, bt), :] * w_ref[k - 1 - s]
+    if has_bias:
+        acc = acc + bias_ref[...]
+    if activation == "silu":
+        acc = acc * jax.nn.sigmoid(acc)
+    if residual_x:
+        acc = acc + buf[pl.ds(main, bt), :]
+    if has_extra:
+        acc = acc + stage[...]
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual_x, out_dtype, bt, bd, hrows,
+              interpret):
+    """Same contract as ``tpu.conv_call`` except ``bits`` must be ``None`` (see the module docstring)."""
+    if bits is not None:
+        raise NotImplementedError("short_conv: the Mosaic GPU kernel does not support segment_ids (see gpu.py)")
+    bsz, tp, dp = x.shape
+    k = w.shape[0]
+    nt, nd = tp // bt, dp // bd
+    r = bt // hrows
+    tile = pl.BlockSpec((None, bt, bd), lambda b, d, t: (b, t, d))
+    if direction == "causal":
+        halo_idx = lambda b, d, t: (b, jnp.maximum(t * r - 1, 0), d)
+    else:
+        halo_idx = lambda b, d, t: (b, jnp.minimum((t + 1) * r, nt * r - 1), d)
+    in_specs = [tile, pl.BlockSpec((None, hrows, bd), halo_idx)]
+    args = [x, x]
+    if halo0 is not None:
+        in_specs.append(pl.BlockSpec((None, hrows, bd), lambda b, d, t: (b, 0, d)))
+        args.append(halo0)
+    in_specs.append(pl.BlockSpec((k, bt, bd), lambda b, d, t: (0, 0, d)))
+    args.append(jnp.broadcast_to(w[:, None, :], (k, bt, dp)))
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((bt, bd), lambda b, d, t: (0, d)))
+        args.append(jnp.broadcast_to(bias, (bt, dp)))
+    if extra is not None:
+        in_specs.append(tile)
+        args.append(extra)
+    kernel = functools.partial(
+        _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
+        has_bias=bias is not None, has_extra=extra is not None, activation=activation, residual_x=residual_x,
+        interpret=interpret)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, tp, dp), out_dtype),
+        grid=(bsz, nd, nt),
+        in_specs=in_specs,
+        out_specs=tile,
+        scratch_shapes=[plgpu.SMEM((bt + hrows, bd), jnp.float32), plgpu.SMEM((bt, bd), jnp.float32)],
+        compiler_params=gpu_params(),
+        interpret=interpret,
+        name=f"short_conv_{direction}",
+    )(*args)
