@@ -335,7 +335,8 @@ def _eval_table(results: dict) -> str:
         for k, v in rec.items():
             if k in ("step", "eval", "eval_seconds"):
                 continue
-            val = f"{v:.4f}" if isinstance(v, float) else str(v)
+            val = (str(int(v)) if float(v).is_integer() and "count" in k else f"{v:.4f}") if isinstance(v, float) \
+                else str(v)
             lines.append(f"| {name} | {k.split('/', 1)[-1]} | {val} |")
     return "\n".join(lines)
 
