@@ -1,0 +1,211 @@
+"""Grid of architectures x tasks x seeds: run (or print for a cluster), then collect a markdown table and heatmaps.
+
+    python -m experiments.sweep --config configs/sweeps/<file>.yaml [--print] [--collect-only] [--set k=v ...]
+
+Sweep YAML::
+
+    name: depo_canon
+    dir: runs/sweeps/depo_canon          # sweep directory (relative to the current directory)
+    base: [models/sizes/2L128.yaml]     # config files every run starts from (configs-root or sweep-file relative)
+    archs:  {llama_rope: models/llama_rope.yaml, llama_rope_canon: models/llama_rope_canon_abcd.yaml}
+    tasks:  {depo1: tasks/cpu_depo1.yaml}
+    seeds:  [0, 1]
+    overrides: [train.steps=300]        # applied to every run (then the command line's --set)
+    metrics: ["accuracy"]               # substrings selecting the eval metrics shown (default: "accuracy")
+
+Every run gets ``DIR/<arch>/<task>/seed<S>/run.yaml`` (``defaults:`` = base + arch + task, plus the overrides and
+``train.seed``/``data.seed`` = S) and trains with ``python -m experiments.train --config run.yaml --workdir
+<that dir>`` — re-running the sweep resumes unfinished runs. ``--print`` writes the run files and prints one command
+per line (for a cluster scheduler) without running anything. Results: ``DIR/results.md`` (mean ± std over seeds
+of each run's last evaluation), ``DIR/results.json`` and ``DIR/heatmaps/<task>.png`` (architectures x metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+
+from canon_jax.train.config import CONFIGS_ROOT, ConfigError, load_config
+from canon_jax.train.metrics import read_metrics
+
+SWEEP_KEYS = {"name", "dir", "base", "archs", "tasks", "seeds", "overrides", "metrics"}
+
+
+def load_sweep(path) -> dict:
+    path = pathlib.Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {unknown}; valid keys: {sorted(SWEEP_KEYS)}")
+    for key in ("archs", "tasks"):
+        if not isinstance(raw.get(key), dict) or not raw[key]:
+            raise ConfigError(f"{path}: {key} must be a non-empty mapping label -> config file")
+    raw.setdefault("name", path.stem)
+    raw.setdefault("dir", f"runs/sweeps/{raw['name']}")
+    raw.setdefault("base", [])
+    raw.setdefault("seeds", [0])
+    raw.setdefault("overrides", [])
+    raw.setdefault("metrics", ["accuracy"])
+
+    def resolve(ref):
+        for cand in (path.parent / ref, CONFIGS_ROOT / ref):
+            if cand.is_file():
+                return str(cand.resolve())
+        raise ConfigError(f"{path}: config file {ref!r} not found (looked in {path.parent} and {CONFIGS_ROOT})")
+
+    raw["base"] = [resolve(r) for r in raw["base"]]
+    raw["archs"] = {k: resolve(v) for k, v in raw["archs"].items()}
+    raw["tasks"] = {k: resolve(v) for k, v in raw["tasks"].items()}
+    return raw
+
+
+def plan(sweep: dict, extra_overrides=()) -> list[dict]:
+    """One entry per (arch, task, seed): its directory and run.yaml content; every config is validated here."""
+    runs = []
+    root = pathlib.Path(sweep["dir"]).absolute()
+    for arch, arch_file in sweep["archs"].items():
+        for task, task_file in sweep["tasks"].items():
+            for seed in sweep["seeds"]:
+                workdir = root / arch / task / f"seed{seed}"
+                overrides = list(sweep["overrides"]) + [f"train.seed={seed}", f"data.seed={seed}",
+                                                        f"name={sweep['name']}-{arch}-{task}-s{seed}"]
+                overrides += list(extra_overrides)
+                raw = {"defaults": sweep["base"] + [arch_file, task_file]}
+                runs.append({"arch": arch, "task": task, "seed": seed, "workdir": workdir, "raw": raw,
+                             "overrides": overrides})
+    return runs
+
+
+def _write_run_file(run) -> pathlib.Path:
+    """run.yaml = the composed defaults; the overrides are baked in as a nested mapping (validated first)."""
+    run["workdir"].mkdir(parents=True, exist_ok=True)
+    path = run["workdir"] / "run.yaml"
+    nested: dict = {}
+    for ov in run["overrides"]:
+        key, value = ov.split("=", 1)
+        cur = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    path.write_text(yaml.safe_dump({**run["raw"], **nested}, sort_keys=False))
+    load_config(path)  # fail fast, before anything runs
+    return path
+
+
+def command(run) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", "--config", str(run["workdir"] / "run.yaml"),
+            "--workdir", str(run["workdir"])]
+
+
+def _last_eval(workdir: pathlib.Path) -> dict:
+    out = {}
+    for r in read_metrics(workdir / "metrics.jsonl"):
+        if "eval" in r:
+            out.update({k: v for k, v in r.items() if k not in ("step", "eval", "eval_seconds")})
+            out["_step"] = r["step"]
+    return out
+
+
+def collect(sweep: dict, runs: list[dict]) -> dict:
+    """``{task: {"metrics": [...], "archs": {arch: {metric: [value per seed]}}}}`` from the runs' last evaluations."""
+    keep = sweep["metrics"]
+    res: dict = {}
+    for run in runs:
+        ev = _last_eval(run["workdir"])
+        t = res.setdefault(run["task"], {"metrics": [], "archs": {}})
+        row = t["archs"].setdefault(run["arch"], {})
+        for k, v in ev.items():
+            if k.startswith("_") or not isinstance(v, (int, float)) or not any(s in k for s in keep):
+                continue
+            name = k.split("/", 1)[-1]
+            if name not in t["metrics"]:
+                t["metrics"].append(name)
+            row.setdefault(name, []).append(float(v))
+    for t in res.values():
+        t["metrics"].sort(key=_metric_order)
+    return res
+
+
+def _metric_order(name: str):
+    # "accuracy" first, then per-k / per-attribute entries in numeric order (accuracy_k2 before accuracy_k16)
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (name != "accuracy", name.rstrip("0123456789"), int(digits) if digits else -1)
+
+
+def markdown(sweep: dict, res: dict) -> str:
+    lines = [f"# Sweep {sweep['name']}", "", "Mean ± std over seeds of each run's last evaluation.", ""]
+    for task, t in res.items():
+        lines += [f"## {task}", "", "| arch | " + " | ".join(t["metrics"]) + " |",
+                  "|---|" + "---|" * len(t["metrics"])]
+        for arch, row in t["archs"].items():
+            cells = []
+            for m in t["metrics"]:
+                vals = row.get(m, [])
+                cells.append("-" if not vals else (f"{np.mean(vals):.3f}" if len(vals) == 1
+                                                   else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"))
+            lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def draw_heatmaps(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
+    from experiments.plot import plot_heatmap
+
+    out = []
+    for task, t in res.items():
+        if not t["metrics"]:
+            continue
+        archs = list(t["archs"])
+        vals = np.array([[np.mean(t["archs"][a][m]) if t["archs"][a].get(m) else np.nan for m in t["metrics"]]
+                         for a in archs])
+        out.append(plot_heatmap(vals, archs, t["metrics"], f"{task} (mean over seeds)", root / "heatmaps" / f"{task}.png"))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--print", dest="print_only", action="store_true", help="write run files, print commands, exit")
+    p.add_argument("--collect-only", action="store_true", help="only rebuild results.md / heatmaps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        sweep = load_sweep(args.config)
+        runs = plan(sweep, args.overrides)
+        for run in runs:
+            _write_run_file(run)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_only:
+        for run in runs:
+            print(" ".join(command(run)))
+        return 0
+    failed = []
+    if not args.collect_only:
+        for i, run in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] {run['arch']} / {run['task']} / seed {run['seed']}", flush=True)
+            if subprocess.run(command(run)).returncode != 0:
+                failed.append(run)
+    root = pathlib.Path(sweep["dir"])
+    res = collect(sweep, runs)
+    (root / "results.json").write_text(json.dumps(res, indent=2))
+    (root / "results.md").write_text(markdown(sweep, res))
+    pngs = draw_heatmaps(res, root)
+    print((root / "results.md").read_text())
+    print("heatmaps:", ", ".join(str(x) for x in pngs))
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r['arch']}/{r['task']}/seed{r['seed']}" for r in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Sweep planning (--print), result collection into a markdown table and heatmap PNGs (no training here: the runs'
+metrics.jsonl files are written by the test)."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from experiments import sweep as sw
+from experiments.plot import plot_curves
+
+ROOT = pathlib.Path(__file__).parents[2]
+
+
+@pytest.fixture()
+def sweep_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "dir": str(tmp_path / "out"), "base": ["models/sizes/2L128.yaml"],
+        "archs": {"rope": "models/llama_rope.yaml", "rope_canon": "models/llama_rope_canon_abcd.yaml"},
+        "tasks": {"depo": "tasks/cpu_depo1.yaml", "mano": "tasks/cpu_mano.yaml"},
+        "seeds": [0, 1], "overrides": ["train.steps=5", "optim.warmup_steps=1"]}))
+    return path
+
+
+def test_print_writes_validated_run_files(sweep_file, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--print"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cmds = r.stdout.strip().splitlines()
+    assert len(cmds) == 2 * 2 * 2
+    assert all("-m experiments.train --config" in c for c in cmds)
+    from canon_jax.train.config import load_config
+
+    cfg = load_config(tmp_path / "out" / "rope_canon" / "mano" / "seed1" / "run.yaml")
+    assert (cfg.model.canon_set, cfg.model.num_layers, cfg.data.tasks[0].name) == ("ABCD", 2, "mano")
+    assert (cfg.train.seed, cfg.data.seed, cfg.train.steps) == (1, 1, 5)
+    assert not (tmp_path / "out" / "rope" / "depo" / "seed0" / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_bad_sweep_fails_fast(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"archs": {"a": "models/llama_rope.yaml"}, "tasks": {"d": "tasks/cpu_depo1.yaml"},
+                                    "seedz": [1]}))
+    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(path), "--print"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown sweep keys ['seedz']" in r.stderr
+
+
+def test_collect_table_and_heatmaps(sweep_file, tmp_path):
+    sweep = sw.load_sweep(sweep_file)
+    runs = sw.plan(sweep)
+    truth = {}
+    for run in runs:
+        acc = {"rope": 0.2, "rope_canon": 0.8}[run["arch"]] + 0.1 * run["seed"]
+        truth[(run["arch"], run["task"], run["seed"])] = acc
+        run["workdir"].mkdir(parents=True)
+        recs = [{"step": 5, "loss": 1.0, "lr": 0.1, "tokens_per_s": 1.0},
+                {"step": 5, "eval": run["task"], f"{run['task']}/accuracy": acc - 0.5, "eval_seconds": 1.0},
+                {"step": 5, "eval": run["task"], f"{run['task']}/accuracy": acc, f"{run['task']}/accuracy_k2": acc / 2,
+                 f"{run['task']}/count": 100, "eval_seconds": 1.0}]
+        (run["workdir"] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = sw.collect(sweep, runs)
+    assert res["depo"]["metrics"] == ["accuracy", "accuracy_k2"]  # "count" is not an accuracy metric
+    np.testing.assert_allclose(res["depo"]["archs"]["rope_canon"]["accuracy"], [0.8, 0.9])
+    md = sw.markdown(sweep, res)
+    assert "| rope_canon | 0.850 ± 0.050 | 0.425 ± 0.025 |" in md
+    pngs = sw.draw_heatmaps(res, tmp_path / "out")
+    assert [p.name for p in pngs] == ["depo.png", "mano.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = plot_curves([runs[0]["workdir"], runs[1]["workdir"]], tmp_path / "c.png")
+    assert curve.read_bytes()[:4] == b"\x89PNG"
