@@ -17,6 +17,7 @@ ARCHS = ("llama", "gla", "gdn", "mamba2")
 CANON_LETTERS = {"llama": "ABCD", "gla": "AbBCD", "gdn": "AbBCD", "mamba2": "AbBCD"}
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+INIT_SCHEMES = ("auto", "lingua", "hf", "torch")
 
 
 def _err(name, msg):
@@ -58,9 +59,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_version: str = "huggingface"  # "huggingface" (rotate-half) or "lingua" (interleaved pairs)
 
-    # initialisation: "lingua" (trunc-normal d^-1/2, what the released models used) or "hf" (N(0, initializer_range))
-    init_scheme: str = "lingua"
-    initializer_range: float = 0.02
+    # initialisation of embeddings, MLP and head (the linear mixers own their inits, SPEC A.3):
+    #   "lingua": trunc-normal fan^-1/2 (what the released Llama models used);
+    #   "hf":     N(0, initializer_range) (the official GLA5/GDN2 HF classes);
+    #   "torch":  PyTorch nn.Linear default U(+-1/sqrt(fan_in)), embedding N(0, initializer_range) (official Mamba2);
+    #   "auto":   the official choice for the arch: llama -> lingua, gla/gdn -> hf, mamba2 -> torch.
+    init_scheme: str = "auto"
+    initializer_range: Optional[float] = None  # None: 0.1 for mamba2 (official config default), else 0.02
 
     # linear models (SPEC A.3)
     expand_k: float = 1.0
@@ -128,8 +133,10 @@ class ModelConfig:
             raise _err("head_dim", f"full RoPE needs an even head_dim, got {self.head_size}")
         if not self.rope_theta > 0:
             raise _err("rope_theta", f"must be > 0, got {self.rope_theta}")
-        if self.init_scheme not in ("lingua", "hf"):
-            raise _err("init_scheme", f"must be 'lingua' or 'hf', got {self.init_scheme!r}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise _err("init_scheme", f"must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
+        if self.initializer_range is not None and not self.initializer_range > 0:
+            raise _err("initializer_range", f"must be > 0, got {self.initializer_range}")
         if self.dtype not in DTYPES:
             raise _err("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.param_dtype not in DTYPES:
@@ -186,6 +193,20 @@ class ModelConfig:
     @property
     def effective_rope_dim(self) -> int:
         return self.head_size if self.rope_dim is None else self.rope_dim
+
+    @property
+    def resolved_init_scheme(self) -> str:
+        """The init scheme after resolving ``"auto"`` to the official release's choice for ``arch``."""
+        if self.init_scheme != "auto":
+            return self.init_scheme
+        return {"llama": "lingua", "gla": "hf", "gdn": "hf", "mamba2": "torch"}[self.arch]
+
+    @property
+    def init_std(self) -> float:
+        """``initializer_range`` with its per-arch default (0.1 for Mamba2 as the official config, else 0.02)."""
+        if self.initializer_range is not None:
+            return self.initializer_range
+        return 0.1 if self.arch == "mamba2" else 0.02
 
     @property
     def key_dim(self) -> int:

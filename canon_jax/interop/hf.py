@@ -89,7 +89,7 @@ def hf_config_from_model_config(config: ModelConfig) -> dict:
         "intermediate_size": config.ffn_dim(), "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_size, "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
-        "initializer_range": config.initializer_range, "rms_norm_eps": config.norm_eps,
+        "initializer_range": config.init_std, "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings, "rope_theta": config.rope_theta, "rope_scaling": None,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
         "use_cache": True, "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",

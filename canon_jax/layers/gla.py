@@ -49,7 +49,7 @@ def check_linear_call(cfg: ModelConfig, x, segment_ids, name: str):
 def _dense(features, axes, cfg, name, init=None):
     return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype),
                     param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.initializer_range), axes))
+                    kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.init_std), axes))
 
 
 def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
@@ -63,7 +63,7 @@ def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
         convs = []
         for name, t, axis in (("q_conv1d", q, "key"), ("k_conv1d", k, "key"), ("v_conv1d", v, "value")):
             conv = ShortConv(kernel_size=cfg.conv_size, residual=False, activation="silu", use_bias=False,
-                             channel_axis=axis, kernel_init=normal_init(cfg.initializer_range),
+                             channel_axis=axis, kernel_init=normal_init(cfg.init_std),
                              param_dtype=jnp.dtype(cfg.param_dtype), impl=cfg.kernel_impl, name=name)
             convs.append(conv(mask_tokens(t, token_mask), segment_ids=seg, decode=decode))
         q, k, v = convs
@@ -93,7 +93,7 @@ class GLAMixer(nn.Module):
         h = cfg.num_heads
         dk, dv = cfg.key_dim // h, cfg.value_dim // h
         q, k, v = project_qkv(cfg, x, segment_ids=segment_ids, token_mask=token_mask, decode=decode)
-        std = cfg.initializer_range ** 0.5 / cfg.gate_low_rank ** 0.25  # zeyuan_split_init
+        std = cfg.init_std ** 0.5 / cfg.gate_low_rank ** 0.25  # zeyuan_split_init
         gk = LowRankLinear(cfg.key_dim, cfg.gate_low_rank, ("embed", "key"), use_bias=True, factor_std=std,
                            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="gk_proj")(x)
         log_gate = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / cfg.gate_logit_normalizer
@@ -121,7 +121,7 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     b, t, h, dv = o.shape
     dtype = jnp.dtype(cfg.dtype)
     pdt = jnp.dtype(cfg.param_dtype)
-    std = cfg.initializer_range ** 0.5 / cfg.output_gate_rank ** 0.25  # zeyuan_split_init
+    std = cfg.init_std ** 0.5 / cfg.output_gate_rank ** 0.25  # zeyuan_split_init
     g = LowRankLinear(cfg.value_dim, cfg.output_gate_rank, ("embed", "value"), use_bias=True, factor_std=std,
                       dtype=dtype, param_dtype=pdt, name="g_proj")(x)
     norm_w = module.param("o_norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)),

@@ -1,6 +1,7 @@
 """Gated SwiGLU MLP with the optional Canon-D (SPEC A.2), and the weight initialisers shared by the Llama layers."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -17,14 +18,26 @@ def compute_dtype(config: ModelConfig):
 
 
 def weight_init(config: ModelConfig, fan: int):
-    """Initialiser of a projection / embedding (SPEC A.2).
+    """Initialiser of a projection (``fan`` = its fan-in) or of the embedding/head (``fan`` = d) (SPEC A.2, A.3).
 
-    ``init_scheme="lingua"``: truncated normal with std ``fan^-1/2`` cut at +-3 std (``fan`` = d for q/k/v/o/w1/w3,
-    embedding and head; ffn width for w2). ``"hf"``: N(0, ``initializer_range``) for everything.
+    By ``config.resolved_init_scheme``: ``"lingua"`` truncated normal with std ``fan^-1/2`` cut at +-3 std;
+    ``"hf"`` N(0, ``init_std``); ``"torch"`` PyTorch's ``nn.Linear`` default U(-fan^-1/2, fan^-1/2).
     """
-    if config.init_scheme == "hf":
-        return nn.initializers.normal(config.initializer_range)
+    scheme = config.resolved_init_scheme
+    if scheme == "hf":
+        return nn.initializers.normal(config.init_std)
+    if scheme == "torch":
+        bound = fan ** -0.5
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
     return nn.initializers.truncated_normal(fan ** -0.5, lower=-3.0, upper=3.0)
+
+
+def embedding_init(config: ModelConfig):
+    """Token-embedding initialiser: lingua trunc-normal d^-1/2, else N(0, ``init_std``) (HF classes: 0.02 for
+    GLA5/GDN2 and Llama, 0.1 for Mamba2)."""
+    if config.resolved_init_scheme == "lingua":
+        return weight_init(config, config.hidden_size)
+    return nn.initializers.normal(config.init_std)
 
 
 def make_canon(config: ModelConfig, channel_axis: str, name: str) -> Canon:

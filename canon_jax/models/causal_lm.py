@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.mlp import compute_dtype, weight_init
+from canon_jax.layers.mlp import compute_dtype, embedding_init, weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.models.blocks import Block
 from canon_jax.models.registry import get_mixer
@@ -50,7 +50,7 @@ class CausalLM(nn.Module):
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
         d = cfg.hidden_size
         embed = nn.Embed(cfg.vocab_size, d, dtype=dt, param_dtype=pdt,
-                         embedding_init=nn.with_logical_partitioning(weight_init(cfg, d), ("vocab", "embed")),
+                         embedding_init=nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")),
                          name="embed")
         x = embed(input_ids.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -37,7 +37,7 @@ def saved(tmp_path):
 def test_round_trip_is_exact(saved):
     path, params = saved
     model, loaded = load_hf_checkpoint(str(path))
-    assert model.config == CFG.replace(init_scheme="hf")
+    assert model.config == CFG.replace(init_scheme="hf", initializer_range=CFG.init_std)
     chex.assert_trees_all_equal(loaded, params)
     _, scanned = load_hf_checkpoint(str(path), scan_layers=True)
     np.testing.assert_array_equal(np.asarray(scanned["layers"]["mlp"]["canon_d"]["kernel"][1]),

@@ -63,6 +63,33 @@ def test_init_schemes(scheme):
     assert np.abs(canon).max() <= 0.5 and np.abs(canon).max() > 0.45
 
 
+@pytest.mark.parametrize("arch,canon_set", [("llama", "ABCD"), ("gla", "AbCD"), ("gdn", "AbCD"), ("mamba2", "AbCD")])
+def test_auto_init_follows_the_official_release_per_arch(arch, canon_set):
+    """init_scheme="auto" (SPEC A.2/A.3): Llama lingua trunc-normal d^-1/2; GLA5/GDN2 HF N(0, 0.02); Mamba2 PyTorch
+    Linear default U(+-fan_in^-1/2) with embedding N(0, 0.1)."""
+    d, ffn = 128, 256
+    cfg = ModelConfig(arch=arch, vocab_size=256, hidden_size=d, num_layers=1, num_heads=2, intermediate_size=ffn,
+                      canon_set=canon_set, ssm_state_size=16)
+    assert cfg.init_scheme == "auto"
+    p = nn.unbox(jax.jit(CausalLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    mlp = p["layers_0"]["mlp"]
+    up = np.asarray(mlp["gate_proj"]["kernel"] if arch == "llama" else mlp["both_proj"]["kernel"])
+    down, emb, head = (np.asarray(a) for a in (mlp["down_proj"]["kernel"], p["embed"]["embedding"],
+                                               p["lm_head"]["kernel"]))
+    if arch == "llama":
+        for w, fan in ((up, d), (down, ffn), (emb, d), (head, d)):
+            np.testing.assert_allclose(w.std(), 0.98654 * fan ** -0.5, rtol=0.05)
+    elif arch in ("gla", "gdn"):
+        for w in (up, down, emb, head):
+            np.testing.assert_allclose(w.std(), 0.02, rtol=0.05)
+            assert np.abs(w).max() > 3.5 * 0.02  # a plain normal, not truncated
+    else:
+        for w, fan in ((up, d), (down, ffn), (head, d)):
+            assert np.abs(w).max() <= fan ** -0.5 and np.abs(w).max() > 0.98 * fan ** -0.5
+            np.testing.assert_allclose(w.std(), fan ** -0.5 / np.sqrt(3), rtol=0.05)
+        np.testing.assert_allclose(emb.std(), 0.1, rtol=0.05)
+
+
 def test_segment_aware_packing_equals_separate_documents():
     cfg = ModelConfig(**BASE, segment_aware=True)
     model = CausalLM(cfg)
