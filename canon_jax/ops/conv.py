@@ -11,6 +11,7 @@ Conventions (SPEC A.1, identical to the official release):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -44,16 +45,6 @@ def _check_args(x, weight, bias, activation, segment_ids, initial_state):
             f"causal_conv1d: initial_state must be [batch, channels, K]={(batch, channels, k)}, got {initial_state.shape}")
 
 
-def _history(x, initial_state, k):
-    """``[batch, K - 1 + time, channels]``: the K-1 preceding raw inputs (state or zeros) followed by x."""
-    batch, _, channels = x.shape
-    if initial_state is None:
-        prev = jnp.zeros((batch, k - 1, channels), x.dtype)
-    else:
-        prev = jnp.swapaxes(initial_state[:, :, 1:], 1, 2).astype(x.dtype)
-    return jnp.concatenate([prev, x], axis=1)
-
-
 def _final_state(x, initial_state, k):
     batch, _, channels = x.shape
     if initial_state is None:
@@ -64,30 +55,84 @@ def _final_state(x, initial_state, k):
     return jnp.swapaxes(full[:, -k:, :], 1, 2)
 
 
+def _silu_grad(pre):
+    sig = jax.nn.sigmoid(pre)
+    return sig * (1.0 + pre * (1.0 - sig))
+
+
+def _conv_forward(x, w, b, prev, masks, activation, residual):
+    """Float32 pre-activation and output. ``prev``: the ``K-1`` history rows; ``masks``: ``[K, B, T, 1]`` or None."""
+    k, t = w.shape[0], x.shape[1]
+    xh = jnp.concatenate([prev, x], axis=1).astype(jnp.float32)
+    w32 = w.astype(jnp.float32)
+    pre = None
+    for j in range(k):  # tap j looks (K - 1 - j) tokens back
+        term = xh[:, j:j + t] * w32[j]
+        if masks is not None:
+            term = term * masks[j]
+        pre = term if pre is None else pre + term
+    pre = pre + b.astype(jnp.float32)
+    y = jax.nn.silu(pre) if activation == "silu" else pre
+    if residual:
+        y = y + x.astype(jnp.float32)
+    return pre, y
+
+
+# A hand-written VJP: autodiff of the K shifted multiply-adds produces K pad/accumulate passes plus K reductions
+# that XLA's CPU backend does not fuse well; the explicit anti-causal form below is ~1.5x faster fwd+bwd.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _conv_xla(x, w, b, prev, masks, activation, residual):
+    return _conv_forward(x, w, b, prev, masks, activation, residual)[1].astype(x.dtype)
+
+
+def _conv_xla_fwd(x, w, b, prev, masks, activation, residual):
+    pre, y = _conv_forward(x, w, b, prev, masks, activation, residual)
+    return y.astype(x.dtype), (x, w, b, prev, masks, pre if activation == "silu" else None)
+
+
+def _conv_xla_bwd(activation, residual, res, g):
+    x, w, b, prev, masks, pre = res
+    k, t = w.shape[0], x.shape[1]
+    g = g.astype(jnp.float32)
+    gp = g * _silu_grad(pre) if activation == "silu" else g
+    w32 = w.astype(jnp.float32)
+    xh = jnp.concatenate([prev, x], axis=1).astype(jnp.float32)
+    gpm = [gp if masks is None else gp * masks[j] for j in range(k)]
+    # dx[s] = sum_j w[j] * gpm_j[s + K-1-j] (zero beyond T): an anti-causal conv of the gradient.
+    dx = g if residual else None
+    for j in range(k):
+        later = gpm[j][:, k - 1 - j:]  # gpm_j[s + K-1-j]; fewer than T rows (maybe none) near the end
+        term = jnp.pad(later, ((0, 0), (0, t - later.shape[1]), (0, 0))) * w32[j]
+        dx = term if dx is None else dx + term
+    # d prev[i] (history row i, i < K-1) = sum_{j <= i} w[j] * gpm_j[i - j]
+    hist = k - 1
+    dprev = jnp.zeros(prev.shape, jnp.float32)
+    for j in range(min(k, hist)):
+        rows = gpm[j][:, :hist - j] * w32[j]  # fewer than hist - j rows when T is short
+        dprev = dprev + jnp.pad(rows, ((0, 0), (j, hist - j - rows.shape[1]), (0, 0)))
+    dw = jnp.stack([jnp.sum(gpm[j] * xh[:, j:j + t], axis=(0, 1)) for j in range(k)])
+    db = jnp.sum(gp, axis=(0, 1))
+    dmasks = None if masks is None else jnp.zeros_like(masks)
+    return (dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), dprev.astype(prev.dtype), dmasks)
+
+
+_conv_xla.defvjp(_conv_xla_fwd, _conv_xla_bwd)
+
+
 def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual):
     k = weight.shape[0]
-    t = x.shape[1]
-    xh = _history(x, initial_state, k)
-    w = weight.astype(jnp.float32)
-    acc = jnp.zeros(x.shape, jnp.float32)
+    batch, t, channels = x.shape
+    if initial_state is None:
+        prev = jnp.zeros((batch, k - 1, channels), x.dtype)
+    else:
+        prev = jnp.swapaxes(initial_state[:, :, 1:], 1, 2).astype(x.dtype)
+    masks = None
     if segment_ids is not None:
         # The state, if any, continues the segment of the first token.
-        seg_prev = jnp.broadcast_to(segment_ids[:, :1], (x.shape[0], k - 1))
-        seg_h = jnp.concatenate([seg_prev, segment_ids], axis=1)
-    for j in range(k):
-        # tap j looks (K - 1 - j) tokens back
-        xs = xh[:, j:j + t, :].astype(jnp.float32)
-        if segment_ids is not None:
-            same = (seg_h[:, j:j + t] == segment_ids)[..., None]
-            xs = jnp.where(same, xs, 0.0)
-        acc = acc + xs * w[j]
-    if bias is not None:
-        acc = acc + bias.astype(jnp.float32)
-    if activation == "silu":
-        acc = jax.nn.silu(acc)
-    if residual:
-        acc = acc + x.astype(jnp.float32)
-    return acc.astype(x.dtype)
+        seg_h = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (batch, k - 1)), segment_ids], axis=1)
+        masks = jnp.stack([(seg_h[:, j:j + t] == segment_ids)[..., None] for j in range(k)]).astype(jnp.float32)
+    b = jnp.zeros((channels,), weight.dtype) if bias is None else bias
+    return _conv_xla(x, weight, b, prev, masks, activation, residual)
 
 
 def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, segment_ids=None, initial_state=None,
