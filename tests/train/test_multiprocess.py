@@ -70,3 +70,23 @@ def test_two_processes_match_single_process_and_checkpoint_resumes(tmp_path):
     assert out["resumed_start"] == 3, out
     assert sorted(out["resumed"]) == ["1", "2", "3", "4"]
     np.testing.assert_allclose(out["resumed"]["4"], single["4"], rtol=1e-5)
+
+
+def test_data_state_from_another_process_count(tmp_path):
+    """Resuming with a process count the checkpoint was not written with: agreeing per-process states are reused,
+    disagreeing ones are an error naming the states, and this process's own file takes precedence."""
+    from canon_jax.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path / "ck", every=1, keep=2, async_save=False)
+    data = tmp_path / "ck" / "7" / "data"
+    data.mkdir(parents=True)
+    assert ck._other_process_count_data(7) is None  # no files at all: the normal restore path reports it
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": 3}))
+    assert ck._other_process_count_data(7) == {"next_index": 3}
+    (data / "process_1-of-2.json").write_text(json.dumps({"next_index": 4}))
+    with pytest.raises(ValueError, match="differ"):
+        ck._other_process_count_data(7)
+    (data / "process_0-of-1.json").write_text(json.dumps({"next_index": 5}))
+    assert ck._other_process_count_data(7) is None
+    ck.close()
