@@ -96,6 +96,11 @@ class Checkpointer:
         """
         for step in reversed(self.all_steps()):
             try:
+                other = self._other_process_count_data(step)
+                if other is not None:  # written by a different number of processes (see below)
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state)))
+                    return step, restored["state"], other
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=grain.checkpoint.CheckpointRestore(_IteratorState())))
@@ -107,6 +112,27 @@ class Checkpointer:
                 continue
             return step, restored["state"], restored["data"].state
         return None
+
+    def _other_process_count_data(self, step):
+        """The data-iterator state of a checkpoint written by a different number of processes, else ``None``.
+
+        grain stores one ``process_<i>-of-<n>.json`` per process, so a run resumed with another process count finds
+        no file of its own. The trainer's pipelines count *batches* per process (``{"next_index": k}``) and every
+        process consumes the same number of global batches, so all files hold the same state and it is valid for
+        any process count at the same global batch size; differing states are an error rather than a guess.
+        """
+        data_dir = self.directory / str(step) / "data"
+        mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        files = sorted(data_dir.glob("process_*-of-*.json"))
+        if mine.exists() or not files:
+            return None
+        states = {f.read_text() for f in files}
+        if len(states) != 1:
+            raise ValueError(f"data iterator states of the {len(files)} writer processes differ ({sorted(states)}); "
+                             f"cannot resume this checkpoint with {jax.process_count()} process(es)")
+        log.info("checkpoint at step %d was written by %d process(es); resuming its data position with %d",
+                 step, len(files), jax.process_count())
+        return json.loads(states.pop())
 
     def wait(self):
         self.manager.wait_until_finished()
