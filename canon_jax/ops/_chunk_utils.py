@@ -24,6 +24,12 @@ def check_chunk_size(op: str, chunk_size) -> None:
         raise ValueError(f"{op}: chunk_size must be a positive integer, got {chunk_size!r}")
 
 
+def check_state(op: str, initial_state, want: tuple, names: str) -> None:
+    """Raise a ValueError naming ``op`` unless ``initial_state`` is None or has shape ``want`` (``names`` its axes)."""
+    if initial_state is not None and tuple(initial_state.shape) != tuple(want):
+        raise ValueError(f"{op}: initial_state must be [{names}]={tuple(want)}, got {initial_state.shape}")
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

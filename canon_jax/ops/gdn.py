@@ -55,9 +55,7 @@ def _check(q, k, v, log_decay, beta, initial_state):
             raise ValueError(f"gated_delta_rule: {name} must be [batch, time, heads]={q.shape[:3]}, got {a.shape}")
     b, _, h, dk = q.shape
     want = (b, h, dk, v.shape[-1])
-    if initial_state is not None and initial_state.shape != want:
-        raise ValueError(f"gated_delta_rule: initial_state must be [batch, heads, key_dim, value_dim]={want}, "
-                         f"got {initial_state.shape}")
+    cu.check_state("gated_delta_rule", initial_state, want, "batch, heads, key_dim, value_dim")
 
 
 def _scale(scale, dk):

@@ -47,9 +47,7 @@ def _check(q, k, v, log_gate, initial_state):
                          f"got {v.shape}")
     b, _, h, dk = q.shape
     want = (b, h, dk, v.shape[-1])
-    if initial_state is not None and initial_state.shape != want:
-        raise ValueError(f"gla: initial_state must be [batch, heads, key_dim, value_dim]={want}, "
-                         f"got {initial_state.shape}")
+    cu.check_state("gla", initial_state, want, "batch, heads, key_dim, value_dim")
 
 
 def _scale(scale, dk):

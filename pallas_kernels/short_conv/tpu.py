@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import tpu_params
 
 
@@ -122,18 +123,7 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
     """
     bsz, tp, dp = x.shape
     k = w.shape[0]
-    nt, nd = tp // bt, dp // bd
-    r = bt // hrows
-    tile = pl.BlockSpec((None, bt, bd), lambda b, d, t: (b, t, d))
-    if direction == "causal":
-        halo_idx = lambda b, d, t: (b, jnp.maximum(t * r - 1, 0), d)
-    else:
-        halo_idx = lambda b, d, t: (b, jnp.minimum((t + 1) * r, nt * r - 1), d)
-    in_specs = [tile, pl.BlockSpec((None, hrows, bd), halo_idx)]
-    args = [x, x]
-    if halo0 is not None:
-        in_specs.append(pl.BlockSpec((None, hrows, bd), lambda b, d, t: (b, 0, d)))
-        args.append(halo0)
+    in_specs, args, tile, nt, nd, r = tile_and_halo_specs(x, bt, bd, hrows, direction, halo0)
     in_specs.append(pl.BlockSpec((k, bd), lambda b, d, t: (0, d)))
     args.append(w)
     if bias is not None:
