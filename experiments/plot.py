@@ -44,6 +44,34 @@ def plot_curves(run_dirs, out, metric: str = "loss") -> pathlib.Path:
     return out
 
 
+def plot_per_k(ks, series: dict, title: str, out) -> pathlib.Path:
+    """Accuracy against hop count ``k``: ``series[label]`` is a list (one entry per k) of per-seed values; draws the
+    mean with markers and the min–max band over seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, per_k in series.items():
+        mean = np.array([np.mean(v) if len(v) else np.nan for v in per_k])
+        lo = np.array([np.min(v) if len(v) else np.nan for v in per_k])
+        hi = np.array([np.max(v) if len(v) else np.nan for v in per_k])
+        n = max((len(v) for v in per_k), default=0)
+        (line,) = ax.plot(ks, mean, marker="o", label=f"{label} (n={n})")
+        ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (hops)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_heatmap(values: np.ndarray, rows, cols, title: str, out, vmin=0.0, vmax=1.0) -> pathlib.Path:
     """Paper-style heatmap: ``values[i, j]`` (NaN = missing) for row labels ``rows`` and column labels ``cols``,
     each cell annotated with its value (in percent when the scale is [0, 1])."""

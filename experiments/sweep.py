@@ -1,6 +1,7 @@
 """Grid of architectures x tasks x seeds: run (or print for a cluster), then collect a markdown table and heatmaps.
 
-    python -m experiments.sweep --config configs/sweeps/<file>.yaml [--print] [--collect-only] [--set k=v ...]
+    python -m experiments.sweep --config configs/sweeps/<file>.yaml [--print] [--collect-only] [--jobs N]
+                                [--set k=v ...]
 
 Sweep YAML::
 
@@ -16,16 +17,25 @@ Sweep YAML::
 Every run gets ``DIR/<arch>/<task>/seed<S>/run.yaml`` (``defaults:`` = base + arch + task, plus the overrides and
 ``train.seed``/``data.seed`` = S) and trains with ``python -m experiments.train --config run.yaml --workdir
 <that dir>`` — re-running the sweep resumes unfinished runs. ``--print`` writes the run files and prints one command
-per line (for a cluster scheduler) without running anything. Results: ``DIR/results.md`` (mean ± std over seeds
-of each run's last evaluation), ``DIR/results.json`` and ``DIR/heatmaps/<task>.png`` (architectures x metrics).
+per line (for a cluster scheduler) without running anything. ``--jobs N`` runs N trainings at once, each pinned to
+its own CPU core with single-threaded XLA (the way to fill a many-core CPU box with small playground runs; on an
+accelerator host leave it at 1).
+
+Each finished run gets ``compute.json``: wall and CPU seconds of the training process, tokens trained and the
+estimated training FLOPs (``6·N·tokens`` plus attention, ``canon_jax.train.flops``). Results: ``DIR/results.md``
+(mean ± std and min–max over seeds of each run's last evaluation, and the compute per cell), ``DIR/results.json``,
+``DIR/heatmaps/<task>.png`` (architectures x metrics) and ``DIR/curves/<task>.png`` (per-k accuracy with the
+min–max band over seeds, for tasks that report ``accuracy_k*``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import yaml
@@ -103,6 +113,74 @@ def command(run) -> list[str]:
             "--workdir", str(run["workdir"])]
 
 
+def _run_flops(workdir: pathlib.Path) -> tuple[int, float]:
+    """(tokens trained, estimated training FLOPs) of the run described by ``workdir/run.yaml``."""
+    import jax
+    import jax.numpy as jnp
+
+    from canon_jax.models import CausalLM
+    from canon_jax.train.config import model_config
+    from canon_jax.train.flops import count_params, flops_per_token
+
+    cfg = load_config(workdir / "run.yaml")
+    mc = model_config(cfg)
+    shapes = jax.eval_shape(CausalLM(mc).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
+    return tokens, tokens * flops_per_token(mc, count_params(shapes["params"]), cfg.data.seq_len)
+
+
+def _pin(core: int | None):
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def run_all(runs: list[dict], jobs: int = 1) -> list[dict]:
+    """Trains every run (``jobs`` at a time); writes ``compute.json`` per finished run; returns the failed runs."""
+    env = dict(os.environ)
+    cores = None
+    if jobs > 1:
+        # one core and one XLA thread per training process: no oversubscription, no cross-run interference
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(jobs))
+        cores = [avail[i % len(avail)] for i in range(jobs)]
+    pending = list(enumerate(runs, 1))
+    active: dict[int, tuple] = {}  # pid -> (run, slot, start time)
+    free = list(range(jobs))
+    failed = []
+    while pending or active:
+        while pending and free:
+            i, run = pending.pop(0)
+            slot = free.pop(0)
+            print(f"[{i}/{len(runs)}] {run['arch']} / {run['task']} / seed {run['seed']}", flush=True)
+            log = open(run["workdir"] / "train.log", "a") if jobs > 1 else None
+            proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                    preexec_fn=_pin(cores[slot] if cores else None))
+            if log:
+                log.close()
+            active[proc.pid] = (run, slot, time.perf_counter())
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in active:
+            continue
+        run, slot, t0 = active.pop(pid)
+        free.append(slot)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed.append(run)
+            print(f"  failed: {run['arch']} / {run['task']} / seed {run['seed']} (see {run['workdir']})", flush=True)
+            continue
+        # (FLOPs are added by collect(): initialising JAX here would make every later fork unsafe)
+        compute = {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "jobs": jobs}
+        prev = run["workdir"] / "compute.json"
+        if prev.exists():  # a resumed run: add the earlier attempts' time
+            old = json.loads(prev.read_text())
+            compute["wall_s"] = round(compute["wall_s"] + old.get("wall_s", 0.0), 1)
+            compute["cpu_s"] = round(compute["cpu_s"] + old.get("cpu_s", 0.0), 1)
+        prev.write_text(json.dumps(compute, indent=2))
+    return failed
+
+
 def _last_eval(workdir: pathlib.Path) -> dict:
     out = {}
     for r in read_metrics(workdir / "metrics.jsonl"):
@@ -118,8 +196,17 @@ def collect(sweep: dict, runs: list[dict]) -> dict:
     res: dict = {}
     for run in runs:
         ev = _last_eval(run["workdir"])
-        t = res.setdefault(run["task"], {"metrics": [], "archs": {}})
+        t = res.setdefault(run["task"], {"metrics": [], "archs": {}, "compute": {}})
         row = t["archs"].setdefault(run["arch"], {})
+        comp = run["workdir"] / "compute.json"
+        if comp.exists():
+            c = json.loads(comp.read_text())
+            if "train_flops" not in c:
+                c["tokens"], c["train_flops"] = _run_flops(run["workdir"])
+                comp.write_text(json.dumps(c, indent=2))
+            cell = t["compute"].setdefault(run["arch"], {"wall_s": [], "cpu_s": [], "tokens": [], "train_flops": []})
+            for k in cell:
+                cell[k].append(float(c[k]))
         for k, v in ev.items():
             if k.startswith("_") or not isinstance(v, (int, float)) or not any(s in k for s in keep):
                 continue
@@ -138,20 +225,47 @@ def _metric_order(name: str):
     return (name != "accuracy", name.rstrip("0123456789"), int(digits) if digits else -1)
 
 
+def fmt_cell(vals) -> str:
+    """``mean ± std [min–max] (n)`` of one cell's per-seed values."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (n=1)"
+    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f} [{min(vals):.2f}–{max(vals):.2f}]"
+
+
 def markdown(sweep: dict, res: dict) -> str:
-    lines = [f"# Sweep {sweep['name']}", "", "Mean ± std over seeds of each run's last evaluation.", ""]
+    lines = [f"# Sweep {sweep['name']}", "",
+             "Each cell: mean ± std [min–max] over seeds of the run's last evaluation.", ""]
     for task, t in res.items():
-        lines += [f"## {task}", "", "| arch | " + " | ".join(t["metrics"]) + " |",
-                  "|---|" + "---|" * len(t["metrics"])]
+        lines += [f"## {task}", "", "| arch | seeds | " + " | ".join(t["metrics"]) + " |",
+                  "|---|---|" + "---|" * len(t["metrics"])]
         for arch, row in t["archs"].items():
-            cells = []
-            for m in t["metrics"]:
-                vals = row.get(m, [])
-                cells.append("-" if not vals else (f"{np.mean(vals):.3f}" if len(vals) == 1
-                                                   else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"))
-            lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+            n = max((len(v) for v in row.values()), default=0)
+            lines.append(f"| {arch} | {n} | " + " | ".join(fmt_cell(row.get(m, [])) for m in t["metrics"]) + " |")
+        if t.get("compute"):
+            lines += ["", "Compute per run (mean over seeds):", "",
+                      "| arch | tokens | train FLOPs | wall s | CPU s |", "|---|---|---|---|---|"]
+            for arch, c in t["compute"].items():
+                lines.append(f"| {arch} | {np.mean(c['tokens']):,.0f} | {np.mean(c['train_flops']):.3g} | "
+                             f"{np.mean(c['wall_s']):.0f} | {np.mean(c['cpu_s']):.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def draw_curves(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
+    """Per-k accuracy (mean line, min–max band over seeds) for every task reporting ``accuracy_k*``."""
+    from experiments.plot import plot_per_k
+
+    out = []
+    for task, t in res.items():
+        ks = [m for m in t["metrics"] if m.startswith("accuracy_k")]
+        if not ks:
+            continue
+        series = {arch: [row.get(m, []) for m in ks] for arch, row in t["archs"].items()}
+        out.append(plot_per_k([int(m[len("accuracy_k"):]) for m in ks], series, f"{task}: accuracy per k",
+                              root / "curves" / f"{task}.png"))
+    return out
 
 
 def draw_heatmaps(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
@@ -173,8 +287,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--print", dest="print_only", action="store_true", help="write run files, print commands, exit")
     p.add_argument("--collect-only", action="store_true", help="only rebuild results.md / heatmaps")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (each pinned to one core when > 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
         sweep = load_sweep(args.config)
         runs = plan(sweep, args.overrides)
@@ -189,17 +306,14 @@ def main(argv=None) -> int:
         return 0
     failed = []
     if not args.collect_only:
-        for i, run in enumerate(runs, 1):
-            print(f"[{i}/{len(runs)}] {run['arch']} / {run['task']} / seed {run['seed']}", flush=True)
-            if subprocess.run(command(run)).returncode != 0:
-                failed.append(run)
+        failed = run_all(runs, args.jobs)
     root = pathlib.Path(sweep["dir"])
     res = collect(sweep, runs)
     (root / "results.json").write_text(json.dumps(res, indent=2))
     (root / "results.md").write_text(markdown(sweep, res))
-    pngs = draw_heatmaps(res, root)
+    pngs = draw_heatmaps(res, root) + draw_curves(res, root)
     print((root / "results.md").read_text())
-    print("heatmaps:", ", ".join(str(x) for x in pngs))
+    print("plots:", ", ".join(str(x) for x in pngs))
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r['arch']}/{r['task']}/seed{r['seed']}" for r in failed),
               file=sys.stderr)

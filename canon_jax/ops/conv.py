@@ -16,10 +16,13 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from canon_jax.ops import cpu as _cpu
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
 _ACTIVATIONS = (None, "silu")
 
 
@@ -91,7 +94,13 @@ def _conv_xla_fwd(x, w, b, prev, masks, activation, residual):
 
 
 def _conv_xla_bwd(activation, residual, res, g):
+    return _xla_bwd_math(activation, residual, res, g)
+
+
+def _xla_bwd_math(activation, residual, res, g):
     x, w, b, prev, masks, pre = res
+    if activation == "silu" and pre is None:  # the native path does not keep pre: recompute it
+        pre = _conv_forward(x, w, b, prev, masks, activation, residual)[0]
     k, t = w.shape[0], x.shape[1]
     g = g.astype(jnp.float32)
     gp = g * _silu_grad(pre) if activation == "silu" else g
@@ -119,7 +128,65 @@ def _conv_xla_bwd(activation, residual, res, g):
 _conv_xla.defvjp(_conv_xla_fwd, _conv_xla_bwd)
 
 
-def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual):
+# The native XLA:CPU kernel (canon_jax/ops/cpu): float32, no segment masks. ``jax.lax.platform_dependent`` lowers the
+# FFI call only for CPU; any other lowering platform (e.g. ``jax.export`` for TPU/CUDA from this machine) gets the XLA
+# formulas above, so a program traced on a CPU host stays portable.
+def _native_prev(prev):
+    return prev if prev.shape[1] > 0 else jnp.zeros((prev.shape[0], 1, prev.shape[2]), prev.dtype)
+
+
+def _native_fwd_call(x, w, b, prev, activation, residual):
+    return jax.ffi.ffi_call(_cpu.FWD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")(
+        x, w, b, _native_prev(prev), silu=np.int32(activation == "silu"), residual=np.int32(residual))
+
+
+def _native_bwd_call(x, w, b, prev, g, activation, residual):
+    p = _native_prev(prev)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype),
+           jax.ShapeDtypeStruct(b.shape, b.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype))
+    dx, dw, db, dprev = jax.ffi.ffi_call(_cpu.BWD_TARGET, out, vmap_method="sequential")(
+        g, x, w, b, p, silu=np.int32(activation == "silu"), residual=np.int32(residual))
+    return dx, dw, db, dprev[:, :prev.shape[1]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_native(x, w, b, prev, activation, residual):
+    return jax.lax.platform_dependent(
+        x, w, b, prev,
+        cpu=lambda *a: _native_fwd_call(*a, activation, residual),
+        default=lambda *a: _conv_forward(*a, None, activation, residual)[1].astype(x.dtype))
+
+
+def _conv_native_fwd(x, w, b, prev, activation, residual):
+    return _conv_native(x, w, b, prev, activation, residual), (x, w, b, prev)
+
+
+def _conv_native_bwd(activation, residual, res, g):
+    x, w, b, prev = res
+    g = g.astype(x.dtype)
+
+    def xla(x, w, b, prev, g):
+        dx, dw, db, dprev, _ = _xla_bwd_math(activation, residual, (x, w, b, prev, None, None), g)
+        return dx, dw, db, dprev
+
+    return jax.lax.platform_dependent(
+        x, w, b, prev, g, cpu=lambda *a: _native_bwd_call(*a, activation, residual), default=xla)
+
+
+_conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
+
+
+def _native_unsupported(x, weight, bias, segment_ids, initial_state) -> str | None:
+    """Why the native CPU kernel cannot take this call (None when it can)."""
+    if segment_ids is not None:
+        return "segment_ids are not supported by the native CPU kernel"
+    for name, a in (("x", x), ("weight", weight), ("bias", bias), ("initial_state", initial_state)):
+        if a is not None and a.dtype != jnp.float32:
+            return f"the native CPU kernel takes float32 only ({name} is {a.dtype})"
+    return None
+
+
+def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual, native=False):
     k = weight.shape[0]
     batch, t, channels = x.shape
     if initial_state is None:
@@ -132,6 +199,8 @@ def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, 
         seg_h = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (batch, k - 1)), segment_ids], axis=1)
         masks = jnp.stack([(seg_h[:, j:j + t] == segment_ids)[..., None] for j in range(k)]).astype(jnp.float32)
     b = jnp.zeros((channels,), weight.dtype) if bias is None else bias
+    if native:
+        return _conv_native(x, weight, b, prev, activation, residual)
     return _conv_xla(x, weight, b, prev, masks, activation, residual)
 
 
@@ -149,7 +218,8 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
       initial_state: optional ``[batch, channels, K]``, the last K raw inputs before ``x`` (oldest first).
       return_final_state: also return the ``[batch, channels, K]`` state after ``x``.
       residual: return ``x + conv(x)`` (the Canon residual), fused.
-      impl: ``"auto"`` (Pallas on TPU/GPU when available, XLA elsewhere), ``"xla"``, ``"pallas"`` or
+      impl: ``"auto"`` (Pallas on TPU/GPU; on CPU the native XLA-FFI kernel for float32 calls without segment ids,
+        else XLA), ``"xla"``, ``"cpu"`` (the native CPU kernel; raises where it does not apply), ``"pallas"`` or
         ``"pallas_interpret"`` (the Pallas kernel in interpret mode, any backend).
 
     Returns:
@@ -160,13 +230,23 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
         raise ValueError(f"causal_conv1d: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
     k = weight.shape[0]
     y = None
-    if impl != "xla":
+    native = False
+    if impl == "cpu" or (impl == "auto" and jax.default_backend() == "cpu"):
+        why = _native_unsupported(x, weight, bias, segment_ids, initial_state)
+        if why is None and not _cpu.available():
+            why = f"the native CPU kernel is unavailable: {_cpu.unavailable_reason()}"
+            if impl == "auto":
+                _cpu.warn_fallback_once()
+        if impl == "cpu" and why is not None:
+            raise NotImplementedError(f"causal_conv1d(impl='cpu'): {why}; use impl='xla'")
+        native = why is None
+    elif impl != "xla":
         from canon_jax.ops import dispatch  # local import: pallas_kernels is optional at import time
 
         y = dispatch.short_conv(impl, x, weight, bias=bias, activation=activation, segment_ids=segment_ids,
                                 initial_state=initial_state, residual=residual)
     if y is None:
-        y = _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual)
+        y = _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual, native=native)
     if return_final_state:
         return y, _final_state(x, initial_state, k)
     return y

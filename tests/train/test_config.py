@@ -95,7 +95,9 @@ def test_defaults_composition(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-PRESETS = sorted(p for p in CONFIGS_ROOT.rglob("*.yaml") if "sweeps" not in p.parts)
+PRESETS = sorted(p for p in CONFIGS_ROOT.rglob("*.yaml") if not {"sweeps", "findings"} & set(p.parts))
+SWEEPS = sorted((CONFIGS_ROOT / "sweeps").glob("*.yaml"))
+FINDINGS = sorted((CONFIGS_ROOT / "findings").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[str(p.relative_to(CONFIGS_ROOT)) for p in PRESETS])
@@ -104,3 +106,24 @@ def test_every_preset_validates(path):
     overrides = ["data.tasks=[{name: depo1}]"] if "models" in path.relative_to(CONFIGS_ROOT).parts else []
     cfg = load_config(path, overrides)
     assert model_config(cfg).vocab_size >= 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_sweep_plans_valid_runs(path, tmp_path):
+    """Every sweep preset loads and each of its runs composes into a valid experiment config."""
+    from experiments import sweep as sw
+
+    sweep = sw.load_sweep(path)
+    sweep["dir"] = str(tmp_path / "sweep")
+    runs = sw.plan(sweep)
+    assert len(runs) == len(sweep["archs"]) * len(sweep["tasks"]) * len(sweep["seeds"])
+    for run in runs[:: len(sweep["seeds"])]:  # one seed per (arch, task)
+        sw._write_run_file(run)  # validates
+
+
+@pytest.mark.parametrize("path", FINDINGS, ids=[p.name for p in FINDINGS])
+def test_every_findings_spec_loads(path):
+    from experiments import findings
+
+    spec = findings.load_spec(path)
+    assert spec["comparisons"] and all(len(c["rows"]) >= 2 for c in spec["comparisons"])

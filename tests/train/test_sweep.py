@@ -67,10 +67,42 @@ def test_collect_table_and_heatmaps(sweep_file, tmp_path):
     assert res["depo"]["metrics"] == ["accuracy", "accuracy_k2"]  # "count" is not an accuracy metric
     np.testing.assert_allclose(res["depo"]["archs"]["rope_canon"]["accuracy"], [0.8, 0.9])
     md = sw.markdown(sweep, res)
-    assert "| rope_canon | 0.850 ± 0.050 | 0.425 ± 0.025 |" in md
+    assert "| rope_canon | 2 | 0.850 ± 0.050 [0.80–0.90] | 0.425 ± 0.025 [0.40–0.45] |" in md
     pngs = sw.draw_heatmaps(res, tmp_path / "out")
     assert [p.name for p in pngs] == ["depo.png", "mano.png"]
-    for p in pngs:
+    curves = sw.draw_curves(res, tmp_path / "out")  # per-k accuracy plots
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in curves] == ["curves/depo.png", "curves/mano.png"]
+    for p in pngs + curves:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = plot_curves([runs[0]["workdir"], runs[1]["workdir"]], tmp_path / "c.png")
     assert curve.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parallel_jobs_train_and_record_compute(tmp_path):
+    """--jobs 2 trains two seeds at once (one pinned core each), records compute.json and collects the table."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "j", "dir": str(tmp_path / "out"), "base": ["models/sizes/2L128.yaml"],
+        "archs": {"rope": "models/llama_rope.yaml"}, "tasks": {"mano": "tasks/cpu_mano.yaml"}, "seeds": [0, 1],
+        "overrides": ["train.steps=2", "train.batch_size=2", "data.seq_len=64", "model.max_seq_len=64",
+                      "optim.warmup_steps=1", "eval.num_samples=4", "eval.batch_size=4", "checkpoint.every=2",
+                      "logging.progress=false", "logging.tensorboard=false"]}))
+    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(path), "--jobs", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for seed in (0, 1):
+        wd = tmp_path / "out" / "rope" / "mano" / f"seed{seed}"
+        comp = json.loads((wd / "compute.json").read_text())
+        assert comp["tokens"] == 2 * 2 * 64 and comp["train_flops"] > 6 * comp["tokens"] * 1e5
+        assert comp["wall_s"] > 0 and comp["cpu_s"] > 0 and comp["jobs"] == 2
+        assert (wd / "train.log").read_text()  # each job's output goes to its own log
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(res["mano"]["archs"]["rope"]["accuracy"]) == 2
+    assert len(res["mano"]["compute"]["rope"]["cpu_s"]) == 2
+    assert "Compute per run" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_jobs_must_be_positive(sweep_file):
+    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--jobs", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--jobs must be >= 1" in r.stderr

@@ -1,0 +1,250 @@
+// Causal depthwise convolution (the Canon layer) for XLA:CPU through the XLA FFI: forward and backward, float32.
+//
+// Layout (canon_jax.ops.conv): x [B, T, C] channels-last, w [K, C] (w[K-1] multiplies the current token), bias [C],
+// prev [B, H, C] with H = max(K-1, 1): the K-1 raw inputs before x (oldest first; only the first K-1 rows are used).
+//   pre[b,t,c] = bias[c] + sum_j w[j,c] * xh[b,t+j,c]     with xh = concat(prev[:, :K-1], x) along time
+//   y          = act(pre) (+ x if residual)               act = identity or SiLU
+// The backward returns dx, dw, dbias and dprev (the gradient of the history rows). Work items are blocks of kRows
+// time steps of one sequence, spread over XLA's intra-op thread pool; each item keeps float32 partial sums of dw and
+// dbias over its rows, and the partials are added in a fixed order in double precision (deterministic results).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Team {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::function<void(int64_t)> work;
+};
+
+// Runs work(i) for i in [0, n) on the caller plus up to num_threads-1 pool tasks. The caller takes chunks itself and
+// only waits for chunks another thread has already started, so it never waits on a task that has not run yet (no
+// deadlock when the pool is saturated). Late tasks find no chunk left and return without touching `work`.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> work) {
+  if (n <= 0) return;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) work(i);
+    return;
+  }
+  auto team = std::make_shared<Team>();
+  team->n = n;
+  team->work = std::move(work);
+  auto drain = [](const std::shared_ptr<Team>& tm) {
+    for (;;) {
+      int64_t i = tm->next.fetch_add(1);
+      if (i >= tm->n) return;
+      tm->work(i);
+      if (tm->done.fetch_add(1) + 1 == tm->n) {
+        std::lock_guard<std::mutex> lock(tm->mu);
+        tm->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([team, drain]() { drain(team); });
+  drain(team);
+  std::unique_lock<std::mutex> lock(team->mu);
+  team->cv.wait(lock, [&] { return team->done.load() == team->n; });
+}
+
+struct Dims {
+  int64_t B, T, C, K, H;
+};
+
+ffi::Error CheckDims(const Dims& d, ffi::Span<const int64_t> w_dims, ffi::Span<const int64_t> b_dims,
+                     ffi::Span<const int64_t> p_dims) {
+  if (w_dims.size() != 2 || w_dims[1] != d.C) return ffi::Error::InvalidArgument("canon_conv: weight must be [K, C]");
+  if (b_dims.size() != 1 || b_dims[0] != d.C) return ffi::Error::InvalidArgument("canon_conv: bias must be [C]");
+  if (p_dims.size() != 3 || p_dims[0] != d.B || p_dims[1] != std::max<int64_t>(d.K - 1, 1) || p_dims[2] != d.C)
+    return ffi::Error::InvalidArgument("canon_conv: prev must be [B, max(K-1, 1), C]");
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kRows = 32;  // time steps per work item (work items never straddle two sequences)
+
+// Row pointer of xh[b, s] (s in [0, T + K - 1)).
+inline const float* XhRow(const float* x, const float* prev, const Dims& d, int64_t b, int64_t s) {
+  return s < d.K - 1 ? prev + (b * d.H + s) * d.C : x + (b * d.T + (s - (d.K - 1))) * d.C;
+}
+
+// acc[c] = bias[c] + sum_j w[j, c] * xh[b, t + j, c]  (the pre-activation of row (b, t))
+inline void PreRow(const float* x, const float* __restrict__ w, const float* __restrict__ bias, const float* prev,
+                   const Dims& d, int64_t b, int64_t t, float* __restrict__ acc) {
+  for (int64_t c = 0; c < d.C; ++c) acc[c] = bias[c];
+  for (int64_t j = 0; j < d.K; ++j) {
+    const float* __restrict__ src = XhRow(x, prev, d, b, t + j);
+    const float* __restrict__ wj = w + j * d.C;
+    for (int64_t c = 0; c < d.C; ++c) acc[c] += wj[c] * src[c];
+  }
+}
+
+inline float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> prev, ffi::ResultBuffer<ffi::F32> y,
+                       int32_t silu, int32_t residual) {
+  auto xd = x.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("canon_conv: x must be [B, T, C]");
+  Dims d{xd[0], xd[1], xd[2], w.dimensions()[0], std::max<int64_t>(w.dimensions()[0] - 1, 1)};
+  if (auto err = CheckDims(d, w.dimensions(), bias.dimensions(), prev.dimensions()); err.failure()) return err;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
+  const float* pp = prev.typed_data();
+  float* yp = y->typed_data();
+  const int64_t per_seq = (d.T + kRows - 1) / kRows;
+  ParallelFor(pool, d.B * per_seq, [&](int64_t item) {
+    const int64_t b = item / per_seq, t0 = (item % per_seq) * kRows, t1 = std::min(d.T, t0 + kRows);
+    std::vector<float> acc(d.C);
+    for (int64_t t = t0; t < t1; ++t) {
+      PreRow(xp, wp, bp, pp, d, b, t, acc.data());
+      float* __restrict__ out = yp + (b * d.T + t) * d.C;
+      const float* __restrict__ xr = xp + (b * d.T + t) * d.C;
+      float* __restrict__ a = acc.data();
+      if (silu)
+        for (int64_t c = 0; c < d.C; ++c) a[c] = a[c] * Sigmoid(a[c]);
+      if (residual)
+        for (int64_t c = 0; c < d.C; ++c) out[c] = a[c] + xr[c];
+      else
+        for (int64_t c = 0; c < d.C; ++c) out[c] = a[c];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> prev,
+                       ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                       ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dprev, int32_t silu,
+                       int32_t residual) {
+  auto xd = x.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("canon_conv: x must be [B, T, C]");
+  Dims d{xd[0], xd[1], xd[2], w.dimensions()[0], std::max<int64_t>(w.dimensions()[0] - 1, 1)};
+  if (auto err = CheckDims(d, w.dimensions(), bias.dimensions(), prev.dimensions()); err.failure()) return err;
+  const float* gp0 = g.typed_data();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
+  const float* pp = prev.typed_data();
+  float* dxp = dx->typed_data();
+  float* dpp = dprev->typed_data();
+  const int64_t K = d.K, C = d.C;
+  const int64_t per_seq = (d.T + kRows - 1) / kRows, items = d.B * per_seq;
+  // per work item partial sums of dw (K rows) and dbias (1 row), reduced in double precision at the end
+  std::vector<float> partial(items * (K + 1) * C);
+  ParallelFor(pool, items, [&](int64_t item) {
+    const int64_t b = item / per_seq, t0 = (item % per_seq) * kRows, t1 = std::min(d.T, t0 + kRows);
+    const int64_t s1 = std::min(d.T, t1 + K - 1);  // rows of gp this item reads: [t0, s1)
+    // gp = g * act'(pre): for SiLU computed into a buffer, else g itself
+    std::vector<float> gbuf(silu ? (s1 - t0) * C : 0), acc(C);
+    auto gp = [&](int64_t s) -> const float* {
+      return silu ? gbuf.data() + (s - t0) * C : gp0 + (b * d.T + s) * C;
+    };
+    if (silu) {
+      for (int64_t s = t0; s < s1; ++s) {
+        PreRow(xp, wp, bp, pp, d, b, s, acc.data());
+        const float* __restrict__ gr = gp0 + (b * d.T + s) * C;
+        float* __restrict__ o = gbuf.data() + (s - t0) * C;
+        const float* __restrict__ a = acc.data();
+        for (int64_t c = 0; c < C; ++c) {
+          const float sg = Sigmoid(a[c]);
+          o[c] = gr[c] * sg * (1.0f + a[c] * (1.0f - sg));
+        }
+      }
+    }
+    float* __restrict__ pdw = partial.data() + item * (K + 1) * C;
+    float* __restrict__ pdb = pdw + K * C;
+    for (int64_t c = 0; c < (K + 1) * C; ++c) pdw[c] = 0.0f;
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* __restrict__ gr = gp(t);
+      for (int64_t c = 0; c < C; ++c) pdb[c] += gr[c];
+      for (int64_t j = 0; j < K; ++j) {
+        const float* __restrict__ src = XhRow(xp, pp, d, b, t + j);
+        float* __restrict__ dwj = pdw + j * C;
+        for (int64_t c = 0; c < C; ++c) dwj[c] += gr[c] * src[c];
+      }
+      // dx[t] = (g[t] if residual) + sum_j w[j] * gp[t + K-1-j]
+      float* __restrict__ out = dxp + (b * d.T + t) * C;
+      const float* __restrict__ graw = gp0 + (b * d.T + t) * C;
+      if (residual)
+        for (int64_t c = 0; c < C; ++c) out[c] = graw[c];
+      else
+        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t s = t + K - 1 - j;
+        if (s >= d.T) continue;
+        const float* __restrict__ gs = gp(s);
+        const float* __restrict__ wj = wp + j * C;
+        for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gs[c];
+      }
+    }
+    if (t0 == 0) {  // dprev[i] = sum_{j <= i, i - j < T} w[j] * gp[i - j]; padding rows (i >= K-1) are zero
+      for (int64_t i = 0; i < d.H; ++i) {
+        float* __restrict__ out = dpp + (b * d.H + i) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+        if (i >= K - 1) continue;
+        for (int64_t j = 0; j <= i; ++j) {
+          const int64_t s = i - j;
+          if (s >= d.T) continue;
+          const float* __restrict__ gs = gp(s);  // s < K-1 <= s1 here
+          const float* __restrict__ wj = wp + j * C;
+          for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gs[c];
+        }
+      }
+    }
+  });
+  // deterministic reduction of the partial sums (fixed order, double accumulators)
+  float* dwp = dw->typed_data();
+  float* dbp = db->typed_data();
+  std::vector<double> tot((K + 1) * C, 0.0);
+  for (int64_t item = 0; item < items; ++item) {
+    const float* part = partial.data() + item * (K + 1) * C;
+    for (int64_t c = 0; c < (K + 1) * C; ++c) tot[c] += part[c];
+  }
+  for (int64_t c = 0; c < K * C; ++c) dwp[c] = static_cast<float>(tot[c]);
+  for (int64_t c = 0; c < C; ++c) dbp[c] = static_cast<float>(tot[K * C + c]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CanonConvFwd, ConvFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prev
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
+                                  .Attr<int32_t>("silu")
+                                  .Attr<int32_t>("residual"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CanonConvBwd, ConvBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prev
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dbias
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dprev
+                                  .Attr<int32_t>("silu")
+                                  .Attr<int32_t>("residual"));
