@@ -33,10 +33,8 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
         raise ValueError(f"linear_scan: Mosaic GPU interpret params need backend='gpu' (or None), got {backend!r}")
     if be == "gpu" and (not interpret or gpu_interp):
         if vector:
-            raise NotImplementedError(
-                "linear_scan: there is no Mosaic GPU scan kernel for vector (GLA) gates yet; only scalar gates "
-                "(ssd) have one (pallas_kernels/linear_scan/gpu.py, docs/kernels.md). Use the XLA chunked path "
-                "(canon_jax.ops impl='xla').")
+            return _run_gpu_gla(q, k, v, g, st0, scale=scale, chunk_size=chunk_size, block_sizes=block_sizes,
+                                interpret=interpret if gpu_interp else None)
         return _run_gpu(q, k, v, g, st0, chunk_size=chunk_size, block_sizes=block_sizes,
                         interpret=interpret if gpu_interp else None)
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
@@ -83,6 +81,28 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
     o, s = gpu.scalar_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
                            chunk, bs.block_dv, interpret)
+    return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
+
+
+def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
+    """Vector gates on the Mosaic GPU wgmma kernel (``gpu.vector_scan``; backward on the XLA path). Same arguments
+    as ``_run`` (q, k, g ``[B, T, H, Dk]``; st0 ``[B, H, Dv, Dk]``). The sub-chunk is
+    ``gcd(chunk, BlockSizes.sub_chunk)``."""
+    from pallas_kernels.linear_scan import gpu
+
+    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
+    t_len, dv = v.shape[1], v.shape[3]
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    chunk = min(chunk, round_up(t_len, 64))  # short sequences: one 64-row wgmma tile is the smallest chunk
+    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
+    sub = math.gcd(chunk, bs.sub_chunk)
+    tp = round_up(t_len, chunk)
+    # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
+    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
+    o, s = gpu.vector_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
+                           float(scale), chunk, sub, bs.block_dv, interpret)
     return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
 
 

@@ -199,6 +199,243 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
     return kernel(q, kt, v, b, eb, ek, sdec, s0)
 
 
+def _gla_factor_rows(n_sub):
+    """Row index of each float32 gate-factor vector (length Dk) in the per-chunk table ``F [NF, Dk]`` of the vector
+    gate kernel. With ``s_i`` / ``e_i`` the chunk-local cumulative log-gates at the row just before / the last row of
+    sub-chunk ``i`` (``s_0 = 0``), ``m_i`` a middle row of sub-chunk ``i`` and ``b_C`` the chunk's last row:
+
+    * ``inter[i] = exp(s_i)``: turns ``qs`` rows of sub-chunk i into ``q exp(b_t)`` (inter-chunk term), <= 1;
+    * ``off[i, j] = exp(s_i - e_j)`` (j < i): ``qs`` of sub-chunk i against ``ke`` of an earlier sub-chunk j, <= 1;
+    * ``qdiag[i] = exp(s_i - m_i)``, ``kdiag[j] = exp(m_j - e_j)``: the diagonal blocks, >= 1, each bounded by the
+      gate total of half a sub-chunk;
+    * ``kstate[j] = exp(b_C - e_j)``: turns ``ke`` into ``k exp(b_C - b_s)`` (state update), <= 1;
+    * ``decay = exp(b_C)``: the per-key-row decay of the state over the chunk.
+    """
+    rows, r = {}, 0
+    for name, count in (("inter", n_sub), ("qdiag", n_sub), ("kdiag", n_sub), ("kstate", n_sub), ("decay", 1)):
+        rows[name] = list(range(r, r + count))
+        r += count
+    rows["off"] = {}
+    for i in range(n_sub):
+        for j in range(i):
+            rows["off"][i, j] = r
+            r += 1
+    return rows, r
+
+
+def _prep_vector_gates(q, k, g, *, scale, chunk, sub):
+    """XLA-side operands of ``gla_scan_fwd`` (float32 math, one pass over q, k, g).
+
+    q, k, g: ``[B, T, H, Dk]`` (T a multiple of chunk; g raw log-gates). Returns ``qs [B, T, H, Dk]`` bfloat16
+    (``scale q exp(b_t - s_i)``, decay from the start of the token's sub-chunk), ``ke^T [B, H, Dk, T]`` bfloat16
+    (``k exp(e_j - b_s)``, decay to the end of the token's sub-chunk) and ``F [B, H, T / chunk, NF, Dk]`` float32
+    (``_gla_factor_rows``). Every exponent in qs and ke is a non-positive difference."""
+    bsz, t_len, heads, dk = q.shape
+    n, n_sub, ell = t_len // chunk, chunk // sub, sub
+    f32 = jnp.float32
+    b = jnp.cumsum(g.astype(f32).reshape(bsz, n, chunk, heads, dk), axis=2).reshape(bsz, n, n_sub, ell, heads, dk)
+    e = b[:, :, :, ell - 1]  # [B, n, n_sub, H, Dk]: end of each sub-chunk
+    s = jnp.concatenate([jnp.zeros_like(e[:, :, :1]), e[:, :, :-1]], axis=2)  # row before each sub-chunk
+    m = b[:, :, :, (ell - 1) // 2]  # a middle row: splits each diagonal block's exponent range in two halves
+    b_last = e[:, :, -1]  # [B, n, H, Dk]
+    qs = (q.astype(f32) * scale).reshape(b.shape) * jnp.exp(b - s[:, :, :, None])
+    ke = k.astype(f32).reshape(b.shape) * jnp.exp(e[:, :, :, None] - b)
+    rows, nf = _gla_factor_rows(n_sub)
+    table = [None] * nf
+    for i in range(n_sub):
+        table[rows["inter"][i]] = jnp.exp(s[:, :, i])
+        table[rows["qdiag"][i]] = jnp.exp(s[:, :, i] - m[:, :, i])
+        table[rows["kdiag"][i]] = jnp.exp(m[:, :, i] - e[:, :, i])
+        table[rows["kstate"][i]] = jnp.exp(b_last - e[:, :, i])
+        for j in range(i):
+            table[rows["off"][i, j]] = jnp.exp(s[:, :, i] - e[:, :, j])
+    table[rows["decay"][0]] = jnp.exp(b_last)
+    fac = jnp.moveaxis(jnp.stack(table, axis=2), 3, 1)  # [B, H, n, NF, Dk]
+    qs = qs.reshape(bsz, t_len, heads, dk).astype(jnp.bfloat16)
+    ket = jnp.transpose(ke.reshape(bsz, t_len, heads, dk), (0, 2, 3, 1)).astype(jnp.bfloat16)
+    return qs, ket, fac
+
+
+def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, out_dtype=jnp.bfloat16,
+                 interpret=None):
+    """Vector-gate (GLA) chunked scan, forward, on the operands of ``_prep_vector_gates``.
+
+    Args:
+      qs: ``[B, T, H, Dk]`` bfloat16; ket: ``[B, H, Dk, T]`` bfloat16; v: ``[B, T, H, Dv]`` bfloat16;
+      fac: ``[B, H, T // chunk, NF, Dk]`` float32 gate-factor table; s0: ``[B, H, Dk, Dv]`` float32 initial state.
+      chunk: C (multiple of 64 dividing T); sub: L, sub-chunk (divides C); block_dv: Dv columns per CTA.
+    Returns:
+      ``(o [B, T, H, Dv] out_dtype, S [B, H, Dk, Dv] float32)``.
+    """
+    bsz, t_len, heads, dk = qs.shape
+    dv = v.shape[3]
+    n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
+    c, dvb, ell = chunk, block_dv, sub
+    rows, nf = _gla_factor_rows(n_sub)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast  # see ssd_scan_fwd
+    iota = ((lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d)) if interpret is not None
+            else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG)))
+
+    def by_sub(idx, vals, fallback):
+        """``vals[i]`` where ``idx`` (token index within the chunk) is in sub-chunk i (None: ``fallback``)."""
+        out = None
+        for i in reversed(range(n_sub)):
+            val = fallback if vals[i] is None else vals[i]
+            out = val if out is None else jnp.where(idx < (i + 1) * ell, val, out)
+        return out
+
+    def body(qs_ref, ket_ref, v_ref, f_ref, s0_ref, o_ref, sf_ref,
+             q_s, kt_s, v_s, f_s, qw_s, kw_s, p_s, s16_s, s32_s, o_s, bars):
+        bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        cols = pl.ds(vi * dvb, dvb)
+        bufs = (q_s, kt_s, v_s, f_s)
+        n_in = len(bufs)
+
+        def issue(ci, slot):
+            rws = pl.ds(ci * c, c)
+            copies = ((qs_ref.at[bi, rws, hi, :], q_s), (ket_ref.at[bi, hi, :, rws], kt_s),
+                      (v_ref.at[bi, rws, hi, cols], v_s), (f_ref.at[bi, hi, ci], f_s))
+            for i, (src, dst) in enumerate(copies):
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + i])
+
+        plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], s32_s, bars.at[2 * n_in])
+        issue(0, 0)
+        plgpu.barrier_wait(bars.at[2 * n_in])
+        st = lc(s32_s[...], WG)
+
+        def step(ci, st):
+            rws = pl.ds(ci * c, c)
+            slot = lax.rem(ci, 2)
+
+            @pl.when(ci + 1 < n)
+            def _prefetch():  # the other buffer was last read by chunk ci - 1, whose matmuls are all finished
+                issue(ci + 1, 1 - slot)
+
+            for i in range(n_in):
+                plgpu.barrier_wait(bars.at[slot * n_in + i])
+            q_c, kt_c, v_c, f_c = (r.at[slot] for r in bufs)
+            colv = lambda r: lax.broadcast_in_dim(lc(f_c[r], COL), (c, dk), [1])  # factor per key column d
+            rowv = lambda r: lax.broadcast_in_dim(lc(f_c[r], ROW), (dk, c), [0])  # factor per key row d
+            q_rows = iota((c, dk), 0)  # token of each qs element
+            k_cols = iota((dk, c), 1)  # token of each ke^T element
+            r_id, c_id = iota((c, c), 0), iota((c, c), 1)
+            qsv = q_c[...].astype(f32)
+            ktv = kt_c[...].astype(f32)
+            s16_s[...] = st.astype(bf16)  # the state entering the chunk, rounded for the wgmma
+            # inter-chunk: O = (q exp(b_t)) S
+            qw_s[...] = (qsv * by_sub(q_rows, [colv(r) for r in rows["inter"]], None)).astype(bf16)
+            plgpu.commit_smem()
+            inter = _mm(qw_s, s16_s, (c, dvb))
+            # intra-chunk, sub-chunk pairs j < i: (qs exp(s_i - e_j)) ke^T, the columns of sub-chunk j only
+            a = None
+            for j in range(n_sub - 1):
+                fq = by_sub(q_rows, [colv(rows["off"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
+                qw_s[...] = (qsv * fq).astype(bf16)  # rows of sub-chunks <= j are zero
+                plgpu.commit_smem()
+                part = _mm(qw_s, kt_c, (c, c))
+                part = jnp.where(lax.div(c_id, ell) == j, part, 0.0)
+                a = part if a is None else a + part
+            # diagonal blocks: exponents split at a middle row of each sub-chunk (bounded by half its gate total)
+            qw_s[...] = (qsv * by_sub(q_rows, [colv(r) for r in rows["qdiag"]], None)).astype(bf16)
+            kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["kdiag"]], None)).astype(bf16)
+            plgpu.commit_smem()
+            diag = _mm(qw_s, kw_s, (c, c))
+            # the entries dropped here (t < s or other sub-chunks) may be inf: where() selects, it never multiplies
+            keep = (r_id >= c_id) & (lax.div(r_id, ell) == lax.div(c_id, ell))
+            diag = jnp.where(keep, diag, 0.0)
+            a = diag if a is None else a + diag
+            p_s[...] = a.astype(bf16)
+            # state update operand: (k exp(b_C - b_s))^T
+            kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["kstate"]], None)).astype(bf16)
+            plgpu.commit_smem()
+            intra = _mm(p_s, v_c, (c, dvb))
+            o_s[...] = (inter + intra).astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, rws, hi, cols])
+            upd = _mm(kw_s, v_c, (dk, dvb))
+            decay = lax.broadcast_in_dim(lc(f_c[rows["decay"][0]], ROW), (dk, dvb), [0])
+            st = st * decay + upd
+            plgpu.wait_smem_to_gmem(0)  # o_s is rewritten by the next chunk
+            return st
+
+        st = lax.fori_loop(0, n, step, st)
+        s32_s[...] = st
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s32_s, sf_ref.at[bi, hi, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _smem((2, c, dk), bf16),  # qs (double-buffered)
+        _smem((2, dk, c), bf16),  # ke^T
+        _smem((2, c, dvb), bf16),  # v
+        plgpu.SMEM((2, nf, dk), f32),  # gate-factor table
+        _smem((c, dk), bf16),  # q-side wgmma operand (rewritten per matmul)
+        _smem((dk, c), bf16),  # k-side wgmma operand
+        _smem((c, c), bf16),  # P
+        _smem((dk, dvb), bf16),  # state, bf16 copy
+        _smem((dk, dvb), f32),  # state, f32 (initial / final)
+        _smem((c, dvb), out_dtype),  # output tile
+        plgpu.Barrier(num_barriers=2 * 4 + 1),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
+                  jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
+        scratch_types=scratch,
+        grid=(bsz, heads, nv),
+        grid_names=("b", "h", "v"),
+        interpret=interpret,
+        kernel_name="gla_scan_fwd_wgmma",
+    )
+    return kernel(qs, ket, v, fac, s0)
+
+
+def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
+    """Shared memory the vector-gate kernel's scratch takes (bytes, without barriers)."""
+    nf = _gla_factor_rows(chunk // sub)[1]
+    c, o = chunk, jnp.dtype(out_dtype).itemsize
+    return (2 * (2 * c * dk * 2 + c * block_dv * 2 + nf * dk * 4) + 2 * c * dk * 2 + c * c * 2
+            + dk * block_dv * (2 + 4) + c * block_dv * o)
+
+
+def _vector_scan_xla(q, k, v, g, s0, scale, chunk, sub):
+    """The vector-gate scan on the XLA chunked path (``reference.scan_xla``), float32: the backward of the GPU op.
+    Arguments as ``vector_scan``."""
+    hm = lambda a: jnp.swapaxes(a.astype(jnp.float32), 1, 2)
+    b = reference.chunk_cumsum(hm(g), chunk)
+    o, st = reference.scan_xla(hm(q), hm(k), hm(v), b, jnp.swapaxes(s0, 2, 3), scale=scale, chunk=chunk,
+                               sub_chunk=sub)
+    return jnp.swapaxes(o, 1, 2), jnp.swapaxes(st, 2, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
+    """Vector-gate scan ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = (scale q_t)^T S_t`` on the wgmma kernel.
+
+    q, k, g: ``[B, T, H, Dk]`` (g raw float32 log-gates); v: ``[B, T, H, Dv]``; s0: ``[B, H, Dk, Dv]`` float32.
+    T a multiple of ``chunk``, ``sub`` divides ``chunk``. Returns ``(o [B, T, H, Dv] float32 if v is float32 else
+    bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward is ``jax.vjp`` of the
+    XLA chunked path (no GPU backward kernel).
+    """
+    qs, ket, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
+    return gla_scan_fwd(qs, ket, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,
+                        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+
+
+def _vector_scan_fwd(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
+    return vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret), (q, k, v, g, s0)
+
+
+def _vector_scan_bwd(scale, chunk, sub, block_dv, interpret, res, cts):
+    _, vjp = jax.vjp(lambda *a: _vector_scan_xla(*a, scale, chunk, sub), *res)
+    grads = vjp(tuple(ct.astype(jnp.float32) for ct in cts))
+    return tuple(d.astype(a.dtype) for d, a in zip(grads, res))
+
+
+vector_scan.defvjp(_vector_scan_fwd, _vector_scan_bwd)
+
+
 def tpu_body_scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk, out_dtype, interpret):
     """The TPU kernel body under Mosaic GPU compiler params (same contract as ``tpu.scan_call``). Does not lower in
     jax 0.10.2 (shared-memory overflow at the paper's shape); kept only to reproduce that failure."""
