@@ -1,4 +1,4 @@
-"""The Mosaic GPU (wgmma) scalar-gate scan kernel, run by the Mosaic GPU interpreter on CPU (``InterpretGPUParams``:
+"""The Mosaic GPU (wgmma) scan kernels (scalar gates: SSD; vector gates: GLA), run by the Mosaic GPU interpreter on CPU (``InterpretGPUParams``:
 it simulates shared memory, TMA copies, barriers and wgmma, but not register layouts, swizzling or timing), against
 float64 token loops. Lowering for the real target is in ``test_export.py``. No GPU was available: these values
 are the interpreter's, not the device's."""
@@ -12,7 +12,8 @@ from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from pallas_kernels.common import BlockSizes
-from pallas_kernels.linear_scan import gla, gpu, ssd, ssd_reference
+from canon_jax.ops import gla as ops_gla
+from pallas_kernels.linear_scan import gla, gla_reference, gpu, ssd, ssd_reference
 
 # wgmma operands are bfloat16 (q, k, v = dt*x, the state and the masked scores are rounded to 8 mantissa bits,
 # relative error 2^-9 each) with float32 accumulation: errors of a few 1e-3 of the output's scale are expected.
@@ -90,10 +91,85 @@ def test_gpu_scan_backward_rule():
                                    rtol=1e-4, err_msg=name)
 
 
+# GLA: the same bfloat16 wgmma operands (the gate factors are float32 until each operand is rounded once) with
+# float32 accumulation; bfloat16 inputs also round the output (2^-9 relative), hence a slightly wider bound.
+GLA_TOL = {jnp.float32: 1.5e-2, jnp.bfloat16: 2e-2}
+
+
+def _gla_inputs(seed, b, t, h, dk, dv, dtype):
+    """Half of the key channels decay strongly (log-gates down to -5 per token, so a chunk's cumulative gate reaches
+    about -160 and any unbounded exp(-b) factor would overflow float32), half barely decay (long memory through the
+    state across chunks)."""
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
+    strong = rng.uniform(-5.0, 0.0, (b, t, h, dk // 2))
+    weak = rng.uniform(-0.05, 0.0, (b, t, h, dk - dk // 2))
+    g = jnp.asarray(np.concatenate([strong, weak], axis=-1), jnp.float32)
+    s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    return q, k, v, g, s0
+
+
+# (batch, T, heads, Dk, Dv, chunk, block_dv, initial state, dtype)
+GLA_CASES = [
+    # 3 chunks (both buffers reused), T % chunk != 0, 2 Dv blocks, 2 heads
+    (1, 150, 2, 64, 128, 64, 64, True, jnp.float32),
+    # Dk = 128 (the paper's), 3 chunks, T % chunk != 0, 2 Dv blocks, bfloat16 inputs and output
+    (1, 130, 1, 128, 128, 64, 64, True, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", GLA_CASES, ids=str)
+def test_gla_gpu_kernel_values(case):
+    b, t, h, dk, dv, chunk, bdv, use_state, dtype = case
+    q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, dtype)
+    s0 = s0 if use_state else None
+    params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
+    o, sf = gla(q, k, v, g, initial_state=s0, chunk_size=chunk, block_sizes=BlockSizes(block_dv=bdv),
+                backend="gpu", interpret=params)
+    assert not get_races().races_found
+    chex.assert_shape(o, (b, t, h, dv))
+    chex.assert_shape(sf, (b, h, dk, dv))
+    assert o.dtype == dtype and sf.dtype == jnp.float32
+    ro, rs = gla_reference(*(np.asarray(z.astype(jnp.float32)) for z in (q, k, v, g)),
+                           initial_state=None if s0 is None else np.asarray(s0))
+    tol = GLA_TOL[dtype]
+    np.testing.assert_allclose(np.asarray(o, np.float64), ro, atol=tol * np.abs(ro).max(), rtol=tol)
+    np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
+
+
+def test_gla_gpu_grad_matches_xla():
+    """``jax.grad`` through the public ``gla(backend="gpu")`` (forward: the kernel in the interpreter; backward:
+    ``jax.vjp`` of the XLA chunked path on the saved inputs) against autodiff of ``canon_jax.ops.gla(impl="xla")``,
+    an independent chunked implementation. Loss weights both outputs (o and the final state)."""
+    b, t, h, dk, dv = 1, 130, 1, 64, 64
+    q, k, v, g, s0 = _gla_inputs(2, b, t, h, dk, dv, jnp.float32)
+    rng = np.random.default_rng(5)
+    wo = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+
+    def loss(fn):
+        def f(q, k, v, g, s0):
+            o, sf = fn(q, k, v, g, s0)
+            return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(sf * ws)
+        return jax.grad(f, argnums=tuple(range(5)))
+
+    got = loss(lambda *a: gla(*a[:4], initial_state=a[4], chunk_size=64, backend="gpu",
+                              interpret=gpu.interpret_params()))(q, k, v, g, s0)
+    want = jax.jit(loss(lambda *a: ops_gla(*a[:4], initial_state=a[4], chunk_size=64, impl="xla")))(q, k, v, g, s0)
+    for name, ga, gr in zip(("dq", "dk", "dv", "dg", "ds0"), got, want):
+        chex.assert_shape(ga, gr.shape)
+        np.testing.assert_allclose(np.asarray(ga), np.asarray(gr), atol=1e-4 * max(1.0, float(jnp.abs(gr).max())),
+                                   rtol=1e-4, err_msg=name)
+
+
 def test_gpu_kernel_limits_raise_clearly():
     x, dt, a, bm, cm, d, _ = _inputs(0, 1, 8, 2, 16, 1, 16, jnp.float32)
     with pytest.raises(NotImplementedError, match="multiple of 64"):
         ssd(x, dt, a, bm, cm, d, backend="gpu", interpret=gpu.interpret_params())
+    q = jnp.zeros((1, 64, 1, 16))
+    with pytest.raises(NotImplementedError, match="Dk .* must be a multiple of 64"):
+        gla(q, q, q, q, backend="gpu", interpret=gpu.interpret_params())
     q = jnp.zeros((1, 64, 1, 64))
-    with pytest.raises(NotImplementedError, match="vector \\(GLA\\) gates"):
-        gla(q, q, q, q, backend="gpu")
+    with pytest.raises(NotImplementedError, match="multiple of block_dv"):
+        gla(q, q, jnp.zeros((1, 64, 1, 96)), q, backend="gpu", interpret=gpu.interpret_params())
