@@ -154,8 +154,8 @@ def test_gla_gpu_grad_matches_xla():
             return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(sf * ws)
         return jax.grad(f, argnums=tuple(range(5)))
 
-    got = loss(lambda *a: gla(*a[:4], initial_state=a[4], chunk_size=64, backend="gpu",
-                              interpret=gpu.interpret_params()))(q, k, v, g, s0)
+    got = jax.jit(loss(lambda *a: gla(*a[:4], initial_state=a[4], chunk_size=64, backend="gpu",
+                                      interpret=gpu.interpret_params())))(q, k, v, g, s0)
     want = jax.jit(loss(lambda *a: ops_gla(*a[:4], initial_state=a[4], chunk_size=64, impl="xla")))(q, k, v, g, s0)
     for name, ga, gr in zip(("dq", "dk", "dv", "dg", "ds0"), got, want):
         chex.assert_shape(ga, gr.shape)
