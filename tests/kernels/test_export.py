@@ -69,17 +69,36 @@ def test_ssd_lowers_on_gpu(dtype):
     _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu")
 
 
-def test_gla_on_gpu_raises_a_clear_error():
-    q = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(NotImplementedError, match="no Mosaic GPU scan kernel for vector"):
-        gla(q, q, q, q, backend="gpu")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gla_lowers_on_gpu(batch):
+    """The Mosaic GPU wgmma vector-gate (GLA) kernel at the paper's shape (H=16, Dk=128, Dv=256, T=4096, chunk 64,
+    bfloat16): its scratch (203,776 bytes at block_dv=64) must pass Mosaic GPU's 232,448-byte shared-memory check,
+    which runs at lowering. value_and_grad is exported so that the program holds the forward kernel and its XLA
+    backward (plain grad would drop the forward kernel)."""
+    args = tuple(S((batch,) + a.shape[1:], a.dtype) for a in GLA_ARGS)
+    fg = lambda *a: gla(*a, chunk_size=64, backend="gpu")[0]
+    _export(fg, args, "gpu")
+    _export(jax.value_and_grad(lambda *a: jnp.sum(fg(*a).astype(jnp.float32)), argnums=tuple(range(4))), args, "gpu")
+
+
+def test_gla_gpu_block_dv_128_exceeds_shared_memory():
+    """block_dv=128 would double the state/value tiles (277,504 bytes of scratch): the lowering rejects it, which is
+    why the default is 64 (``gpu.gla_smem_bytes``)."""
+    from pallas_kernels.linear_scan import gpu
+
+    assert gpu.gla_smem_bytes(64, 16, 128, 64) <= 232448 < gpu.gla_smem_bytes(64, 16, 128, 128)
+    fg = lambda *a: gla(*a, chunk_size=64, backend="gpu", block_sizes=BlockSizes(block_dv=128))[0]
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _export(fg, GLA_ARGS, "gpu")
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
                    reason="Mosaic GPU: 'kernel exceeds available shared memory' (docs/kernels.md)")
 def test_scan_tpu_body_does_not_lower_on_gpu():
-    """Keeps the recorded failure reproducible: the TPU body (GLA vector gates) under Mosaic GPU compiler params,
-    paper shapes. GLA has no GPU kernel; see docs/kernels.md."""
+    """Keeps the recorded failure reproducible: the TPU kernel body (GLA vector gates) under Mosaic GPU compiler
+    params, paper shapes, overflows shared memory. This is why GLA on GPU has its own wgmma kernel
+    (``gpu.gla_scan_fwd``, exported in ``test_gla_lowers_on_gpu``), which keeps the state in registers and stages
+    only bfloat16 chunk tiles and a small float32 gate-factor table in shared memory; see docs/kernels.md."""
     from pallas_kernels.linear_scan import gpu
     from pallas_kernels.linear_scan.tpu import ScanLayout
 
