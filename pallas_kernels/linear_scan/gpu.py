@@ -200,25 +200,25 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
 
 
 def _gla_factor_rows(n_sub):
-    """Row index of each float32 gate-factor vector (length Dk) in the per-chunk table ``F [NF, Dk]`` of the vector
-    gate kernel. With ``s_i`` / ``e_i`` the chunk-local cumulative log-gates at the row just before / the last row of
-    sub-chunk ``i`` (``s_0 = 0``), ``m_i`` a middle row of sub-chunk ``i`` and ``b_C`` the chunk's last row:
+    """Row index of each float32 gate-factor vector (length Dk) in the per-chunk table ``F [NF, Dk]`` of the
+    vector-gate kernel. With ``m_i`` the chunk-local cumulative log-gates at the middle row of sub-chunk ``i``,
+    ``e_j`` at the last row of sub-chunk ``j`` and ``b_C`` at the chunk's last row (all non-increasing down the
+    chunk, so every factor below is ``exp`` of a non-positive difference, <= 1):
 
-    * ``inter[i] = exp(s_i)``: turns ``qs`` rows of sub-chunk i into ``q exp(b_t)`` (inter-chunk term), <= 1;
-    * ``off[i, j] = exp(s_i - e_j)`` (j < i): ``qs`` of sub-chunk i against ``ke`` of an earlier sub-chunk j, <= 1;
-    * ``qdiag[i] = exp(s_i - m_i)``, ``kdiag[j] = exp(m_j - e_j)``: the diagonal blocks, >= 1, each bounded by the
-      gate total of half a sub-chunk;
-    * ``kstate[j] = exp(b_C - e_j)``: turns ``ke`` into ``k exp(b_C - b_s)`` (state update), <= 1;
+    * ``inter[i] = exp(m_i)``: turns ``qm`` rows of sub-chunk i into ``q exp(b_t)`` (inter-chunk term);
+    * ``qoff[i, j] = exp(m_i - e_j)`` (j < i) and ``koff[j] = exp(e_j - m_j)``: ``qm`` of sub-chunk i against
+      ``km`` of an earlier sub-chunk j, split at the end of sub-chunk j;
+    * ``kstate[j] = exp(b_C - m_j)``: turns ``km`` into ``k exp(b_C - b_s)`` (state update);
     * ``decay = exp(b_C)``: the per-key-row decay of the state over the chunk.
     """
     rows, r = {}, 0
-    for name, count in (("inter", n_sub), ("qdiag", n_sub), ("kdiag", n_sub), ("kstate", n_sub), ("decay", 1)):
+    for name, count in (("inter", n_sub), ("koff", n_sub), ("kstate", n_sub), ("decay", 1)):
         rows[name] = list(range(r, r + count))
         r += count
-    rows["off"] = {}
+    rows["qoff"] = {}
     for i in range(n_sub):
         for j in range(i):
-            rows["off"][i, j] = r
+            rows["qoff"][i, j] = r
             r += 1
     return rows, r
 
@@ -226,48 +226,45 @@ def _gla_factor_rows(n_sub):
 def _prep_vector_gates(q, k, g, *, scale, chunk, sub):
     """XLA-side operands of ``gla_scan_fwd`` (float32 math, one pass over q, k, g).
 
-    q, k, g: ``[B, T, H, Dk]`` (T a multiple of chunk; g raw log-gates). Returns ``qs [B, T, H, Dk]`` bfloat16
-    (``scale q exp(b_t - s_i)``, decay from the start of the token's sub-chunk), ``ke^T [B, H, Dk, T]`` bfloat16
-    (``k exp(e_j - b_s)``, decay to the end of the token's sub-chunk) and ``F [B, H, T / chunk, NF, Dk]`` float32
-    (``_gla_factor_rows``). Every exponent in qs and ke is a non-positive difference."""
+    q, k, g: ``[B, T, H, Dk]`` (T a multiple of chunk; g raw log-gates). Returns ``qm [B, T, H, Dk]`` bfloat16
+    (``scale q_t exp(b_t - m_i)``), ``km^T [B, H, Dk, T]`` bfloat16 (``k_s exp(m_j - b_s)``), both referred to the
+    middle row of the token's own sub-chunk, and ``F [B, H, T / chunk, NF, Dk]`` float32 (``_gla_factor_rows``)."""
     bsz, t_len, heads, dk = q.shape
     n, n_sub, ell = t_len // chunk, chunk // sub, sub
     f32 = jnp.float32
     b = jnp.cumsum(g.astype(f32).reshape(bsz, n, chunk, heads, dk), axis=2).reshape(bsz, n, n_sub, ell, heads, dk)
-    e = b[:, :, :, ell - 1]  # [B, n, n_sub, H, Dk]: end of each sub-chunk
-    s = jnp.concatenate([jnp.zeros_like(e[:, :, :1]), e[:, :, :-1]], axis=2)  # row before each sub-chunk
-    m = b[:, :, :, (ell - 1) // 2]  # a middle row: splits each diagonal block's exponent range in two halves
+    e = b[:, :, :, ell - 1]  # [B, n, n_sub, H, Dk]: last row of each sub-chunk
+    m = b[:, :, :, (ell - 1) // 2]  # middle row: splits each diagonal block's exponent range in two halves
     b_last = e[:, :, -1]  # [B, n, H, Dk]
-    qs = (q.astype(f32) * scale).reshape(b.shape) * jnp.exp(b - s[:, :, :, None])
-    ke = k.astype(f32).reshape(b.shape) * jnp.exp(e[:, :, :, None] - b)
+    qm = (q.astype(f32) * scale).reshape(b.shape) * jnp.exp(b - m[:, :, :, None])
+    km = k.astype(f32).reshape(b.shape) * jnp.exp(m[:, :, :, None] - b)
     rows, nf = _gla_factor_rows(n_sub)
     table = [None] * nf
     for i in range(n_sub):
-        table[rows["inter"][i]] = jnp.exp(s[:, :, i])
-        table[rows["qdiag"][i]] = jnp.exp(s[:, :, i] - m[:, :, i])
-        table[rows["kdiag"][i]] = jnp.exp(m[:, :, i] - e[:, :, i])
-        table[rows["kstate"][i]] = jnp.exp(b_last - e[:, :, i])
+        table[rows["inter"][i]] = jnp.exp(m[:, :, i])
+        table[rows["koff"][i]] = jnp.exp(e[:, :, i] - m[:, :, i])
+        table[rows["kstate"][i]] = jnp.exp(b_last - m[:, :, i])
         for j in range(i):
-            table[rows["off"][i, j]] = jnp.exp(s[:, :, i] - e[:, :, j])
+            table[rows["qoff"][i, j]] = jnp.exp(m[:, :, i] - e[:, :, j])
     table[rows["decay"][0]] = jnp.exp(b_last)
     fac = jnp.moveaxis(jnp.stack(table, axis=2), 3, 1)  # [B, H, n, NF, Dk]
-    qs = qs.reshape(bsz, t_len, heads, dk).astype(jnp.bfloat16)
-    ket = jnp.transpose(ke.reshape(bsz, t_len, heads, dk), (0, 2, 3, 1)).astype(jnp.bfloat16)
-    return qs, ket, fac
+    qm = qm.reshape(bsz, t_len, heads, dk).astype(jnp.bfloat16)
+    kmt = jnp.transpose(km.reshape(bsz, t_len, heads, dk), (0, 2, 3, 1)).astype(jnp.bfloat16)
+    return qm, kmt, fac
 
 
-def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, out_dtype=jnp.bfloat16,
+def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, out_dtype=jnp.bfloat16,
                  interpret=None):
     """Vector-gate (GLA) chunked scan, forward, on the operands of ``_prep_vector_gates``.
 
     Args:
-      qs: ``[B, T, H, Dk]`` bfloat16; ket: ``[B, H, Dk, T]`` bfloat16; v: ``[B, T, H, Dv]`` bfloat16;
+      qm: ``[B, T, H, Dk]`` bfloat16; kmt: ``[B, H, Dk, T]`` bfloat16; v: ``[B, T, H, Dv]`` bfloat16;
       fac: ``[B, H, T // chunk, NF, Dk]`` float32 gate-factor table; s0: ``[B, H, Dk, Dv]`` float32 initial state.
       chunk: C (multiple of 64 dividing T); sub: L, sub-chunk (divides C); block_dv: Dv columns per CTA.
     Returns:
       ``(o [B, T, H, Dv] out_dtype, S [B, H, Dk, Dv] float32)``.
     """
-    bsz, t_len, heads, dk = qs.shape
+    bsz, t_len, heads, dk = qm.shape
     dv = v.shape[3]
     n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
     c, dvb, ell = chunk, block_dv, sub
@@ -285,7 +282,7 @@ def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
             out = val if out is None else jnp.where(idx < (i + 1) * ell, val, out)
         return out
 
-    def body(qs_ref, ket_ref, v_ref, f_ref, s0_ref, o_ref, sf_ref,
+    def body(qm_ref, kmt_ref, v_ref, f_ref, s0_ref, o_ref, sf_ref,
              q_s, kt_s, v_s, f_s, qw_s, kw_s, p_s, s16_s, s32_s, o_s, bars):
         bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         cols = pl.ds(vi * dvb, dvb)
@@ -294,7 +291,7 @@ def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
 
         def issue(ci, slot):
             rws = pl.ds(ci * c, c)
-            copies = ((qs_ref.at[bi, rws, hi, :], q_s), (ket_ref.at[bi, hi, :, rws], kt_s),
+            copies = ((qm_ref.at[bi, rws, hi, :], q_s), (kmt_ref.at[bi, hi, :, rws], kt_s),
                       (v_ref.at[bi, rws, hi, cols], v_s), (f_ref.at[bi, hi, ci], f_s))
             for i, (src, dst) in enumerate(copies):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + i])
@@ -317,34 +314,30 @@ def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
             q_c, kt_c, v_c, f_c = (r.at[slot] for r in bufs)
             colv = lambda r: lax.broadcast_in_dim(lc(f_c[r], COL), (c, dk), [1])  # factor per key column d
             rowv = lambda r: lax.broadcast_in_dim(lc(f_c[r], ROW), (dk, c), [0])  # factor per key row d
-            q_rows = iota((c, dk), 0)  # token of each qs element
-            k_cols = iota((dk, c), 1)  # token of each ke^T element
+            q_rows = iota((c, dk), 0)  # token of each qm element
+            k_cols = iota((dk, c), 1)  # token of each km^T element
             r_id, c_id = iota((c, c), 0), iota((c, c), 1)
-            qsv = q_c[...].astype(f32)
+            qmv = q_c[...].astype(f32)
             ktv = kt_c[...].astype(f32)
             s16_s[...] = st.astype(bf16)  # the state entering the chunk, rounded for the wgmma
             # inter-chunk: O = (q exp(b_t)) S
-            qw_s[...] = (qsv * by_sub(q_rows, [colv(r) for r in rows["inter"]], None)).astype(bf16)
+            qw_s[...] = (qmv * by_sub(q_rows, [colv(r) for r in rows["inter"]], None)).astype(bf16)
             plgpu.commit_smem()
             inter = _mm(qw_s, s16_s, (c, dvb))
-            # intra-chunk, sub-chunk pairs j < i: (qs exp(s_i - e_j)) ke^T, the columns of sub-chunk j only
-            a = None
-            for j in range(n_sub - 1):
-                fq = by_sub(q_rows, [colv(rows["off"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
-                qw_s[...] = (qsv * fq).astype(bf16)  # rows of sub-chunks <= j are zero
-                plgpu.commit_smem()
-                part = _mm(qw_s, kt_c, (c, c))
-                part = jnp.where(lax.div(c_id, ell) == j, part, 0.0)
-                a = part if a is None else a + part
-            # diagonal blocks: exponents split at a middle row of each sub-chunk (bounded by half its gate total)
-            qw_s[...] = (qsv * by_sub(q_rows, [colv(r) for r in rows["qdiag"]], None)).astype(bf16)
-            kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["kdiag"]], None)).astype(bf16)
-            plgpu.commit_smem()
-            diag = _mm(qw_s, kw_s, (c, c))
-            # the entries dropped here (t < s or other sub-chunks) may be inf: where() selects, it never multiplies
+            # diagonal blocks: qm km^T as it is (both referred to the same middle row), t >= s in one sub-chunk;
+            # the entries dropped here (t < s, other sub-chunks) may be inf: where() selects, it never multiplies
+            diag = _mm(q_c, kt_c, (c, c))
             keep = (r_id >= c_id) & (lax.div(r_id, ell) == lax.div(c_id, ell))
-            diag = jnp.where(keep, diag, 0.0)
-            a = diag if a is None else a + diag
+            a = jnp.where(keep, diag, 0.0)
+            # sub-chunk pairs j < i: (qm exp(m_i - e_j)) (km exp(e_j - m_j))^T, kept in the columns of sub-chunk j
+            if n_sub > 1:
+                kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["koff"]], None)).astype(bf16)
+            for j in range(n_sub - 1):
+                fq = by_sub(q_rows, [colv(rows["qoff"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
+                qw_s[...] = (qmv * fq).astype(bf16)  # rows of sub-chunks <= j are zero
+                plgpu.commit_smem()
+                part = _mm(qw_s, kw_s, (c, c))
+                a = a + jnp.where(lax.div(c_id, ell) == j, part, 0.0)
             p_s[...] = a.astype(bf16)
             # state update operand: (k exp(b_C - b_s))^T
             kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["kstate"]], None)).astype(bf16)
@@ -366,8 +359,8 @@ def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _smem((2, c, dk), bf16),  # qs (double-buffered)
-        _smem((2, dk, c), bf16),  # ke^T
+        _smem((2, c, dk), bf16),  # qm (double-buffered)
+        _smem((2, dk, c), bf16),  # km^T
         _smem((2, c, dvb), bf16),  # v
         plgpu.SMEM((2, nf, dk), f32),  # gate-factor table
         _smem((c, dk), bf16),  # q-side wgmma operand (rewritten per matmul)
@@ -388,7 +381,7 @@ def gla_scan_fwd(qs, ket, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
         interpret=interpret,
         kernel_name="gla_scan_fwd_wgmma",
     )
-    return kernel(qs, ket, v, fac, s0)
+    return kernel(qm, kmt, v, fac, s0)
 
 
 def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
@@ -418,8 +411,8 @@ def vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
     bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward is ``jax.vjp`` of the
     XLA chunked path (no GPU backward kernel).
     """
-    qs, ket, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
-    return gla_scan_fwd(qs, ket, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,
+    qm, kmt, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
+    return gla_scan_fwd(qm, kmt, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,
                         out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
 
 
