@@ -67,9 +67,8 @@ def linear_scan(impl, op_name, *args, **kw):
     ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
     Returns ``(out, final_state)`` exactly like ``pallas_kernels.linear_scan.gla`` / ``ssd``, or ``None``.
     ``impl="auto"`` uses the kernel only on TPU. On GPU, ``impl="pallas"`` is the explicit opt-in to the Mosaic GPU
-    wgmma kernel, which exists for ``ssd`` (scalar gates) only: it lowers and is value-checked in the Mosaic GPU
-    interpreter but has never been compiled or run on a GPU (docs/kernels.md), hence not "auto"; ``gla`` with
-    ``impl="pallas"`` on GPU raises ``NotImplementedError``.
+    wgmma kernels (``ssd``: scalar gates; ``gla``: vector gates): they lower and are value-checked in the Mosaic GPU
+    interpreter but have never been compiled or run on a GPU (docs/kernels.md), hence not "auto".
     """
     if op_name not in LINEAR_SCAN_OPS:
         raise ValueError(f"linear_scan: unknown op {op_name!r}; choose one of {LINEAR_SCAN_OPS}")

@@ -119,7 +119,9 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
       initial_state: optional ``[batch, heads, Dk, Dv]``.
       chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
       interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
-        ``pltpu.InterpretParams``).
+        ``pltpu.InterpretParams``, or the Mosaic GPU interpreter's params ``gpu.interpret_params()``).
+        ``backend="gpu"`` runs the Mosaic GPU wgmma kernel (``gpu.vector_scan``: Dk a multiple of 64, Dv of
+        ``block_sizes.block_dv``, chunk a multiple of 64; backward on the XLA chunked path).
 
     Returns:
       ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.

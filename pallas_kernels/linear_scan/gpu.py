@@ -1,4 +1,5 @@
-"""Mosaic GPU (Hopper, wgmma) forward kernel of the chunked scan with *scalar* per-head gates (Mamba2 SSD).
+"""Mosaic GPU (Hopper, wgmma) forward kernels of the chunked scan: ``ssd_scan_fwd`` for *scalar* per-head gates
+(Mamba2 SSD) and ``gla_scan_fwd`` for *vector* gates (GLA, one log-gate per key channel; described at the end).
 
 Per (batch, head, Dv-block) one CTA (one warpgroup) walks the chunks of the sequence in a ``fori_loop`` carrying its
 slice of the state ``S [Dk, block_dv]`` (float32) in registers (WGMMA layout). Per chunk of ``C`` tokens, with
@@ -21,6 +22,30 @@ synchronous wgmma, the output tile's store is waited for at every chunk.
 Status (jax 0.10.2, no GPU in the session that wrote it): lowers with ``jax.export(..., platforms=["cuda"])`` at the
 paper's shape; values checked in Mosaic GPU interpret mode (``InterpretGPUParams``) against float64 references at
 small shapes; **never compiled by ptxas nor run on a GPU**. See docs/kernels.md.
+
+Vector gates (``gla_scan_fwd``, same CTA/state/double-buffering design). ``b [C, Dk]`` now has one column per key
+channel, so the decay ``exp(b_t - b_s)`` of the intra-chunk scores differs per channel and cannot be applied to
+``Q K^T`` after the matmul. The chunk is split into sub-chunks of ``L`` tokens (``gcd(chunk, BlockSizes.sub_chunk)``,
+16 by default) and every token is referred to the *middle row* ``m_i`` of its own sub-chunk ``i`` (XLA-side):
+``qm_t = scale q_t exp(b_t - m_i)``, ``km_s = k_s exp(m_j - b_s)`` (bfloat16). Then
+
+* diagonal blocks (t, s in one sub-chunk, t >= s): ``A = qm km^T`` as it is (one wgmma for all sub-chunks; the
+  entries of other sub-chunks and t < s are dropped with ``where``, which selects and so also drops an inf);
+* sub-chunk pairs j < i: ``A += (qm_i exp(m_i - e_j)) (km_j exp(e_j - m_j))^T`` with ``e_j`` the last row of
+  sub-chunk j, both factors ``<= 1``; one wgmma per j (rows of sub-chunks <= j zeroed, columns kept in sub-chunk j);
+* ``O = (qm exp(m_i)) S + A V`` and ``S <- exp(b_C) ⊙ S + (km exp(b_C - m_j))^T V`` (the decay is per key row).
+
+All factors ``exp(m_i)``, ``exp(m_i - e_j)``, ``exp(e_j - m_j)``, ``exp(b_C - m_j)``, ``exp(b_C)`` are exponentials
+of non-positive differences, computed by XLA in float32 as a small per-chunk table ``[NF, Dk]`` (NF = 19 for 4
+sub-chunks). The only exponents that can be positive are those inside ``qm`` / ``km``, and they are bounded by the
+log-gate total of *half a sub-chunk* (at most 8 tokens at L = 16) in each channel: float32/bfloat16 (exponent range
+about ±87) hold them as long as that total stays above about -87, i.e. log-gates above about -10 per token on
+average over 8 tokens (tested with gates down to -5 per token, and by hand at -10). Beyond that a diagonal-block
+product would underflow/overflow (a larger ``sub_chunk`` narrows the range: the bound is over ``L / 2`` tokens).
+Per chunk: 1 + 1 + (n_sub - 1) + 1 + 1 wgmma (inter, diagonal, pairs, ``A V``, state update) = 7 at C = 64, L = 16.
+Shared memory at C = 64, Dk = 128, block_dv = 64: 199,680 bytes of scratch (207,872 with a float32 output tile)
+plus 72 bytes of barriers, under the H100's 232,448 (``gla_smem_bytes``); block_dv = 128 would need 273,408 and
+does not lower. The backward is ``jax.vjp`` of the XLA chunked path (``reference.scan_xla``), as for SSD.
 
 ``tpu_body_scan_call`` keeps the earlier attempt (the TPU kernel body under Mosaic GPU compiler params), which does
 not lower (shared-memory overflow), so that the failure stays reproducible in ``tests/kernels/test_export.py``.

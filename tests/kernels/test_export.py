@@ -72,7 +72,7 @@ def test_ssd_lowers_on_gpu(dtype):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gla_lowers_on_gpu(batch):
     """The Mosaic GPU wgmma vector-gate (GLA) kernel at the paper's shape (H=16, Dk=128, Dv=256, T=4096, chunk 64,
-    bfloat16): its scratch (203,776 bytes at block_dv=64) must pass Mosaic GPU's 232,448-byte shared-memory check,
+    bfloat16): its scratch (199,680 bytes at block_dv=64) must pass Mosaic GPU's 232,448-byte shared-memory check,
     which runs at lowering. value_and_grad is exported so that the program holds the forward kernel and its XLA
     backward (plain grad would drop the forward kernel)."""
     args = tuple(S((batch,) + a.shape[1:], a.dtype) for a in GLA_ARGS)
@@ -82,7 +82,7 @@ def test_gla_lowers_on_gpu(batch):
 
 
 def test_gla_gpu_block_dv_128_exceeds_shared_memory():
-    """block_dv=128 would double the state/value tiles (277,504 bytes of scratch): the lowering rejects it, which is
+    """block_dv=128 would double the state/value tiles (273,408 bytes of scratch): the lowering rejects it, which is
     why the default is 64 (``gpu.gla_smem_bytes``)."""
     from pallas_kernels.linear_scan import gpu
 
