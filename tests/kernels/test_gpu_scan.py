@@ -1,5 +1,6 @@
-"""The Mosaic GPU (wgmma) scan kernels (scalar gates: SSD; vector gates: GLA), run by the Mosaic GPU interpreter on CPU (``InterpretGPUParams``:
-it simulates shared memory, TMA copies, barriers and wgmma, but not register layouts, swizzling or timing), against
+"""The Mosaic GPU (wgmma) scan kernels (scalar gates: SSD; vector gates: GLA), run by the Mosaic GPU interpreter on
+CPU (``InterpretGPUParams``: it simulates shared memory, TMA copies, barriers and wgmma, but not register layouts,
+swizzling or timing), against
 float64 token loops. Lowering for the real target is in ``test_export.py``. No GPU was available: these values
 are the interpreter's, not the device's."""
 import chex
@@ -110,22 +111,24 @@ def _gla_inputs(seed, b, t, h, dk, dv, dtype):
     return q, k, v, g, s0
 
 
-# (batch, T, heads, Dk, Dv, chunk, block_dv, initial state, dtype)
+# (batch, T, heads, Dk, Dv, chunk, sub_chunk, block_dv, initial state, dtype)
 GLA_CASES = [
-    # 3 chunks (both buffers reused), T % chunk != 0, 2 Dv blocks, 2 heads
-    (1, 150, 2, 64, 128, 64, 64, True, jnp.float32),
+    # 3 chunks (both buffers reused), T % chunk != 0, 2 Dv blocks, 2 heads, 4 sub-chunks of 16
+    (1, 150, 2, 64, 128, 64, 16, 64, True, jnp.float32),
     # Dk = 128 (the paper's), 3 chunks, T % chunk != 0, 2 Dv blocks, bfloat16 inputs and output
-    (1, 130, 1, 128, 128, 64, 64, True, jnp.bfloat16),
+    (1, 130, 1, 128, 128, 64, 16, 64, True, jnp.bfloat16),
+    # 8 sub-chunks of 8 (more sub-chunk pairs), 2 batch rows, no initial state, 2 chunks
+    (2, 100, 1, 64, 64, 64, 8, 64, False, jnp.float32),
 ]
 
 
 @pytest.mark.parametrize("case", GLA_CASES, ids=str)
 def test_gla_gpu_kernel_values(case):
-    b, t, h, dk, dv, chunk, bdv, use_state, dtype = case
+    b, t, h, dk, dv, chunk, sub, bdv, use_state, dtype = case
     q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, dtype)
     s0 = s0 if use_state else None
     params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
-    o, sf = gla(q, k, v, g, initial_state=s0, chunk_size=chunk, block_sizes=BlockSizes(block_dv=bdv),
+    o, sf = gla(q, k, v, g, initial_state=s0, chunk_size=chunk, block_sizes=BlockSizes(block_dv=bdv, sub_chunk=sub),
                 backend="gpu", interpret=params)
     assert not get_races().races_found
     chex.assert_shape(o, (b, t, h, dv))
