@@ -1,8 +1,7 @@
 """The Mosaic GPU (wgmma) scan kernels (scalar gates: SSD; vector gates: GLA), run by the Mosaic GPU interpreter on
 CPU (``InterpretGPUParams``: it simulates shared memory, TMA copies, barriers and wgmma, but not register layouts,
-swizzling or timing), against
-float64 token loops. Lowering for the real target is in ``test_export.py``. No GPU was available: these values
-are the interpreter's, not the device's."""
+swizzling or timing), against float64 token loops. Lowering for the real target is in ``test_export.py``. No GPU was
+available: these values are the interpreter's, not the device's."""
 import chex
 import jax
 import jax.numpy as jnp
