@@ -45,7 +45,8 @@ product would underflow/overflow (a larger ``sub_chunk`` narrows the range: the 
 Per chunk: 1 + 1 + (n_sub - 1) + 1 + 1 wgmma (inter, diagonal, pairs, ``A V``, state update) = 7 at C = 64, L = 16.
 Shared memory at C = 64, Dk = 128, block_dv = 64: 199,680 bytes of scratch (207,872 with a float32 output tile)
 plus 72 bytes of barriers, under the H100's 232,448 (``gla_smem_bytes``); block_dv = 128 would need 273,408 and
-does not lower. The backward is ``jax.vjp`` of the XLA chunked path (``reference.scan_xla``), as for SSD.
+does not lower. The backward is ``jax.vjp`` of an XLA chunked form of the same factorisation
+(``_vector_scan_xla``; no GPU backward kernel), as SSD's is of the XLA chunked path.
 
 ``tpu_body_scan_call`` keeps the earlier attempt (the TPU kernel body under Mosaic GPU compiler params), which does
 not lower (shared-memory overflow), so that the failure stays reproducible in ``tests/kernels/test_export.py``.
@@ -418,13 +419,49 @@ def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
 
 
 def _vector_scan_xla(q, k, v, g, s0, scale, chunk, sub):
-    """The vector-gate scan on the XLA chunked path (``reference.scan_xla``), float32: the backward of the GPU op.
-    Arguments as ``vector_scan``."""
-    hm = lambda a: jnp.swapaxes(a.astype(jnp.float32), 1, 2)
-    b = reference.chunk_cumsum(hm(g), chunk)
-    o, st = reference.scan_xla(hm(q), hm(k), hm(v), b, jnp.swapaxes(s0, 2, 3), scale=scale, chunk=chunk,
-                               sub_chunk=sub)
-    return jnp.swapaxes(o, 1, 2), jnp.swapaxes(st, 2, 3)
+    """The vector-gate scan in plain XLA with the kernel's factorisation (float32): the backward of ``vector_scan``
+    is its ``jax.vjp``. Arguments as ``vector_scan``; returns ``(o [B, T, H, Dv], S [B, H, Dk, Dv])`` float32.
+
+    Intra-chunk scores are whole ``[C, C]`` matrices per chunk (batched over all chunks, no per-column loop):
+    diagonal sub-chunk blocks ``qm km^T`` (both referred to the block's middle row), earlier sub-chunks through
+    ``(qm exp(m_i - e_j)) (k exp(e_j - b_s))^T``; the states entering the chunks come from a ``lax.scan`` over
+    the chunks. Dropped entries are removed with ``where`` (selection), so a large product there leaves no trace in
+    the values and none in the gradients (their cotangent is zero)."""
+    f32 = jnp.float32
+    bsz, t_len, heads, dk = q.shape
+    dv = v.shape[-1]
+    n, n_sub, ell = t_len // chunk, chunk // sub, sub
+    chunks = lambda a: jnp.moveaxis(a.astype(f32).reshape((bsz, n, chunk, heads, a.shape[-1])), 3, 1)
+    qc, kc, vc, gc = chunks(q) * scale, chunks(k), chunks(v), chunks(g)  # [B, H, n, C, X]
+    b = jnp.cumsum(gc, axis=3)
+    split = lambda a: a.reshape(a.shape[:3] + (n_sub, ell, a.shape[-1]))  # [B, H, n, n_sub, L, X]
+    bs, qs, ks = split(b), split(qc), split(kc)
+    m = bs[..., (ell - 1) // 2, :]  # [B, H, n, n_sub, Dk]
+    e = bs[..., ell - 1, :]
+    qm = qs * jnp.exp(bs - m[..., None, :])
+    km = ks * jnp.exp(m[..., None, :] - bs)
+    tri = jnp.arange(ell)[:, None] >= jnp.arange(ell)[None, :]
+    a_diag = jnp.where(tri, jnp.einsum("...td,...sd->...ts", qm, km), 0.0)  # [B, H, n, n_sub, L, L]
+    eye = jnp.eye(n_sub, dtype=f32)
+    a_diag = jnp.einsum("...its,ij->...itjs", a_diag, eye)
+    earlier = jnp.arange(n_sub)[:, None] > jnp.arange(n_sub)[None, :]  # [i, j]: j < i
+    qf = jnp.exp(jnp.where(earlier[:, :, None], m[..., :, None, :] - e[..., None, :, :], 0.0))  # [.., i, j, Dk]
+    kend = ks * jnp.exp(e[..., None, :] - bs)  # k exp(e_j - b_s) <= 1
+    a_off = jnp.einsum("...itd,...ijd,...jsd->...itjs", qm, qf, kend)
+    a_off = jnp.where(earlier[:, None, :, None], a_off, 0.0)
+    attn = (a_diag + a_off).reshape(b.shape[:3] + (chunk, chunk))
+    o = jnp.einsum("...ts,...se->...te", attn, vc)
+    b_last = b[..., -1, :]  # [B, H, n, Dk]
+    upd = jnp.einsum("...sd,...se->...de", kc * jnp.exp(b_last[..., None, :] - b), vc)  # [B, H, n, Dk, Dv]
+
+    def step(st, xs):
+        dec, u = xs
+        return jnp.exp(dec)[..., None] * st + u, st
+
+    final, starts = lax.scan(step, s0.astype(f32), (jnp.moveaxis(b_last, 2, 0), jnp.moveaxis(upd, 2, 0)))
+    o = o + jnp.einsum("...td,...de->...te", qc * jnp.exp(b), jnp.moveaxis(starts, 0, 2))
+    o = jnp.moveaxis(o, 1, 3).reshape(bsz, t_len, heads, dv)
+    return o, final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -433,8 +470,8 @@ def vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
 
     q, k, g: ``[B, T, H, Dk]`` (g raw float32 log-gates); v: ``[B, T, H, Dv]``; s0: ``[B, H, Dk, Dv]`` float32.
     T a multiple of ``chunk``, ``sub`` divides ``chunk``. Returns ``(o [B, T, H, Dv] float32 if v is float32 else
-    bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward is ``jax.vjp`` of the
-    XLA chunked path (no GPU backward kernel).
+    bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward is ``jax.vjp`` of
+    ``_vector_scan_xla`` (float32 XLA, no GPU backward kernel).
     """
     qm, kmt, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
     return gla_scan_fwd(qm, kmt, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,

@@ -140,10 +140,24 @@ def test_gla_gpu_kernel_values(case):
     np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
 
 
+def test_gla_gpu_backward_path_values():
+    """``gpu._vector_scan_xla`` (the float32 XLA form whose ``jax.vjp`` is the GPU op's backward) against the float64
+    loop: 3 chunks, 4 sub-chunks of 16, two heads, an initial state, gates down to -5 per token."""
+    b, t, h, dk, dv = 2, 192, 2, 64, 32
+    q, k, v, g, s0 = _gla_inputs(4, b, t, h, dk, dv, jnp.float32)
+    o, sf = jax.jit(lambda *a: gpu._vector_scan_xla(*a, 0.125, 64, 16))(q, k, v, g, s0)
+    chex.assert_shape(o, (b, t, h, dv))
+    chex.assert_shape(sf, (b, h, dk, dv))
+    ro, rs = gla_reference(q, k, v, g, scale=0.125, initial_state=s0)
+    np.testing.assert_allclose(np.asarray(o, np.float64), ro, atol=1e-5 * np.abs(ro).max(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=1e-5 * np.abs(rs).max(), rtol=1e-4)
+
+
 def test_gla_gpu_grad_matches_xla():
     """``jax.grad`` through the public ``gla(backend="gpu")`` (forward: the kernel in the interpreter; backward:
-    ``jax.vjp`` of the XLA chunked path on the saved inputs) against autodiff of ``canon_jax.ops.gla(impl="xla")``,
-    an independent chunked implementation. Loss weights both outputs (o and the final state)."""
+    ``jax.vjp`` of ``gpu._vector_scan_xla`` on the saved inputs) against autodiff of
+    ``canon_jax.ops.gla(impl="xla")``, a separately written chunked implementation. Loss weights both outputs (o and
+    the final state)."""
     b, t, h, dk, dv = 1, 130, 1, 64, 64
     q, k, v, g, s0 = _gla_inputs(2, b, t, h, dk, dv, jnp.float32)
     rng = np.random.default_rng(5)
