@@ -29,12 +29,14 @@ from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import gpu_params
 
 
-def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_extra, activation, residual_x, interpret):
+def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_mask, has_extra, activation, residual_x,
+            interpret):
     it = iter(refs)
     x_ref, halo_ref = next(it), next(it)
     halo0_ref = next(it) if has_halo0 else None
     w_ref = next(it)
     bias_ref = next(it) if has_bias else None
+    mask_ref = next(it) if has_mask else None
     extra_ref = next(it) if has_extra else None
     o_ref, buf, stage = next(it), next(it), next(it)
     t = pl.program_id(2)
@@ -61,9 +63,12 @@ def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_extra, 
     if not interpret:
         plgpu.commit_smem()
     acc = jnp.zeros((bt, bd), jnp.float32)
-    for s in range(k):
+    for s in range(k):  # tap s reads s tokens back (causal) or ahead (anti-causal) with weight row K-1-s
         start = main - s if direction == "causal" else s
-        acc = acc + buf[pl.ds(start, bt), :] * w_ref[k - 1 - s]
+        tap = buf[pl.ds(start, bt), :]
+        if has_mask and s > 0:  # 1.0 where the tap is in the token's segment, 0.0 elsewhere
+            tap = tap * mask_ref[s - 1]
+        acc = acc + tap * w_ref[k - 1 - s]
     if has_bias:
         acc = acc + bias_ref[...]
     if activation == "silu":
@@ -75,11 +80,22 @@ def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_extra, 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def tap_masks_lanes(bits, k, bd):
+    """``bits: [B, Tp, 1]`` int32 tap-validity bits (bit ``s`` = tap ``s`` in the token's segment) ->
+    ``[B, K-1, Tp, bd]`` float32 0/1 masks for the taps ``s = 1..K-1``, broadcast across ``bd`` lanes so that the
+    kernel multiplies the shifted ``[bt, bd]`` window by a ``[bt, bd]`` mask tile (no in-kernel broadcast; see the
+    module docstring). Tap 0 (the token itself) is always in its segment and has no mask."""
+    s = jnp.arange(1, k, dtype=jnp.int32)
+    m = ((bits >> s) & 1).astype(jnp.float32)  # [B, Tp, K-1]
+    m = jnp.swapaxes(m, 1, 2)[..., None]  # [B, K-1, Tp, 1]
+    return jnp.broadcast_to(m, m.shape[:3] + (bd,))
+
+
 def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual_x, out_dtype, bt, bd, hrows,
               interpret):
-    """Same contract as ``tpu.conv_call`` except ``bits`` must be ``None`` (see the module docstring)."""
-    if bits is not None:
-        raise NotImplementedError("short_conv: the Mosaic GPU kernel does not support segment_ids (see gpu.py)")
+    """Same contract as ``tpu.conv_call`` (without the fused weight gradient). ``bits`` (the packed tap bits of
+    ``op._bits``) is expanded here by XLA into ``tap_masks_lanes``: ``(K-1) * bd`` float32 per token, read once per
+    tile and channel block."""
     bsz, tp, dp = x.shape
     k = w.shape[0]
     in_specs, args, tile, nt, nd, r = tile_and_halo_specs(x, bt, bd, hrows, direction, halo0)
@@ -88,12 +104,16 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
     if bias is not None:
         in_specs.append(pl.BlockSpec((bt, bd), lambda b, d, t: (0, d)))
         args.append(jnp.broadcast_to(bias, (bt, dp)))
+    has_mask = bits is not None and k > 1
+    if has_mask:
+        in_specs.append(pl.BlockSpec((None, k - 1, bt, bd), lambda b, d, t: (b, 0, t, 0)))
+        args.append(tap_masks_lanes(bits, k, bd))
     if extra is not None:
         in_specs.append(tile)
         args.append(extra)
     kernel = functools.partial(
         _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
-        has_bias=bias is not None, has_extra=extra is not None, activation=activation, residual_x=residual_x,
+        has_bias=bias is not None, has_mask=has_mask, has_extra=extra is not None, activation=activation, residual_x=residual_x,
         interpret=interpret)
     return pl.pallas_call(
         kernel,
