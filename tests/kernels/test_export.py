@@ -13,11 +13,14 @@ S = jax.ShapeDtypeStruct
 PLATFORM = {"tpu": "tpu", "gpu": "cuda"}
 
 
-def _export(fn, args, backend):
+def _export(fn, args, backend, kernels=()):
+    """Exports ``fn`` for ``backend``; ``kernels``: names of pallas_calls that must be in the lowered program."""
     exp = jax.export.export(jax.jit(fn), platforms=[PLATFORM[backend]])(*args)
     text = exp.mlir_module()
     marker = "tpu_custom_call" if backend == "tpu" else "mosaic_gpu"
     assert marker in text, "no Pallas kernel lowered"
+    for name in kernels:
+        assert name in text, f"kernel {name} missing from the lowered program"
 
 
 def _grad(fn, n):
@@ -33,11 +36,19 @@ def test_short_conv_lowers(backend, width):
     _export(_grad(fn, 3), args, backend)
 
 
-def test_short_conv_segments_lower_on_tpu():
-    args = (S((1, 4096, 2048), jnp.bfloat16), S((4, 2048), jnp.float32), S((1, 4096), jnp.int32))
-    fn = lambda x, w, seg: short_conv(x, w, segment_ids=seg, residual=True, backend="tpu")
-    _export(fn, args, "tpu")
-    _export(jax.grad(lambda x, w, seg: jnp.sum(fn(x, w, seg).astype(jnp.float32)), argnums=(0, 1)), args, "tpu")
+@pytest.mark.parametrize("backend,width,dtype", [
+    ("tpu", 2048, jnp.bfloat16), ("gpu", 2048, jnp.bfloat16), ("gpu", 16384, jnp.bfloat16),
+    ("gpu", 2048, jnp.float32), ("gpu", 16384, jnp.float32)])
+def test_short_conv_segments_lower(backend, width, dtype):
+    """Segment ids with the initial state, bias, SiLU and residual: the forward, and value_and_grad (the forward
+    kernel, the recomputed pre-activation and the masked anti-causal dx kernel)."""
+    args = (S((1, 4096, width), dtype), S((4, width), jnp.float32), S((width,), jnp.float32),
+            S((1, 4096), jnp.int32), S((1, width, 4), dtype))
+    fn = lambda x, w, b, seg, st: short_conv(x, w, bias=b, activation="silu", residual=True, segment_ids=seg,
+                                             initial_state=st, backend=backend)
+    _export(fn, args, backend, kernels=("short_conv_causal",))
+    vg = jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 4))
+    _export(vg, args, backend, kernels=("short_conv_causal", "short_conv_anticausal"))
 
 
 GLA_ARGS = (S((1, 4096, 16, 128), jnp.bfloat16), S((1, 4096, 16, 128), jnp.bfloat16),
