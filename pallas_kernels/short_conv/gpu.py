@@ -80,6 +80,36 @@ def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_mask, h
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in), what Mosaic GPU checks at lowering time
+
+
+def smem_bytes(bt, bd, hrows, k, *, x_dtype, out_dtype, has_halo0, has_bias, has_mask, extra_dtype):
+    """Shared memory of one ``conv_call`` CTA: every block operand once (single-buffered pipeline) and the two
+    float32 scratch buffers, each rounded up to 1 KiB, plus the 8-byte barrier. Matches the ``smem_bytes`` that
+    Mosaic GPU reports (checked by export against its "exceeds available shared memory" error on 800 configs)."""
+    xi, oi = jnp.dtype(x_dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    bufs = [bt * bd * xi, hrows * bd * xi, k * bt * bd * 4, bt * bd * oi, (bt + hrows) * bd * 4, bt * bd * 4]
+    if has_halo0:
+        bufs.append(hrows * bd * xi)
+    if has_bias:
+        bufs.append(bt * bd * 4)
+    if has_mask:
+        bufs.append((k - 1) * bt * bd * 4)
+    if extra_dtype is not None:
+        bufs.append(bt * bd * jnp.dtype(extra_dtype).itemsize)
+    return sum(-(-n // 1024) * 1024 for n in bufs) + 8
+
+
+def fit_block_t(bt, hrows, fits):
+    """Largest ``bt' = hrows * m`` with ``m`` dividing ``bt // hrows`` (so ``bt'`` still tiles the padded time axis
+    and the halo blocks) for which ``fits(bt')``; ``None`` when even ``hrows`` rows do not fit."""
+    r = bt // hrows
+    for m in sorted((m for m in range(1, r + 1) if r % m == 0), reverse=True):
+        if fits(hrows * m):
+            return hrows * m
+    return None
+
+
 def tap_masks_lanes(bits, k, bd):
     """``bits: [B, Tp, 1]`` int32 tap-validity bits (bit ``s`` = tap ``s`` in the token's segment) ->
     ``[B, K-1, Tp, bd]`` float32 0/1 masks for the taps ``s = 1..K-1``, broadcast across ``bd`` lanes so that the
@@ -98,13 +128,22 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
     tile and channel block."""
     bsz, tp, dp = x.shape
     k = w.shape[0]
+    has_mask = bits is not None and k > 1
+    need = functools.partial(
+        smem_bytes, bd=bd, hrows=hrows, k=k, x_dtype=x.dtype, out_dtype=out_dtype, has_halo0=halo0 is not None,
+        has_bias=bias is not None, has_mask=has_mask, extra_dtype=None if extra is None else extra.dtype)
+    # The pre-broadcast weights and masks grow with K * block_t: shrink the tile height rather than fail to lower.
+    bt_fit = fit_block_t(bt, hrows, lambda b: need(b) <= SMEM_BYTES)
+    if bt_fit is None:
+        raise ValueError(f"short_conv (Mosaic GPU): K={k}, block_d={bd} needs {need(hrows)} bytes of shared memory "
+                         f"even at block_t={hrows} (limit {SMEM_BYTES}); use a smaller BlockSizes.block_d")
+    bt = bt_fit
     in_specs, args, tile, nt, nd, r = tile_and_halo_specs(x, bt, bd, hrows, direction, halo0)
     in_specs.append(pl.BlockSpec((k, bt, bd), lambda b, d, t: (0, 0, d)))
     args.append(jnp.broadcast_to(w[:, None, :], (k, bt, dp)))
     if bias is not None:
         in_specs.append(pl.BlockSpec((bt, bd), lambda b, d, t: (0, d)))
         args.append(jnp.broadcast_to(bias, (bt, dp)))
-    has_mask = bits is not None and k > 1
     if has_mask:
         in_specs.append(pl.BlockSpec((None, k - 1, bt, bd), lambda b, d, t: (b, 0, t, 0)))
         args.append(tap_masks_lanes(bits, k, bd))
