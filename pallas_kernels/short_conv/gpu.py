@@ -10,9 +10,21 @@ Mosaic GPU lowering in jax 0.10.2 (each found by ``jax.export(..., platforms=["c
   to ``[block_t, channels]``): K·block_t·channels floats, read once per tile from L2.
 * Values of different dtypes loaded from shared memory get different strided layouts, so every operand is first
   staged as float32 in shared memory (``jnp.concatenate`` is not lowered either).
-* Segment-id masks are not supported: a ``[B, T, 1]`` int32 mask operand fails the TMA rule "async_copy requires
-  all GMEM strides except the last one to be a multiple of 16 bytes", and a lane-vector mask cannot be broadcast
-  across the channel axis (first point). ``api.short_conv`` raises ``NotImplementedError`` for segment ids on GPU.
+* Segment ids: the packed ``[B, T, 1]`` int32 tap bits of the TPU kernel fail the TMA rule "async_copy requires
+  all GMEM strides except the last one to be a multiple of 16 bytes", and a per-row mask column cannot be broadcast
+  across the channel axis in the kernel (first point). So XLA expands the bits into float32 0/1 masks for the taps
+  ``s = 1..K-1``, pre-broadcast across one channel block like the weights: ``[B, K-1, T, block_d]``
+  (``tap_masks_lanes``; the block index ignores the channel block, so every channel block reads the same mask tile).
+  The kernel multiplies the shifted window of tap ``s`` by its ``[block_t, block_d]`` mask tile, in the causal
+  forward and in the anti-causal dx kernel of the backward (there bit ``s`` = token ``t+s`` in ``t``'s segment);
+  dw/dbias are XLA reductions with the same masks. Cost: a ``(K-1) * block_d * 4``-byte mask per token in HBM
+  (1.5 KiB at K=4, ``block_d=128``: 38 % of a bf16 ``x`` at D=2048, 5 % at D=16384), re-read by every channel
+  block (``(K-1) * D * 4`` bytes per token in all, unless L2 serves the repeats), and
+  ``(K-1) * block_t * block_d * 4`` bytes of shared memory per CTA (48 KiB at the defaults).
+* Shared memory (227 KiB per CTA on H100) grows with ``K * block_t`` (pre-broadcast weights and masks; the
+  pipeline is single-buffered): ``smem_bytes`` models the allocation exactly (every operand block and scratch
+  buffer rounded up to 1 KiB, plus an 8-byte barrier) and ``conv_call`` lowers ``block_t`` to the largest
+  divisor (in ``hrows`` steps) that fits (16 rows for most calls with K >= 5 and segment ids at ``block_d=128``).
 * ``commit_smem`` (fence + warpgroup barrier) separates the staging writes from the shifted reads; it has no CPU
   rule, so interpret mode skips it.
 """
@@ -152,8 +164,8 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
         args.append(extra)
     kernel = functools.partial(
         _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
-        has_bias=bias is not None, has_mask=has_mask, has_extra=extra is not None, activation=activation, residual_x=residual_x,
-        interpret=interpret)
+        has_bias=bias is not None, has_mask=has_mask, has_extra=extra is not None, activation=activation,
+        residual_x=residual_x, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, tp, dp), out_dtype),

@@ -11,7 +11,7 @@ import pytest
 from canon_jax.ops.conv import causal_conv1d
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.short_conv import reference as conv_ref
-from pallas_kernels.short_conv import short_conv, short_conv_reference
+from pallas_kernels.short_conv import short_conv, short_conv_reference, supports
 
 SMALL = BlockSizes(block_t=16, block_d=16)  # several time and channel tiles at CI sizes
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -137,6 +137,11 @@ def test_segment_boundaries_at_tile_edges(backend):
         chex.assert_shape(a, r.shape)
         scale = max(1.0, float(jnp.max(jnp.abs(r))))
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5 * scale, rtol=2e-5, err_msg=name)
+
+
+def test_both_kernel_families_support_segment_ids():
+    seg = jnp.ones((1, 8), jnp.int32)
+    assert supports(backend="gpu", segment_ids=seg) and supports(backend="tpu", segment_ids=seg)
 
 
 def test_bad_arguments_raise():
