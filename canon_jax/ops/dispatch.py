@@ -47,7 +47,7 @@ def _resolve(impl: str, op: str) -> tuple[bool, bool] | None:
 
 def short_conv(impl, x, weight, **kw):
     """``y`` from the Pallas short-conv kernel, or ``None`` for the XLA path (``impl="xla"``, or ``"auto"`` on CPU
-    or when the device's kernel does not cover the call, e.g. segment ids on GPU)."""
+    or when the device's kernel does not cover the call, see ``pallas_kernels.short_conv.supports``)."""
     r = _resolve(impl, "causal_conv1d")
     if r is None:
         return None

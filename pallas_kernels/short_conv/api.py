@@ -15,7 +15,8 @@ def supports(*, backend: Optional[str] = None, interpret: bool = False, segment_
         be = resolve_backend(backend, interpret)
     except NotImplementedError:
         return False
-    return not (be == "gpu" and segment_ids is not None)
+    del segment_ids  # both kernel families handle segment ids
+    return True
 
 
 def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segment_ids=None, initial_state=None,
@@ -31,7 +32,7 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
       weight: ``[K, channels]``, any ``K >= 1``; ``weight[K-1]`` multiplies the current token.
       bias: optional ``[channels]``.
       activation: ``None`` or ``"silu"``.
-      segment_ids: optional int ``[batch, time]``; taps never cross into another segment (TPU kernel only).
+      segment_ids: optional int ``[batch, time]``; taps never cross into another segment.
       initial_state: optional ``[batch, channels, K]``, the last K raw inputs before ``x`` (oldest first).
       residual: add ``x`` to the output.
       interpret: run the kernel in Pallas interpret mode (any device); ``True``, or a
@@ -61,9 +62,6 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
     be = resolve_backend(backend, interpret)
     if be == "gpu" and not isinstance(interpret, bool):
         raise ValueError("short_conv: interpret must be a bool for the GPU kernel family (InterpretParams is TPU's)")
-    if be == "gpu" and segment_ids is not None:
-        raise NotImplementedError("short_conv: the Mosaic GPU kernel does not support segment_ids "
-                                  "(see pallas_kernels/short_conv/gpu.py); use the XLA implementation")
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
     st = _Static(activation=activation, residual=bool(residual), backend=be, interpret=interpret,
                  block_sizes=bs)

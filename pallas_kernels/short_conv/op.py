@@ -5,7 +5,7 @@ Forward saves only the inputs (x, weight, bias, segment ids, initial state); the
 * ``g = dy * silu'(pre)`` where ``pre`` is recomputed by the forward kernel (pre-activation, float32 output) only
   when the activation is on; otherwise ``g = dy``.
 * ``dx = anti-causal conv of g (+ dy for the residual)``: the same tile kernel run in the "anticausal" direction
-  (halo from the *next* block), residual fused.
+  (halo from the *next* block), residual fused; with segment ids it masks the anti-causal taps.
 * ``dw`` and ``dbias`` (TPU): the dx kernel also reads the forward input tile (with its causal halo) and writes
   per-tile sums ``sum_t g[t] x[t-s]`` and ``sum_t g[t]`` (``[B, T/bt, K+1, D]``), which XLA adds up. Mosaic GPU: XLA
   reductions (``reference.dweight_xla``). ``d initial_state`` touches only the first K-1 outputs: XLA
@@ -132,7 +132,8 @@ def _bwd(st, res, dy):
     dstate = None
     if initial_state is not None:
         dh = reference.dhistory_xla(g32, weight, segment_ids)  # [B, K-1, D]
-        dstate = jnp.concatenate([jnp.zeros_like(dh[:, :1]), dh], axis=1)
+        # slot 0 of the state is never read; explicit shape because dh has no rows when K = 1
+        dstate = jnp.concatenate([jnp.zeros((dh.shape[0], 1, dh.shape[2]), dh.dtype), dh], axis=1)
         dstate = jnp.swapaxes(dstate, 1, 2).astype(initial_state.dtype)
     return dx, dw, dbias, None, dstate
 

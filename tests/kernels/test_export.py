@@ -13,11 +13,14 @@ S = jax.ShapeDtypeStruct
 PLATFORM = {"tpu": "tpu", "gpu": "cuda"}
 
 
-def _export(fn, args, backend):
+def _export(fn, args, backend, kernels=()):
+    """Exports ``fn`` for ``backend``; ``kernels``: names of pallas_calls that must be in the lowered program."""
     exp = jax.export.export(jax.jit(fn), platforms=[PLATFORM[backend]])(*args)
     text = exp.mlir_module()
     marker = "tpu_custom_call" if backend == "tpu" else "mosaic_gpu"
     assert marker in text, "no Pallas kernel lowered"
+    for name in kernels:
+        assert name in text, f"kernel {name} missing from the lowered program"
 
 
 def _grad(fn, n):
@@ -33,11 +36,19 @@ def test_short_conv_lowers(backend, width):
     _export(_grad(fn, 3), args, backend)
 
 
-def test_short_conv_segments_lower_on_tpu():
-    args = (S((1, 4096, 2048), jnp.bfloat16), S((4, 2048), jnp.float32), S((1, 4096), jnp.int32))
-    fn = lambda x, w, seg: short_conv(x, w, segment_ids=seg, residual=True, backend="tpu")
-    _export(fn, args, "tpu")
-    _export(jax.grad(lambda x, w, seg: jnp.sum(fn(x, w, seg).astype(jnp.float32)), argnums=(0, 1)), args, "tpu")
+@pytest.mark.parametrize("backend,width,dtype", [
+    ("tpu", 2048, jnp.bfloat16), ("gpu", 2048, jnp.bfloat16), ("gpu", 16384, jnp.bfloat16),
+    ("gpu", 2048, jnp.float32), ("gpu", 16384, jnp.float32)])
+def test_short_conv_segments_lower(backend, width, dtype):
+    """Segment ids with the initial state, bias, SiLU and residual: the forward, and value_and_grad (the forward
+    kernel, the recomputed pre-activation and the masked anti-causal dx kernel)."""
+    args = (S((1, 4096, width), dtype), S((4, width), jnp.float32), S((width,), jnp.float32),
+            S((1, 4096), jnp.int32), S((1, width, 4), dtype))
+    fn = lambda x, w, b, seg, st: short_conv(x, w, bias=b, activation="silu", residual=True, segment_ids=seg,
+                                             initial_state=st, backend=backend)
+    _export(fn, args, backend, kernels=("short_conv_causal",))
+    vg = jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 4))
+    _export(vg, args, backend, kernels=("short_conv_causal", "short_conv_anticausal"))
 
 
 GLA_ARGS = (S((1, 4096, 16, 128), jnp.bfloat16), S((1, 4096, 16, 128), jnp.bfloat16),
@@ -108,3 +119,43 @@ def test_scan_tpu_body_does_not_lower_on_gpu():
                                       scale=1.0, chunk=64, sub_chunk=16, out_dtype=jnp.bfloat16, interpret=False)[0]
 
     _export(fn, GLA_ARGS, "gpu")
+
+
+@pytest.mark.parametrize("k,dtype", [(5, jnp.float32), (8, jnp.bfloat16)])
+def test_short_conv_segments_large_k_lowers_on_gpu(k, dtype):
+    """K >= 5 with segment ids overflows 227 KiB of shared memory at the default 32-row tile (pre-broadcast weights
+    and masks grow with K); the GPU wrapper shrinks the tile height until it fits."""
+    args = (S((1, 4096, 2048), dtype), S((k, 2048), jnp.float32), S((1, 4096), jnp.int32))
+    fn = lambda x, w, seg: short_conv(x, w, segment_ids=seg, activation="silu", residual=True, backend="gpu")
+    _export(jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1)), args, "gpu",
+            kernels=("short_conv_causal", "short_conv_anticausal"))
+
+
+def test_short_conv_gpu_smem_model_matches_mosaic(monkeypatch):
+    """``gpu.smem_bytes`` (used to pick the tile height) equals what Mosaic GPU allocates: with the shared-memory
+    bound forced to 0, the lowering error reports the kernel's byte count."""
+    import re
+
+    import jax.experimental.mosaic.gpu.core as mosaic_core
+    from pallas_kernels.short_conv import gpu
+
+    monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
+    for dtype, bd, k in [(jnp.bfloat16, 128, 4), (jnp.float32, 40, 3)]:
+        hrows = 16 if dtype == jnp.bfloat16 else 8
+        args = (S((1, 64, bd), dtype), S((k, bd), jnp.float32), S((1, hrows, bd), dtype), S((1, bd), jnp.float32),
+                S((1, 64, 1), jnp.int32), S((1, 64, bd), dtype))
+        fn = lambda x, w, h0, b, bits, ex: gpu.conv_call(
+            x, w, halo0=h0, bias=b, bits=bits, extra=ex, direction="causal", activation="silu", residual_x=True,
+            out_dtype=dtype, bt=32, bd=bd, hrows=hrows, interpret=False)
+        with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+            jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+        reported = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
+        assert reported == gpu.smem_bytes(32, bd, hrows, k, x_dtype=dtype, out_dtype=dtype, has_halo0=True,
+                                          has_bias=True, has_mask=True, extra_dtype=dtype)
+
+
+def test_short_conv_gpu_too_wide_tile_raises():
+    args = (S((1, 256, 2048), jnp.float32), S((12, 2048), jnp.float32), S((1, 256), jnp.int32))
+    fn = lambda x, w, seg: short_conv(x, w, segment_ids=seg, backend="gpu", block_sizes=BlockSizes(32, 512))
+    with pytest.raises(ValueError, match="block_d=512 needs .* bytes of shared memory"):
+        _export(fn, args, "gpu")

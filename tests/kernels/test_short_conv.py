@@ -11,7 +11,7 @@ import pytest
 from canon_jax.ops.conv import causal_conv1d
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.short_conv import reference as conv_ref
-from pallas_kernels.short_conv import short_conv, short_conv_reference
+from pallas_kernels.short_conv import short_conv, short_conv_reference, supports
 
 SMALL = BlockSizes(block_t=16, block_d=16)  # several time and channel tiles at CI sizes
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -40,6 +40,11 @@ VALUE_CASES = [
     ("gpu", 2, 3, 16, 4, None, True, False, True, False, jnp.float32),
     ("gpu", 1, 37, 32, 5, "silu", True, True, True, False, jnp.float32),
     ("gpu", 2, 35, 16, 3, "silu", False, True, True, False, jnp.bfloat16),
+    ("gpu", 1, 37, 32, 3, "silu", False, True, False, True, jnp.float32),  # segments, T % tile != 0, channel tiles
+    ("gpu", 2, 40, 16, 4, None, True, True, True, True, jnp.float32),      # segments + state
+    ("gpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),    # segments, channels padded to 48
+    ("gpu", 1, 21, 16, 1, None, True, False, True, True, jnp.float32),     # K = 1: segments change nothing
+    ("gpu", 2, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
 ]
 
 
@@ -66,6 +71,11 @@ GRAD_CASES = [
     ("tpu", 1, 12, 24, 4, None, True, True, True, False, jnp.float32),   # padded channels
     ("tpu", 2, 21, 16, 3, "silu", False, True, True, True, jnp.bfloat16),
     ("gpu", 2, 19, 32, 4, "silu", True, True, True, False, jnp.float32),
+    ("gpu", 2, 19, 32, 4, "silu", True, True, True, True, jnp.float32),
+    ("gpu", 1, 37, 24, 3, None, False, True, True, True, jnp.float32),    # T % tile != 0, padded channels
+    ("gpu", 1, 13, 16, 1, None, True, True, True, True, jnp.float32),     # K = 1
+    ("gpu", 2, 21, 16, 3, "silu", False, True, True, True, jnp.bfloat16),
+    ("gpu", 1, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
 ]
 
 
@@ -95,10 +105,43 @@ def test_gradients_match_xla(case):
                                    err_msg=name)
 
 
-def test_gpu_kernel_rejects_segment_ids():
-    x = jnp.zeros((1, 8, 16))
-    with pytest.raises(NotImplementedError, match="segment_ids"):
-        short_conv(x, jnp.zeros((4, 16)), segment_ids=jnp.ones((1, 8), jnp.int32), interpret=True, backend="gpu")
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_segment_boundaries_at_tile_edges(backend):
+    """Boundaries exactly at, one before and one after a 16-row tile edge (the halo rows belong to another
+    segment), non-monotone ids and a padding (id 0) tail: values vs the float64 loop, gradients vs XLA autodiff."""
+    b, t, d, k = 2, 45, 16, 4
+    x, w, bias, state, _ = _inputs(6, b, t, d, k, jnp.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 16:] = 2
+    seg[0, 33:] = 1  # non-monotone ids (taps compare ids for equality, as in the XLA op)
+    seg[0, 40:] = 0
+    seg[1, 15:] = 3
+    seg[1, 17:] = 4
+    seg[1, 32:] = 5
+    kw = dict(bias=bias, activation="silu", residual=True, segment_ids=seg, initial_state=state)
+    kern = lambda x, w, bias, state: short_conv(
+        x, w, bias=bias, activation="silu", residual=True, segment_ids=jnp.asarray(seg), initial_state=state,
+        interpret=True, backend=backend, block_sizes=SMALL)
+    xla = lambda x, w, bias, state: causal_conv1d(
+        x, w, bias=bias, activation="silu", residual=True, segment_ids=jnp.asarray(seg), initial_state=state,
+        impl="xla")
+    args = tuple(jnp.asarray(a) for a in (x, w, bias, state))
+    y = jax.jit(kern)(*args)
+    chex.assert_shape(y, (b, t, d))
+    np.testing.assert_allclose(np.asarray(y, np.float64), short_conv_reference(x, w, **kw), atol=2e-5, rtol=2e-5)
+    dy = jnp.asarray(np.random.default_rng(7).standard_normal((b, t, d)), jnp.float32)
+    loss = lambda fn, *a: jnp.sum(fn(*a) * dy)
+    g_k = jax.jit(jax.grad(functools.partial(loss, kern), argnums=(0, 1, 2, 3)))(*args)
+    g_x = jax.jit(jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3)))(*args)
+    for name, a, r in zip(("dx", "dw", "dbias", "dstate"), g_k, g_x):
+        chex.assert_shape(a, r.shape)
+        scale = max(1.0, float(jnp.max(jnp.abs(r))))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5 * scale, rtol=2e-5, err_msg=name)
+
+
+def test_both_kernel_families_support_segment_ids():
+    seg = jnp.ones((1, 8), jnp.int32)
+    assert supports(backend="gpu", segment_ids=seg) and supports(backend="tpu", segment_ids=seg)
 
 
 def test_bad_arguments_raise():
