@@ -10,8 +10,9 @@ Spec YAML::
         task: depo1
         rows: [[depth, rope, "Llama RoPE"], [depth, rope_canon_abcd, "RoPE + Canon-ABCD"], ...]
 
-For each comparison: ``OUT/<n>_table.md`` (every evaluated accuracy as mean ± std [min–max] over seeds, the number of
-seeds, tokens, training FLOPs and CPU seconds per run), ``OUT/<n>_final.png`` (the last evaluation: accuracy per k
+For each comparison: ``OUT/<n>_table.md`` (every evaluated accuracy and ``train_nll``, the answer-token loss on fresh
+training samples averaged over the last three logged steps, as mean ± std [min–max] over seeds; the number of seeds,
+tokens, training FLOPs and CPU seconds per run), ``OUT/<n>_final.png`` (the last evaluation: accuracy per k
 for tasks with per-k metrics, else the overall accuracy, with every seed drawn as a dot) and ``OUT/<n>_curve.png``
 (accuracy at every evaluation step, mean and min–max band). A row whose runs have not finished is reported as
 missing, never silently dropped.
@@ -31,7 +32,7 @@ from canon_jax.train.metrics import read_metrics
 from experiments import sweep as sw
 
 SPEC_KEYS = {"sweeps", "comparisons"}
-COMPARISON_KEYS = {"title", "task", "rows"}
+COMPARISON_KEYS = {"title", "task", "rows", "chance"}
 
 
 def load_spec(path) -> dict:
@@ -54,7 +55,8 @@ def load_spec(path) -> dict:
     for i, c in enumerate(comps):
         bad = sorted(set(c) - COMPARISON_KEYS)
         if bad or not {"title", "task", "rows"} <= set(c):
-            raise ValueError(f"{path}: comparison {i} needs exactly the keys {sorted(COMPARISON_KEYS)}, got {sorted(c)}")
+            raise ValueError(f"{path}: comparison {i} needs the keys title, task, rows (optional: chance), "
+                             f"got {sorted(c)}")
         for row in c["rows"]:
             if len(row) != 3 or row[0] not in sweeps:
                 raise ValueError(f"{path}: comparison {i}: row {row} must be [sweep label, arch, display name] with "
@@ -91,7 +93,11 @@ def gather(spec: dict, comp: dict) -> list[dict]:
             if not ev or not cfile.exists() or "train_flops" not in json.loads(cfile.read_text()):
                 missing.append(run["seed"])
                 continue
-            finals.append(ev[max(ev)])
+            final = dict(ev[max(ev)])
+            losses = [r["nll"] for r in read_metrics(run["workdir"] / "metrics.jsonl") if "eval" not in r and "nll" in r]
+            if losses:  # answer-token loss on fresh training samples (infinite data: no overfitting), last 3 logs
+                final["train_nll"] = float(np.mean(losses[-3:]))
+            finals.append(final)
             curves.append(ev)
             compute.append(json.loads(cfile.read_text()))
         rows.append({"name": name, "sweep": sweep["name"], "arch": arch, "seeds": [r["seed"] for r in runs],
@@ -99,12 +105,12 @@ def gather(spec: dict, comp: dict) -> list[dict]:
     return rows
 
 
-def metric_names(rows) -> list[str]:
+def metric_names(rows, accuracy_only: bool = False) -> list[str]:
     names = []
     for r in rows:
         for f in r["finals"]:
-            names += [m for m in f if m not in names]
-    return sorted(names, key=sw._metric_order) or ["accuracy"]
+            names += [m for m in f if m not in names and (not accuracy_only or m.startswith("accuracy"))]
+    return sorted(names, key=lambda m: (m == "train_nll", sw._metric_order(m))) or ["accuracy"]
 
 
 def table(comp: dict, rows: list[dict]) -> str:
@@ -123,14 +129,19 @@ def table(comp: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _chance(ax, comp: dict) -> None:
+    if comp.get("chance") is not None:
+        ax.axhline(float(comp["chance"]), color="gray", linestyle="--", linewidth=1, label="chance")
+
+
 def plot_final(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
     from experiments.plot import _plt
 
     plt = _plt()
-    metrics = metric_names(rows)
+    metrics = metric_names(rows, accuracy_only=True)
     ks = [m for m in metrics if m.startswith("accuracy_k")]
     shown = ks or ["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.3 * len(shown) * max(1, len(rows)) / 3, 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 + 1.3 * len(shown) * max(1, len(rows)) / 3), 4.2))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         xs = np.arange(len(shown)) + (i - (len(rows) - 1) / 2) * width
@@ -140,6 +151,7 @@ def plot_final(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
         for x, v in zip(xs, vals):  # every seed as a dot
             ax.scatter([x] * len(v), v, s=10, color="black", zorder=3)
         del bars
+    _chance(ax, comp)
     ax.set_xticks(np.arange(len(shown)), [m.replace("accuracy_k", "k = ") if ks else "accuracy" for m in shown])
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("test accuracy (last evaluation)")
@@ -165,6 +177,7 @@ def plot_curve(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
         vals = np.array([[c[s]["accuracy"] for s in steps] for c in r["curves"]])
         (line,) = ax.plot(steps, vals.mean(0), marker="o", label=f"{r['name']} (n={len(r['curves'])})")
         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
+    _chance(ax, comp)
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(-0.02, 1.02)
