@@ -14,7 +14,8 @@ For each comparison: ``OUT/<n>_table.md`` (every evaluated accuracy and ``train_
 training samples averaged over the last three logged steps, as mean ± std [min–max] over seeds; the number of seeds,
 tokens, training FLOPs and CPU seconds per run), ``OUT/<n>_final.png`` (the last evaluation: accuracy per k
 for tasks with per-k metrics, else the overall accuracy, with every seed drawn as a dot) and ``OUT/<n>_curve.png``
-(accuracy at every evaluation step, mean and min–max band). A row whose runs have not finished is reported as
+(accuracy at every evaluation step, mean and min–max band) and ``OUT/<n>_loss.png`` (the training answer-token loss
+against the step, same band). A row whose runs have not finished is reported as
 missing, never silently dropped.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def gather(spec: dict, comp: dict) -> list[dict]:
     for label, arch, name in comp["rows"]:
         sweep = spec["sweeps"][label]
         runs = row_runs(sweep, arch, comp["task"])
-        finals, curves, compute, missing = [], [], [], []
+        finals, curves, loss_curves, compute, missing = [], [], [], [], []
         for run in runs:
             ev = evals_by_step(run["workdir"], comp["task"])
             cfile = run["workdir"] / "compute.json"
@@ -99,9 +100,12 @@ def gather(spec: dict, comp: dict) -> list[dict]:
                 final["train_nll"] = float(np.mean(losses[-3:]))
             finals.append(final)
             curves.append(ev)
+            loss_curves.append({r["step"]: r["nll"] for r in read_metrics(run["workdir"] / "metrics.jsonl")
+                                if "eval" not in r and "nll" in r})
             compute.append(json.loads(cfile.read_text()))
         rows.append({"name": name, "sweep": sweep["name"], "arch": arch, "seeds": [r["seed"] for r in runs],
-                     "missing": missing, "finals": finals, "curves": curves, "compute": compute})
+                     "missing": missing, "finals": finals, "curves": curves, "loss_curves": loss_curves,
+                     "compute": compute})
     return rows
 
 
@@ -165,22 +169,26 @@ def plot_final(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def plot_curve(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
+def plot_curve(comp: dict, rows: list[dict], out: pathlib.Path, loss: bool = False) -> pathlib.Path:
+    """Test accuracy (or, with ``loss``, the training answer-token loss) against the step: mean, min–max band."""
     from experiments.plot import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in rows:
-        if not r["curves"]:
+        curves = r["loss_curves"] if loss else r["curves"]
+        if not curves:
             continue
-        steps = sorted(set.intersection(*[set(c) for c in r["curves"]]))
-        vals = np.array([[c[s]["accuracy"] for s in steps] for c in r["curves"]])
-        (line,) = ax.plot(steps, vals.mean(0), marker="o", label=f"{r['name']} (n={len(r['curves'])})")
+        steps = sorted(set.intersection(*[set(c) for c in curves]))
+        vals = np.array([[c[s] if loss else c[s]["accuracy"] for s in steps] for c in curves])
+        (line,) = ax.plot(steps, vals.mean(0), marker=None if loss else "o", label=f"{r['name']} (n={len(curves)})")
         ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
-    _chance(ax, comp)
+    if not loss:
+        _chance(ax, comp)
     ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("training loss on answer tokens (fresh samples)" if loss else "test accuracy")
+    if not loss:
+        ax.set_ylim(-0.02, 1.02)
     ax.set_title(comp["title"], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
         (out / f"{i}_table.md").write_text(md)
         pngs = []
         if any(r["finals"] for r in rows):
-            pngs = [plot_final(comp, rows, out / f"{i}_final.png"), plot_curve(comp, rows, out / f"{i}_curve.png")]
+            pngs = [plot_final(comp, rows, out / f"{i}_final.png"), plot_curve(comp, rows, out / f"{i}_curve.png"),
+                    plot_curve(comp, rows, out / f"{i}_loss.png", loss=True)]
         print(md)
         print("plots:", ", ".join(str(x) for x in pngs) or "none (no finished runs)", "\n")
     if incomplete:
