@@ -65,7 +65,8 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
 
 
 def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
-    """Scalar gates on the Mosaic GPU wgmma kernel (``gpu.scalar_scan``; backward on the XLA path). Same arguments
+    """Scalar gates on the Mosaic GPU wgmma kernels (``gpu.scalar_scan``; backward on the ``gpu_bwd`` kernels; T is
+    padded with k = v = 0 and gate 0, whose cotangents are dropped by the final slice). Same arguments
     as ``_run``; q/k keep their groups (the kernel reads group ``h // rep``). ``interpret``: None (compile) or
     the Mosaic GPU interpreter's params."""
     from pallas_kernels.linear_scan import gpu
@@ -85,8 +86,8 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
 
 
 def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
-    """Vector gates on the Mosaic GPU wgmma kernel (``gpu.vector_scan``; backward on the XLA path). Same arguments
-    as ``_run`` (q, k, g ``[B, T, H, Dk]``; st0 ``[B, H, Dv, Dk]``). The sub-chunk is
+    """Vector gates on the Mosaic GPU wgmma kernels (``gpu.vector_scan``; backward on the ``gpu_bwd`` kernels). Same
+    arguments as ``_run`` (q, k, g ``[B, T, H, Dk]``; st0 ``[B, H, Dv, Dk]``). The sub-chunk is
     ``gcd(chunk, BlockSizes.sub_chunk)``."""
     from pallas_kernels.linear_scan import gpu
 
@@ -121,7 +122,7 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
       interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
         ``pltpu.InterpretParams``, or the Mosaic GPU interpreter's params ``gpu.interpret_params()``).
         ``backend="gpu"`` runs the Mosaic GPU wgmma kernel (``gpu.vector_scan``: Dk a multiple of 64, Dv of
-        ``block_sizes.block_dv``, chunk a multiple of 64; backward on the XLA chunked path).
+        ``block_sizes.block_dv``, chunk a multiple of 64; backward on the Mosaic GPU kernels of ``gpu_bwd``).
 
     Returns:
       ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.

@@ -1,5 +1,7 @@
 """Mosaic GPU (Hopper, wgmma) forward kernels of the chunked scan: ``ssd_scan_fwd`` for *scalar* per-head gates
-(Mamba2 SSD) and ``gla_scan_fwd`` for *vector* gates (GLA, one log-gate per key channel; described at the end).
+(Mamba2 SSD) and ``gla_scan_fwd`` for *vector* gates (GLA, one log-gate per key channel; described at the end), and
+their custom VJPs ``scalar_scan`` / ``vector_scan``, whose backward runs the Mosaic GPU backward kernels of
+``gpu_bwd`` (two state passes, then per-chunk dq/dk and dv kernels; XLA for the gate gradient).
 
 Per (batch, head, Dv-block) one CTA (one warpgroup) walks the chunks of the sequence in a ``fori_loop`` carrying its
 slice of the state ``S [Dk, block_dv]`` (float32) in registers (WGMMA layout). Per chunk of ``C`` tokens, with
@@ -45,8 +47,9 @@ product would underflow/overflow (a larger ``sub_chunk`` narrows the range: the 
 Per chunk: 1 + 1 + (n_sub - 1) + 1 + 1 wgmma (inter, diagonal, pairs, ``A V``, state update) = 7 at C = 64, L = 16.
 Shared memory at C = 64, Dk = 128, block_dv = 64: 199,680 bytes of scratch (207,872 with a float32 output tile)
 plus 72 bytes of barriers, under the H100's 232,448 (``gla_smem_bytes``); block_dv = 128 would need 273,408 and
-does not lower. The backward is ``jax.vjp`` of an XLA chunked form of the same factorisation
-(``_vector_scan_xla``; no GPU backward kernel), as SSD's is of the XLA chunked path.
+does not lower. The backward (``gpu_bwd``) reuses ``qm``, ``km`` and the factor table in its dq/dk and dv kernels;
+``_vector_scan_xla`` (an XLA chunked form of the same factorisation, formerly the backward via ``jax.vjp``) and
+``_scalar_scan_xla`` stay as references.
 
 ``tpu_body_scan_call`` keeps the earlier attempt (the TPU kernel body under Mosaic GPU compiler params), which does
 not lower (shared-memory overflow), so that the failure stays reproducible in ``tests/kernels/test_export.py``.
@@ -419,8 +422,9 @@ def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
 
 
 def _vector_scan_xla(q, k, v, g, s0, scale, chunk, sub):
-    """The vector-gate scan in plain XLA with the kernel's factorisation (float32): the backward of ``vector_scan``
-    is its ``jax.vjp``. Arguments as ``vector_scan``; returns ``(o [B, T, H, Dv], S [B, H, Dk, Dv])`` float32.
+    """The vector-gate scan in plain XLA with the kernel's factorisation (float32), a reference (it was the
+    backward of ``vector_scan`` through ``jax.vjp`` before ``gpu_bwd``). Arguments as ``vector_scan``; returns
+    ``(o [B, T, H, Dv], S [B, H, Dk, Dv])`` float32.
 
     Intra-chunk scores are whole ``[C, C]`` matrices per chunk (batched over all chunks, no per-column loop):
     diagonal sub-chunk blocks ``qm km^T`` (both referred to the block's middle row), earlier sub-chunks through
@@ -470,8 +474,9 @@ def vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
 
     q, k, g: ``[B, T, H, Dk]`` (g raw float32 log-gates); v: ``[B, T, H, Dv]``; s0: ``[B, H, Dk, Dv]`` float32.
     T a multiple of ``chunk``, ``sub`` divides ``chunk``. Returns ``(o [B, T, H, Dv] float32 if v is float32 else
-    bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward is ``jax.vjp`` of
-    ``_vector_scan_xla`` (float32 XLA, no GPU backward kernel).
+    bfloat16, S [B, H, Dk, Dv] float32)``; the matmuls are bfloat16 either way. The backward runs the Mosaic GPU
+    kernels of ``gpu_bwd`` (``gpu_bwd.vector_scan_bwd``; the same ``interpret``), recomputing the chunk states from
+    the saved inputs.
     """
     qm, kmt, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
     return gla_scan_fwd(qm, kmt, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,
@@ -483,8 +488,10 @@ def _vector_scan_fwd(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
 
 
 def _vector_scan_bwd(scale, chunk, sub, block_dv, interpret, res, cts):
-    _, vjp = jax.vjp(lambda *a: _vector_scan_xla(*a, scale, chunk, sub), *res)
-    grads = vjp(tuple(ct.astype(jnp.float32) for ct in cts))
+    from pallas_kernels.linear_scan import gpu_bwd  # imports this module
+
+    grads = gpu_bwd.vector_scan_bwd(*res, *cts, scale=scale, chunk=chunk, sub=sub, block_dv=block_dv,
+                                    interpret=interpret)
     return tuple(d.astype(a.dtype) for d, a in zip(grads, res))
 
 
@@ -512,7 +519,8 @@ def _prep_gates(g, chunk):
 
 
 def _scalar_scan_xla(q, k, v, g, s0, chunk):
-    """The same scan on the XLA chunked path (``reference.scan_xla``), float32: the backward of the GPU op."""
+    """The same scan on the XLA chunked path (``reference.scan_xla``), float32: a reference for the GPU op (it was
+    the op's backward through ``jax.vjp`` before ``gpu_bwd``)."""
     rep = v.shape[2] // q.shape[2]
     hm = lambda a: jnp.swapaxes(jnp.repeat(a, rep, axis=2) if a.shape[2] != v.shape[2] else a, 1, 2)
     b = reference.chunk_cumsum(jnp.swapaxes(g, 1, 2)[..., None], chunk)
@@ -527,8 +535,8 @@ def scalar_scan(q, k, v, g, s0, chunk, block_dv, interpret):
 
     q, k: ``[B, T, G, Dk]`` (head h uses group ``h // (H/G)``); v: ``[B, T, H, Dv]``; g: ``[B, T, H]`` float32 raw
     log-gates; s0: ``[B, H, Dk, Dv]`` float32. T a multiple of ``chunk``. Returns ``(o [B, T, H, Dv] in v.dtype
-    (bfloat16 or float32; the matmuls are bfloat16 either way), S [B, H, Dk, Dv] float32)``. The backward is
-    ``jax.vjp`` of the XLA chunked path (no GPU backward kernel).
+    (bfloat16 or float32; the matmuls are bfloat16 either way), S [B, H, Dk, Dv] float32)``. The backward runs the
+    Mosaic GPU kernels of ``gpu_bwd`` (``gpu_bwd.scalar_scan_bwd``; the same ``interpret``).
     """
     b, eb, ek, last = _prep_gates(g, chunk)
     bsz, heads, n = last.shape[:3]
@@ -544,9 +552,9 @@ def _scalar_scan_fwd(q, k, v, g, s0, chunk, block_dv, interpret):
 
 
 def _scalar_scan_bwd(chunk, block_dv, interpret, res, cts):
-    q, k, v, g, s0 = res
-    _, vjp = jax.vjp(lambda *a: _scalar_scan_xla(*a, chunk), q, k, v, g, s0)
-    grads = vjp(tuple(ct.astype(jnp.float32) for ct in cts))
+    from pallas_kernels.linear_scan import gpu_bwd  # imports this module
+
+    grads = gpu_bwd.scalar_scan_bwd(*res, *cts, chunk=chunk, block_dv=block_dv, interpret=interpret)
     return tuple(d.astype(a.dtype) for d, a in zip(grads, res))
 
 
