@@ -69,27 +69,73 @@ def test_scan_lowers_on_tpu(layout):
     _export(_grad(fs, 5), SSD_ARGS, "tpu")
 
 
+GPU_BWD_KERNELS = ("scan_state_pass_fwd", "scan_state_pass_rev")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_ssd_lowers_on_gpu(dtype):
-    """The Mosaic GPU wgmma scalar-gate kernel. Its backward is XLA (no GPU backward kernel): value_and_grad is
-    exported so that the program holds the forward kernel and the XLA backward (plain grad would drop the
-    forward kernel, whose output it does not need)."""
-    args = tuple(S(a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype) for a in SSD_ARGS)
+def test_ssd_lowers_on_gpu(dtype, batch):
+    """The Mosaic GPU wgmma scalar-gate kernels at the paper's shape (H=16, P=256, N=128, one group, T=4096): the
+    forward, and value_and_grad, which holds the forward kernel and the backward kernels (both state passes, dq/dk,
+    dv; plain grad would drop the forward kernel, whose output it does not need)."""
+    args = tuple(S((batch,) + a.shape[1:] if a.ndim > 1 else a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype)
+                 for a in SSD_ARGS)
     fs = lambda *a: ssd(*a, chunk_size=64, backend="gpu")[0]
-    _export(fs, args, "gpu")
-    _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu")
+    _export(fs, args, "gpu", kernels=("ssd_scan_fwd_wgmma",))
+    _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu",
+            kernels=("ssd_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("ssd_scan_bwd_dqk", "ssd_scan_bwd_dv"))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gla_lowers_on_gpu(batch):
-    """The Mosaic GPU wgmma vector-gate (GLA) kernel at the paper's shape (H=16, Dk=128, Dv=256, T=4096, chunk 64,
-    bfloat16): its scratch (199,680 bytes at block_dv=64) must pass Mosaic GPU's 232,448-byte shared-memory check,
-    which runs at lowering. value_and_grad is exported so that the program holds the forward kernel and its XLA
-    backward (plain grad would drop the forward kernel)."""
+    """The Mosaic GPU wgmma vector-gate (GLA) kernels at the paper's shape (H=16, Dk=128, Dv=256, T=4096, chunk 64,
+    bfloat16): the forward's scratch (199,680 bytes at block_dv=64) and the backward kernels' (``gpu_bwd``, at most
+    165,960 bytes) must pass Mosaic GPU's 232,448-byte shared-memory check, which runs at lowering. value_and_grad
+    holds the forward kernel and the backward kernels (plain grad would drop the forward kernel)."""
     args = tuple(S((batch,) + a.shape[1:], a.dtype) for a in GLA_ARGS)
     fg = lambda *a: gla(*a, chunk_size=64, backend="gpu")[0]
-    _export(fg, args, "gpu")
-    _export(jax.value_and_grad(lambda *a: jnp.sum(fg(*a).astype(jnp.float32)), argnums=tuple(range(4))), args, "gpu")
+    _export(fg, args, "gpu", kernels=("gla_scan_fwd_wgmma",))
+    _export(jax.value_and_grad(lambda *a: jnp.sum(fg(*a).astype(jnp.float32)), argnums=tuple(range(4))), args, "gpu",
+            kernels=("gla_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("gla_scan_bwd_dqk", "gla_scan_bwd_dv"))
+
+
+def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
+    """``gpu_bwd.*_smem_bytes`` equal what Mosaic GPU allocates for each backward kernel at C=64, Dk=128,
+    block_dv=64 (the bound forced to 0 makes the lowering report its count; every buffer is rounded up to 1 KiB,
+    barriers take 8 bytes), and every one is under the 232,448-byte limit."""
+    import re
+
+    import jax.experimental.mosaic.gpu.core as mosaic_core
+    from pallas_kernels.linear_scan import gpu, gpu_bwd as gb
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, t, h, dk, dv, c, dvb, sub = 1, 128, 2, 128, 128, 64, 64, 16
+    n, nf = t // c, gpu._gla_factor_rows(c // sub)[1]
+    state = (S((b, h, n, dv, dk), bf), S((b, h, n, dv, dk), bf))
+    vdo = (S((b, t, h, dv), bf), S((b, h, dv, t), bf), S((b, t, h, dv), bf), S((b, h, dv, t), bf))
+    gates = (S((b, h, t), f32),) * 3
+    cases = [
+        (lambda *a: gb.state_pass(*a, chunk=c, block_dv=dvb, reverse=True),
+         (S((b, h, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk), f32), S((b, h, dk, dv), f32)),
+         gb.state_pass_smem_bytes(c, dk, dvb)),
+        (lambda *a: gb.ssd_grads_dqk(*a, chunk=c, block_dv=dvb, rep=2),
+         (S((b, t, 1, dk), bf), S((b, t, 1, dk), bf)) + vdo + state + gates, gb.ssd_grads_dqk_smem_bytes(c, dk, dvb)),
+        (lambda *a: gb.ssd_grads_dv(*a, chunk=c, block_dv=dvb, rep=2),
+         (S((b, t, 1, dk), bf), S((b, 1, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk, dv), bf)) + gates[:2],
+         gb.ssd_grads_dv_smem_bytes(c, dk, dvb)),
+        (lambda *a: gb.gla_grads_dqk(*a, chunk=c, sub=sub, block_dv=dvb),
+         (S((b, t, h, dk), bf), S((b, t, h, dk), bf)) + vdo + state + (S((b, h, n, nf, dk), f32),),
+         gb.gla_grads_dqk_smem_bytes(c, sub, dk, dvb)),
+        (lambda *a: gb.gla_grads_dv(*a, chunk=c, sub=sub, block_dv=dvb),
+         (S((b, t, h, dk), bf), S((b, h, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk, dv), bf),
+          S((b, h, n, nf, dk), f32)), gb.gla_grads_dv_smem_bytes(c, sub, dk, dvb)),
+    ]
+    monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
+    for fn, args, model in cases:
+        with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+            jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+        assert int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1)) == model
+        assert model < 232448
 
 
 def test_gla_gpu_block_dv_128_exceeds_shared_memory():
