@@ -365,8 +365,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         t_rows = iota((c, dk), 0)  # token of each [C, Dk] element
         r_id, c_id = iota((c, c), 0), iota((c, c), 1)
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
-        da = _mm(do_s, vt_s, (c, c))  # dA[t, s]
-        dat = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
+        da = _mm(do_s, vt_s, (c, c))  # dA[t, s]; dA^T is formed only after dqm is stored (fewer live registers)
 
         # dqm: inter-chunk term, diagonal blocks, then the earlier sub-chunks j of every row
         dqm = _mm(do_s, st_s, (c, dk)) * by_sub(t_rows, [colv(r) for r in frows["inter"]], None)
@@ -383,6 +382,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         _store(dqm, o_s, dq_ref.at[vi, bi, rows, hi, :])
 
         # dkm: state term, diagonal blocks, then the later sub-chunks of every row (one wgmma per row sub-chunk j)
+        dat = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
         dkm = _mm(v_s, xt_s, (c, dk)) * by_sub(t_rows, [colv(r) for r in frows["kstate"]], None)
         p_s[...] = jnp.where((c_id >= r_id) & (r_sub == c_sub), dat, 0.0).astype(BF16)
         plgpu.commit_smem()

@@ -292,6 +292,45 @@ def test_gla_bwd_kernels_values():
         _close(got, ref.reshape(got.shape), BWD_TOL[jnp.float32], name)
 
 
+def test_gate_gradient_identity():
+    """The gate gradient of ``gpu_bwd`` without kernels: exact float64 per-chunk gradients (``_chunk_grads_ref``) and
+    states, ``db = q̂ ⊙ dq̂ - k ⊙ dk``, then ``gpu_bwd._gate_grad`` (``Σ_v S_{c+1} ⊙ X_c`` on each chunk's last row,
+    reverse sum inside each chunk) and the whole-sequence form (``Σ_v S_T ⊙ dS_T`` on the last row, reverse sum over
+    all of T) both against ``jax.vjp`` of the float32 token loop (4 chunks, gates to -5 per token)."""
+    from pallas_kernels.linear_scan import gpu_bwd
+
+    b, t, h, dk, dv, c = 1, 128, 2, 8, 8, 32
+    n = t // c
+    q, k, v, g, s0 = _gla_inputs(13, b, t, h, dk, dv, jnp.float32)
+    rng = np.random.default_rng(14)
+    do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
+    dsf = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    want = jax.jit(lambda *a: jax.vjp(lambda *z: _gla_loop(*z, 0.5), *a)[1]((do, dsf))[3])(q, k, v, g, s0)
+    ch = lambda a: _f64(a).reshape(b, n, c, h, a.shape[-1])
+    qh, kc, vc, doc, bc = ch(q) * 0.5, ch(k), ch(v), ch(do), np.cumsum(ch(g), axis=2)
+    b_last = bc[:, :, -1]  # [B, n, H, Dk]
+    s_st, x_st = np.zeros((b, h, n, dk, dv)), np.zeros((b, h, n, dk, dv))
+    st = _f64(s0)
+    for ci in range(n):
+        s_st[:, :, ci] = st
+        st = (np.exp(b_last[:, ci])[..., None] * st
+              + np.einsum("bchd,bche->bhde", kc[:, ci] * np.exp(b_last[:, ci, None] - bc[:, ci]), vc[:, ci]))
+    xs = _f64(dsf)
+    for ci in reversed(range(n)):
+        x_st[:, :, ci] = xs
+        xs = np.exp(b_last[:, ci])[..., None] * xs + np.einsum("bchd,bche->bhde", qh[:, ci] * np.exp(bc[:, ci]),
+                                                               doc[:, ci])
+    dq, dk_, _ = _chunk_grads_ref(qh, kc, vc, doc, s_st, x_st, bc)
+    db = (qh * dq - kc * dk_).reshape(b, t, h, dk)
+    per_chunk = gpu_bwd._gate_grad(jnp.asarray(db, jnp.float32), jnp.asarray(s_st, jnp.float32),
+                                   jnp.asarray(st, jnp.float32), jnp.asarray(x_st, jnp.float32), c)
+    whole = db.copy()
+    whole[:, -1] += np.sum(st * _f64(dsf), axis=-1)
+    whole = np.flip(np.cumsum(np.flip(whole, 1), axis=1), 1)
+    for name, got in (("per-chunk", per_chunk), ("whole-sequence", whole)):
+        _close(got, want, 1e-4, name)
+
+
 def _ssd_loop(x, dt, a, bm, cm, d, h0):
     """float32 token-by-token SSD (independent of the chunked code): h [B, H, P, N]."""
     rep = x.shape[2] // bm.shape[2]
