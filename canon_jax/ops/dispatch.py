@@ -66,19 +66,32 @@ def linear_scan(impl, op_name, *args, **kw):
     ``op_name="gla"``: ``args = (q, k, v, log_gate)``, keywords ``scale``, ``initial_state``, ``chunk_size``;
     ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
     Returns ``(out, final_state)`` exactly like ``pallas_kernels.linear_scan.gla`` / ``ssd``, or ``None``.
-    ``impl="auto"`` uses the kernel only on TPU. On GPU, ``impl="pallas"`` is the explicit opt-in to the Mosaic GPU
-    wgmma kernels (``ssd``: scalar gates; ``gla``: vector gates): they lower and are value-checked in the Mosaic GPU
-    interpreter but have never been compiled or run on a GPU (docs/kernels.md), hence not "auto".
+    ``impl="auto"`` uses the kernel on TPU, and on GPU the Mosaic GPU wgmma kernels (``ssd``: scalar gates;
+    ``gla``: vector gates; forward and backward) whenever they take the shapes (``pallas_kernels.linear_scan.supports``:
+    Dk a multiple of 64, Dv of ``block_dv``, chunk of 64), else XLA. The GPU kernels lower and are value-checked in
+    the Mosaic GPU interpreter but have not been compiled or run on a GPU yet (docs/kernels.md); ``impl="xla"``
+    (``ModelConfig.kernel_impl``) keeps a model on the XLA path.
     """
     if op_name not in LINEAR_SCAN_OPS:
         raise ValueError(f"linear_scan: unknown op {op_name!r}; choose one of {LINEAR_SCAN_OPS}")
     r = _resolve(impl, op_name)
     if r is None:
         return None
-    if impl == "auto" and accelerator_backend() != "tpu":
-        return None
     api = _pallas_api("pallas_kernels.linear_scan", op_name)
+    if impl == "auto" and not api.supports(op_name, interpret=r[1], **_scan_dims(op_name, args, kw)):
+        return None
     return getattr(api, op_name)(*args, interpret=r[1], **kw)
+
+
+def _scan_dims(op_name, args, kw):
+    """The sizes ``pallas_kernels.linear_scan.supports`` needs, from the op's arguments."""
+    if op_name == "gla":
+        q, v = args[0], args[2]
+        dk, dv, t_len, chunk = q.shape[-1], v.shape[-1], q.shape[1], kw.get("chunk_size", 64)
+    else:  # ssd: (x, dt, A, B, C, D)
+        x, b = args[0], args[3]
+        dk, dv, t_len, chunk = b.shape[-1], x.shape[-1], x.shape[1], kw.get("chunk_size", 64)
+    return dict(dk=dk, dv=dv, t_len=t_len, chunk_size=chunk)
 
 
 def gla(impl, q, k, v, log_gate, **kw):

@@ -11,6 +11,33 @@ from pallas_kernels.linear_scan.op import _Static, scan_op
 from pallas_kernels.linear_scan.tpu import ScanLayout
 
 
+def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend: Optional[str] = None,
+             interpret=False, block_sizes: Optional[BlockSizes] = None) -> bool:
+    """Whether the kernel family of ``backend`` (default: the current device's) takes this call of ``op`` ("gla" or
+    "ssd"; ``dk`` = key width (SSD's N), ``dv`` = value width (SSD's P)). The TPU kernel takes any shape; the Mosaic
+    GPU kernels need Dk a multiple of 64, Dv a multiple of ``block_sizes.block_dv`` and a chunk that is a multiple of
+    64 (see ``gpu.check_supported``). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under ``impl="auto"``."""
+    from pallas_kernels.linear_scan import gpu
+
+    if op not in ("gla", "ssd"):
+        raise ValueError(f"linear_scan.supports: unknown op {op!r}")
+    try:
+        be = resolve_backend(backend, interpret)
+    except NotImplementedError:
+        return False
+    if be != "gpu":
+        return True
+    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        return False
+    try:
+        gpu.check_supported(min(chunk, round_up(t_len, 64)), dk, dv, bs.block_dv)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
     chunk = bs.chunk if bs.chunk is not None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:

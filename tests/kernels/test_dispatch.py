@@ -29,3 +29,42 @@ def test_linear_scan_routes_and_falls_back():
         dispatch.linear_scan("auto", "gdn", q, k, v, g)
     with pytest.raises(ValueError, match="unknown impl"):
         dispatch.linear_scan("fast", "gla", q, k, v, g)
+
+
+def test_scan_supports_reports_the_gpu_kernel_limits():
+    from pallas_kernels.linear_scan import supports
+
+    ok = dict(dk=128, dv=256, t_len=4096, chunk_size=64)
+    assert supports("gla", backend="gpu", **ok) and supports("ssd", backend="gpu", **ok)
+    assert supports("gla", backend="tpu", dk=8, dv=8, t_len=5, chunk_size=3)  # the TPU kernel takes any shape
+    assert not supports("gla", backend="gpu", **{**ok, "dk": 96})  # Dk not a multiple of 64
+    assert not supports("ssd", backend="gpu", **{**ok, "dv": 96})  # Dv not a multiple of block_dv = 64
+    assert not supports("gla", backend="gpu", **{**ok, "chunk_size": 32})  # chunk not a multiple of 64
+    assert supports("gla", backend="gpu", **{**ok, "t_len": 5, "chunk_size": 32}) is False
+    if dispatch.accelerator_backend() is None:
+        assert not supports("gla", **ok)  # no compiled kernel on a CPU host
+    with pytest.raises(ValueError, match="unknown op"):
+        supports("gdn", **ok)
+
+
+def test_auto_routes_the_scan_to_the_gpu_kernel_only_for_supported_shapes(monkeypatch):
+    """``impl="auto"`` on a (simulated) GPU host: the Mosaic GPU kernel for shapes it takes, XLA (None) otherwise.
+    The kernel entry point is replaced by a recorder: this checks the routing, not the kernel."""
+    import pallas_kernels.common as common
+    import pallas_kernels.linear_scan as ls
+
+    monkeypatch.setattr(dispatch, "accelerator_backend", lambda: "gpu")
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+    calls = []
+    monkeypatch.setattr(ls, "gla", lambda *a, **kw: calls.append(("gla", kw)) or "kernel")
+    monkeypatch.setattr(ls, "ssd", lambda *a, **kw: calls.append(("ssd", kw)) or "kernel")
+    q = jnp.zeros((1, 128, 2, 64))
+    v = jnp.zeros((1, 128, 2, 128))
+    assert dispatch.gla("auto", q, q, v, q, chunk_size=64) == "kernel"
+    assert dispatch.gla("auto", q, q, v, q, chunk_size=16) is None  # chunk 16: XLA
+    assert dispatch.gla("auto", q[..., :32], q[..., :32], v, q[..., :32], chunk_size=64) is None  # Dk 32: XLA
+    x, dt, a, d = jnp.zeros((1, 128, 2, 64)), jnp.zeros((1, 128, 2)), jnp.zeros((2,)), jnp.zeros((2,))
+    bm = jnp.zeros((1, 128, 1, 64))
+    assert dispatch.ssd("auto", x, dt, a, bm, bm, d, chunk_size=256) == "kernel"
+    assert dispatch.ssd("auto", x[..., :48], dt, a, bm, bm, d, chunk_size=256) is None  # P = 48: XLA
+    assert [c[0] for c in calls] == ["gla", "ssd"] and all(c[1]["interpret"] is False for c in calls)
