@@ -104,14 +104,15 @@ def bench_scan(accel, reps):
             return jax.nn.dot_product_attention(q, k, v[..., :dk], is_causal=True)
 
         paths = {"xla chunked": xla_chunked, "dot_product_attention": attention}
-        if accel and accelerator_backend() == "tpu":
+        if accel:
+            # TPU: the Pallas scan; GPU: the Mosaic GPU wgmma kernels (forward and backward kernels; not yet run on
+            # hardware when this was written, docs/kernels.md). Same call: gla() picks the device's family.
             paths["pallas"] = lambda q, k, v, g: gla_kernel(q, k, v, g, chunk_size=chunk)[0]
         if accel and accelerator_backend() == "gpu":
-            # The Mosaic GPU kernel covers scalar gates only (SSD): same shapes, one gate per (token, head).
             from pallas_kernels.linear_scan import gpu as scan_gpu
 
-            # fwd+bwd of this path is the XLA backward alone: jax.grad does not need the kernel's output and drops it.
-            paths["pallas, scalar gates (Mosaic GPU wgmma; unverified on hardware; bwd = XLA)"] = (
+            # Scalar gates (the SSD kernel family): same shapes, one gate per (token, head).
+            paths["pallas, scalar gates (Mosaic GPU SSD kernels)"] = (
                 lambda q, k, v, g: scan_gpu.scalar_scan(q, k, v, g[..., 0], jnp.zeros((b, h, dk, dv), jnp.float32),
                                                         chunk, 64, None)[0])
         flops = _scan_flops(b, t, h, dk, dv, chunk)
