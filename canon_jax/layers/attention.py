@@ -16,7 +16,7 @@ from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_s
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.layers.rope import apply_rope
 
-__all__ = ["Attention", "dot_product_attention"]
+__all__ = ["Attention", "dot_product_attention", "causal_attention"]
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -40,6 +40,49 @@ def dot_product_attention(q, k, v, allowed):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+def causal_attention(q, k, v, *, key_valid=None, segment_ids=None, block_size: int = 128, max_blocks: int = 16):
+    """Causal softmax attention over one sequence from position 0 (training, prefill), skipping masked key blocks.
+
+    Equal to ``dot_product_attention(q, k, v, allowed)`` with ``allowed[b, t, s] = (s <= t) & key_valid[b, s]
+    (& segment_ids[b, t] == segment_ids[b, s])`` for every query that may attend at least one key. The queries are
+    cut into blocks of ``max(block_size, ceil(T / max_blocks))`` rows; block ``i`` is scored only against the keys up
+    to its own last row, so the masked upper triangle is never computed (``(n + 1) / (2n)`` of the full score
+    FLOPs and softmax work for ``n`` blocks: 62 % at T = 512), and the causal mask is built from iotas instead of a
+    ``[batch, T, T]`` array. Each block's softmax is exact (it sees every key the query may attend). A query with
+    no allowed key (only leading padding) gets a uniform average over its causal prefix.
+
+    Args:
+      q: ``[batch, time, heads, hd]``; k, v: ``[batch, time, kv_heads, hd]`` (GQA as in ``dot_product_attention``).
+      key_valid: optional bool ``[batch, time]``, False keys are never attended.
+      segment_ids: optional int ``[batch, time]``; a query attends only keys of its own segment.
+    Returns:
+      ``[batch, time, heads, hd]`` in ``q.dtype`` (scores and softmax in float32, scale ``hd^-1/2``).
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    bq = max(block_size, -(-t // max_blocks))
+    # head-major [batch, kv_heads, group, time, hd] (one transpose each way) keeps every block's two matmuls plain
+    # batched GEMMs; with one query head per KV head the group axis is a free reshape
+    qh = jnp.transpose(q.reshape(b, t, kvh, g, hd), (0, 2, 3, 1, 4))
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [batch, kv_heads, time, hd]
+    outs = []
+    for lo in range(0, t, bq):
+        hi = min(t, lo + bq)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi],
+                            preferred_element_type=jnp.float32) * (hd ** -0.5)
+        allowed = (lo + jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 0)
+                   >= jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 1))[None, None, None]
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, None, :hi]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, None, lo:hi, None] == segment_ids[:, None, None, None, :hi])
+        probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG), axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, vh[:, :, :hi]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, hd)
 
 
 class Attention(nn.Module):
@@ -117,10 +160,7 @@ class Attention(nn.Module):
             allowed = causal[None] & cm.value[:, None, :]
             out = dot_product_attention(q, ck.value.astype(dt), cv.value.astype(dt), allowed)
         else:
-            allowed = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & valid[:, None, :]
-            if seg is not None:
-                allowed = allowed & (seg[:, :, None] == seg[:, None, :])
-            out = dot_product_attention(q, k, v, allowed)
+            out = causal_attention(q, k, v, key_valid=None if token_mask is None else valid, segment_ids=seg)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return dense(d, ("heads", "embed"), d, "o_proj")(out.reshape(b, t, h * hd))
 
