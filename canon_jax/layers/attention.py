@@ -15,6 +15,7 @@ from canon_jax.config import ModelConfig
 from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_split_canon, mask_inputs, weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.layers.rope import apply_rope
+from canon_jax.ops import linear
 
 __all__ = ["Attention", "dot_product_attention", "causal_attention"]
 
@@ -108,7 +109,7 @@ class Attention(nn.Module):
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
 
         def dense(features, axes, fan, name):
-            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
+            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
                             kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
 
         def proj(width, axis, name):

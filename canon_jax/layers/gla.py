@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from canon_jax.config import ModelConfig
 from canon_jax.layers.canon import Canon
 from canon_jax.layers.lowrank import LowRankLinear, ShortConv, mask_tokens, normal_init, recurrent_cache, rms_norm
+from canon_jax.ops import linear
 from canon_jax.ops.gla import gla, gla_step
 
 
@@ -47,7 +48,7 @@ def check_linear_call(cfg: ModelConfig, x, segment_ids, name: str):
 
 
 def _dense(features, axes, cfg, name, init=None):
-    return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype),
+    return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype), dot_general=linear.dot_general,
                     param_dtype=jnp.dtype(cfg.param_dtype),
                     kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.init_std), axes))
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from canon_jax.ops import linear
 from canon_jax.ops.conv import causal_conv1d, causal_conv1d_step
 
 __all__ = ["LowRankLinear", "ShortConv", "normal_init", "torch_default_init", "rms_norm", "mask_tokens",
@@ -83,8 +84,7 @@ class LowRankLinear(nn.Module):
                           (x.shape[-1], self.rank), self.param_dtype)
         up = self.param("up", nn.with_logical_partitioning(init, ("low_rank", self.axes[1])),
                         (self.rank, self.features), self.param_dtype)
-        y = jnp.einsum("...i,ir->...r", x.astype(self.dtype), down.astype(self.dtype))
-        y = jnp.einsum("...r,ro->...o", y, up.astype(self.dtype))
+        y = linear.matmul(linear.matmul(x.astype(self.dtype), down.astype(self.dtype)), up.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
                               (self.features,), self.param_dtype)

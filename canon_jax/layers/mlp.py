@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.canon import Canon, canon_kernel_init
+from canon_jax.ops import linear
 from canon_jax.ops.conv import causal_conv1d
 
 __all__ = ["MLP", "Kernel", "SplitCanon", "weight_init", "make_canon", "make_split_canon", "compute_dtype",
@@ -130,9 +131,10 @@ class Kernel(nn.Module):
 
 
 def fused_projection(x, kernels, dtype):
-    """``x: [..., in]`` times ``concat(kernels, axis=1)`` -> ``[..., sum(out)]`` in ``dtype`` (one GEMM)."""
+    """``x: [..., in]`` times ``concat(kernels, axis=1)`` -> ``[..., sum(out)]`` in ``dtype`` (one GEMM, with the
+    hand-written VJP of ``canon_jax.ops.linear.matmul``)."""
     w = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
-    return jnp.dot(x.astype(dtype), w.astype(dtype))
+    return linear.matmul(x.astype(dtype), w.astype(dtype))
 
 
 def mask_inputs(x, token_mask):
@@ -160,7 +162,7 @@ class MLP(nn.Module):
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
 
         def dense(features, axes, fan, name):
-            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
+            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
                             kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
 
         if self.fused:

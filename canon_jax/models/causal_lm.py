@@ -10,6 +10,7 @@ from canon_jax.layers.mlp import compute_dtype, embedding_init, weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.models.blocks import Block
 from canon_jax.models.registry import get_mixer
+from canon_jax.ops import linear
 
 __all__ = ["CausalLM", "init_cache", "REMAT_POLICIES"]
 
@@ -75,7 +76,7 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
                               kernel_init=nn.with_logical_partitioning(weight_init(cfg, d), ("embed", "vocab")),
                               name="lm_head")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
