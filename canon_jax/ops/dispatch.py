@@ -83,6 +83,18 @@ def linear_scan(impl, op_name, *args, **kw):
     return getattr(api, op_name)(*args, interpret=r[1], **kw)
 
 
+def gla_uses_gpu_kernel(impl, q, v, chunk_size) -> bool:
+    """Whether ``gla(impl, q, k, v, ...)`` runs the compiled Mosaic GPU GLA kernels (``canon_jax.ops.gla`` then guards
+    their exponent range with ``pallas_kernels.linear_scan.gla_gpu_gates_ok``)."""
+    r = _resolve(impl, "gla")
+    if r is None or r[1] or accelerator_backend() != "gpu":
+        return False
+    if impl != "auto":
+        return True
+    api = _pallas_api("pallas_kernels.linear_scan", "gla")
+    return api.supports("gla", dk=q.shape[-1], dv=v.shape[-1], t_len=q.shape[1], chunk_size=chunk_size)
+
+
 def _scan_dims(op_name, args, kw):
     """The sizes ``pallas_kernels.linear_scan.supports`` needs, from the op's arguments."""
     if op_name == "gla":

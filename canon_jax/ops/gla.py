@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.ops import _chunk_utils as cu
+from canon_jax.ops import dispatch
 
 __all__ = ["gla", "gla_step", "gla_reference"]
 
@@ -177,8 +178,19 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
     _check(q, k, v, log_gate, initial_state)
     if impl == "reference":
         return gla_reference(q, k, v, log_gate, scale=scale, initial_state=initial_state)
-    out = cu.try_kernel("gla", impl, q, k, v, log_gate, scale=_scale(scale, q.shape[-1]),
-                        initial_state=initial_state, chunk_size=chunk_size)
+    kw = dict(scale=_scale(scale, q.shape[-1]), initial_state=initial_state, chunk_size=chunk_size)
+    if dispatch.gla_uses_gpu_kernel(impl, q, v, chunk_size):
+        # The Mosaic GPU kernels factor the diagonal sub-chunk blocks with exponents bounded by half a sub-chunk's
+        # log-gate total (not non-positive); for gates beyond that bound this path runs the exact XLA form instead.
+        from pallas_kernels.linear_scan import gla_gpu_gates_ok
+
+        def kernel():
+            o, s = dispatch.gla(impl, q, k, v, log_gate, **kw)
+            return o.astype(q.dtype), s
+
+        return jax.lax.cond(gla_gpu_gates_ok(log_gate, chunk_size=chunk_size), kernel,
+                            lambda: _gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size))
+    out = cu.try_kernel("gla", impl, q, k, v, log_gate, **kw)
     if out is not None:
         return out
     return _gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size)

@@ -28,14 +28,37 @@ def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend:
     if be != "gpu":
         return True
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
-    chunk = bs.chunk if bs.chunk is not None else chunk_size
-    if not isinstance(chunk, int) or chunk < 1:
-        return False
     try:
-        gpu.check_supported(min(chunk, round_up(t_len, 64)), dk, dv, bs.block_dv)
-    except NotImplementedError:
+        gpu.check_supported(_gpu_chunk(t_len, chunk_size, bs), dk, dv, bs.block_dv)
+    except (NotImplementedError, ValueError):
         return False
     return True
+
+
+def _gpu_chunk(t_len, chunk_size, bs: BlockSizes):
+    """The chunk the Mosaic GPU kernels use: the requested one, at most one 64-row wgmma tile past the sequence."""
+    chunk = bs.chunk if bs.chunk is not None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    return min(chunk, round_up(t_len, 64))
+
+
+def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None):
+    """Scalar bool (traceable): whether the Mosaic GPU GLA kernels' exponent bound holds for these log-gates
+    ``[batch, time, heads, Dk]``.
+
+    The kernels refer q and k to the middle row of their sub-chunk (``gpu.gla_scan_fwd``), so the factors
+    ``exp(b_t - m_i)`` / ``exp(m_j - b_s)`` have positive exponents up to the log-gate total of half a sub-chunk per
+    channel (``gpu.gla_max_exponent``). Up to ``gpu.GLA_SAFE_EXPONENT`` both the large factor and its small partner
+    stay normal float32/bfloat16 numbers; beyond it the diagonal blocks would lose terms or overflow.
+    ``canon_jax.ops.gla`` runs its exact XLA path (every exponent non-positive) when this is False."""
+    from pallas_kernels.linear_scan import gpu
+
+    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
+    t_len = log_gate.shape[1]
+    chunk = _gpu_chunk(t_len, chunk_size, bs)
+    g = jnp.pad(log_gate.astype(jnp.float32), [(0, 0), (0, round_up(t_len, chunk) - t_len), (0, 0), (0, 0)])
+    return gpu.gla_max_exponent(g, sub=math.gcd(chunk, bs.sub_chunk)) <= gpu.GLA_SAFE_EXPONENT
 
 
 def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
@@ -100,10 +123,7 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
 
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     bsz, t_len, heads, dv = v.shape
-    chunk = bs.chunk if bs.chunk is not None else chunk_size
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    chunk = min(chunk, round_up(t_len, 64))  # short sequences: one 64-row wgmma tile is the smallest chunk
+    chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
     gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
     tp = round_up(t_len, chunk)
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
@@ -120,10 +140,7 @@ def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
 
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     t_len, dv = v.shape[1], v.shape[3]
-    chunk = bs.chunk if bs.chunk is not None else chunk_size
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    chunk = min(chunk, round_up(t_len, 64))  # short sequences: one 64-row wgmma tile is the smallest chunk
+    chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
     gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
     sub = math.gcd(chunk, bs.sub_chunk)
     tp = round_up(t_len, chunk)

@@ -413,6 +413,23 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
     return kernel(qm, kmt, v, fac, s0)
 
 
+GLA_SAFE_EXPONENT = 60.0  # exp(60) ~ 1e26 and exp(-60) ~ 1e-26: both normal float32 / bfloat16 numbers
+
+
+def gla_max_exponent(g, *, sub: int):
+    """Largest positive exponent in the vector-gate kernels' ``qm = q exp(b_t - m_i)`` / ``km = k exp(m_j - b_s)``
+    factors for raw log-gates ``g [B, T, H, Dk]`` (T a multiple of the sub-chunk ``sub``; sub-chunks are aligned
+    to it): per sub-chunk and channel, the larger
+    of the log-gate totals between its first row and its middle row and between its middle row and its last row
+    (negated). A float32 scalar."""
+    bsz, t_len, heads, dk = g.shape
+    gs = g.astype(jnp.float32).reshape(bsz, t_len // sub, sub, heads, dk)
+    mid = (sub - 1) // 2
+    head = -jnp.sum(gs[:, :, 1:mid + 1], axis=2)  # b_first - b_mid
+    tail = -jnp.sum(gs[:, :, mid + 1:], axis=2)  # b_mid - b_last
+    return jnp.max(jnp.maximum(head, tail))
+
+
 def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
     """Shared memory the vector-gate kernel's scratch takes (bytes, without barriers)."""
     nf = _gla_factor_rows(chunk // sub)[1]

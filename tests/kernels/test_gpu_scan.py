@@ -13,7 +13,7 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from pallas_kernels.common import BlockSizes
 from canon_jax.ops import gla as ops_gla
-from pallas_kernels.linear_scan import gla, gla_reference, gpu, ssd, ssd_reference
+from pallas_kernels.linear_scan import gla, gla_gpu_gates_ok, gla_reference, gpu, ssd, ssd_reference
 
 # wgmma operands are bfloat16 (q, k, v = dt*x, the state and the masked scores are rounded to 8 mantissa bits,
 # relative error 2^-9 each) with float32 accumulation: errors of a few 1e-3 of the output's scale are expected.
@@ -435,3 +435,48 @@ def test_gpu_kernel_limits_raise_clearly():
     q = jnp.zeros((1, 64, 1, 64))
     with pytest.raises(NotImplementedError, match="multiple of block_dv"):
         gla(q, q, jnp.zeros((1, 64, 1, 96)), q, backend="gpu", interpret=gpu.interpret_params())
+
+
+def test_gla_max_exponent_matches_a_loop():
+    """``gpu.gla_max_exponent``: the largest positive exponent of the kernels' sub-chunk-referred q/k factors
+    (``b_t - m`` for t before the middle row m, ``m - b_s`` after it), against a loop over sub-chunks."""
+    rng = np.random.default_rng(21)
+    g = -rng.exponential(1.0, (2, 64, 2, 8)).astype(np.float32)
+    for sub in (16, 8):
+        want = 0.0
+        for lo in range(0, 64, sub):
+            b = np.cumsum(g[:, lo:lo + sub], axis=1)
+            m = b[:, (sub - 1) // 2]
+            want = max(want, float(np.max(b - m[:, None])), float(np.max(m[:, None] - b)))
+        np.testing.assert_allclose(float(gpu.gla_max_exponent(jnp.asarray(g), sub=sub)), want, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
+    """``canon_jax.ops.gla`` on a (simulated) GPU host: the Mosaic GPU kernels (run here by the interpreter) when the
+    log-gates keep their sub-chunk factors in range, the exact XLA path when they do not — gates of -30 per token in
+    some channels, where the kernel alone returns a wrong (non-finite) output."""
+    from canon_jax.ops import dispatch
+
+    calls = []
+
+    def gpu_gla(impl, q, k, v, g, **kw):
+        calls.append(impl)
+        return gla(q, k, v, g, backend="gpu", interpret=gpu.interpret_params(), **kw)
+
+    monkeypatch.setattr(dispatch, "gla_uses_gpu_kernel", lambda *a: True)
+    monkeypatch.setattr(dispatch, "gla", gpu_gla)
+    b, t, h, dk, dv = 1, 64, 1, 64, 64
+    q, k, v, g, _ = _gla_inputs(22, b, t, h, dk, dv, jnp.float32)
+    for strong in (False, True):
+        gg = g.at[..., :4].set(-30.0) if strong else g
+        o, s = jax.jit(lambda *a: ops_gla(*a, impl="auto"))(q, k, v, gg)
+        chex.assert_shape((o, s), ((b, t, h, dv), (b, h, dk, dv)))
+        ro, rs = gla_reference(q, k, v, gg)
+        tol = 1e-5 if strong else GLA_TOL[jnp.float32]  # strong: the exact float32 XLA path ran
+        np.testing.assert_allclose(np.asarray(o, np.float64), ro, atol=tol * np.abs(ro).max(), rtol=tol)
+        np.testing.assert_allclose(np.asarray(s, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
+        assert bool(gla_gpu_gates_ok(gg)) is not strong
+    assert calls == ["auto"] * 2  # traced in both conds; with strong gates the kernel branch was not the one run
+    o_kernel, _ = gla(q, k, v, g.at[..., :4].set(-30.0), backend="gpu", interpret=gpu.interpret_params())
+    assert not np.all(np.isfinite(np.asarray(o_kernel)))  # the overflow the guard avoids
