@@ -1,6 +1,9 @@
 """The paper's headline comparisons (issue 7) assembled from finished sweeps: one markdown table and two PNGs each.
 
-    python -m experiments.findings [--spec configs/findings/cpu.yaml] [--out docs/results]
+    python -m experiments.findings [--spec configs/findings/cpu.yaml] [--out docs/results] [--run [--jobs N]]
+
+``--run`` first trains every sweep the spec names (``experiments.sweep`` with ``--jobs N``; finished runs are
+skipped, unfinished ones resume), so one command regenerates every number from scratch.
 
 Spec YAML::
 
@@ -47,6 +50,7 @@ def load_spec(path) -> dict:
         for cand in (path.parent / ref, CONFIGS_ROOT / ref, pathlib.Path(ref)):
             if cand.is_file():
                 sweeps[label] = sw.load_sweep(cand)
+                sweeps[label]["path"] = str(cand)
                 break
         else:
             raise ValueError(f"{path}: sweep file {ref!r} of {label!r} not found")
@@ -203,12 +207,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=str(CONFIGS_ROOT / "findings" / "cpu.yaml"))
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--run", action="store_true", help="train (or resume) every sweep of the spec first")
+    p.add_argument("--jobs", type=int, default=1, help="with --run: trainings at once (experiments.sweep --jobs)")
     args = p.parse_args(argv)
     try:
         spec = load_spec(args.spec)
     except ValueError as e:
         print(f"findings: {e}", file=sys.stderr)
         return 2
+    if args.run:
+        for label, sweep in spec["sweeps"].items():
+            print(f"== sweep {label}: {sweep['path']}", flush=True)
+            if sw.main(["--config", sweep["path"], "--jobs", str(args.jobs)]) != 0:
+                print(f"findings: sweep {label!r} had failed runs; rerun to resume them", file=sys.stderr)
+                return 1
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     incomplete = False

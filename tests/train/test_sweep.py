@@ -100,6 +100,18 @@ def test_parallel_jobs_train_and_record_compute(tmp_path):
     assert len(res["mano"]["archs"]["rope"]["accuracy"]) == 2
     assert len(res["mano"]["compute"]["rope"]["cpu_s"]) == 2
     assert "Compute per run" in (tmp_path / "out" / "results.md").read_text()
+    # experiments.findings --run on that sweep: finished runs are not retrained; one table and three PNGs
+    spec = tmp_path / "f.yaml"
+    spec.write_text(yaml.safe_dump({"sweeps": {"s": str(path)}, "comparisons": [
+        {"title": "t", "task": "mano", "chance": 0.1, "rows": [["s", "rope", "RoPE"]]}]}))
+    r = subprocess.run([sys.executable, "-m", "experiments.findings", "--spec", str(spec), "--out",
+                        str(tmp_path / "res"), "--run", "--jobs", "2"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = (tmp_path / "res" / "1_table.md").read_text()
+    assert "| RoPE | 2 |" in table and "tokens / run" in table
+    for name in ("1_final.png", "1_curve.png", "1_loss.png"):
+        assert (tmp_path / "res" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_jobs_must_be_positive(sweep_file):
