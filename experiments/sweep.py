@@ -16,8 +16,9 @@ Sweep YAML::
 
 Every run gets ``DIR/<arch>/<task>/seed<S>/run.yaml`` (``defaults:`` = base + arch + task, plus the overrides and
 ``train.seed``/``data.seed`` = S) and trains with ``python -m experiments.train --config run.yaml --workdir
-<that dir>`` — re-running the sweep resumes unfinished runs. ``--print`` writes the run files and prints one command
-per line (for a cluster scheduler) without running anything. ``--jobs N`` runs N trainings at once, each pinned to
+<that dir>`` — re-running the sweep resumes unfinished runs and skips finished ones (``compute.json`` written and
+the configured steps reached). ``--print`` writes the run files and prints one command per line (for a cluster
+scheduler) without running anything. ``--jobs N`` runs N trainings at once, each pinned to
 its own CPU core with single-threaded XLA (the way to fill a many-core CPU box with small playground runs; on an
 accelerator host leave it at 1).
 
@@ -104,8 +105,17 @@ def _write_run_file(run) -> pathlib.Path:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
     path.write_text(yaml.safe_dump({**run["raw"], **nested}, sort_keys=False))
-    load_config(path)  # fail fast, before anything runs
+    run["steps"] = load_config(path).train.steps  # fail fast, before anything runs
     return path
+
+
+def finished(run) -> bool:
+    """Whether the run completed: its ``compute.json`` exists (written after a successful exit) and its metrics reach
+    the configured number of steps (a run whose ``train.steps`` was raised since is not finished)."""
+    if not (run["workdir"] / "compute.json").exists() or "steps" not in run:
+        return False
+    steps = [r["step"] for r in read_metrics(run["workdir"] / "metrics.jsonl") if "eval" not in r]
+    return bool(steps) and max(steps) >= run["steps"]
 
 
 def command(run) -> list[str]:
@@ -145,7 +155,12 @@ def run_all(runs: list[dict], jobs: int = 1) -> list[dict]:
                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
         avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(jobs))
         cores = [avail[i % len(avail)] for i in range(jobs)]
-    pending = list(enumerate(runs, 1))
+    pending = []
+    for i, run in enumerate(runs, 1):
+        if finished(run):  # not relaunched: its compute.json keeps the time it really took
+            print(f"[{i}/{len(runs)}] {run['arch']} / {run['task']} / seed {run['seed']}: already finished", flush=True)
+        else:
+            pending.append((i, run))
     active: dict[int, tuple] = {}  # pid -> (run, slot, start time)
     free = list(range(jobs))
     failed = []

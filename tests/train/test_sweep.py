@@ -100,7 +100,9 @@ def test_parallel_jobs_train_and_record_compute(tmp_path):
     assert len(res["mano"]["archs"]["rope"]["accuracy"]) == 2
     assert len(res["mano"]["compute"]["rope"]["cpu_s"]) == 2
     assert "Compute per run" in (tmp_path / "out" / "results.md").read_text()
-    # experiments.findings --run on that sweep: finished runs are not retrained; one table and three PNGs
+    # experiments.findings --run on that sweep: finished runs are not relaunched (their compute.json stays as it
+    # was); one table and three PNGs
+    before = [(tmp_path / "out" / "rope" / "mano" / f"seed{s}" / "compute.json").read_text() for s in (0, 1)]
     spec = tmp_path / "f.yaml"
     spec.write_text(yaml.safe_dump({"sweeps": {"s": str(path)}, "comparisons": [
         {"title": "t", "task": "mano", "chance": 0.1, "rows": [["s", "rope", "RoPE"]]}]}))
@@ -108,6 +110,8 @@ def test_parallel_jobs_train_and_record_compute(tmp_path):
                         str(tmp_path / "res"), "--run", "--jobs", "2"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("already finished") == 2
+    assert before == [(tmp_path / "out" / "rope" / "mano" / f"seed{s}" / "compute.json").read_text() for s in (0, 1)]
     table = (tmp_path / "res" / "1_table.md").read_text()
     assert "| RoPE | 2 |" in table and "tokens / run" in table
     for name in ("1_final.png", "1_curve.png", "1_loss.png"):
