@@ -27,6 +27,7 @@ import argparse
 import json
 import pathlib
 import sys
+import textwrap
 
 import numpy as np
 import yaml
@@ -163,7 +164,7 @@ def plot_final(comp: dict, rows: list[dict], out: pathlib.Path) -> pathlib.Path:
     ax.set_xticks(np.arange(len(shown)), [m.replace("accuracy_k", "k = ") if ks else "accuracy" for m in shown])
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("test accuracy (last evaluation)")
-    ax.set_title(comp["title"], fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(comp["title"], 90)), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -193,7 +194,7 @@ def plot_curve(comp: dict, rows: list[dict], out: pathlib.Path, loss: bool = Fal
     ax.set_ylabel("training loss on answer tokens (fresh samples)" if loss else "test accuracy")
     if not loss:
         ax.set_ylim(-0.02, 1.02)
-    ax.set_title(comp["title"], fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(comp["title"], 90)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
