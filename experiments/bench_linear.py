@@ -10,6 +10,10 @@ Timed: ``jax.grad`` of ``sum(out * w)`` w.r.t. every input, jitted, after one wa
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
 import statistics
 import time

@@ -7,7 +7,12 @@ the windows of the configurations are interleaved.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
+import os
 import statistics
 import time
 
@@ -84,7 +89,8 @@ def main(argv=None):
     ap.add_argument("--canon-sets", default=",ABCD", help="comma-separated canon_set values to compare")
     args = ap.parse_args(argv)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; {args.layers}L d{args.hidden} {args.heads}h "
-          f"seq {args.seq} batch {args.batch} vocab {args.vocab} float32")
+          f"seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     results = [setup(cs, args) for cs in args.canon_sets.split(",")]
     # Alternate the timed windows between configurations so that load changes on a shared machine hit all alike.
     for _ in range(args.repeats):

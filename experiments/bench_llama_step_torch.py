@@ -14,7 +14,12 @@ It exists so that canon-jax's CPU step can be compared with PyTorch on the *same
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
+import os
 import statistics
 import time
 
@@ -121,7 +126,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"PyTorch {torch.__version__} on CPU, {torch.get_num_threads()} threads; {args.layers}L d{args.hidden} "
-          f"{args.heads}h ffn {args.ffn} seq {args.seq} batch {args.batch} vocab {args.vocab} float32")
+          f"{args.heads}h ffn {args.ffn} seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     runs = []

@@ -11,6 +11,10 @@ the process per step (``time.process_time``), which is what matters on a shared 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
 import json
 import platform

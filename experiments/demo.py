@@ -4,6 +4,10 @@ Run: ``python -m experiments.demo`` (from the repository root).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
 import time
 

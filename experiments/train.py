@@ -5,6 +5,10 @@ validated config and exits (nothing is compiled). A bad config exits with status
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
+    from canon_jax.runtime import use_malloc_hugepages
+    use_malloc_hugepages()
+
 import argparse
 import json
 import sys

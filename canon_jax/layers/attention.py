@@ -14,7 +14,7 @@ import flax.linen as nn
 from canon_jax.config import ModelConfig
 from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_split_canon, mask_inputs, weight_init
 from canon_jax.layers.norm import RMSNorm
-from canon_jax.layers.rope import apply_rope
+from canon_jax.layers.rope import apply_rope, default_rope_tables, rope_tables
 from canon_jax.ops import linear
 
 __all__ = ["Attention", "dot_product_attention", "causal_attention"]
@@ -135,10 +135,16 @@ class Attention(nn.Module):
             cv = self.variable("cache", "cached_value", jnp.zeros, (b, t, kvh, hd), v.dtype)
             cm = self.variable("cache", "cached_mask", jnp.zeros, (b, t), jnp.bool_)
             ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if positions is None:
-            start = ci.value if initialized else 0
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        rope_kw = dict(rope_dim=cfg.effective_rope_dim, theta=cfg.rope_theta, version=cfg.rope_version)
+        rope_dim = cfg.effective_rope_dim
+        rope_kw = dict(rope_dim=rope_dim, theta=cfg.rope_theta, version=cfg.rope_version)
+        if positions is None and not initialized:  # 0..t-1 for every sequence: constant tables
+            positions = jnp.arange(t, dtype=jnp.int32)[None]
+            if rope_dim:
+                rope_kw["tables"] = default_rope_tables(t, rope_dim, cfg.rope_theta)
+        elif positions is None:  # continuing the cache
+            positions = (ci.value + jnp.arange(t, dtype=jnp.int32))[None]
+        if rope_dim and "tables" not in rope_kw:
+            rope_kw["tables"] = rope_tables(positions, rope_dim, cfg.rope_theta)  # shared by q and k
         q = apply_rope(q, positions, **rope_kw)
         k = apply_rope(k, positions, **rope_kw)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))

@@ -55,8 +55,8 @@ class CausalLM(nn.Module):
                          name="embed")
         x = embed(input_ids.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        if positions is None and not decode:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        # positions=None reaches the mixers as None: attention then uses 0..T-1 (or continues its cache) with RoPE
+        # tables computed once on the host
         if token_mask is not None:
             token_mask = token_mask.astype(jnp.bool_)
 

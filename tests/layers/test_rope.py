@@ -1,8 +1,10 @@
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from canon_jax.layers import rope
 from canon_jax.layers.rope import apply_rope
 
 
@@ -55,3 +57,34 @@ def test_errors():
         apply_rope(x, jnp.zeros((1, 2), jnp.int32), rope_dim=8, version="neox")
     with pytest.raises(ValueError, match="positions"):
         apply_rope(x, jnp.zeros((2,), jnp.int32), rope_dim=8)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rope(x, jnp.zeros((3, 2), jnp.int32), rope_dim=8)  # neither batch nor 1
+    with pytest.raises(ValueError, match="tables"):
+        apply_rope(x, jnp.zeros((1, 2), jnp.int32), rope_dim=8, tables=rope.rope_tables(jnp.zeros((1, 2)), 4))
+
+
+@pytest.mark.parametrize("version", ["huggingface", "lingua"])
+@pytest.mark.parametrize("const", [True, False])  # host-constant tables, or (above the size limit) in the program
+def test_default_tables_match_numpy_and_broadcast_over_batch(version, const, monkeypatch):
+    """Positions 0..T-1 shared by the batch ([1, T] positions, the default of attention) with the constant tables of
+    ``default_rope_tables``: the float64 per-token reference, for a time long enough that angles are large."""
+    if not const:
+        monkeypatch.setattr(rope, "_CONST_TABLE_LIMIT", 0)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 300, 2, 16)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(300, dtype=np.int32), (3, 300))
+    tables = jax.jit(lambda: rope.default_rope_tables(300, 12, 500.0))()
+    chex.assert_shape(tables, [(1, 300, 6), (1, 300, 6)])
+    y = jax.jit(lambda x, tb: apply_rope(x, jnp.arange(300)[None], rope_dim=12, theta=500.0, version=version,
+                                         tables=tb))(jnp.asarray(x), tables)
+    chex.assert_shape(y, x.shape)
+    # float32 angles: at position p the angle itself carries a rounding error of a few ulp(p) (~p * 2^-23 rad, i.e.
+    # 3.6e-5 rad at p = 300), inherent to every float32 implementation; the bound scales with it per element
+    pair_norm = np.sqrt(np.sum(x[..., :12] ** 2, axis=-1, keepdims=True))
+    tol = 1e-5 + 4 * 2.0 ** -23 * pos[:, :, None, None] * pair_norm
+    err = np.abs(np.asarray(y) - _np_rope(x, pos, 12, 500.0, version))
+    assert np.all(err <= tol), float(np.max(err - tol))
+    # per-sequence [B, T] positions with in-program tables meet the same bound
+    y_b = apply_rope(jnp.asarray(x), jnp.asarray(pos), rope_dim=12, theta=500.0, version=version)
+    err_b = np.abs(np.asarray(y_b) - _np_rope(x, pos, 12, 500.0, version))
+    assert np.all(err_b <= tol), float(np.max(err_b - tol))

@@ -47,14 +47,24 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root)
 
 
-# -O3 auto-vectorises the channel loops; no -march=native, so a shared cache works across CPU models
+# -O3 auto-vectorises the channel loops; -march=native lets them use the machine's widest vectors (AVX-512 doubles
+# the kernels' speed over the SSE2 baseline on a Sapphire Rapids core). Compilers that reject it get the baseline.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+_NATIVE = ["-march=native"]
+
+
+def _target_id(cxx: str) -> bytes:
+    """What the compiler targets with -march=native (its predefined macros: __AVX512F__, __ARM_NEON, ...), so a cache
+    directory shared by machines with different CPUs never hands one of them a library built for the other."""
+    r = subprocess.run([cxx, *_NATIVE, "-E", "-dM", "-x", "c++", "-"], input="", capture_output=True, text=True)
+    return (r.stdout if r.returncode == 0 else "no-march-native").encode()
 
 
 def library_path(cxx: str) -> pathlib.Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(), version.encode(),
-                                     os.uname().machine.encode(), " ".join(_FLAGS).encode()])).hexdigest()[:16]
+                                     os.uname().machine.encode(), " ".join(_FLAGS + _NATIVE).encode(),
+                                     _target_id(cxx)])).hexdigest()[:16]
     return _cache_dir() / f"canon_conv_{key}.so"
 
 
@@ -66,8 +76,11 @@ def _build(cxx: str, out: pathlib.Path) -> None:
             return
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+        cmd = [cxx, *_FLAGS, *_NATIVE, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:  # e.g. a compiler without -march=native: the portable baseline build
+            cmd = [c for c in cmd if c not in _NATIVE]
+            r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")

@@ -75,6 +75,16 @@ ffi::Error CheckDims(const Dims& d, ffi::Span<const int64_t> w_dims, ffi::Span<c
   return ffi::Error::Success();
 }
 
+// The channel loops below read rows through arrays of pointers, which the compiler cannot prove disjoint from the
+// rows they write; they are (inputs and outputs are distinct XLA buffers), so tell it to vectorise anyway.
+#if defined(__clang__)
+#define CANON_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define CANON_IVDEP _Pragma("GCC ivdep")
+#else
+#define CANON_IVDEP
+#endif
+
 constexpr int64_t kRows = 32;  // time steps per work item (work items never straddle two sequences)
 
 // Row pointer of xh[b, s] (s in [0, T + K - 1)).
@@ -82,18 +92,67 @@ inline const float* XhRow(const float* x, const float* prev, const Dims& d, int6
   return s < d.K - 1 ? prev + (b * d.H + s) * d.C : x + (b * d.T + (s - (d.K - 1))) * d.C;
 }
 
+// Kernel bodies are templates on the kernel size: KK > 0 is a compile-time K (the tap loops unroll and each channel's
+// sums stay in registers while the channel loop vectorises); KK == 0 is the generic runtime-K version.
+template <int KK>
+inline int64_t Taps(const Dims& d) {
+  return KK > 0 ? KK : d.K;
+}
+
+// src[j] = row pointer of xh[b, t + j] for j < K
+template <int KK>
+inline void SrcRows(const float* x, const float* prev, const Dims& d, int64_t b, int64_t t, const float** src) {
+  for (int64_t j = 0; j < Taps<KK>(d); ++j) src[j] = XhRow(x, prev, d, b, t + j);
+}
+
 // acc[c] = bias[c] + sum_j w[j, c] * xh[b, t + j, c]  (the pre-activation of row (b, t))
+template <int KK>
 inline void PreRow(const float* x, const float* __restrict__ w, const float* __restrict__ bias, const float* prev,
                    const Dims& d, int64_t b, int64_t t, float* __restrict__ acc) {
-  for (int64_t c = 0; c < d.C; ++c) acc[c] = bias[c];
-  for (int64_t j = 0; j < d.K; ++j) {
-    const float* __restrict__ src = XhRow(x, prev, d, b, t + j);
-    const float* __restrict__ wj = w + j * d.C;
-    for (int64_t c = 0; c < d.C; ++c) acc[c] += wj[c] * src[c];
+  const int64_t K = Taps<KK>(d), C = d.C;
+  const float* src[KK > 0 ? KK : 64];
+  if (KK > 0 || K <= 64) {
+    SrcRows<KK>(x, prev, d, b, t, src);
+    CANON_IVDEP
+    for (int64_t c = 0; c < C; ++c) {
+      float a = bias[c];
+      for (int64_t j = 0; j < K; ++j) a += w[j * C + c] * src[j][c];
+      acc[c] = a;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) acc[c] = bias[c];
+  for (int64_t j = 0; j < K; ++j) {
+    const float* __restrict__ s = XhRow(x, prev, d, b, t + j);
+    const float* __restrict__ wj = w + j * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] += wj[c] * s[c];
   }
 }
 
 inline float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+template <int KK>
+void FwdItem(const float* xp, const float* wp, const float* bp, const float* pp, float* yp, const Dims& d,
+             bool silu, bool residual, int64_t b, int64_t t0, int64_t t1) {
+  const int64_t C = d.C;
+  std::vector<float> acc(C);
+  for (int64_t t = t0; t < t1; ++t) {
+    float* __restrict__ out = yp + (b * d.T + t) * C;
+    const float* __restrict__ xr = xp + (b * d.T + t) * C;
+    if (!silu) {  // pre-activation straight into the output row
+      PreRow<KK>(xp, wp, bp, pp, d, b, t, out);
+      if (residual)
+        for (int64_t c = 0; c < C; ++c) out[c] += xr[c];
+      continue;
+    }
+    float* __restrict__ a = acc.data();
+    PreRow<KK>(xp, wp, bp, pp, d, b, t, a);
+    if (residual)
+      for (int64_t c = 0; c < C; ++c) out[c] = a[c] * Sigmoid(a[c]) + xr[c];
+    else
+      for (int64_t c = 0; c < C; ++c) out[c] = a[c] * Sigmoid(a[c]);
+  }
+}
 
 ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> prev, ffi::ResultBuffer<ffi::F32> y,
@@ -110,21 +169,100 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t per_seq = (d.T + kRows - 1) / kRows;
   ParallelFor(pool, d.B * per_seq, [&](int64_t item) {
     const int64_t b = item / per_seq, t0 = (item % per_seq) * kRows, t1 = std::min(d.T, t0 + kRows);
-    std::vector<float> acc(d.C);
-    for (int64_t t = t0; t < t1; ++t) {
-      PreRow(xp, wp, bp, pp, d, b, t, acc.data());
-      float* __restrict__ out = yp + (b * d.T + t) * d.C;
-      const float* __restrict__ xr = xp + (b * d.T + t) * d.C;
-      float* __restrict__ a = acc.data();
-      if (silu)
-        for (int64_t c = 0; c < d.C; ++c) a[c] = a[c] * Sigmoid(a[c]);
-      if (residual)
-        for (int64_t c = 0; c < d.C; ++c) out[c] = a[c] + xr[c];
-      else
-        for (int64_t c = 0; c < d.C; ++c) out[c] = a[c];
+    switch (d.K) {
+      case 1: return FwdItem<1>(xp, wp, bp, pp, yp, d, silu, residual, b, t0, t1);
+      case 2: return FwdItem<2>(xp, wp, bp, pp, yp, d, silu, residual, b, t0, t1);
+      case 3: return FwdItem<3>(xp, wp, bp, pp, yp, d, silu, residual, b, t0, t1);
+      case 4: return FwdItem<4>(xp, wp, bp, pp, yp, d, silu, residual, b, t0, t1);
+      default: return FwdItem<0>(xp, wp, bp, pp, yp, d, silu, residual, b, t0, t1);
     }
   });
   return ffi::Error::Success();
+}
+
+// One work item of the backward: rows [t0, t1) of sequence b. Writes dx (and dprev for the first item of a
+// sequence) and this item's partial sums of dw (K rows) and dbias (1 row) into pdw.
+template <int KK>
+void BwdItem(const float* gp0, const float* xp, const float* wp, const float* bp, const float* pp, float* dxp,
+             float* dpp, float* __restrict__ pdw, const Dims& d, bool silu, bool residual, int64_t b, int64_t t0,
+             int64_t t1) {
+  const int64_t K = Taps<KK>(d), C = d.C;
+  const int64_t s1 = std::min(d.T, t1 + K - 1);  // rows of gp this item reads: [t0, s1)
+  // gp = g * act'(pre): for SiLU computed into a buffer, else g itself
+  std::vector<float> gbuf(silu ? (s1 - t0) * C : 0), acc(C);
+  auto gp = [&](int64_t s) -> const float* {
+    return silu ? gbuf.data() + (s - t0) * C : gp0 + (b * d.T + s) * C;
+  };
+  if (silu) {
+    for (int64_t s = t0; s < s1; ++s) {
+      PreRow<KK>(xp, wp, bp, pp, d, b, s, acc.data());
+      const float* __restrict__ gr = gp0 + (b * d.T + s) * C;
+      float* __restrict__ o = gbuf.data() + (s - t0) * C;
+      const float* __restrict__ a = acc.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const float sg = Sigmoid(a[c]);
+        o[c] = gr[c] * sg * (1.0f + a[c] * (1.0f - sg));
+      }
+    }
+  }
+  float* __restrict__ pdb = pdw + K * C;
+  for (int64_t c = 0; c < (K + 1) * C; ++c) pdw[c] = 0.0f;
+  const bool fast = KK > 0;  // compile-time K: one fused channel loop per row
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* __restrict__ gr = gp(t);
+    const float* __restrict__ graw = gp0 + (b * d.T + t) * C;
+    float* __restrict__ out = dxp + (b * d.T + t) * C;
+    if (fast && t + K - 1 < d.T) {
+      // dw[j] += gp[t] * xh[t + j];  dx[t] = (g[t] if residual) + sum_j w[j] * gp[t + K-1-j]
+      const float* src[KK > 0 ? KK : 1];
+      const float* gs[KK > 0 ? KK : 1];
+      SrcRows<KK>(xp, pp, d, b, t, src);
+      for (int64_t j = 0; j < K; ++j) gs[j] = gp(t + K - 1 - j);
+      CANON_IVDEP
+      for (int64_t c = 0; c < C; ++c) {
+        const float gv = gr[c];
+        pdb[c] += gv;
+        float o = residual ? graw[c] : 0.0f;
+        for (int64_t j = 0; j < K; ++j) {
+          pdw[j * C + c] += gv * src[j][c];
+          o += wp[j * C + c] * gs[j][c];
+        }
+        out[c] = o;
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < C; ++c) pdb[c] += gr[c];
+    for (int64_t j = 0; j < K; ++j) {
+      const float* __restrict__ src = XhRow(xp, pp, d, b, t + j);
+      float* __restrict__ dwj = pdw + j * C;
+      for (int64_t c = 0; c < C; ++c) dwj[c] += gr[c] * src[c];
+    }
+    if (residual)
+      for (int64_t c = 0; c < C; ++c) out[c] = graw[c];
+    else
+      for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t s = t + K - 1 - j;
+      if (s >= d.T) continue;
+      const float* __restrict__ gsj = gp(s);
+      const float* __restrict__ wj = wp + j * C;
+      for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gsj[c];
+    }
+  }
+  if (t0 == 0) {  // dprev[i] = sum_{j <= i, i - j < T} w[j] * gp[i - j]; padding rows (i >= K-1) are zero
+    for (int64_t i = 0; i < d.H; ++i) {
+      float* __restrict__ out = dpp + (b * d.H + i) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+      if (i >= K - 1) continue;
+      for (int64_t j = 0; j <= i; ++j) {
+        const int64_t s = i - j;
+        if (s >= d.T) continue;
+        const float* __restrict__ gsj = gp(s);  // s < K-1 <= s1 here
+        const float* __restrict__ wj = wp + j * C;
+        for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gsj[c];
+      }
+    }
+  }
 }
 
 ffi::Error ConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
@@ -149,75 +287,33 @@ ffi::Error ConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffe
   std::vector<float> partial(items * (K + 1) * C);
   ParallelFor(pool, items, [&](int64_t item) {
     const int64_t b = item / per_seq, t0 = (item % per_seq) * kRows, t1 = std::min(d.T, t0 + kRows);
-    const int64_t s1 = std::min(d.T, t1 + K - 1);  // rows of gp this item reads: [t0, s1)
-    // gp = g * act'(pre): for SiLU computed into a buffer, else g itself
-    std::vector<float> gbuf(silu ? (s1 - t0) * C : 0), acc(C);
-    auto gp = [&](int64_t s) -> const float* {
-      return silu ? gbuf.data() + (s - t0) * C : gp0 + (b * d.T + s) * C;
-    };
-    if (silu) {
-      for (int64_t s = t0; s < s1; ++s) {
-        PreRow(xp, wp, bp, pp, d, b, s, acc.data());
-        const float* __restrict__ gr = gp0 + (b * d.T + s) * C;
-        float* __restrict__ o = gbuf.data() + (s - t0) * C;
-        const float* __restrict__ a = acc.data();
-        for (int64_t c = 0; c < C; ++c) {
-          const float sg = Sigmoid(a[c]);
-          o[c] = gr[c] * sg * (1.0f + a[c] * (1.0f - sg));
-        }
-      }
-    }
-    float* __restrict__ pdw = partial.data() + item * (K + 1) * C;
-    float* __restrict__ pdb = pdw + K * C;
-    for (int64_t c = 0; c < (K + 1) * C; ++c) pdw[c] = 0.0f;
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* __restrict__ gr = gp(t);
-      for (int64_t c = 0; c < C; ++c) pdb[c] += gr[c];
-      for (int64_t j = 0; j < K; ++j) {
-        const float* __restrict__ src = XhRow(xp, pp, d, b, t + j);
-        float* __restrict__ dwj = pdw + j * C;
-        for (int64_t c = 0; c < C; ++c) dwj[c] += gr[c] * src[c];
-      }
-      // dx[t] = (g[t] if residual) + sum_j w[j] * gp[t + K-1-j]
-      float* __restrict__ out = dxp + (b * d.T + t) * C;
-      const float* __restrict__ graw = gp0 + (b * d.T + t) * C;
-      if (residual)
-        for (int64_t c = 0; c < C; ++c) out[c] = graw[c];
-      else
-        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t s = t + K - 1 - j;
-        if (s >= d.T) continue;
-        const float* __restrict__ gs = gp(s);
-        const float* __restrict__ wj = wp + j * C;
-        for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gs[c];
-      }
-    }
-    if (t0 == 0) {  // dprev[i] = sum_{j <= i, i - j < T} w[j] * gp[i - j]; padding rows (i >= K-1) are zero
-      for (int64_t i = 0; i < d.H; ++i) {
-        float* __restrict__ out = dpp + (b * d.H + i) * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
-        if (i >= K - 1) continue;
-        for (int64_t j = 0; j <= i; ++j) {
-          const int64_t s = i - j;
-          if (s >= d.T) continue;
-          const float* __restrict__ gs = gp(s);  // s < K-1 <= s1 here
-          const float* __restrict__ wj = wp + j * C;
-          for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gs[c];
-        }
-      }
+    float* pdw = partial.data() + item * (K + 1) * C;
+    switch (d.K) {
+      case 1: return BwdItem<1>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
+      case 2: return BwdItem<2>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
+      case 3: return BwdItem<3>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
+      case 4: return BwdItem<4>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
+      default: return BwdItem<0>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
     }
   });
-  // deterministic reduction of the partial sums (fixed order, double accumulators)
+  // deterministic reduction of the partial sums (fixed item order, double accumulators), split over column blocks
   float* dwp = dw->typed_data();
   float* dbp = db->typed_data();
-  std::vector<double> tot((K + 1) * C, 0.0);
-  for (int64_t item = 0; item < items; ++item) {
-    const float* part = partial.data() + item * (K + 1) * C;
-    for (int64_t c = 0; c < (K + 1) * C; ++c) tot[c] += part[c];
-  }
-  for (int64_t c = 0; c < K * C; ++c) dwp[c] = static_cast<float>(tot[c]);
-  for (int64_t c = 0; c < C; ++c) dbp[c] = static_cast<float>(tot[K * C + c]);
+  const int64_t cols = (K + 1) * C, kCols = 512, col_blocks = (cols + kCols - 1) / kCols;
+  ParallelFor(pool, col_blocks, [&](int64_t blk) {
+    const int64_t c0 = blk * kCols, c1 = std::min(cols, c0 + kCols);
+    double tot[kCols] = {0.0};
+    for (int64_t item = 0; item < items; ++item) {
+      const float* __restrict__ part = partial.data() + item * cols;
+      for (int64_t c = c0; c < c1; ++c) tot[c - c0] += part[c];
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      if (c < K * C)
+        dwp[c] = static_cast<float>(tot[c - c0]);
+      else
+        dbp[c - K * C] = static_cast<float>(tot[c - c0]);
+    }
+  });
   return ffi::Error::Success();
 }
 
