@@ -32,7 +32,12 @@ def _matmul_bwd(res, dy):
     x, w = res
     dx = jnp.dot(dy, w.T.astype(dy.dtype)).astype(x.dtype)
     lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))
-    dw = jnp.einsum(f"{lead}d,{lead}f->df", x.astype(dy.dtype), dy).astype(w.dtype)
+    if x.shape[-1] > dy.shape[-1]:
+        # A contraction over the token axes needs one operand with tokens minor, i.e. a transposed copy: XLA:CPU
+        # transposes the left one, so put the narrower of x and dy there (e.g. the MLP's down projection).
+        dw = jnp.einsum(f"{lead}f,{lead}d->fd", dy, x.astype(dy.dtype)).T.astype(w.dtype)
+    else:
+        dw = jnp.einsum(f"{lead}d,{lead}f->df", x.astype(dy.dtype), dy).astype(w.dtype)
     return dx, dw
 
 

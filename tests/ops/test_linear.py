@@ -11,13 +11,14 @@ from canon_jax.ops import linear
 
 @pytest.mark.parametrize("lead", [(5,), (2, 7), (2, 3, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_matmul_values_and_gradients_equal_jnp_dot(lead, dtype):
+@pytest.mark.parametrize("d,f", [(6, 9), (9, 6)])  # both orders of the weight-gradient contraction
+def test_matmul_values_and_gradients_equal_jnp_dot(lead, dtype, d, f):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(lead + (6,)), dtype)
-    w = jnp.asarray(rng.standard_normal((6, 9)), dtype)
-    ct = jnp.asarray(rng.standard_normal(lead + (9,)), dtype)
+    x = jnp.asarray(rng.standard_normal(lead + (d,)), dtype)
+    w = jnp.asarray(rng.standard_normal((d, f)), dtype)
+    ct = jnp.asarray(rng.standard_normal(lead + (f,)), dtype)
     y = linear.matmul(x, w)
-    chex.assert_shape(y, lead + (9,))
+    chex.assert_shape(y, lead + (f,))
     assert y.dtype == jnp.dot(x, w).dtype
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(jnp.dot(x, w), np.float32))
     got = jax.vjp(linear.matmul, x, w)[1](ct)
@@ -28,7 +29,7 @@ def test_matmul_values_and_gradients_equal_jnp_dot(lead, dtype):
         assert g.dtype == r.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol)
     # float64 reference of the weight gradient: sum over every leading axis
-    x64, ct64 = np.asarray(x, np.float64).reshape(-1, 6), np.asarray(ct, np.float64).reshape(-1, 9)
+    x64, ct64 = np.asarray(x, np.float64).reshape(-1, d), np.asarray(ct, np.float64).reshape(-1, f)
     np.testing.assert_allclose(np.asarray(got[1], np.float64), x64.T @ ct64, rtol=tol, atol=tol * 10)
 
 
