@@ -35,6 +35,8 @@ def malloc_hugepages_reason() -> str | None:
     why = platform_reason()
     if why is not None:
         return why
+    if not sys.argv or sys.argv[0] in ("", "-", "-c"):
+        return "not started from a script or module file (stdin or -c cannot be replayed)"
     if "jax" in sys.modules and _backend_started():
         return "JAX is already running in this process"
     return None

@@ -48,6 +48,17 @@ def test_no_restart_when_disabled_or_already_set(tmp_path):
         assert [l[0] for l in lines] == ["start", "main"], (env, lines)
 
 
+def test_no_restart_from_stdin_or_dash_c(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "CANON_JAX_MALLOC"))}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    code = SCRIPT.replace('if __name__ == "__main__":', "if True:")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
+    out = subprocess.run([sys.executable, "-"], input=code, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
+
+
 def test_reasons(monkeypatch):
     monkeypatch.setenv("CANON_JAX_MALLOC_HUGEPAGES", "0")
     assert "disabled" in runtime.malloc_hugepages_reason()
