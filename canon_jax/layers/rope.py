@@ -21,16 +21,17 @@ ROPE_VERSIONS = ("huggingface", "lingua")
 
 
 def rope_inv_freq(rope_dim: int, theta: float):
-    """``[rope_dim // 2]`` float32 inverse frequencies ``theta^(-2i/rope_dim)``."""
-    return 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
+    """``[rope_dim // 2]`` float32 inverse frequencies ``theta^(-2i/rope_dim)`` (a host constant, numpy)."""
+    return (1.0 / (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))
+            ).astype(np.float32)
 
 
 def rope_tables(positions, rope_dim: int, theta: float = 10000.0):
     """``(cos, sin)``, each float32 ``[P, time, rope_dim // 2]``, for int ``positions`` ``[P, time]``.
 
     ``P`` is the batch size, or 1 when every sequence has the same positions (then the tables are computed once, not
-    per sequence). The tables are materialised (an optimisation barrier): left to itself XLA fuses cos/sin into the
-    rotation and evaluates them again for every head and channel, which made RoPE ~15x a copy of ``x`` on XLA:CPU.
+    per sequence). The optimisation barrier asks XLA to materialise them rather than re-evaluate cos/sin for every
+    head and channel inside the rotation; XLA:CPU drops it, see :func:`default_rope_tables` for positions 0..T-1.
     """
     angles = positions.astype(jnp.float32)[:, :, None] * rope_inv_freq(rope_dim, theta)
     return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
@@ -41,8 +42,7 @@ _CONST_TABLE_LIMIT = 1 << 20  # elements per table; larger default tables are co
 
 @functools.lru_cache(maxsize=64)
 def _arange_tables(t: int, rope_dim: int, theta: float):
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim))))
-    angles = np.arange(t, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)
+    angles = np.arange(t, dtype=np.float32)[:, None] * rope_inv_freq(rope_dim, theta)
     angles = angles.astype(np.float64)  # the float32 angles of rope_tables, then correctly rounded cos/sin
     return np.cos(angles).astype(np.float32)[None], np.sin(angles).astype(np.float32)[None]
 
