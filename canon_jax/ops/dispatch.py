@@ -92,7 +92,7 @@ def gla_uses_gpu_kernel(impl, q, v, chunk_size) -> bool:
     if impl != "auto":
         return True
     api = _pallas_api("pallas_kernels.linear_scan", "gla")
-    return api.supports("gla", dk=q.shape[-1], dv=v.shape[-1], t_len=q.shape[1], chunk_size=chunk_size)
+    return api.supports("gla", **_scan_dims("gla", (q, None, v), {"chunk_size": chunk_size}))
 
 
 def _scan_dims(op_name, args, kw):

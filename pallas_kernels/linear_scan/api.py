@@ -35,12 +35,17 @@ def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend:
     return True
 
 
-def _gpu_chunk(t_len, chunk_size, bs: BlockSizes):
-    """The chunk the Mosaic GPU kernels use: the requested one, at most one 64-row wgmma tile past the sequence."""
+def _requested_chunk(chunk_size, bs: BlockSizes) -> int:
+    """``BlockSizes.chunk`` if set, else the op's ``chunk_size``; a positive int."""
     chunk = bs.chunk if bs.chunk is not None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    return min(chunk, round_up(t_len, 64))
+    return chunk
+
+
+def _gpu_chunk(t_len, chunk_size, bs: BlockSizes):
+    """The chunk the Mosaic GPU kernels use: the requested one, at most one 64-row wgmma tile past the sequence."""
+    return min(_requested_chunk(chunk_size, bs), round_up(t_len, 64))
 
 
 def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None):
@@ -62,9 +67,7 @@ def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: Optional[Bl
 
 
 def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
-    chunk = bs.chunk if bs.chunk is not None else chunk_size
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+    chunk = _requested_chunk(chunk_size, bs)
     # The secondary chunk must divide the chunk: gcd(chunk, BlockSizes.sub_chunk).
     sub = math.gcd(chunk, bs.sub_chunk)
     # Short sequences shrink the chunk, to a multiple of 16 rows (a bf16 sublane tile on TPU) and of the sub-chunk.
