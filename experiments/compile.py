@@ -133,8 +133,8 @@ def find_batch(cfg, target, base: dict | None = None, max_per_device: int = 1024
         lo, hi = (1, None) if fits(1) else (0, 1)
     while hi is None:
         nxt = max(1, lo) * 2
-        if nxt > max_per_device:
-            hi = nxt
+        if nxt > max_per_device:  # stop searching: report the cap
+            hi = max_per_device + 1
             break
         if fits(nxt):
             lo = nxt
@@ -146,7 +146,7 @@ def find_batch(cfg, target, base: dict | None = None, max_per_device: int = 1024
             lo = mid
         else:
             hi = mid
-    out = {"max_per_device_batch": lo, "max_tokens_per_device": lo * cfg.data.seq_len * dp / target.num_devices,
+    out = {"max_per_device_batch": lo, "search_cap": max_per_device, "max_tokens_per_device": lo * cfg.data.seq_len * dp / target.num_devices,
            "compiles": len(results)}
     if lo:
         out["memory_at_max"] = results[lo]["memory"]
