@@ -76,7 +76,7 @@ def compile_config(cfg, target) -> dict:
         "n_params": trainer.n_params,
         "model_flops_per_step": flops_per_token(trainer.model_config, trainer.n_params, t) * tokens,
         "kernel_impl": trainer.model_config.kernel_impl, "remat": trainer.model_config.remat,
-        "hbm_bytes": target.hbm_bytes, "jax_version": jax.__version__,
+        "hbm_bytes": target.hbm_bytes, "jax_version": jax.__version__, "git_commit": _git_commit(),
     }
     t0 = time.perf_counter()
     lowered = trainer.lower_step()
@@ -99,6 +99,16 @@ def compile_config(cfg, target) -> dict:
     res.update(compiled=True, memory=mem, fits=mem["total"] <= target.hbm_bytes,
                pallas_kernels=count_pallas_kernels(compiled.as_text()))
     return res
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _with(cfg, **train_fields):
@@ -226,29 +236,40 @@ def run_one(config_path, target_name, overrides=(), do_find_batch=False, log=pri
     return r
 
 
-def table(config_dir, targets, cache_dir, out, overrides=(), do_find_batch=True, only_cached=False, log=print):
-    """Compile (or read from the cache) every config x target; write the Markdown table to ``out``."""
+def table(config_dir, targets, cache_dir, out, overrides=(), do_find_batch=True, only_cached=False, first=(),
+          log=print):
+    """Compile (or read from the cache) every config x target; write the Markdown table to ``out``.
+
+    Target-major: the first targets are finished first; within a target the configs named in ``first`` go first."""
     config_dir, cache_dir = pathlib.Path(config_dir), pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     configs = sorted(config_dir.glob("*.yaml"))
+    order = sorted(configs, key=lambda p: (list(first).index(p.stem) if p.stem in first else len(first), p.stem))
     results = {}
-    for target in targets:  # target-major: the first targets finish first
-        for path in configs:
+    for target in targets:
+        for path in order:
             f = cache_dir / _cache_name(path, target, overrides)
-            if f.exists():
-                r = json.loads(f.read_text())
-                if not do_find_batch or "find_batch" in r or "config_error" in r:
-                    results[(path.stem, target)] = r
+            cached = json.loads(f.read_text()) if f.exists() else None
+            if cached is not None:
+                results[(path.stem, target)] = cached
+                if not do_find_batch or "find_batch" in cached or "compiled" not in cached:
                     continue
             if only_cached:
                 continue
             log(f"compiling {path.stem} for {target} ...")
             t0 = time.perf_counter()
             try:
-                r = run_one(path, target, overrides, do_find_batch, log=log)
+                if cached is not None:  # the defaults are compiled: only the batch search is missing
+                    from canon_jax.aot import get_target
+
+                    r = dict(cached)
+                    r["find_batch"] = find_batch(load_config(path, list(overrides)), get_target(target), base=r,
+                                                 log=log)
+                else:
+                    r = run_one(path, target, overrides, do_find_batch, log=log)
             except Exception as e:  # noqa: BLE001 - a compiler failure is a table entry, the rest still runs
                 r = {"config": path.stem, "target": target, "failure": f"{type(e).__name__}: {str(e)[:500]}"}
-            r["wall_seconds"] = time.perf_counter() - t0
+            r["wall_seconds"] = time.perf_counter() - t0 + (cached or {}).get("wall_seconds", 0.0)
             f.write_text(json.dumps(r, indent=1, sort_keys=True))
             results[(path.stem, target)] = r
             write_markdown(out, configs, targets, results, overrides)
@@ -260,7 +281,9 @@ def _cell(r: dict | None) -> str:
     if r is None:
         return "not computed yet"
     if "config_error" in r:
-        return "config error: " + r["config_error"].split(";")[0].replace("|", "/")
+        msg = r["config_error"]
+        fix = msg.split("; set ", 1)[1] if "; set " in msg else msg
+        return ("batch does not divide the mesh: set " + fix).replace("|", "/")
     if "failure" in r:
         return "compile failed: " + r["failure"].splitlines()[0][:120].replace("|", "/")
     s = (f"**fits** {_gib(r['memory']['total'])}" if r.get("fits") else
@@ -319,6 +342,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default="docs/scaling_results", help="JSON result cache for --table")
     p.add_argument("--no-find-batch", action="store_true", help="--table without the batch search")
     p.add_argument("--only-cached", action="store_true", help="--table from the cache only (compile nothing)")
+    p.add_argument("--first", default="", help="comma-separated config names that --table compiles first")
     args = p.parse_args(argv)
     if not args.table and not (args.config and args.target):
         p.error("give --config and --target, or --table DIR")
@@ -329,7 +353,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        table(args.table, targets, args.cache, args.out, args.overrides, not args.no_find_batch, args.only_cached)
+        first = [f.strip() for f in args.first.split(",") if f.strip()]
+        table(args.table, targets, args.cache, args.out, args.overrides, not args.no_find_batch, args.only_cached,
+              first)
         print(f"wrote {args.out}")
         return 0
     try:
