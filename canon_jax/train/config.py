@@ -381,15 +381,12 @@ def check_batch_divides_mesh(cfg: ExperimentConfig, mesh_shape: dict) -> None:
         return
     n = dp * tensor
     fixes = [f"train.batch_size={-(-b // (dp * accum)) * dp * accum}"]
-    if b % accum == 0:
-        if accum > 1:
-            for a in range(accum - 1, 0, -1):
-                if b % a == 0 and (b // a) % dp == 0:
-                    fixes.append(f"train.grad_accum={a}")
-                    break
-        # the most data-parallel ways (fsdp) that divide the micro-batch, the rest of the devices as tensor parallel
-        f = max(d for d in range(1, n + 1) if n % d == 0 and (b // accum) % d == 0)
-        fixes.append(f"mesh.data=1 mesh.fsdp={f} mesh.tensor={n // f}")
+    smaller_accum = [a for a in range(accum - 1, 0, -1) if b % a == 0 and (b // a) % dp == 0]
+    if smaller_accum:
+        fixes.append(f"train.grad_accum={smaller_accum[0]}")
+    # the most FSDP ways that divide the micro-batch (validate() made it whole), the other devices tensor-parallel
+    f = max(d for d in range(1, n + 1) if n % d == 0 and (b // accum) % d == 0)
+    fixes.append(f"mesh.data=1 mesh.fsdp={f} mesh.tensor={n // f}")
     what = f"{b}" + (f" / grad_accum {accum} = {b // accum} sequences per micro-batch" if accum > 1 else "")
     raise ConfigError(f"train.batch_size: {what} is not divisible by the data-parallel size mesh.data*mesh.fsdp = "
                       f"{data}*{fsdp} = {dp} (on {n} devices); set " + ", or ".join(fixes))
