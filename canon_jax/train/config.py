@@ -369,3 +369,24 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError("data.text.train_files: a text run needs at least one file or glob")
     if cfg.data.seq_len > mc.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")
+
+
+def check_batch_divides_mesh(cfg: ExperimentConfig, mesh_shape: dict) -> None:
+    """The global batch (and each of its ``grad_accum`` micro-batches) must split evenly over the data-parallel
+    devices ``mesh.data * mesh.fsdp``. Raises ConfigError naming the keys and a setting that works."""
+    b, accum = cfg.train.batch_size, cfg.train.grad_accum
+    data, fsdp, tensor = (int(mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
+    dp = data * fsdp
+    if (b // accum) % dp == 0:
+        return
+    n = dp * tensor
+    fixes = [f"train.batch_size={-(-b // (dp * accum)) * dp * accum}"]
+    smaller_accum = [a for a in range(accum - 1, 0, -1) if b % a == 0 and (b // a) % dp == 0]
+    if smaller_accum:
+        fixes.append(f"train.grad_accum={smaller_accum[0]}")
+    # the most FSDP ways that divide the micro-batch (validate() made it whole), the other devices tensor-parallel
+    f = max(d for d in range(1, n + 1) if n % d == 0 and (b // accum) % d == 0)
+    fixes.append(f"mesh.data=1 mesh.fsdp={f} mesh.tensor={n // f}")
+    what = f"{b}" + (f" / grad_accum {accum} = {b // accum} sequences per micro-batch" if accum > 1 else "")
+    raise ConfigError(f"train.batch_size: {what} is not divisible by the data-parallel size mesh.data*mesh.fsdp = "
+                      f"{data}*{fsdp} = {dp} (on {n} devices); set " + ", or ".join(fixes))

@@ -29,7 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from canon_jax.train import sharding as shd
 from canon_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from canon_jax.train.config import ConfigError, ExperimentConfig, config_to_dict, model_config
+from canon_jax.train.config import (ConfigError, ExperimentConfig, check_batch_divides_mesh, config_to_dict,
+                                   model_config)
 from canon_jax.train.flops import count_params, flops_per_token, peak_flops_per_device
 from canon_jax.train.metrics import MetricsLogger
 from canon_jax.train.optimizer import make_optimizer
@@ -149,7 +150,17 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
                    "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads)}
         return new_state, metrics
 
-    return step_fn
+    if mesh is None:
+        return step_fn
+
+    def step_in_mesh(state, batch):
+        # The mesh and the logical rules at trace time, whoever jits or lowers the step: the model's sharding
+        # annotations and the kernels' shard_map (canon_jax.ops.sharded) read them, and the kernels pick their
+        # implementation from the mesh's devices.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+            return step_fn(state, batch)
+
+    return step_in_mesh
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,6 +178,7 @@ class Trainer:
         self.model_config = model_config(cfg)
         self.model = model_factory(self.model_config)
         self.mesh = shd.make_mesh(cfg.mesh, devices)
+        check_batch_divides_mesh(cfg, dict(self.mesh.shape))
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.seq_len = cfg.data.seq_len
         dummy = jnp.zeros((1, self.seq_len), jnp.int32)
@@ -224,6 +236,17 @@ class Trainer:
             x = np.asarray(local[k])
             out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x, (gb,) + x.shape[1:])
         return out
+
+    def abstract_batch(self) -> dict:
+        """Shapes, dtypes and shardings of one global batch (what :meth:`step` receives)."""
+        shape = (self.cfg.train.batch_size, self.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+    def lower_step(self):
+        """The jitted train step lowered for abstract state and batch (``.compile()`` it, e.g. for another machine)."""
+        with self.context():
+            return self._step.lower(self.restore_target(), self.abstract_batch())
 
     def step(self, state, batch: dict):
         """One optimizer step on a global batch (dict of numpy or global arrays)."""
@@ -361,10 +384,6 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
     if cfg.train.batch_size % pc:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {pc} processes")
     trainer = Trainer(cfg, devices=devices, model_factory=model_factory)
-    dp = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-    if cfg.train.batch_size % dp or (cfg.train.batch_size // cfg.train.grad_accum) % dp:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} (/ grad_accum {cfg.train.grad_accum}) must be "
-                          f"divisible by the data-parallel size data*fsdp = {dp}")
     local_bs = cfg.train.batch_size // pc
     dataset = data_factory(cfg, split="train", batch_size=local_bs, process_index=pi, process_count=pc)
     it = iter(dataset)

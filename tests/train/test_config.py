@@ -133,3 +133,33 @@ def test_every_findings_spec_loads(path):
 
     spec = findings.load_spec(path)
     assert spec["comparisons"] and all(len(c["rows"]) >= 2 for c in spec["comparisons"])
+
+
+def _mesh_err(batch, accum, mesh):
+    from canon_jax.train.config import check_batch_divides_mesh
+
+    cfg = config_from_dict(BASE, [f"train.batch_size={batch}", f"train.grad_accum={accum}"])
+    with pytest.raises(ConfigError) as e:
+        check_batch_divides_mesh(cfg, mesh)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_batch_must_divide_data_parallel_size():
+    from canon_jax.train.config import check_batch_divides_mesh
+
+    # the linear 1B presets (global batch 128) with FSDP over a 256-chip v5e slice
+    msg = _mesh_err(128, 1, {"data": 1, "fsdp": 256, "tensor": 1})
+    assert msg.startswith("train.batch_size: 128 is not divisible by the data-parallel size "
+                          "mesh.data*mesh.fsdp = 1*256 = 256 (on 256 devices)"), msg
+    assert msg.endswith("set train.batch_size=256, or mesh.data=1 mesh.fsdp=128 mesh.tensor=2"), msg
+    # each micro-batch must split too: 64 sequences per micro-batch on 128 data-parallel devices
+    msg = _mesh_err(128, 2, {"data": 2, "fsdp": 64, "tensor": 1})
+    assert "128 / grad_accum 2 = 64 sequences per micro-batch" in msg and "mesh.data*mesh.fsdp = 2*64 = 128" in msg
+    assert msg.endswith("set train.batch_size=256, or train.grad_accum=1, or mesh.data=1 mesh.fsdp=64 mesh.tensor=2")
+    # the suggested settings pass; tensor parallelism does not take batch rows
+    check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=256"]), {"data": 1, "fsdp": 256, "tensor": 1})
+    check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=128"]), {"data": 1, "fsdp": 128, "tensor": 2})
+    check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=128", "train.grad_accum=2"]),
+                             {"data": 1, "fsdp": 64, "tensor": 2})
