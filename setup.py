@@ -30,11 +30,15 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*"]),
-    package_data={"canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"]},
+    package_data={"canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"],
+                  "canon_jax": ["aot_targets/*.txtpb", "aot_targets/NOTICE.md"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
         "torch": ["torch>=2.2"],
+        # deviceless compilation for TPU and GPU targets (canon_jax.aot, tests/compile): versions must equal jax's.
+        "aot": ["libtpu==0.0.42.1", "jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2",
+                "nvidia-cuda-nvcc-cu12==12.9.86"],
     },
 )
