@@ -139,3 +139,19 @@ def test_llama_with_splash_equals_xla_attention():
     chex.assert_shape(logits, (2, 40, 64))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4)
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5)
+
+
+@pytest.mark.multidevice
+def test_splash_under_shard_map_matches_unsharded():
+    """Batch over fsdp, query and KV heads over tensor (4 simulated devices, in a subprocess)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("_attention_sharded_check.py"))],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "SHARDED_ATTENTION_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
