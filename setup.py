@@ -37,8 +37,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
         "torch": ["torch>=2.2"],
-        # deviceless compilation for TPU and GPU targets (canon_jax.aot, tests/compile): versions must equal jax's.
+        # deviceless compilation for TPU and GPU targets (canon_jax.aot, tests/compile): versions must equal jax's;
+        # cuDNN (the range jax-cuda12-plugin's with-cuda extra asks for) to compile cuDNN flash attention
         "aot": ["libtpu==0.0.42.1", "jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2",
-                "nvidia-cuda-nvcc-cu12==12.9.86"],
+                "nvidia-cuda-nvcc-cu12==12.9.86", "nvidia-cudnn-cu12>=9.8,<10"],
     },
 )

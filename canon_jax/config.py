@@ -18,6 +18,7 @@ CANON_LETTERS = {"llama": "ABCD", "gla": "AbBCD", "gdn": "AbBCD", "mamba2": "AbB
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 INIT_SCHEMES = ("auto", "lingua", "hf", "torch")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret", "cudnn")  # canon_jax.ops.attention.ATTENTION_IMPLS
 
 
 def _err(name, msg):
@@ -58,6 +59,9 @@ class ModelConfig:
     rope_dim: Optional[int] = None  # None = full RoPE, 0 = NoPE, else partial RoPE on the first rope_dim channels
     rope_theta: float = 10000.0
     rope_version: str = "huggingface"  # "huggingface" (rotate-half) or "lingua" (interleaved pairs)
+    # training/prefill attention kernel (decoding with a KV cache always uses XLA): auto = splash on TPU, cuDNN on
+    # NVIDIA GPUs, the blocked XLA path elsewhere; see canon_jax.ops.attention
+    attention_impl: str = "auto"
 
     # initialisation of embeddings, MLP and head (the linear mixers own their inits, SPEC A.3):
     #   "lingua": trunc-normal fan^-1/2 (what the released Llama models used);
@@ -143,6 +147,8 @@ class ModelConfig:
             raise _err("param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.remat not in REMAT:
             raise _err("remat", f"must be one of {REMAT}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise _err("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.kernel_impl not in ("auto", "xla", "pallas", "pallas_interpret"):
             raise _err("kernel_impl", f"must be auto/xla/pallas/pallas_interpret, got {self.kernel_impl!r}")
         # linear models

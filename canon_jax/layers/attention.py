@@ -16,6 +16,7 @@ from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_s
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.layers.rope import apply_rope, default_rope_tables, rope_tables
 from canon_jax.ops import linear
+from canon_jax.ops.attention import flash_attention
 
 __all__ = ["Attention", "dot_product_attention", "causal_attention"]
 
@@ -167,7 +168,10 @@ class Attention(nn.Module):
             allowed = causal[None] & cm.value[:, None, :]
             out = dot_product_attention(q, ck.value.astype(dt), cv.value.astype(dt), allowed)
         else:
-            out = causal_attention(q, k, v, key_valid=None if token_mask is None else valid, segment_ids=seg)
+            key_valid = None if token_mask is None else valid
+            out = flash_attention(cfg.attention_impl, q, k, v, segment_ids=seg, key_valid=key_valid)
+            if out is None:  # the XLA path
+                out = causal_attention(q, k, v, key_valid=key_valid, segment_ids=seg)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return dense(d, ("heads", "embed"), d, "o_proj")(out.reshape(b, t, h * hd))
 

@@ -187,7 +187,9 @@ class Trainer:
             params = self.model.init(rng, dummy)["params"]
             return params
 
-        boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+        key = jax.random.key(0)
+        with self.context():  # traced for the mesh's platform (the model may pick kernels from it)
+            boxed = jax.eval_shape(init_boxed, key)
         param_sh = shd.logical_shardings(boxed, self.mesh)
         abstract_params = nn.meta.unbox(boxed)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
