@@ -14,17 +14,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 
 
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
+
+
+def collectives(hlo_text: str) -> list:
+    """``(kind, result_shape_text)`` of every collective instruction in an optimised HLO module's text (async
+    ``-start``/``-done`` pairs counted once, at the start).
+
+    XLA:TPU writes a reduce-scatter as an ``all-reduce`` + ``dynamic-slice`` inside a fused computation named
+    ``all-reduce-scatter.N``: those all-reduces count as ``reduce-scatter``.
+    """
+    out, computation = [], ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split(" ", 1)[0]
+        m = re.search(r" = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", line)
+        if m:
+            kind = m.group(2)
+            if kind == "all-reduce" and computation.startswith("%all-reduce-scatter"):
+                kind = "reduce-scatter"
+            out.append((kind, m.group(1)))
+    return out
+
+
 def collective_counts(hlo_text: str) -> dict:
-    """Instructions of each collective kind in an optimised HLO module's text (async pairs counted once)."""
-    counts = {}
-    for kind in ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute"):
-        # "all-reduce-start" / "all-reduce(" / "reduce-scatter(" ...; "-done" halves of async pairs are not counted
-        counts[kind] = len(re.findall(rf"= [^=\n]*\b{kind}(?:-start)?\(", hlo_text))
+    """Instructions of each collective kind; ``<kind> (weights)``: those whose result holds a 2-D bf16/f32 matrix
+    (both dimensions > 1, i.e. weight-shaped)."""
+    counts = {k: 0 for k in COLLECTIVES}
+    counts.update({f"{k} (weights)": 0 for k in COLLECTIVES})
+    for kind, shape in collectives(hlo_text):
+        counts[kind] += 1
+        if any(int(a) > 1 and int(b) > 1 for a, b in re.findall(r"\b(?:bf16|f32)\[(\d+),(\d+)\]", shape)):
+            counts[f"{kind} (weights)"] += 1
     return counts
 
 
@@ -35,6 +62,8 @@ def compile_step(cfg, topology: str, per_device_batch: int):
 
     from canon_jax.train.trainer import BATCH_KEYS, Trainer
 
+    # several deviceless compilations may run at once: libtpu's single-process lock protects real chips only
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     import dataclasses
 
