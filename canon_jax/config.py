@@ -16,7 +16,9 @@ ARCHS = ("llama", "gla", "gdn", "mamba2")
 # (non-residual, SiLU); upper-case ``B`` is a residual Canon inside the mixer (SPEC A.3).
 CANON_LETTERS = {"llama": "ABCD", "gla": "AbBCD", "gdn": "AbBCD", "mamba2": "AbBCD"}
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
+# none; full (save only each block's input); save_dots (keep matmul outputs); save_canon_attn (keep only the Canon
+# outputs and the token mixer's core output: attention / linear recurrence): canon_jax.models.causal_lm.REMAT_POLICIES
+REMAT = ("none", "full", "save_dots", "save_canon_attn")
 INIT_SCHEMES = ("auto", "lingua", "hf", "torch")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret", "cudnn")  # canon_jax.ops.attention.ATTENTION_IMPLS
 

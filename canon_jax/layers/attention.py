@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import flax.linen as nn
 
 from canon_jax.config import ModelConfig
@@ -173,6 +174,7 @@ class Attention(nn.Module):
             if out is None:  # the XLA path
                 out = causal_attention(q, k, v, key_valid=key_valid, segment_ids=seg)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = checkpoint_name(out, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
         return dense(d, ("heads", "embed"), d, "o_proj")(out.reshape(b, t, h * hd))
 
 

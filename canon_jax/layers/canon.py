@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.ops.conv import causal_conv1d
 
@@ -50,9 +51,10 @@ class Canon(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
                               (channels,), self.param_dtype)
-        if not decode:
-            return causal_conv1d(x, weight, bias=bias, activation=self.activation, segment_ids=segment_ids,
-                                 residual=self.residual, impl=self.impl)
+        if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
+            return checkpoint_name(causal_conv1d(x, weight, bias=bias, activation=self.activation,
+                                                 segment_ids=segment_ids, residual=self.residual, impl=self.impl),
+                                   "canon")
         is_init = not self.has_variable("cache", "state")
         state = self.variable("cache", "state", jnp.zeros, (x.shape[0], channels, self.kernel_size), x.dtype)
         y, new_state = causal_conv1d(x, weight, bias=bias, activation=self.activation, segment_ids=segment_ids,

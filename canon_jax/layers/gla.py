@@ -20,6 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.canon import Canon
@@ -120,6 +121,7 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     """``Wo(RMSNorm_head(o) * SiLU(g))`` with the rank-``output_gate_rank`` gate ``g = low_rank(x)``;
     ``o: [B, T, H, head_v_dim]`` -> ``[B, T, d]``. Called from a compact method (GLA5 and GDN2)."""
     b, t, h, dv = o.shape
+    o = checkpoint_name(o, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
     dtype = jnp.dtype(cfg.dtype)
     pdt = jnp.dtype(cfg.param_dtype)
     std = cfg.init_std ** 0.5 / cfg.output_gate_rank ** 0.25  # zeyuan_split_init

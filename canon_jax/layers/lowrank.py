@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.ops import linear
 from canon_jax.ops.conv import causal_conv1d, causal_conv1d_step
@@ -120,8 +121,8 @@ class ShortConv(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)),
                               (channels,), self.param_dtype)
         kw = dict(bias=bias, activation=self.activation, residual=self.residual)
-        if not decode:
-            return causal_conv1d(x, weight, segment_ids=segment_ids, impl=self.impl, **kw)
+        if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
+            return checkpoint_name(causal_conv1d(x, weight, segment_ids=segment_ids, impl=self.impl, **kw), "canon")
         is_init = not self.has_variable("cache", "state")
         state = self.variable("cache", "state", jnp.zeros, (x.shape[0], channels, self.kernel_size), x.dtype)
         if is_init:

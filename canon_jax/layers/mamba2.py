@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.canon import Canon
@@ -97,6 +98,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, state = ssd(xs, dt, a, bm, cm, d_skip, initial_state=None if is_init else cache.value,
                            chunk_size=cfg.mamba_chunk_size, impl=cfg.kernel_impl)
+            y = checkpoint_name(y, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
         if cache is not None and not is_init:
             cache.value = state
 

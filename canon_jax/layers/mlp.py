@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import flax.linen as nn
 
 from canon_jax.config import ModelConfig
@@ -89,8 +90,8 @@ class SplitCanon(nn.Module):
             return causal_conv1d(x, weight[:, o:o + c], bias=None if bias is None else bias[o:o + c],
                                  initial_state=initial_state, return_final_state=final, **kw)
 
-        if not decode:
-            return [conv(i, x) for i, x in enumerate(parts)]
+        if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
+            return [checkpoint_name(conv(i, x), "canon") for i, x in enumerate(parts)]
         is_init = not self.has_variable("cache", "state")
         state = self.variable("cache", "state", jnp.zeros, (parts[0].shape[0], total, self.kernel_size),
                               parts[0].dtype)

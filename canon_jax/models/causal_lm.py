@@ -16,7 +16,10 @@ __all__ = ["CausalLM", "init_cache", "REMAT_POLICIES"]
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the element-wise rest
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the element-wise rest
+    # keep what is costly to recompute per byte: the Canon outputs and the token mixer's core output (attention or
+    # the linear recurrence), named with jax.ad_checkpoint.checkpoint_name in canon_jax.layers
+    "save_canon_attn": jax.checkpoint_policies.save_only_these_names("canon", "mixer"),
 }
 
 
@@ -30,6 +33,9 @@ class CausalLM(nn.Module):
     * ``positions`` default to ``0..T-1`` (or continue the cache when decoding).
     * ``token_mask`` (bool, None = all valid): masked tokens never influence later tokens (left padding).
     * ``decode=True`` reads/writes the ``"cache"`` collection (see :func:`init_cache`).
+    * ``return_hidden=True`` skips the head and returns ``(hidden, head, head_layout)``: the final-norm output
+      ``[batch, time, d]`` in the compute dtype and the head weight, ``[d, vocab]`` (``"dv"``) or the tied embedding
+      ``[vocab, d]`` (``"vd"``), for :func:`canon_jax.losses.chunked_cross_entropy`.
     """
 
     config: ModelConfig
@@ -44,7 +50,8 @@ class CausalLM(nn.Module):
                 raise ValueError(f"CausalLM: {name} must have the shape of input_ids {input_ids.shape}, got {v.shape}")
 
     @nn.compact
-    def __call__(self, input_ids, *, segment_ids=None, positions=None, token_mask=None, decode: bool = False):
+    def __call__(self, input_ids, *, segment_ids=None, positions=None, token_mask=None, decode: bool = False,
+                 return_hidden: bool = False):
         cfg = self.config
         self._check(input_ids, segment_ids, positions, token_mask)
         get_mixer(cfg.arch)  # fail early with a clear error for an unregistered arch
@@ -73,6 +80,13 @@ class CausalLM(nn.Module):
                 x, _ = block_cls(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids, token_mask)
 
         x = RMSNorm(cfg.norm_eps, "embed", pdt, name="final_norm")(x)
+        if return_hidden:
+            if self.is_initializing():
+                raise ValueError("CausalLM: return_hidden=True needs initialised parameters (init without it)")
+            params = self.variables["params"]
+            if cfg.tie_embeddings:
+                return x.astype(dt), nn.meta.unbox(params["embed"]["embedding"]), "vd"
+            return x.astype(dt), nn.meta.unbox(params["lm_head"]["kernel"]), "dv"
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

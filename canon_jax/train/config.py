@@ -123,6 +123,9 @@ class TrainSection:
     steps: int = 1000
     batch_size: int = 32  # global batch in sequences (all processes, before accumulation split)
     grad_accum: int = 1  # micro-batches per step (batch_size must be divisible by it)
+    # time steps per chunk of the training/eval loss (canon_jax.losses.chunked_cross_entropy): the float32
+    # [batch, time, vocab] logits are never materialised; 0 = compute the full logits (canon_jax.losses.cross_entropy)
+    loss_chunk_size: int = 512
     seed: int = 0  # parameter init seed
     log_every: int = 10
     stop_after: Optional[int] = None  # stop early (but keep the schedule of `steps`): for smoke tests/benchmarks
@@ -336,7 +339,8 @@ def validate(cfg: ExperimentConfig) -> None:
                 "eval.batch_size"):
         positive(key)
     for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.z_loss_weight",
-                "optim.lr_min_ratio", "eval.every", "data.num_workers", "data.shuffle_buffer"):
+                "optim.lr_min_ratio", "eval.every", "data.num_workers", "data.shuffle_buffer",
+                "train.loss_chunk_size"):
         positive(key, allow_zero=True)
     for key in ("optim.b1", "optim.b2"):
         v = _get(cfg, key)

@@ -95,33 +95,58 @@ def data_vocab_size(cfg: ExperimentConfig) -> Optional[int]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Train step
-def _loss_terms(model, cfg: ExperimentConfig, params, batch, total_tokens):
-    """Loss of one (micro-)batch, weighted so micro-batch terms sum to the full batch's token mean."""
-    from canon_jax.losses import cross_entropy
+def _model_loss(model, params, batch, mask, chunk_size: int, z_loss: str = "none", z_loss_weight: float = 0.0):
+    """``cross_entropy`` of the model on a batch; with ``chunk_size > 0`` from the hidden states and head weight
+    (:func:`canon_jax.losses.chunked_cross_entropy`), never materialising the float32 logits."""
+    from canon_jax.losses import chunked_cross_entropy, cross_entropy
 
     kwargs = {}
     if model.config.segment_aware:
         # Official recipe (SPEC 0.9): plain causal attention and window positions across packed documents; the
         # document structure is only used when segment-aware masking is switched on.
         kwargs = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
+    if chunk_size:
+        hidden, head, layout = model.apply({"params": params}, batch["inputs"], return_hidden=True, **kwargs)
+        return chunked_cross_entropy(hidden, head, batch["targets"], mask, head_layout=layout, chunk_size=chunk_size,
+                                     z_loss=z_loss, z_loss_weight=z_loss_weight)
     logits = model.apply({"params": params}, batch["inputs"], **kwargs)
+    return cross_entropy(logits, batch["targets"], mask, z_loss=z_loss, z_loss_weight=z_loss_weight)
+
+
+def _loss_terms(model, cfg: ExperimentConfig, params, batch, total_tokens):
+    """Loss of one (micro-)batch, weighted so micro-batch terms sum to the full batch's token mean."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    loss, aux = cross_entropy(logits, batch["targets"], mask, z_loss=cfg.optim.z_loss,
-                              z_loss_weight=cfg.optim.z_loss_weight)
+    loss, aux = _model_loss(model, params, batch, mask, cfg.train.loss_chunk_size, cfg.optim.z_loss,
+                            cfg.optim.z_loss_weight)
     # cross_entropy is a masked mean (0 for an all-masked micro-batch); re-weight by this micro-batch's share.
     w = mask.sum() / total_tokens
     return loss * w, aux["nll"] * w
 
 
-def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
+def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None, param_shardings=None):
     """``step(state, batch) -> (state, metrics)`` (not jitted). ``metrics``: loss, grad_norm, lr, tokens,
-    nonfinite (tree of per-parameter flags: gradient leaf has a non-finite entry)."""
+    nonfinite (tree of per-parameter flags: gradient leaf has a non-finite entry).
+
+    ``param_shardings`` (the parameters' shardings): gradients are constrained to them as soon as they are computed,
+    so that under FSDP each weight gradient is reduce-scattered to its shard instead of all-reduced in full on every
+    device (and micro-batch gradients are accumulated as shards).
+    """
     accum = cfg.train.grad_accum
+
+    def shard_like_params(tree):
+        if param_shardings is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
 
     def step_fn(state, batch):
         params = state["params"]
         total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-        grad_fn = jax.value_and_grad(lambda p, b: _loss_terms(model, cfg, p, b, total), has_aux=True)
+        value_and_grad = jax.value_and_grad(lambda p, b: _loss_terms(model, cfg, p, b, total), has_aux=True)
+
+        def grad_fn(p, b):
+            out, g = value_and_grad(p, b)
+            return out, shard_like_params(g)
+
         if accum == 1:
             (loss, nll), grads = grad_fn(params, batch)
         else:
@@ -138,7 +163,7 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
                 (l, n), g = grad_fn(params, mb)
                 return (carry[0] + l, carry[1] + n, jax.tree.map(jnp.add, carry[2], g)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = shard_like_params(jax.tree.map(jnp.zeros_like, params))
             zero = jnp.zeros((), jnp.float32)
             (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, zeros), micro)
         grad_norm = optax.tree.norm(grads)
@@ -208,7 +233,7 @@ class Trainer:
 
         with self.context():
             self._init = jax.jit(init_state, out_shardings=self.state_shardings)
-        step_fn = build_train_step(self.model, cfg, self.tx, self.schedule, self.mesh)
+        step_fn = build_train_step(self.model, cfg, self.tx, self.schedule, self.mesh, param_sh)
         batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
         self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sh),
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
@@ -469,7 +494,7 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
 def _text_eval_loss(trainer: Trainer, cfg: ExperimentConfig, data_factory, local_bs, pi, pc, params) -> float:
     """Mean token loss over ``data.text.eval_batches`` batches of the held-out files."""
     ds = data_factory(cfg, split="eval", batch_size=local_bs, process_index=pi, process_count=pc)
-    fn = jax.jit(lambda p, b: _eval_sums(trainer.model, p, b))
+    fn = jax.jit(lambda p, b: _eval_sums(trainer.model, p, b, cfg.train.loss_chunk_size))
     tot, n = 0.0, 0.0
     for i, batch in enumerate(ds):
         if i >= cfg.data.text.eval_batches:
@@ -480,9 +505,7 @@ def _text_eval_loss(trainer: Trainer, cfg: ExperimentConfig, data_factory, local
     return tot / max(n, 1.0)
 
 
-def _eval_sums(model, params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+def _eval_sums(model, params, batch, chunk_size: int):
     mask = batch["loss_mask"].astype(jnp.float32)
-    return (nll * mask).sum(), mask.sum()
+    _, aux = _model_loss(model, params, batch, mask, chunk_size)
+    return aux["nll"] * aux["num_tokens"], aux["num_tokens"]

@@ -22,7 +22,7 @@ def test_scan_and_remat_match_plain():
     ref = jax.jit(CausalLM(plain).apply)({"params": params}, IDS)
     chex.assert_shape(ref, (2, 13, 37))
     sd = hf_state_dict_from_params(plain, params)
-    for kw in (dict(scan_layers=True, remat="full"), dict(remat="dots")):
+    for kw in (dict(scan_layers=True, remat="full"), dict(remat="save_dots")):
         cfg = plain.replace(**kw)
         p = params_from_hf_state_dict(cfg, sd)
         out = jax.jit(CausalLM(cfg).apply)({"params": p}, IDS)
