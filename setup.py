@@ -29,12 +29,29 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*"]),
-    package_data={"canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"]},
+    # experiments/ is installed too: its modules are the console scripts below (run from any directory).
+    packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*",
+                                    "experiments"]) + ["canon_jax.configs"],
+    # The YAML presets (configs/) ship inside the package as canon_jax/configs, where an installed canon_jax finds
+    # them (canon_jax.train.config.CONFIGS_ROOT); a source checkout reads configs/ directly.
+    package_dir={"canon_jax.configs": "configs"},
+    package_data={"canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"],
+                  "canon_jax.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml", "*/*/*/*.yaml"]},
     include_package_data=True,
+    entry_points={"console_scripts": [
+        "canon-train = experiments.train:cli",
+        "canon-sweep = experiments.sweep:main",
+        "canon-plot = experiments.plot:main",
+        "canon-export = experiments.export:main",
+        "canon-compile = experiments.compile:main",
+        "canon-demo = experiments.demo:main",
+        "canon-data = canon_jax.data.cli:main",
+    ]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
         "torch": ["torch>=2.2"],
+        # the TensorBoard viewer for the events every run writes (tensorboardX above only writes them)
+        "tb": ["tensorboard>=2.15"],
     },
 )
