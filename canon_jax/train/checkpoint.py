@@ -63,6 +63,30 @@ class Damaged:
     moved_to: pathlib.Path
 
 
+def _is_closed_loop_leftover(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_loop_leftovers():
+    """After orbax's restore of a damaged checkpoint fails, the array reads still in flight finish later and try to
+    report to the restore's event loop, which is closed by then: Python prints one "Event loop is closed" traceback
+    per read (hundreds for a real model). They carry no information beyond the failure already reported, so this
+    process drops exactly those (every other unraisable exception still goes to the previous hook)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_canon_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_leftover(unraisable):
+            previous(unraisable)
+
+    hook._canon_quiet = True
+    sys.unraisablehook = hook
+
+
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -170,6 +194,7 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception):
         from canon_jax.train.workdir import set_aside
 
+        _quiet_closed_loop_leftovers()
         text = str(error).splitlines()[0][:200] if str(error) else ""
         src = self.directory / str(step)
         dest = self.directory.parent / f"damaged_{self.directory.name}" / str(step)
