@@ -69,7 +69,7 @@ def _is_closed_loop_leftover(unraisable) -> bool:
 
 
 def _quiet_closed_loop_leftovers():
-    """After orbax's restore of a damaged checkpoint fails, the array reads still in flight finish later and try to
+    """When orbax's restore of a damaged checkpoint fails, the array reads still in flight finish later and try to
     report to the restore's event loop, which is closed by then: Python prints one "Event loop is closed" traceback
     per read (hundreds for a real model). They carry no information beyond the failure already reported, so this
     process drops exactly those (every other unraisable exception still goes to the previous hook)."""
@@ -154,6 +154,7 @@ class Checkpointer:
         :class:`CheckpointMismatch` (see the module doc).
         """
         self.damaged = []
+        _quiet_closed_loop_leftovers()  # installed first: the leftovers can fire before orbax's error reaches us
         for step in reversed(self.all_steps()):
             try:
                 meta = self.manager.item_metadata(step)["state"]
@@ -194,7 +195,6 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception):
         from canon_jax.train.workdir import set_aside
 
-        _quiet_closed_loop_leftovers()
         text = str(error).splitlines()[0][:200] if str(error) else ""
         src = self.directory / str(step)
         dest = self.directory.parent / f"damaged_{self.directory.name}" / str(step)

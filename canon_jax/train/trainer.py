@@ -296,8 +296,8 @@ class _Preemption:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            print(f"\nCtrl-C: a checkpoint will be saved after the current step (Ctrl-C again aborts without saving)",
-                  file=sys.stderr, flush=True)
+            print(("\n" if sys.stderr.isatty() else "") + "Ctrl-C: a checkpoint will be saved after the current step "
+                  "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
