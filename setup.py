@@ -29,10 +29,25 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    # experiments/ is installed too: its modules are the console scripts below (run from any directory).
+    packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*",
+                                    "experiments"]) + ["canon_jax.configs"],
+    # The YAML presets (configs/) ship inside the package as canon_jax/configs, where an installed canon_jax finds
+    # them (canon_jax.train.config.CONFIGS_ROOT); a source checkout reads configs/ directly.
+    package_dir={"canon_jax.configs": "configs"},
     package_data={"canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"],
-                  "canon_jax": ["aot_targets/*.txtpb", "aot_targets/NOTICE.md"]},
+                  "canon_jax": ["aot_targets/*.txtpb", "aot_targets/NOTICE.md"],
+                  "canon_jax.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml", "*/*/*/*.yaml"]},
     include_package_data=True,
+    entry_points={"console_scripts": [
+        "canon-train = experiments.train:cli",
+        "canon-sweep = experiments.sweep:main",
+        "canon-plot = experiments.plot:main",
+        "canon-export = experiments.export:main",
+        "canon-compile = experiments.compile:main",
+        "canon-demo = experiments.demo:main",
+        "canon-data = canon_jax.data.cli:main",
+    ]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
@@ -41,5 +56,7 @@ setup(
         # cuDNN (the range jax-cuda12-plugin's with-cuda extra asks for) to compile cuDNN flash attention
         "aot": ["libtpu==0.0.42.1", "jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2",
                 "nvidia-cuda-nvcc-cu12==12.9.86", "nvidia-cudnn-cu12>=9.8,<10"],
+        # the TensorBoard viewer for the events every run writes (tensorboardX above only writes them)
+        "tb": ["tensorboard>=2.15"],
     },
 )

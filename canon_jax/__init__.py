@@ -15,6 +15,7 @@ _LAZY = {
     "generate": "canon_jax.generate",
     "load_hf_checkpoint": "canon_jax.interop",
     "save_hf_checkpoint": "canon_jax.interop",
+    "load_run": "canon_jax.train.export",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,11 +1,17 @@
-"""Plots from run directories: training curves and paper-style heatmaps (matplotlib PNG).
+"""Plots from run directories: training / evaluation curves and paper-style heatmaps (matplotlib PNG).
 
-    python -m experiments.plot curves RUN_DIR [RUN_DIR ...] --out curves.png [--metric loss]
-    python -m experiments.plot heatmap SWEEP_DIR            # re-draw a sweep's heatmaps from its results.json
+    canon-plot curves RUN_DIR [RUN_DIR ...] --out curves.png [--metric loss] [--metric 'depo1/accuracy_k*' ...]
+    canon-plot heatmap SWEEP_DIR            # re-draw a sweep's heatmaps from its results.json
+
+(``python -m experiments.plot ...`` is the same.) ``--metric`` names a training metric (``loss``, ``lr``,
+``grad_norm``, ``tokens_per_s`` ...) or an evaluation metric (``depo1/accuracy``, ``depo1/accuracy_k2``,
+``eval_loss`` ...); shell-style patterns select several (``'depo1/accuracy_k*'``: one line per k). A run directory
+without ``metrics.jsonl`` or a metric no run has is an error (exit 2, the message lists the metrics there are).
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import pathlib
 import sys
@@ -24,16 +30,43 @@ def _plt():
     return plt
 
 
-def plot_curves(run_dirs, out, metric: str = "loss") -> pathlib.Path:
-    """Training ``metric`` against step for each run (one line per run directory)."""
+class PlotError(ValueError):
+    """A run directory or metric that is not there; the message says which and what there is."""
+
+
+def curve_data(run_dirs, metrics) -> dict:
+    """``{(run name, metric): (steps, values)}`` for every metric (or pattern) in ``metrics`` and every run."""
+    out = {}
+    for d in run_dirs:
+        path = pathlib.Path(d) / "metrics.jsonl"
+        if not path.is_file():
+            raise PlotError(f"{d}: no metrics.jsonl (not a run directory, or the run has not logged yet)")
+        recs = read_metrics(path)
+        names = sorted({k for r in recs for k, v in r.items()
+                        if k not in ("step", "eval") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for pattern in metrics:
+            chosen = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not chosen:
+                raise PlotError(f"{d}: no metric {pattern!r}; metrics there: {', '.join(names) or 'none'}")
+            for name in chosen:
+                pts = sorted((r["step"], float(r[name])) for r in recs if isinstance(r.get(name), (int, float)))
+                out[(pathlib.Path(d).name, name)] = ([p[0] for p in pts], [p[1] for p in pts])
+    return out
+
+
+def plot_curves(run_dirs, out, metric="loss") -> pathlib.Path:
+    """``metric`` (a name, a pattern, or a list of them) against step for each run: training records and evaluation
+    records alike (evaluations are drawn with markers). Raises :class:`PlotError` on a missing run or metric."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    data = curve_data(run_dirs, metrics)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for d in run_dirs:
-        recs = [r for r in read_metrics(pathlib.Path(d) / "metrics.jsonl") if metric in r and "eval" not in r]
-        if recs:
-            ax.plot([r["step"] for r in recs], [r[metric] for r in recs], label=pathlib.Path(d).name)
+    several = len({name for _, name in data}) > 1
+    for (run, name), (steps, values) in data.items():
+        label = f"{run}: {name}" if several else run
+        ax.plot(steps, values, marker="o" if ("/" in name or name.startswith("eval")) else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "value")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -103,16 +136,25 @@ def main(argv=None) -> int:
     c = sub.add_parser("curves")
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", required=True)
-    c.add_argument("--metric", default="loss")
+    c.add_argument("--metric", action="append", default=None,
+                   help="metric name or pattern, training or evaluation (repeatable; default: loss)")
     h = sub.add_parser("heatmap")
     h.add_argument("sweep_dir")
     args = p.parse_args(argv)
     if args.cmd == "curves":
-        print(plot_curves(args.runs, args.out, args.metric))
+        try:
+            print(plot_curves(args.runs, args.out, args.metric or ["loss"]))
+        except PlotError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         from experiments.sweep import draw_heatmaps
 
-        res = json.loads((pathlib.Path(args.sweep_dir) / "results.json").read_text())
+        results = pathlib.Path(args.sweep_dir) / "results.json"
+        if not results.is_file():
+            print(f"error: {args.sweep_dir}: no results.json (run or collect the sweep first)", file=sys.stderr)
+            return 2
+        res = json.loads(results.read_text())
         for path in draw_heatmaps(res, pathlib.Path(args.sweep_dir)):
             print(path)
     return 0

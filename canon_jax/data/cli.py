@@ -5,6 +5,9 @@
     python -m canon_jax.data show TASK [--split ...] [--num N] [--seed S] [--set KEY=VALUE ...]
     python -m canon_jax.data vocab TASK [TASK ...]
 
+A bad argument (unknown task or parameter, a bad value, ``--out`` in a folder that does not exist) prints one line
+``config error: <what>: <why>`` and exits with status 2 before anything is written.
+
 ``dump`` writes one JSON object per line: ``{"tokens", "loss_mask", "meta"}`` where ``loss_mask`` is the per-token
 answer label of the sample (1 = supervised answer token; the packer turns it into target-semantics masks).
 """
@@ -12,17 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from canon_jax.data import base
 from canon_jax.data.vocab import Vocabulary
 
 
+class UsageError(ValueError):
+    """A bad command-line value; ``main`` prints ``config error: <message>`` and returns 2."""
+
+
 def _parse_sets(items: list[str] | None) -> dict:
     params = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set: expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         params[k.strip()] = v.strip()
     return params
@@ -30,11 +38,23 @@ def _parse_sets(items: list[str] | None) -> dict:
 
 def _make_task(name: str, sets: list[str] | None) -> base.Task:
     if name not in base.TASK_NAMES:
-        raise SystemExit(f"unknown task {name!r}; valid tasks: {', '.join(base.TASK_NAMES)}")
+        raise UsageError(f"task: unknown task {name!r}; valid tasks: {', '.join(base.TASK_NAMES)}")
     try:
         return base.get_task(name, **_parse_sets(sets))
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {' '.join(str(e).split())}") from None
+
+
+def _check_out(path: str) -> None:
+    if path == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--out: {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out: no permission to write in {folder}")
 
 
 def _common(p: argparse.ArgumentParser, num_default: int):
@@ -47,7 +67,16 @@ def _common(p: argparse.ArgumentParser, num_default: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m canon_jax.data", description=__doc__,
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
+    prog = "canon-data" if os.path.basename(sys.argv[0]) == "canon-data" else "python -m canon_jax.data"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump", help="write samples as JSON lines")
@@ -63,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "vocab":
         bad = [t for t in args.tasks if t not in base.TASK_NAMES]
         if bad:
-            raise SystemExit(f"unknown task(s) {bad}; valid tasks: {', '.join(base.TASK_NAMES)}")
+            raise UsageError(f"tasks: unknown task(s) {bad}; valid tasks: {', '.join(base.TASK_NAMES)}")
         print(Vocabulary(args.tasks).describe())
         return 0
     if args.num < 0 or args.start < 0:
-        raise SystemExit("--num and --start must be >= 0")
+        raise UsageError(f"--num/--start: must be >= 0, got {args.num}/{args.start}")
     task = _make_task(args.task, args.set)
+    if args.cmd == "dump":
+        _check_out(args.out)
     if args.cmd == "show":
         for i in range(args.start, args.start + args.num):
             smp = task.sample(i, args.split, args.seed)

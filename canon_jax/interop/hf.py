@@ -232,18 +232,35 @@ def hf_state_dict_from_params(config: ModelConfig, params) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 # files
 
-def _read_tensors(path: str) -> dict:
+def _load_safetensors(file: str) -> dict:
     from safetensors.numpy import load_file
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise CheckpointError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _load_json(file: str):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable JSON ({type(e).__name__}: {e})") from None
+
+
+def _read_tensors(path: str) -> dict:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _load_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _load_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise CheckpointError(f"{index}: no 'weight_map' mapping")
+        weight_map = weight_map["weight_map"]
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            part = load_file(os.path.join(path, shard))
+            part = _load_safetensors(os.path.join(path, shard))
             for name, t in part.items():
                 if weight_map.get(name) != shard:
                     raise CheckpointError(f"tensor {name} found in shard {shard} but the index maps it to "
@@ -265,8 +282,10 @@ def load_hf_checkpoint(path: str, **config_overrides):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: config.json not found")
-    with open(cfg_path) as f:
-        config = model_config_from_hf(json.load(f), **config_overrides)
+    hf = _load_json(cfg_path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(hf).__name__}")
+    config = model_config_from_hf(hf, **config_overrides)
     params = params_from_hf_state_dict(config, _read_tensors(path))
     return CausalLM(config), params
 

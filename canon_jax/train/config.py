@@ -34,10 +34,18 @@ from canon_jax.config import ModelConfig
 __all__ = [
     "ConfigError", "ExperimentConfig", "DataSection", "TextDataSection", "TaskEntry", "OptimSection",
     "TrainSection", "MeshSection", "CheckpointSection", "EvalSection", "LoggingSection", "ModelSection",
-    "load_config", "config_from_dict", "config_to_dict", "model_config", "CONFIGS_ROOT",
+    "load_config", "config_from_dict", "config_to_dict", "model_config", "CONFIGS_ROOT", "check_sample_lengths",
 ]
 
-CONFIGS_ROOT = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+def _configs_root() -> pathlib.Path:
+    """``configs/`` of a source checkout (or editable install); an installed wheel ships it as ``canon_jax/configs``."""
+    here = pathlib.Path(__file__).resolve()
+    repo = here.parents[2] / "configs"
+    return repo if repo.is_dir() else here.parents[1] / "configs"
+
+
+CONFIGS_ROOT = _configs_root()
 
 
 class ConfigError(ValueError):
@@ -226,18 +234,32 @@ def _oc_error(e: Exception, prefix: str = "") -> ConfigError:
     return ConfigError(f"{prefix}{key}: {msg}")
 
 
+def _find_config(path: pathlib.Path) -> pathlib.Path:
+    """``path`` itself, else (a relative path run from another directory) the same file under the shipped configs:
+    ``configs/quickstart.yaml`` and ``quickstart.yaml`` both name ``CONFIGS_ROOT/quickstart.yaml``."""
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    shipped = CONFIGS_ROOT.joinpath(*parts) if parts else CONFIGS_ROOT
+    return shipped if shipped.is_file() else path
+
+
 def _load_yaml(path: pathlib.Path, stack: tuple = ()) -> dict:
     """Load one YAML file and, first, the files named in its ``defaults:`` list (recursively)."""
-    path = pathlib.Path(path)
+    path = _find_config(pathlib.Path(path))
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a directory, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"--config: file not found: {path} (nor under {CONFIGS_ROOT})")
     if path.resolve() in stack:
         raise ConfigError(f"defaults: include cycle through {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     defaults = raw.pop("defaults", []) or []
@@ -368,6 +390,8 @@ def validate(cfg: ExperimentConfig) -> None:
         for i, t in enumerate(cfg.data.tasks):
             if not t.weight > 0:
                 raise ConfigError(f"data.tasks[{i}].weight: must be > 0, got {t.weight}")
+        _check_tasks("data.tasks", cfg.data.tasks)
+        _check_tasks("eval.tasks", cfg.eval.tasks)
     else:
         if not cfg.data.text.train_files:
             raise ConfigError("data.text.train_files: a text run needs at least one file or glob")
@@ -394,3 +418,43 @@ def check_batch_divides_mesh(cfg: ExperimentConfig, mesh_shape: dict) -> None:
     what = f"{b}" + (f" / grad_accum {accum} = {b // accum} sequences per micro-batch" if accum > 1 else "")
     raise ConfigError(f"train.batch_size: {what} is not divisible by the data-parallel size mesh.data*mesh.fsdp = "
                       f"{data}*{fsdp} = {dp} (on {n} devices); set " + ", or ".join(fixes))
+
+
+def _check_tasks(key: str, entries) -> None:
+    """Build every task of a mix (name and generator parameters are checked by the task itself)."""
+    from canon_jax.data import base
+    from canon_jax.data.vocab import Vocabulary
+
+    for i, t in enumerate(entries):
+        if t.name not in base.TASK_NAMES:
+            raise ConfigError(f"{key}[{i}].name: unknown task {t.name!r}; valid tasks: {list(base.TASK_NAMES)}")
+        try:
+            base.get_task(t.name, **dict(t.params))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}[{i}].params: {' '.join(str(e).split())}") from None
+    if entries:
+        try:
+            Vocabulary([(t.name, dict(t.params)) for t in entries])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
+
+
+def check_sample_lengths(cfg: ExperimentConfig, num: int = 256) -> None:
+    """ConfigError if a training sample does not fit ``data.seq_len`` (synthetic data without ``split_long``).
+
+    The tasks have no closed-form length bound, so the first ``num`` samples of every task's training stream (for
+    this data seed) are generated and measured: a window shorter than the longest of them fails here, before training.
+    """
+    if cfg.data.kind != "synthetic" or cfg.data.split_long:
+        return
+    from canon_jax.data.vocab import Vocabulary
+
+    vocab = Vocabulary([(t.name, dict(t.params)) for t in cfg.data.tasks])
+    for i, t in enumerate(cfg.data.tasks):
+        task = vocab.task(t.name, **dict(t.params))
+        longest = max(len(task.sample(j, "train", cfg.data.seed)) for j in range(num))
+        if longest > cfg.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len: {cfg.data.seq_len} is shorter than a {task.name} sample (data.tasks[{i}]: "
+                f"{longest} tokens, the longest of its first {num}); set data.seq_len >= {longest} (and "
+                f"model.max_seq_len), or data.split_long: true")

@@ -1,4 +1,6 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard, tqdm progress bar.
+"""Run logging: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard, and the console: a tqdm
+progress bar on a terminal, one plain line per logged step otherwise (a pipe or a file gets no carriage-return frames), or with
+``progress=False``.
 
 Only process 0 writes. On resume, records with ``step`` beyond the restored step are dropped first, so the file of a
 killed-and-resumed run reads like an uninterrupted one.
@@ -9,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -54,6 +57,7 @@ class MetricsLogger:
         self.path = self.workdir / "metrics.jsonl"
         self._tb = None
         self._bar = None
+        self.total_steps = total_steps
         if not self.active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,7 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        if progress:
+        if progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train", unit="step")
@@ -85,7 +89,15 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def progress(self, step: int, loss: float | None = None, tokens_per_s: float | None = None):
+        if not self.active:
+            return
         if self._bar is None:
+            parts = [f"step {step}/{self.total_steps}"]
+            if loss is not None:
+                parts.append(f"loss {loss:.4f}")
+            if tokens_per_s is not None and tokens_per_s == tokens_per_s:
+                parts.append(f"{tokens_per_s:,.0f} tok/s")
+            print("  ".join(parts), flush=True)
             return
         self._bar.n = step
         post = {}

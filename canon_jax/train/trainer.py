@@ -17,6 +17,7 @@ import logging
 import math
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -29,11 +30,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from canon_jax.train import sharding as shd
 from canon_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from canon_jax.train.config import (ConfigError, ExperimentConfig, check_batch_divides_mesh, config_to_dict,
-                                   model_config)
+from canon_jax.train.config import (ConfigError, ExperimentConfig, check_batch_divides_mesh, check_sample_lengths,
+                                    config_to_dict, model_config)
 from canon_jax.train.flops import count_params, flops_per_token, peak_flops_per_device
-from canon_jax.train.metrics import MetricsLogger
+from canon_jax.train.metrics import MetricsLogger, read_metrics
 from canon_jax.train.optimizer import make_optimizer
+from canon_jax.train.workdir import (WorkdirLock, check_workdir_path, config_changes, format_change, recorded_config,
+                                     set_aside)
 
 __all__ = ["train", "TrainingDiverged", "Trainer", "build_train_step", "make_model", "make_train_data"]
 
@@ -318,25 +321,36 @@ def _nonfinite_report(step, loss, grad_norm, flags) -> str:
 
 
 class _Preemption:
-    """SIGTERM handler: records the request; the loop saves at the current step and exits cleanly."""
+    """SIGTERM / SIGINT (Ctrl-C) handler: records the request; the loop saves at the current step and exits cleanly.
+
+    A second SIGINT while the first is pending aborts at once (``KeyboardInterrupt``, nothing saved)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # name of the signal received
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print(("\n" if sys.stderr.isatty() else "") + "Ctrl-C: a checkpoint will be saved after the current step "
+                  "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _evaluate(trainer: Trainer, params, cfg: ExperimentConfig, step: int, logger: MetricsLogger, eval_iter_fn):
@@ -347,6 +361,7 @@ def _evaluate(trainer: Trainer, params, cfg: ExperimentConfig, step: int, logger
         rec = {"step": step, "eval": "text", "eval_loss": loss}
         logger.log(rec, prefix="eval")
         results["text"] = rec
+        logger.write(f"evaluation at step {step}: held-out loss {loss:.4f}")
         return results
     from canon_jax.eval import evaluate
 
@@ -363,6 +378,7 @@ def _evaluate(trainer: Trainer, params, cfg: ExperimentConfig, step: int, logger
                "eval_seconds": time.perf_counter() - t0}
         logger.log(rec, prefix="eval")
         results[t.name] = rec
+    logger.write("evaluation at step %d:\n%s" % (step, _eval_table(results)))
     return results
 
 
@@ -395,18 +411,23 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
           data_factory: Callable = make_train_data) -> dict:
     """Train (or resume) the run described by ``cfg`` in ``workdir``; returns a summary dict.
 
-    Resumes from the newest readable checkpoint in ``workdir/checkpoints``. Writes ``metrics.jsonl``, TensorBoard
-    events, ``config.json``. SIGTERM saves a checkpoint at the current step and returns (``summary["preempted"]``).
-    Raises :class:`TrainingDiverged` on a non-finite loss/grad-norm (no checkpoint is written for that state).
+    Every check that can fail on the config or the paths raises :class:`ConfigError` before a file is written. Then
+    the workdir is locked (:class:`~canon_jax.train.workdir.WorkdirBusy` if another live run holds it) and a run
+    already in it is continued only if its recorded config differs in settings that may change on resume
+    (:func:`~canon_jax.train.workdir.config_changes`; the changes are printed), else ConfigError and nothing is
+    touched. Resumes from the newest undamaged checkpoint (damaged ones are moved aside and announced). Writes
+    ``metrics.jsonl``, TensorBoard events, ``config.json``. SIGTERM or Ctrl-C saves a checkpoint at the current step
+    and returns (``summary["preempted"]``: the signal's name). Raises :class:`TrainingDiverged` on a non-finite
+    loss/grad-norm (no checkpoint is written for that state).
     """
     shd.maybe_initialize_distributed(cfg.mesh)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_workdir_path(workdir)
     mc = model_config(cfg)
     need = data_vocab_size(cfg)
     if need is not None and need > mc.vocab_size:
         raise ConfigError(f"model.vocab_size: {mc.vocab_size} is smaller than the data's vocabulary ({need}); "
                           f"set model.vocab_size >= {need}")
+    check_sample_lengths(cfg)
     pc, pi = jax.process_count(), jax.process_index()
     if cfg.train.batch_size % pc:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {pc} processes")
@@ -415,12 +436,47 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
     dataset = data_factory(cfg, split="train", batch_size=local_bs, process_index=pi, process_count=pc)
     it = iter(dataset)
     cfg_dict = config_to_dict(cfg)
+
+    # From here on files are written: only under the lock, and only for a run this config may continue.
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir) if pi == 0 else None
+    notes = [lock.acquire()] if lock is not None else []
+    try:
+        old = recorded_config(workdir)
+        if old is not None:
+            refused, allowed = config_changes(old, cfg_dict)
+            if refused:
+                also = f" (also {', '.join(c[0] for c in refused[1:])})" if len(refused) > 1 else ""
+                key, was, now = refused[0]
+                raise ConfigError(
+                    f"{key}: the run in {workdir} was trained with {json.dumps(was)}, this config has "
+                    f"{json.dumps(now)}{also}; a model/data change cannot continue that run: start a fresh run in a "
+                    f"new --workdir (the old run is left untouched)")
+            if allowed:
+                notes.append("resuming with changed settings: " + ", ".join(format_change(c) for c in allowed))
+        return _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs, pi, pc, mc)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs, pi, pc, mc) -> dict:
     if pi == 0:
         (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                         cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
     restored = ckpt.restore(trainer.restore_target()) if ckpt is not None else None
+    damaged = ckpt.damaged if ckpt is not None else []
+    if damaged:
+        where = damaged[0].moved_to.parent
+        what = (f"damaged checkpoint(s) at step(s) {', '.join(str(d.step) for d in damaged)} ({damaged[0].reason}) "
+                f"moved to {where}")
+        if restored is not None:
+            notes.append(f"{what}; resuming from step {restored[0]}")
+        else:
+            notes.append(f"No usable checkpoint: starting from step 0 ({what})")
+            if pi == 0 and (workdir / "metrics.jsonl").exists():  # the old attempt's records stay with its steps
+                set_aside(workdir / "metrics.jsonl", where)
     if restored is not None:
         start, state, data_state = restored
         it.set_state(data_state)
@@ -431,8 +487,13 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
     stop = cfg.train.stop_after or total
     logger = MetricsLogger(workdir, total, start_step=start, tensorboard=cfg.logging.tensorboard,
                            progress=cfg.logging.progress)
-    if restored is not None:
-        logger.write(f"resumed from checkpoint at step {start}")
+    for note in notes:
+        if note:
+            logger.write(note)
+    previous = read_metrics(workdir / "metrics.jsonl") if restored is not None and start >= stop else []
+    if restored is not None and not damaged:  # (a fallback was announced above with its step)
+        logger.write(f"resumed from checkpoint at step {start}" + (
+            f": the run is already at step {start} of {total}, nothing to train" if start >= stop else ""))
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     fpt = flops_per_token(mc, trainer.n_params, cfg.data.seq_len)
     peak = cfg.train.peak_flops_per_device or peak_flops_per_device()
@@ -445,7 +506,10 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
     summary = {"start_step": start, "preempted": False, "n_params": trainer.n_params, "workdir": str(workdir)}
     last_eval = {}
     step = start
-    window_t0, window_steps, last_loss = time.perf_counter(), 0, None
+    # a finished run re-run: report its recorded final loss and evaluation instead of repeating them
+    last_loss = next((r["loss"] for r in reversed(previous) if "loss" in r and r.get("step") == start), None)
+    done_eval = {r["eval"]: r for r in previous if "eval" in r and r.get("step") == start}
+    window_t0, window_steps = time.perf_counter(), 0
     try:
         with _Preemption() as pre:
             while step < stop:
@@ -473,15 +537,22 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
                 if ckpt is not None and (step % cfg.checkpoint.every == 0 or pre.requested or step == stop):
                     ckpt.save(step, state, it.get_state(), cfg_dict, force=True)
                 if pre.requested:
-                    logger.write(f"SIGTERM: saved checkpoint at step {step}, exiting")
-                    summary["preempted"] = True
+                    if ckpt is not None:
+                        ckpt.wait()
+                        logger.write(f"{pre.requested}: saved a checkpoint at step {step}, exiting")
+                    else:
+                        logger.write(f"{pre.requested}: stopped at step {step} (checkpointing is disabled)")
+                    summary["preempted"] = pre.requested
                     break
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != total:
                     last_eval = _evaluate(trainer, state["params"], cfg, step, logger, eval_iter_fn)
                     window_t0 = time.perf_counter()
             if not summary["preempted"] and step == total and cfg.eval.at_end:
-                last_eval = _evaluate(trainer, state["params"], cfg, step, logger, eval_iter_fn)
-                logger.write("evaluation at step %d:\n%s" % (step, _eval_table(last_eval)))
+                if done_eval:
+                    last_eval = done_eval
+                    logger.write("evaluation at step %d (recorded):\n%s" % (step, _eval_table(done_eval)))
+                else:
+                    last_eval = _evaluate(trainer, state["params"], cfg, step, logger, eval_iter_fn)
     finally:
         if ckpt is not None:
             ckpt.close()

@@ -1,5 +1,6 @@
 """HF LlamaCanon checkpoints: round trip, layouts, sharded files, config mapping, and clear errors."""
 import json
+import re
 import shutil
 
 import chex
@@ -163,3 +164,28 @@ def test_official_checkpoint_config(refs_dir):
         cfg = model_config_from_hf(json.load(f))
     assert (cfg.num_layers, cfg.hidden_size, cfg.kv_heads, cfg.head_size, cfg.ffn_dim()) == (3, 64, 2, 16, 128)
     assert cfg.canon_set == "ABCD" and cfg.rope_dim is None and cfg.norm_eps == 1e-5
+
+
+def test_unreadable_files_are_named(saved):
+    """A truncated safetensors file or a broken config.json / index is a CheckpointError naming the file."""
+    path, _ = saved
+    st = path / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(st))}: unreadable safetensors file"):
+        load_hf_checkpoint(str(path))
+    st.write_bytes(data)
+    cfg = path / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(cfg))}: unreadable JSON \(JSONDecodeError"):
+        load_hf_checkpoint(str(path))
+    cfg.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(cfg))}: expected a JSON object"):
+        load_hf_checkpoint(str(path))
+    cfg.write_text(text)
+    st.unlink()
+    index = path / "model.safetensors.index.json"
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(index))}: unreadable JSON"):
+        load_hf_checkpoint(str(path))

@@ -111,6 +111,7 @@ def test_corrupt_latest_checkpoint_falls_back(corpus, tmp_path):
     cfg = config_from_dict(tiny_config(corpus))
     tr = Trainer(cfg)
     state = tr.init_state()
+    root, tmp_path = tmp_path, tmp_path / "ck"
     ck = Checkpointer(tmp_path, every=1, keep=5, async_save=False)
     batch = _batch(cfg)
     ck.save(1, state, {"k": 1}, {"c": 1}, force=True)
@@ -125,6 +126,10 @@ def test_corrupt_latest_checkpoint_falls_back(corpus, tmp_path):
     for f in (tmp_path / "2" / "state").rglob("*"):
         if f.is_file() and f.name not in ("_CHECKPOINT_METADATA",):
             f.write_bytes(b"")
-    with pytest.warns(RuntimeWarning, match="step 2 .* unreadable"):
-        restored = Checkpointer(tmp_path, every=1, keep=5).restore(tr.restore_target())
+    ck2 = Checkpointer(tmp_path, every=1, keep=5)
+    restored = ck2.restore(tr.restore_target())
     assert restored[0] == 1 and restored[2] == {"k": 1}
+    # the damaged step is moved aside, not deleted, and no longer counts as a checkpoint
+    assert [d.step for d in ck2.damaged] == [2] and ck2.damaged[0].moved_to == root / "damaged_ck" / "2"
+    assert (root / "damaged_ck" / "2" / "state").is_dir() and ck2.all_steps() == [1]
+    ck2.close()
