@@ -34,7 +34,10 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        # lm-evaluation-harness for the canon-jax benchmark adapter (no torch; ~30 s / ~300 MB to install, so the
+        # test extra includes it and CI runs the harness tests)
+        "eval": ["lm_eval>=0.4.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "lm_eval>=0.4.13"],
         "torch": ["torch>=2.2"],
     },
 )
