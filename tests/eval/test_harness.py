@@ -119,12 +119,14 @@ def test_every_architecture_batches_consistently(arch):
     model = CausalLM(cfg)
     params = random_params(model, 0, scale=0.2)
     lm = CanonLM(model, params, char_tokenizer(), batch_size=3)
-    reqs = [(ids("hello"), ids(" world")), (ids("a"), ids("b")), (ids("longer context here"), ids("!!")),
-            ([1], ids("xyz"))]
+    # 12 tokens each (one reference compilation), split differently; the batch pads them to 16 and mixes splits
+    reqs = [(ids("hello"), ids(" world!")), (ids("a"), ids("bcdefghijkl")), (ids("longer cont"), ids("!")),
+            ([1], ids("xyz and mor"))]
     got = lm.loglikelihood_tokens(reqs)
+    apply = jax.jit(model.apply)
     for (c, x), (lp, greedy) in zip(reqs, got):
         seq = np.asarray([c + x])  # alone, unpadded, float32
-        logits = np.asarray(model.apply({"params": params}, jnp.asarray(seq[:, :-1])), np.float64)[0]
+        logits = np.asarray(apply({"params": params}, jnp.asarray(seq[:, :-1])), np.float64)[0]
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
         t = seq[0, 1:]
