@@ -213,3 +213,30 @@ def test_lm_eval_multiple_choice_task(official, tmp_path, monkeypatch):
             assert abs(float(lp) - want) < 1e-4
     with pytest.raises(ValueError, match="exactly one of"):
         CanonJaxLM.create_from_arg_string("batch_size=2")
+
+
+def test_from_workdir_scores_with_the_checkpointed_params(tmp_path):
+    from canon_jax.train.config import config_from_dict
+    from canon_jax.train.text_data import byte_level_tokenizer
+    from canon_jax.train.trainer import train
+    from tests.train._util import tiny_config, write_corpus
+
+    raw = tiny_config(write_corpus(tmp_path / "corpus", docs=40), train={"steps": 2, "batch_size": 2},
+                      checkpoint={"every": 1})
+    raw["model"]["max_seq_len"] = raw["data"]["seq_len"] = 32
+    summary = train(config_from_dict(raw), tmp_path / "run")
+    lm = CanonLM.from_workdir(tmp_path / "run", batch_size=2)
+    assert lm.bos_id == 1 and lm.eos_id == 2 and lm.max_length == 32
+    tok = byte_level_tokenizer()
+    c, x = tok.encode("the cat", add_special_tokens=False).ids, tok.encode(" sat", add_special_tokens=False).ids
+    (lp, _), = lm.loglikelihood_tokens([(c, x)])
+    params = jax.device_get(summary["state"]["params"])
+    logits = np.asarray(lm.model.apply({"params": params}, jnp.asarray([c + x[:-1]])), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = logp[np.arange(len(c) - 1, len(c) + len(x) - 1), x].sum()
+    assert abs(lp - want) < 1e-4
+    first = CanonLM.from_workdir(tmp_path / "run", step=1)
+    assert not np.allclose(np.asarray(jax.tree.leaves(first.params)[0]), np.asarray(jax.tree.leaves(lm.params)[0]))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+        CanonLM.from_workdir(tmp_path / "run", step=7)
