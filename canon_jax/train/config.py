@@ -386,5 +386,9 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError("data.text.eval_fraction: set either eval_fraction or eval_tokens, not both")
         if t.eval_tokens and not t.train_tokens:
             raise ConfigError("data.text.eval_tokens: needs data.text.train_tokens (use eval_files with train_files)")
+        if t.train_tokens and not (t.eval_tokens or t.eval_fraction) and (cfg.eval.every or cfg.eval.at_end):
+            raise ConfigError("data.text.eval_tokens: evaluation is on (eval.every / eval.at_end) but there is no "
+                              "validation split; set data.text.eval_tokens or data.text.eval_fraction, or turn "
+                              "evaluation off")
     if cfg.data.seq_len > mc.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")

@@ -228,3 +228,6 @@ def test_trainer_streams_tokens_and_resumes(corpus, tmp_path):
         config_from_dict(raw, [f"data.text.train_files=[{corpus['dir']}]"])
     with pytest.raises(ConfigError, match="eval_fraction: must be in"):
         config_from_dict(raw, ["data.text.eval_fraction=1.5"])
+    with pytest.raises(ConfigError, match="no validation split"):
+        config_from_dict(raw, ["data.text.eval_fraction=0"])
+    config_from_dict(raw, ["data.text.eval_fraction=0", "eval.at_end=false", "eval.every=0"])
