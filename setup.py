@@ -50,7 +50,10 @@ setup(
     ]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        # lm-evaluation-harness for the canon-jax benchmark adapter (no torch; ~30 s / ~300 MB to install, so the
+        # test extra includes it and CI runs the harness tests)
+        "eval": ["lm_eval>=0.4.13"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "lm_eval>=0.4.13"],
         "torch": ["torch>=2.2"],
         # deviceless compilation for TPU and GPU targets (canon_jax.aot, tests/compile): versions must equal jax's;
         # cuDNN (the range jax-cuda12-plugin's with-cuda extra asks for) to compile cuDNN flash attention

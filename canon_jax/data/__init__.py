@@ -5,6 +5,7 @@ Public API::
     get_task(name, **params) -> Task          # task.sample(i, split, seed) -> Sample(tokens, labels, meta)
     DataConfig, TaskSpec, make_dataset(cfg, split=..., batch_size=..., process_index=0, process_count=1)
     Vocabulary(tasks), vocab_size(tasks), pack_samples(samples, seq_len), TASK_NAMES, PRESETS, preset(name)
+    tokenize_corpus(inputs, out_dir, tokenizer), TokenShards(dir)   # pre-tokenised real-text corpora
 
 Names are imported lazily so that using a task does not import grain.
 """
@@ -20,6 +21,7 @@ _LAZY = {
     **{n: "canon_jax.data.pipeline" for n in ("PRESETS", "DataConfig", "TaskMixtureMapDataset", "TaskSpec",
                                               "make_dataset", "make_sample_dataset", "preset")},
     **{n: "canon_jax.data.vocab" for n in ("Vocabulary", "vocab_size")},
+    **{n: "canon_jax.data.shards" for n in ("TokenShards", "tokenize_corpus")},
 }
 
 __all__ = sorted(_LAZY)

@@ -4,12 +4,17 @@
                                   [--id-convention {canon,official}] --out FILE.jsonl
     python -m canon_jax.data show TASK [--split ...] [--num N] [--seed S] [--set KEY=VALUE ...]
     python -m canon_jax.data vocab TASK [TASK ...]
+    python -m canon_jax.data tokenize INPUT [INPUT ...] --out DIR [--tokenizer tokenizer.json] [--workers N]
+                                  [--text-field text] [--txt-mode {file,paragraph,line}] [--no-bos] [--no-eos]
 
 A bad argument (unknown task or parameter, a bad value, ``--out`` in a folder that does not exist) prints one line
 ``config error: <what>: <why>`` and exits with status 2 before anything is written.
 
 ``dump`` writes one JSON object per line: ``{"tokens", "loss_mask", "meta"}`` where ``loss_mask`` is the per-token
 answer label of the sample (1 = supervised answer token; the packer turns it into target-semantics masks).
+
+``tokenize`` turns .txt/.jsonl(.gz)/.parquet files (globs or directories) into a directory of uint16/uint32 token
+shards plus ``index.json`` (:mod:`canon_jax.data.shards`), one input file per worker process; rerunning it resumes.
 """
 from __future__ import annotations
 
@@ -87,7 +92,33 @@ def _main(argv: list[str] | None = None) -> int:
     _common(s, 1)
     v = sub.add_parser("vocab", help="print the shared vocabulary layout of a task mix")
     v.add_argument("tasks", nargs="+")
+    t = sub.add_parser("tokenize", help="pre-tokenise text shards into a token directory (resumable)")
+    t.add_argument("inputs", nargs="+", help="input files, globs or directories (.txt, .jsonl(.gz), .parquet)")
+    t.add_argument("--out", required=True, help="output token directory")
+    t.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer.json (default: built-in byte-level)")
+    t.add_argument("--workers", type=int, default=1, help="processes tokenising input files in parallel")
+    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the document")
+    t.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
+                   help="a .txt file is one document, one per blank-line paragraph, or one per line")
+    t.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
+    t.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
+    t.add_argument("--bos-token", default=None, help="BOS token string (default: detected)")
+    t.add_argument("--eos-token", default=None, help="EOS token string (default: detected)")
+    t.add_argument("--batch-docs", type=int, default=1024, help="documents encoded per tokenizer batch")
+    t.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+
+    if args.cmd == "tokenize":
+        from canon_jax.data.shards import tokenize_corpus
+
+        try:
+            tokenize_corpus(args.inputs, args.out, args.tokenizer, text_field=args.text_field, txt_mode=args.txt_mode,
+                            add_bos=not args.no_bos, add_eos=not args.no_eos, bos_token=args.bos_token,
+                            eos_token=args.eos_token, workers=args.workers, batch_docs=args.batch_docs,
+                            progress=not args.no_progress)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise SystemExit(f"tokenize: {e}") from None
+        return 0
 
     if args.cmd == "vocab":
         bad = [t for t in args.tasks if t not in base.TASK_NAMES]

@@ -18,8 +18,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from canon_jax.config import ModelConfig
 
-__all__ = ["load_hf_checkpoint", "save_hf_checkpoint", "model_config_from_hf", "hf_config_from_model_config",
-           "hf_state_dict_from_params", "params_from_hf_state_dict", "CheckpointError"]
+__all__ = ["load_hf_checkpoint", "load_hf_checkpoint_sharded", "save_hf_checkpoint", "model_config_from_hf",
+           "hf_config_from_model_config", "hf_state_dict_from_params", "params_from_hf_state_dict", "CheckpointError"]
 
 MODEL_TYPES = ("LlamaCanon", "llama")
 
@@ -300,3 +300,133 @@ def save_hf_checkpoint(model, params, path: str) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sharded loading: every device's slice read straight from the safetensors files
+
+class _SliceReader:
+    """Reads ``tensor[slices]`` of HF tensors from a checkpoint directory (one file or index + shards), opening each
+    shard lazily and reading only the requested slice (safetensors ``get_slice``; the file is memory-mapped, so the
+    bytes of other slices are never touched)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.path = path
+        single = os.path.join(path, "model.safetensors")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                self.weight_map = dict(json.load(f)["weight_map"])
+            for shard in sorted(set(self.weight_map.values())):
+                if not os.path.exists(os.path.join(path, shard)):
+                    raise CheckpointError(f"{path}: shard {shard} listed in model.safetensors.index.json is missing")
+        elif os.path.exists(single):
+            with safe_open(single, framework="numpy") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        self._files: dict = {}
+
+    def _file(self, name: str):
+        shard = self.weight_map[name]
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = self._open(os.path.join(self.path, shard), framework="numpy")
+        return f
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.read_slice_object(name).get_shape())
+
+    def read_slice_object(self, name: str):
+        f = self._file(name)
+        try:
+            return f.get_slice(name)
+        except Exception:  # safetensors raises its own error type for an absent name
+            raise CheckpointError(f"tensor {name}: not in shard {self.weight_map[name]} although the index maps it "
+                                  "there") from None
+
+    def read(self, name: str, slices: tuple) -> np.ndarray:
+        return np.asarray(self.read_slice_object(name)[slices])
+
+
+def _hf_slices(kind: str, idx: tuple) -> tuple:
+    """The HF-layout slices holding our-layout slice ``idx`` (see ``_to_ours``)."""
+    if kind == "linear":  # ours [in, out] = hf[out, in].T
+        return (idx[1], idx[0])
+    if kind == "conv":  # ours [K, C] = hf[C, 1, K][:, 0, :].T
+        return (idx[1], slice(0, 1), idx[0])
+    return idx
+
+
+def load_hf_checkpoint_sharded(path: str, mesh, *, rules=None, **config_overrides):
+    """Loads a LlamaCanon directory straight onto ``mesh`` -> ``(CausalLM, params)`` with params as global
+    ``jax.Array``s laid out by the logical-axis rules (:mod:`canon_jax.train.sharding`).
+
+    Each parameter is built with ``jax.make_array_from_callback``: the callback of every addressable device reads
+    only that device's slice from the safetensors shards, so no host ever holds a full copy of the model (an 8B
+    checkpoint loads onto a pod with each host reading only the shards its devices need).
+    """
+    import jax
+    from canon_jax.models import CausalLM
+    from canon_jax.train import sharding as shd
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path}: config.json not found")
+    with open(cfg_path) as f:
+        config = model_config_from_hf(json.load(f), **config_overrides)
+    reader = _SliceReader(path)
+    expected = _expected_shapes(config)
+    names = set(reader.weight_map)
+    if config.tie_embeddings and "lm_head.weight" in names:
+        warnings.warn(f"{path}: tie_word_embeddings=true; the stored lm_head.weight is not read (the head is the "
+                      "embedding)")
+        names.discard("lm_head.weight")
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    unexpected = sorted(names - set(expected))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
+                              f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
+                              f"tied={config.tie_embeddings})")
+    for n, shape in expected.items():
+        if reader.shape(n) != tuple(shape):
+            raise CheckpointError(f"tensor {n}: expected shape {tuple(shape)}, found {reader.shape(n)}")
+
+    model = CausalLM(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = flatten_dict(shd.logical_shardings(boxed, mesh, rules or shd.LOGICAL_RULES))
+    shapes = flatten_dict(nn.meta.unbox(boxed))
+    pdt = np.dtype(jnp.dtype(config.param_dtype))
+    sources = {}  # our path -> (kind, [hf names]) ; several names = stacked layers (scan_layers)
+    for hf_name, (p, kind) in _global_map(config).items():
+        sources[p] = (kind, [hf_name])
+    for name, (p, kind) in _layer_map(config).items():
+        layer_names = [f"model.layers.{i}.{name}" for i in range(config.num_layers)]
+        if config.scan_layers:
+            sources[("layers",) + p] = (kind, layer_names)
+        else:
+            for i, n in enumerate(layer_names):
+                sources[(f"layers_{i}",) + p] = (kind, [n])
+
+    def callback(kind, hf_names, stacked, shape):
+        def read(idx):
+            idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+            if not stacked:
+                return _to_ours(reader.read(hf_names[0], _hf_slices(kind, idx)), kind).astype(pdt)
+            layers = range(*idx[0].indices(len(hf_names)))
+            return np.stack([_to_ours(reader.read(hf_names[i], _hf_slices(kind, idx[1:])), kind).astype(pdt)
+                             for i in layers])
+        return read
+
+    flat = {}
+    for p, (kind, hf_names) in sources.items():
+        shape = shapes[p].shape
+        flat[p] = jax.make_array_from_callback(shape, shardings[p],
+                                               callback(kind, hf_names, config.scan_layers and p[0] == "layers",
+                                                        shape))
+    return model, unflatten_dict(flat)

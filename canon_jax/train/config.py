@@ -85,6 +85,12 @@ class TextDataSection:
 
     train_files: List[str] = field(default_factory=list)  # files or glob patterns (.txt, .jsonl, .parquet)
     eval_files: List[str] = field(default_factory=list)
+    # pre-tokenised corpus (python -m canon_jax.data tokenize), streamed from disk instead of train_files/eval_files
+    train_tokens: Optional[str] = None  # token directory
+    eval_tokens: Optional[str] = None  # token directory of the validation split
+    eval_fraction: float = 0.0  # or: hold out this fraction of train_tokens' windows (the last ones) for validation
+    document_boundaries: bool = True  # segment ids / positions per document (False: one segment per window)
+    shuffle: bool = True  # global window shuffle, reshuffled each epoch (train split)
     tokenizer: Optional[str] = None  # path to a Hugging Face tokenizers JSON; None = built-in byte-level tokenizer
     text_field: str = "text"  # field holding the document in .jsonl / Parquet rows
     txt_mode: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or one per "line"
@@ -393,8 +399,25 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_tasks("data.tasks", cfg.data.tasks)
         _check_tasks("eval.tasks", cfg.eval.tasks)
     else:
-        if not cfg.data.text.train_files:
-            raise ConfigError("data.text.train_files: a text run needs at least one file or glob")
+        t = cfg.data.text
+        if t.train_tokens and t.train_files:
+            raise ConfigError("data.text.train_tokens: set either train_tokens (a token directory) or train_files, "
+                              "not both")
+        if not t.train_files and not t.train_tokens:
+            raise ConfigError("data.text.train_files: a text run needs at least one file or glob (or "
+                              "data.text.train_tokens, a token directory)")
+        if not 0.0 <= t.eval_fraction < 1.0:
+            raise ConfigError(f"data.text.eval_fraction: must be in [0, 1), got {t.eval_fraction!r}")
+        if t.eval_fraction and not t.train_tokens:
+            raise ConfigError("data.text.eval_fraction: only applies to data.text.train_tokens")
+        if t.eval_fraction and t.eval_tokens:
+            raise ConfigError("data.text.eval_fraction: set either eval_fraction or eval_tokens, not both")
+        if t.eval_tokens and not t.train_tokens:
+            raise ConfigError("data.text.eval_tokens: needs data.text.train_tokens (use eval_files with train_files)")
+        if t.train_tokens and not (t.eval_tokens or t.eval_fraction) and (cfg.eval.every or cfg.eval.at_end):
+            raise ConfigError("data.text.eval_tokens: evaluation is on (eval.every / eval.at_end) but there is no "
+                              "validation split; set data.text.eval_tokens or data.text.eval_fraction, or turn "
+                              "evaluation off")
     if cfg.data.seq_len > mc.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")
 

@@ -76,6 +76,11 @@ def _data_config(cfg: ExperimentConfig):
 
 def make_train_data(cfg: ExperimentConfig, *, split: str, batch_size: int, process_index: int, process_count: int):
     """The grain dataset of this process's share of every global batch (dict of numpy arrays, COMMON.md format)."""
+    if cfg.data.kind == "text" and cfg.data.text.train_tokens:
+        from canon_jax.train.text_stream import make_token_dataset
+
+        return make_token_dataset(cfg.data, split=split, batch_size=batch_size, process_index=process_index,
+                                  process_count=process_count)
     if cfg.data.kind == "text":
         from canon_jax.train.text_data import make_text_dataset
 
@@ -89,6 +94,10 @@ def make_train_data(cfg: ExperimentConfig, *, split: str, batch_size: int, proce
 
 def data_vocab_size(cfg: ExperimentConfig) -> Optional[int]:
     """Vocabulary the data needs (None when unknown)."""
+    if cfg.data.kind == "text" and cfg.data.text.train_tokens:
+        from canon_jax.data.shards import TokenShards
+
+        return TokenShards(cfg.data.text.train_tokens).vocab_size
     if cfg.data.kind == "text":
         from canon_jax.train.text_data import load_tokenizer
 
