@@ -30,8 +30,10 @@ LOCK_NAME = "train.lock"
 # change them. Every other model field changes the parameters' shapes or the function itself.
 RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "kernel_impl", "linear_chunk_size", "mamba_chunk_size",
                                 "max_seq_len"})
-# Data fields that do not change the training stream.
-RUNTIME_DATA_KEYS = frozenset({"num_workers", "text.eval_files", "text.eval_batches"})
+# Data fields that do not change the training stream, and the text runs' file locations: the same documents may move
+# (another mount, another cluster), so a changed path is reported, not refused.
+RUNTIME_DATA_KEYS = frozenset({"num_workers", "text.eval_files", "text.eval_batches", "text.train_files",
+                               "text.tokenizer"})
 # Outside model/data: the init seed only acts at step 0, so a resumed run would silently ignore a new one.
 FIXED_KEYS = frozenset({"train.seed"})
 # Optimizer transforms that exist only for a positive value: switching them on or off changes the optimizer state's
