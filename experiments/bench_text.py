@@ -87,16 +87,18 @@ def bench_tokenize(args) -> dict:
         tok_path = root / "tokenizer.json"
         tok.save(str(tok_path))
         res = {"bench": "tokenize", "text_mb": args.mb, "files": args.files, "vocab": tok.get_vocab_size()}
-        for workers in (1, 2):
-            cpu0 = _cpu_seconds()
-            idx = tokenize_corpus(files, root / f"out{workers}", str(tok_path), workers=workers, progress=False,
-                                  log=lambda *_: None)
-            cpu = _cpu_seconds() - cpu0
-            tps = idx["new_tokens"] / idx["seconds"]
-            res[f"workers{workers}"] = {"tokens": idx["new_tokens"], "seconds": round(idx["seconds"], 2),
-                                        "tokens_per_s": round(tps), "tokens_per_s_per_worker": round(tps / workers),
-                                        "cpu_seconds": round(cpu, 2),
-                                        "tokens_per_cpu_second": round(idx["new_tokens"] / cpu)}
+        # the trained byte-level BPE, and the built-in 259-id byte-level tokenizer (one token per byte)
+        for name, path in (("bpe", str(tok_path)), ("bytes", None)):
+            for workers in (1, 2):
+                cpu0 = _cpu_seconds()
+                idx = tokenize_corpus(files, root / f"out_{name}{workers}", path, workers=workers, progress=False,
+                                      log=lambda *_: None)
+                cpu = _cpu_seconds() - cpu0
+                tps = idx["new_tokens"] / idx["seconds"]
+                res[f"{name}_workers{workers}"] = {
+                    "tokens": idx["new_tokens"], "seconds": round(idx["seconds"], 2), "tokens_per_s": round(tps),
+                    "tokens_per_s_per_worker": round(tps / workers), "cpu_seconds": round(cpu, 2),
+                    "tokens_per_cpu_second": round(idx["new_tokens"] / cpu)}
         # the tokenizer alone (one thread) on the same documents: the share of the pipeline that is encoding
         import itertools
 
@@ -107,7 +109,7 @@ def bench_tokenize(args) -> dict:
         c0 = time.process_time()
         n = sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
         res["encode_only_tokens_per_cpu_second"] = round(n / (time.process_time() - c0))
-        res["bytes_per_token"] = round(args.mb * 1e6 / res["workers1"]["tokens"], 2)
+        res["bytes_per_token"] = round(args.mb * 1e6 / res["bpe_workers1"]["tokens"], 2)
         return res
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -370,6 +371,7 @@ class TokenShards:
         self.num_tokens = int(self.starts[-1])
         self._fds: list = [None] * len(counts)
         self._docs: list = [None] * len(counts)
+        self._lock = threading.Lock()  # grain's read threads open shards lazily
 
     def __len__(self):
         return self.num_tokens
@@ -394,14 +396,20 @@ class TokenShards:
     def _fd(self, k: int) -> int:
         fd = self._fds[k]
         if fd is None:
-            fd = self._fds[k] = os.open(self.directory / self.index["shards"][k]["tokens"], os.O_RDONLY)
+            with self._lock:
+                fd = self._fds[k]
+                if fd is None:
+                    fd = self._fds[k] = os.open(self.directory / self.index["shards"][k]["tokens"], os.O_RDONLY)
         return fd
 
     def doc_offsets(self, k: int) -> np.ndarray:
         """Document offsets of shard ``k`` (memory-mapped int64 ``[num_docs + 1]``)."""
         d = self._docs[k]
         if d is None:
-            d = self._docs[k] = np.load(self.directory / self.index["shards"][k]["docs"], mmap_mode="r")
+            with self._lock:
+                d = self._docs[k]
+                if d is None:
+                    d = self._docs[k] = np.load(self.directory / self.index["shards"][k]["docs"], mmap_mode="r")
         return d
 
     def memmap(self, k: int) -> np.ndarray:

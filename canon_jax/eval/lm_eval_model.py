@@ -1,15 +1,15 @@
 """lm-evaluation-harness model ``canon-jax`` (needs the ``eval`` extra: ``pip install -e .[eval]``).
 
     python -m canon_jax.eval.lm_eval_model run --model canon-jax --model_args workdir=runs/llama_1b --tasks hellaswag
-    python -m canon_jax.eval.lm_eval_model run --model canon-jax --model_args hf_dir=ckpt/,batch_size=16 --tasks ...
+    python -m canon_jax.eval.lm_eval_model run --model canon-jax --model_args hf_dir=ckpt/ --batch_size 16 --tasks ...
 
 This entry point registers the model and hands the arguments to lm_eval's own command line (lm_eval discovers
 third-party models only once their module is imported; from Python, ``import canon_jax.eval.lm_eval_model`` and
 call ``lm_eval.simple_evaluate(model="canon-jax", model_args=...)`` or pass a :class:`CanonJaxLM` instance).
 
 ``model_args``: ``workdir`` (a canon-jax training directory; ``step`` picks a checkpoint) or ``hf_dir`` (a LlamaCanon
-Hugging Face directory), ``tokenizer`` (a ``tokenizer.json``; default: the run's / the directory's),
-``batch_size``, ``max_length``, ``bos_token``, ``eos_token``. The math lives in :class:`canon_jax.eval.harness.CanonLM`.
+Hugging Face directory), ``tokenizer`` (a ``tokenizer.json``; default: the run's / the directory's), ``max_length``,
+``bos_token``, ``eos_token``; the batch size is lm_eval's ``--batch_size`` (``auto`` means 8). The math lives in :class:`canon_jax.eval.harness.CanonLM`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from canon_jax.eval.harness import CanonLM
 __all__ = ["CanonJaxLM", "main"]
 
 
-@register_model("canon-jax", "canon_jax")
 class CanonJaxLM(TemplateLM):
     """lm_eval ``LM`` over :class:`~canon_jax.eval.harness.CanonLM` (loglikelihood, rolling, generate_until)."""
 
@@ -109,11 +108,17 @@ class CanonJaxLM(TemplateLM):
         return out
 
 
+if __name__ != "__main__":  # registered once, by the importable module (``python -m`` imports it below)
+    register_model("canon-jax", "canon_jax")(CanonJaxLM)
+
+
 def main(argv=None) -> None:
     """lm_eval's command line with ``canon-jax`` registered."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
+
+    import canon_jax.eval.lm_eval_model  # noqa: F401  (registers canon-jax)
 
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
