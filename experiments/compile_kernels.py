@@ -55,14 +55,15 @@ CUSTOM_CALL = {"tpu": "tpu_custom_call", "gpu": "mosaic_gpu_v2"}
 class Case:
     """One program: ``fn(backend)`` returns the function to compile, ``args`` its abstract arguments.
     ``kernels[backend]``: the kernel names (with multiplicity) the compiled program must contain.
-    ``fwd_flops``: (kernel name, flops) of the forward kernel from ``pallas_kernels.cost`` (TPU cost estimate)."""
+    ``tpu_flops``: ``[(kernel name, flops)]`` of every TPU kernel by the formulas of ``pallas_kernels.cost`` (for
+    shapes that need no padding), which the compiled custom calls' cost estimates must equal."""
 
     name: str
     what: str
     fn: Callable[[str], Callable]
     args: tuple
     kernels: dict
-    fwd_flops: Optional[tuple] = None
+    tpu_flops: Optional[list] = None
 
 
 def _vg(f, argnums):
@@ -84,10 +85,24 @@ def _conv_case(name, what, shape, k, dtype, segments):
 
     names = ["short_conv_causal", "short_conv_causal", "short_conv_anticausal"]  # forward, SiLU recompute, dx
     flops = None
-    if not segments and t % 256 == 0 and d % 512 == 0:  # TPU tiles divide: no padding, the formula is exact
-        per, _ = cost.conv_flops(k, has_bias=True, activation="silu", residual=True, extra=False)
-        flops = ("short_conv_causal", per * b * t * d)
+    if t % 256 == 0 and d % 512 == 0:  # the TPU tiles divide: no padding
+        per = lambda **kw: cost.conv_flops(k, **kw)[0] * b * t * d
+        flops = [("short_conv_causal", per(has_bias=True, activation="silu", residual=True, extra=False)),
+                 ("short_conv_causal", per(has_bias=True, activation=None, residual=False, extra=False)),  # recompute
+                 # dx (+ dy, the residual's gradient) with the fused weight/bias-gradient sums
+                 ("short_conv_anticausal", per(has_bias=False, activation=None, residual=False, extra=True)
+                  + (2 * k + 1) * b * t * d)]
     return Case(name, what, fn, tuple(args), {"tpu": names, "gpu": names}, flops)
+
+
+def _scan_flops(b, t, h, dk, dv, *, scalar, chunk=64, sub=16):
+    """TPU scan kernels' flops (forward, states pass, reverse-time backward) when T is a multiple of the chunk."""
+    if t % chunk:
+        return None
+    per = lambda f, **kw: f(chunk, dk, dv, scalar=scalar, sub=sub, **kw)[0] * b * h * (t // chunk)
+    return [("gated_linear_scan", per(cost.scan_chunk_flops)),
+            ("gated_linear_scan", per(cost.scan_chunk_flops, states_only=True)),
+            ("gated_linear_scan_bwd", per(cost.scan_chunk_bwd_flops))]
 
 
 def _gla_case(name, what, b, t, h, dk, dv, dtype, state):
@@ -101,14 +116,10 @@ def _gla_case(name, what, b, t, h, dk, dv, dtype, state):
             return jnp.sum(o.astype(F32)) + jnp.sum(s)
         return _vg(f, tuple(range(len(args))))
 
-    flops = None
-    if t % 64 == 0:
-        per, _ = cost.scan_chunk_flops(64, dk, dv, scalar=False, sub=16)
-        flops = ("gated_linear_scan", per * b * h * (t // 64))
     return Case(name, what, fn, tuple(args), {
         "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],  # forward, states pass, bwd
         "gpu": ["gla_scan_fwd_wgmma", "scan_state_pass_fwd", "scan_state_pass_rev", "gla_scan_bwd_dqk",
-                "gla_scan_bwd_dv"]}, flops)
+                "gla_scan_bwd_dv"]}, _scan_flops(b, t, h, dk, dv, scalar=False))
 
 
 def _ssd_case(name, what, b, t, h, p, g, n, dtype, extras):
@@ -126,7 +137,7 @@ def _ssd_case(name, what, b, t, h, p, g, n, dtype, extras):
     return Case(name, what, fn, tuple(args), {
         "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],
         "gpu": ["ssd_scan_fwd_wgmma", "scan_state_pass_fwd", "scan_state_pass_rev", "ssd_scan_bwd_dqk",
-                "ssd_scan_bwd_dv"]})
+                "ssd_scan_bwd_dv"]}, _scan_flops(b, t, h, n, p, scalar=True))
 
 
 # The paper's shapes (configs/experiments/*_1b.yaml): width 2048, llama T = 4096; GLA5 / Mamba2 T = 16384, 16 heads,
