@@ -364,6 +364,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
         scale = lambda x, vecs: gpu._scale_sub(x, t_rows, 0, vecs, ell)
         a_s[...] = _mm(do_s, vt_s, (c, c))  # dA[t, s]
+        plgpu.commit_smem()  # a_s and o_s are read back by element-wise code whose layout need not match the write
 
         # dqm, summed in the float32 output tile in shared memory (one [C, Dk] tile in registers at a time): the
         # inter-chunk term, the diagonal blocks (no factor; accumulated by wgmma), the earlier sub-chunks j of every
@@ -386,6 +387,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         # dkm: the later sub-chunks of every row s (one wgmma per row sub-chunk j, P restricted to the rows of j, so
         # all accumulate into one tile; factor koff[j] after), the diagonal blocks, the state term
         a_s[...] = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
+        plgpu.commit_smem()
         dkm = None
         for j in range(n_sub - 1):
             p_s[...] = jnp.where((c_sub > r_sub) & (r_sub == j), a_s[...], 0.0).astype(BF16)
