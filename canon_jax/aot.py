@@ -5,8 +5,10 @@ of an 8-GPU H100 host (the CUDA plugin, with the target description shipped in `
 ``jax.jit(f, in_shardings=...).lower(...).compile()`` on a mesh of them runs the real compiler (Mosaic, ptxas), so
 compile errors, memory use and the kernels in the program are what the chip would see; nothing can be executed.
 
-Requirements: the ``aot`` extra (libtpu, jax-cuda12-plugin, nvidia-cuda-nvcc-cu12, versions equal to jax's). For GPU
-targets set ``JAX_PLATFORMS=cpu`` before importing jax (the plugin otherwise looks for a driver at start-up).
+Requirements: the ``aot`` extra (libtpu, jax-cuda12-plugin, nvidia-cuda-nvcc-cu12, versions equal to jax's). The CUDA
+plugin registers itself only if its driver/library check passes, which it cannot without a GPU: ``get_target`` sets
+``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, which works when JAX's plugins have not been loaded yet in the process (first
+backend use); otherwise start the process with ``JAX_PLATFORMS=cpu`` or that variable set.
 """
 from __future__ import annotations
 
@@ -110,8 +112,16 @@ def get_target(name: str) -> Target:
     chip, dims = _parse(name)
     if chip in _GPU_CHIPS:
         ensure_ptxas_on_path()
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         config = gpu_target_config(chip)
-        topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology="x".join(map(str, dims)))
+        try:
+            topo = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                                topology="x".join(map(str, dims)))
+        except NotImplementedError as e:
+            raise RuntimeError(
+                f"target {name!r}: the CUDA plugin is not registered in this process (jax-cuda12-plugin missing, or "
+                "JAX's backends were initialised before; start with JAX_PLATFORMS=cpu or "
+                "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1)") from e
         return Target(name, chip, "gpu", tuple(topo.devices), _gpu_hbm(config))
     # Several compiling processes (pytest workers, other jobs) may load libtpu at once: without this, all but the
     # first fail on libtpu's lock file. Nothing is run, so there is no device to share.

@@ -103,6 +103,42 @@ def _mm(a_ref, b_ref, shape):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
+def _mm_acc(acc0, a_ref, b_ref, interpret=None):
+    """``acc0 + a @ b``: wgmma into an accumulator initialised with the register value ``acc0`` (no second tile).
+    The Mosaic GPU interpreter of jax 0.10.2 has no rule for ``run_state``: there it adds a fresh product (same
+    value; the interpreter does not model registers)."""
+    if interpret is not None:
+        return acc0 + _mm(a_ref, b_ref, acc0.shape)
+
+    def body(acc):
+        plgpu.wgmma(acc, a_ref, b_ref)
+    return pl.run_state(body)(plgpu.ACC.init(acc0))
+
+
+def _scale_sub(x, idx, dim, vecs, ell):
+    """``x`` with the elements of sub-chunk i (of ``ell`` tokens) times ``vecs[i]()``, zero where ``vecs[i]`` is
+    None. ``idx``: the 1-D token index of ``x``'s axis ``dim``; the masks are formed on it and broadcast (no
+    [C, Dk] index tile in registers), and one factor is applied at a time (one factor vector live, not all)."""
+    sub_id = lax.div(idx, ell)
+    bc = lambda m: lax.broadcast_in_dim(m, x.shape, [dim])
+    if any(f is None for f in vecs):
+        keep = functools.reduce(jnp.logical_or, [sub_id == i for i, f in enumerate(vecs) if f is not None])
+        x = jnp.where(bc(keep), x, 0.0)
+    for i, f in enumerate(vecs):
+        if f is not None:
+            x = jnp.where(bc(sub_id == i), x * f(), x)
+    return x
+
+
+def _mm2(a_ref, b_ref, c_ref, d_ref, shape):
+    """``a @ b + c @ d``: two wgmma into one fresh float32 accumulator."""
+    def body(acc):
+        plgpu.wgmma(acc, a_ref, b_ref)
+        plgpu.wgmma(acc, c_ref, d_ref)
+        return acc[...]
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
 def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, rep: int = 1, out_dtype=jnp.bfloat16,
                  interpret=None):
     """Scalar-gate chunked scan, forward.
@@ -302,14 +338,8 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
     lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast  # see ssd_scan_fwd
     iota = ((lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d)) if interpret is not None
             else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG)))
-
-    def by_sub(idx, vals, fallback):
-        """``vals[i]`` where ``idx`` (token index within the chunk) is in sub-chunk i (None: ``fallback``)."""
-        out = None
-        for i in reversed(range(n_sub)):
-            val = fallback if vals[i] is None else vals[i]
-            out = val if out is None else jnp.where(idx < (i + 1) * ell, val, out)
-        return out
+    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
+             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
 
     def body(qm_ref, kmt_ref, v_ref, f_ref, s0_ref, o_ref, sf_ref,
              q_s, kt_s, v_s, f_s, qw_s, kw_s, p_s, s16_s, s32_s, o_s, bars):
@@ -343,41 +373,47 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
             q_c, kt_c, v_c, f_c = (r.at[slot] for r in bufs)
             colv = lambda r: lax.broadcast_in_dim(lc(f_c[r], COL), (c, dk), [1])  # factor per key column d
             rowv = lambda r: lax.broadcast_in_dim(lc(f_c[r], ROW), (dk, c), [0])  # factor per key row d
-            q_rows = iota((c, dk), 0)  # token of each qm element
-            k_cols = iota((dk, c), 1)  # token of each km^T element
-            r_id, c_id = iota((c, c), 0), iota((c, c), 1)
-            qmv = q_c[...].astype(f32)
-            ktv = kt_c[...].astype(f32)
+            q_rows = iota1(ROW)  # token of each qm row
+            k_cols = iota1(COL)  # token of each km^T column
+            r_id = lax.broadcast_in_dim(q_rows, (c, c), [0])
+            c_id = lax.broadcast_in_dim(k_cols, (c, c), [1])
+            # Register budget (one warpgroup, 255 registers per thread): the carried state alone takes 64, one
+            # factor vector broadcast over the tile 32. So q and k are re-read from shared memory at each use
+            # instead of being kept as float32 values, each wgmma operand is built and stored before the next is
+            # started, the factors are applied one sub-chunk at a time (one vector live, not n_sub), and every
+            # product that adds to a live value accumulates into it by wgmma (``pl.run_state`` on an initialised
+            # accumulator) instead of materialising a second tile.
+            qside = lambda r: (lambda: colv(r))
+            kside = lambda r: (lambda: rowv(r))
             s16_s[...] = st.astype(bf16)  # the state entering the chunk, rounded for the wgmma
-            # inter-chunk: O = (q exp(b_t)) S
-            qw_s[...] = (qmv * by_sub(q_rows, [colv(r) for r in rows["inter"]], None)).astype(bf16)
-            plgpu.commit_smem()
-            inter = _mm(qw_s, s16_s, (c, dvb))
             # diagonal blocks: qm km^T as it is (both referred to the same middle row), t >= s in one sub-chunk;
             # the entries dropped here (t < s, other sub-chunks) may be inf: where() selects, it never multiplies
             diag = _mm(q_c, kt_c, (c, c))
             keep = (r_id >= c_id) & (lax.div(r_id, ell) == lax.div(c_id, ell))
             a = jnp.where(keep, diag, 0.0)
-            # sub-chunk pairs j < i: (qm exp(m_i - e_j)) (km exp(e_j - m_j))^T, kept in the columns of sub-chunk j
-            if n_sub > 1:
-                kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["koff"]], None)).astype(bf16)
+            # sub-chunk pairs j < i: (qm exp(m_i - e_j)) (km exp(e_j - m_j))^T. The q side is zero in the rows of
+            # sub-chunks <= j and the k side zero outside the columns of sub-chunk j, so the product lands only in
+            # the (i > j, columns j) blocks and is accumulated straight into ``a``.
             for j in range(n_sub - 1):
-                fq = by_sub(q_rows, [colv(rows["qoff"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
-                qw_s[...] = (qmv * fq).astype(bf16)  # rows of sub-chunks <= j are zero
+                fk = [kside(rows["koff"][j]) if i == j else None for i in range(n_sub)]
+                kw_s[...] = _scale_sub(kt_c[...].astype(f32), k_cols, 1, fk, ell).astype(bf16)
+                fq = [qside(rows["qoff"][i, j]) if i > j else None for i in range(n_sub)]
+                qw_s[...] = _scale_sub(q_c[...].astype(f32), q_rows, 0, fq, ell).astype(bf16)
                 plgpu.commit_smem()
-                part = _mm(qw_s, kw_s, (c, c))
-                a = a + jnp.where(lax.div(c_id, ell) == j, part, 0.0)
+                a = _mm_acc(a, qw_s, kw_s, interpret)
             p_s[...] = a.astype(bf16)
-            # state update operand: (k exp(b_C - b_s))^T
-            kw_s[...] = (ktv * by_sub(k_cols, [rowv(r) for r in rows["kstate"]], None)).astype(bf16)
+            # O = (q exp(b_t)) S + P V, both into one accumulator
+            fq = [qside(r) for r in rows["inter"]]
+            qw_s[...] = _scale_sub(q_c[...].astype(f32), q_rows, 0, fq, ell).astype(bf16)
             plgpu.commit_smem()
-            intra = _mm(p_s, v_c, (c, dvb))
-            o_s[...] = (inter + intra).astype(o_s.dtype)
+            o_s[...] = _mm2(qw_s, s16_s, p_s, v_c, (c, dvb)).astype(o_s.dtype)
+            # state update operand: (k exp(b_C - b_s))^T; S <- exp(b_C) S + that^T V, accumulated into the state
+            fk = [kside(r) for r in rows["kstate"]]
+            kw_s[...] = _scale_sub(kt_c[...].astype(f32), k_cols, 1, fk, ell).astype(bf16)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, rws, hi, cols])
-            upd = _mm(kw_s, v_c, (dk, dvb))
             decay = lax.broadcast_in_dim(lc(f_c[rows["decay"][0]], ROW), (dk, dvb), [0])
-            st = st * decay + upd
+            st = _mm_acc(st * decay, kw_s, v_c, interpret)
             plgpu.wait_smem_to_gmem(0)  # o_s is rewritten by the next chunk
             return st
 

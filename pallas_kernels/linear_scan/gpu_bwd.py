@@ -78,7 +78,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.linear_scan import gpu
-from pallas_kernels.linear_scan.gpu import COL, ROW, WG, _mm, _smem
+from pallas_kernels.linear_scan.gpu import COL, ROW, WG, _mm, _mm_acc, _smem
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 _ALIGN = 1024  # Mosaic GPU rounds every shared-memory scratch buffer up to 1 KiB
@@ -108,15 +108,6 @@ def _store(val, o_s, dst):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, dst)
     plgpu.wait_smem_to_gmem(0)
-
-
-def _by_sub(idx, vals, fallback, n_sub, ell):
-    """``vals[i]`` where ``idx`` (token index within the chunk) is in sub-chunk i (None: ``fallback``)."""
-    out = None
-    for i in reversed(range(n_sub)):
-        val = fallback if vals[i] is None else vals[i]
-        out = val if out is None else jnp.where(idx < (i + 1) * ell, val, out)
-    return out
 
 
 def _bytes(*buffers):
@@ -350,10 +341,11 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
     lc, iota = _helpers(interpret)
-    by_sub = functools.partial(_by_sub, n_sub=n_sub, ell=ell)
+    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
+             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
 
     def body(qm_ref, km_ref, v_ref, vt_ref, do_ref, dot_ref, st_ref, xt_ref, f_ref, dq_ref, dk_ref,
-             qm_s, km_s, v_s, vt_s, do_s, dot_s, st_s, xt_s, f_s, p_s, w_s, o_s, bars):
+             qm_s, km_s, v_s, vt_s, do_s, dot_s, st_s, xt_s, f_s, p_s, w_s, a_s, o_s, bars):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
         _load(((qm_ref.at[bi, rows, hi, :], qm_s), (km_ref.at[bi, rows, hi, :], km_s),
@@ -361,44 +353,54 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
                (do_ref.at[bi, rows, hi, cols], do_s), (dot_ref.at[bi, hi, cols, rows], dot_s),
                (st_ref.at[bi, hi, ci, cols, :], st_s), (xt_ref.at[bi, hi, ci, cols, :], xt_s),
                (f_ref.at[bi, hi, ci], f_s)), bars)
-        colv = lambda r: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1])  # factor per key column d
-        t_rows = iota((c, dk), 0)  # token of each [C, Dk] element
-        r_id, c_id = iota((c, c), 0), iota((c, c), 1)
+        colv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1]))  # factor per key column
+        # Register budget (one warpgroup, 255 per thread; a [C, Dk] float32 tile is 64): dA / dA^T wait in shared
+        # memory (float32) instead of registers, the factors are applied one sub-chunk at a time (``scale_sub``:
+        # one vector live, masks on 1-D token indices), and products without a factor accumulate into the running
+        # sum by wgmma (``_mm_acc``). ptxas -v: no spills at C = 64, Dk = 128, block_dv = 64.
+        t_rows = iota1(ROW)  # token of each row of a [C, Dk] tile
+        r_id = lax.broadcast_in_dim(t_rows, (c, c), [0])
+        c_id = lax.broadcast_in_dim(iota1(COL), (c, c), [1])
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
-        da = _mm(do_s, vt_s, (c, c))  # dA[t, s]; dA^T is formed only after dqm is stored (fewer live registers)
+        scale = lambda x, vecs: gpu._scale_sub(x, t_rows, 0, vecs, ell)
+        a_s[...] = _mm(do_s, vt_s, (c, c))  # dA[t, s]
+        plgpu.commit_smem()  # a_s and o_s are read back by element-wise code whose layout need not match the write
 
-        # dqm: inter-chunk term, diagonal blocks, then the earlier sub-chunks j of every row
-        dqm = _mm(do_s, st_s, (c, dk)) * by_sub(t_rows, [colv(r) for r in frows["inter"]], None)
-        p_s[...] = jnp.where((r_id >= c_id) & (r_sub == c_sub), da, 0.0).astype(BF16)
+        # dqm, summed in the float32 output tile in shared memory (one [C, Dk] tile in registers at a time): the
+        # inter-chunk term, the diagonal blocks (no factor; accumulated by wgmma), the earlier sub-chunks j of every
+        # row (factor qoff[i, j] after the product)
+        o_s[...] = scale(_mm(do_s, st_s, (c, dk)), [colv(r) for r in frows["inter"]])
+        p_s[...] = jnp.where((r_id >= c_id) & (r_sub == c_sub), a_s[...], 0.0).astype(BF16)
         plgpu.commit_smem()
-        dqm = dqm + _mm(p_s, km_s, (c, dk))
+        o_s[...] = _mm_acc(o_s[...], p_s, km_s, interpret)
         if n_sub > 1:
-            w_s[...] = (km_s[...].astype(F32) * by_sub(t_rows, [colv(r) for r in frows["koff"]], None)).astype(BF16)
+            w_s[...] = scale(km_s[...].astype(F32), [colv(r) for r in frows["koff"]]).astype(BF16)
         for j in range(n_sub - 1):
-            p_s[...] = jnp.where((c_sub == j) & (r_sub > j), da, 0.0).astype(BF16)
+            p_s[...] = jnp.where((c_sub == j) & (r_sub > j), a_s[...], 0.0).astype(BF16)
             plgpu.commit_smem()
-            fq = by_sub(t_rows, [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
-            dqm = dqm + _mm(p_s, w_s, (c, dk)) * fq
-        _store(dqm, o_s, dq_ref.at[vi, bi, rows, hi, :])
-
-        # dkm: state term, diagonal blocks, then the later sub-chunks of every row (one wgmma per row sub-chunk j)
-        dat = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
-        dkm = _mm(v_s, xt_s, (c, dk)) * by_sub(t_rows, [colv(r) for r in frows["kstate"]], None)
-        p_s[...] = jnp.where((c_id >= r_id) & (r_sub == c_sub), dat, 0.0).astype(BF16)
+            part = scale(_mm(p_s, w_s, (c, dk)), [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)])
+            o_s[...] = o_s[...] + part
         plgpu.commit_smem()
-        dkm = dkm + _mm(p_s, qm_s, (c, dk))
-        if n_sub > 1:
-            p_s[...] = jnp.where(c_sub > r_sub, dat, 0.0).astype(BF16)
-            qmv = qm_s[...].astype(F32)
-            t_sub = lax.div(t_rows, ell)
-            off = None
-            for j in range(n_sub - 1):
-                fq = by_sub(t_rows, [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
-                w_s[...] = (qmv * fq).astype(BF16)  # rows t of sub-chunks <= j are zero
-                plgpu.commit_smem()
-                part = jnp.where(t_sub == j, _mm(p_s, w_s, (c, dk)), 0.0)  # keep the rows s of sub-chunk j
-                off = part if off is None else off + part
-            dkm = dkm + off * by_sub(t_rows, [colv(r) for r in frows["koff"]], None)
+        plgpu.copy_smem_to_gmem(o_s, dq_ref.at[vi, bi, rows, hi, :])
+        plgpu.wait_smem_to_gmem(0)  # o_s is reused for dkm
+
+        # dkm: the later sub-chunks of every row s (one wgmma per row sub-chunk j, P restricted to the rows of j, so
+        # all accumulate into one tile; factor koff[j] after), the diagonal blocks, the state term
+        a_s[...] = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
+        plgpu.commit_smem()
+        dkm = None
+        for j in range(n_sub - 1):
+            p_s[...] = jnp.where((c_sub > r_sub) & (r_sub == j), a_s[...], 0.0).astype(BF16)
+            w_s[...] = scale(qm_s[...].astype(F32),
+                             [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]).astype(BF16)
+            plgpu.commit_smem()
+            dkm = _mm(p_s, w_s, (c, dk)) if dkm is None else _mm_acc(dkm, p_s, w_s, interpret)
+        if dkm is not None:
+            dkm = scale(dkm, [colv(r) for r in frows["koff"]])
+        p_s[...] = jnp.where((c_id >= r_id) & (r_sub == c_sub), a_s[...], 0.0).astype(BF16)
+        plgpu.commit_smem()
+        dkm = _mm(p_s, qm_s, (c, dk)) if dkm is None else _mm_acc(dkm, p_s, qm_s, interpret)
+        dkm = dkm + scale(_mm(v_s, xt_s, (c, dk)), [colv(r) for r in frows["kstate"]])
         _store(dkm, o_s, dk_ref.at[vi, bi, rows, hi, :])
 
     scratch = [_smem((c, dk), BF16), _smem((c, dk), BF16),  # qm, km
@@ -408,6 +410,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
                plgpu.SMEM((nf, dk), F32),  # gate-factor table
                _smem((c, c), BF16),  # masked dA / dA^T (rewritten per wgmma)
                _smem((c, dk), BF16),  # km ⊙ koff, then qm ⊙ qoff (rewritten per wgmma)
+               _smem((c, c), F32),  # dA, then dA^T
                _smem((c, dk), F32),  # output tile (dqm, then dkm)
                plgpu.Barrier(num_barriers=9)]
     out = jax.ShapeDtypeStruct((nv, bsz, t_len, heads, dk), F32)
@@ -420,7 +423,7 @@ def gla_grads_dqk_smem_bytes(chunk, sub, dk, block_dv):
     c, dvb, nf = chunk, block_dv, gpu._gla_factor_rows(chunk // sub)[1]
     return _bytes(((c, dk), BF16), ((c, dk), BF16), ((c, dvb), BF16), ((dvb, c), BF16), ((c, dvb), BF16),
                   ((dvb, c), BF16), ((dvb, dk), BF16), ((dvb, dk), BF16), ((nf, dk), F32), ((c, c), BF16),
-                  ((c, dk), BF16), ((c, dk), F32), 9)
+                  ((c, dk), BF16), ((c, c), F32), ((c, dk), F32), 9)
 
 
 def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, interpret=None):
@@ -438,7 +441,8 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
     lc, iota = _helpers(interpret)
-    by_sub = functools.partial(_by_sub, n_sub=n_sub, ell=ell)
+    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
+             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
 
     def body(km_ref, qmt_ref, do_ref, x_ref, f_ref, dv_ref, km_s, qmt_s, do_s, x_s, f_s, kw_s, qw_s, at_s, o_s, bars):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
@@ -446,28 +450,28 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
         _load(((km_ref.at[bi, rows, hi, :], km_s), (qmt_ref.at[bi, hi, :, rows], qmt_s),
                (do_ref.at[bi, rows, hi, cols], do_s), (x_ref.at[bi, hi, ci, :, cols], x_s),
                (f_ref.at[bi, hi, ci], f_s)), bars)
-        colv = lambda r: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1])  # per key column of [C, Dk]
-        rowv = lambda r: lax.broadcast_in_dim(lc(f_s[r], ROW), (dk, c), [0])  # per key row of [Dk, C]
-        s_rows = iota((c, dk), 0)  # token of each km element
-        t_cols = iota((dk, c), 1)  # token of each qm^T element
-        r_id, c_id = iota((c, c), 0), iota((c, c), 1)
+        colv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1]))  # per key column, [C, Dk]
+        rowv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], ROW), (dk, c), [0]))  # per key row, [Dk, C]
+        # Registers: as in ``gla_grads_dqk`` (1-D token indices, one factor at a time, products accumulated by wgmma).
+        s_rows, t_cols = iota1(ROW), iota1(COL)  # token of each km row / qm^T column
+        r_id = lax.broadcast_in_dim(s_rows, (c, c), [0])
+        c_id = lax.broadcast_in_dim(t_cols, (c, c), [1])
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
-        kmv = km_s[...].astype(F32)
         # A^T[s, t]: diagonal blocks as they are (both referred to the block's middle row); dropped entries may be
         # inf, where() selects
         at = jnp.where((c_id >= r_id) & (r_sub == c_sub), _mm(km_s, qmt_s, (c, c)), 0.0)
-        if n_sub > 1:
-            kw_s[...] = (kmv * by_sub(s_rows, [colv(r) for r in frows["koff"]], None)).astype(BF16)
-            qmtv = qmt_s[...].astype(F32)
-        for j in range(n_sub - 1):  # rows s of sub-chunk j against the columns t of later sub-chunks
-            fq = by_sub(t_cols, [rowv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)], 0.0)
-            qw_s[...] = (qmtv * fq).astype(BF16)  # columns of sub-chunks <= j are zero
+        for j in range(n_sub - 1):  # rows s of sub-chunk j (k side zero elsewhere) against the later columns t
+            fk = [colv(frows["koff"][j]) if i == j else None for i in range(n_sub)]
+            kw_s[...] = gpu._scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
+            fq = [rowv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]
+            qw_s[...] = gpu._scale_sub(qmt_s[...].astype(F32), t_cols, 1, fq, ell).astype(BF16)
             plgpu.commit_smem()
-            at = at + jnp.where(r_sub == j, _mm(kw_s, qw_s, (c, c)), 0.0)
+            at = _mm_acc(at, kw_s, qw_s, interpret)
         at_s[...] = at.astype(BF16)
-        kw_s[...] = (kmv * by_sub(s_rows, [colv(r) for r in frows["kstate"]], None)).astype(BF16)
+        fk = [colv(r) for r in frows["kstate"]]
+        kw_s[...] = gpu._scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
         plgpu.commit_smem()
-        dvv = _mm(at_s, do_s, (c, dvb)) + _mm(kw_s, x_s, (c, dvb))
+        dvv = gpu._mm2(at_s, do_s, kw_s, x_s, (c, dvb))
         _store(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
 
     scratch = [_smem((c, dk), BF16), _smem((dk, c), BF16), _smem((c, dvb), BF16), _smem((dk, dvb), BF16),

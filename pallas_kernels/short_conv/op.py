@@ -32,14 +32,18 @@ class _Static:
     block_sizes: BlockSizes
 
 
-def _plan(x, k, bs: BlockSizes):
-    """Tile sizes for ``x: [B, T, D]``: (bt, bd, hrows, Tp, Dp)."""
+def _plan(x, k, bs: BlockSizes, backend: str = "tpu"):
+    """Tile sizes for ``x: [B, T, D]``: (bt, bd, hrows, Tp, Dp). On GPU a narrow channel axis is zero-padded to a
+    multiple of 64 rather than taken whole: Mosaic GPU's strided register layout splits a tile over 128 threads in
+    vectors of up to 16 bytes, which a width like 40 does not divide ("WGStridedFragLayout(shape=(16, 40), ...)")."""
     _, t_len, d = x.shape
     hrows = round_up(max(k - 1, 1), sublane_rows(x.dtype))
     bt = round_up(min(bs.block_t, round_up(t_len, hrows)), hrows)
     tp = round_up(t_len, bt)
     if d % bs.block_d == 0:
         bd, dp = bs.block_d, d
+    elif d <= bs.block_d and backend == "gpu":
+        bd = dp = min(round_up(d, 64), round_up(d, bs.block_d))
     elif d <= bs.block_d:
         bd, dp = d, d
     else:
@@ -77,7 +81,7 @@ def _kernels(backend):
 
 def _forward(x, weight, bias, segment_ids, initial_state, st: _Static, *, activation, residual, out_dtype):
     k = weight.shape[0]
-    bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes)
+    bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes, st.backend)
     wp = jnp.pad(weight.astype(jnp.float32), ((0, 0), (0, dp - weight.shape[1])))
     bp = None if bias is None else jnp.pad(bias.astype(jnp.float32), (0, dp - bias.shape[0]))[None, :]
     h0 = None if initial_state is None else _halo0(initial_state, hrows, dp, x.dtype)
@@ -109,7 +113,7 @@ def _bwd(st, res, dy):
         g = dy.astype(jnp.float32) * reference.silu_grad(pre)
     else:
         g = dy
-    bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes)
+    bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes, st.backend)
     wp = jnp.pad(weight.astype(jnp.float32), ((0, 0), (0, dp - d)))
     bits = None if segment_ids is None else _bits(segment_ids, k, tp, "anticausal")
     kw = dict(halo0=None, bias=None, bits=bits, extra=_pad(dy, tp, dp) if st.residual else None,
