@@ -1,7 +1,9 @@
-"""Compiled by the real TPU compiler (libtpu, deviceless) on an 8-chip v5e mesh while this process's default backend
-is the CPU: ``kernel_impl="auto"`` picks the Pallas kernels from the mesh's devices and runs them under ``shard_map``,
-so the ops and tiny train steps compile and the compiled programs contain the Mosaic kernels."""
-import functools
+"""Compiled by the real compilers (deviceless) on an 8-chip v5e mesh (libtpu) and an 8-GPU H100 host (XLA GPU +
+ptxas) while this process's default backend is the CPU: ``impl="auto"`` picks the Pallas kernels from the mesh's
+devices and runs them under ``shard_map``, so the ops and tiny train steps compile and the compiled programs contain
+the Mosaic kernels."""
+import importlib.util
+import os
 import re
 import types
 
@@ -23,25 +25,38 @@ from canon_jax.train.sharding import make_mesh  # noqa: E402
 pytestmark = pytest.mark.compile
 
 MESHES = {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+# Mosaic TPU / Mosaic GPU custom calls in compiled HLO
+_KERNEL_CALL = {"tpu": r'custom_call_target="tpu_custom_call"', "gpu": r'custom_call_target="mosaic_gpu[a-z0-9_]*"'}
 
 
-def _mesh(shape):
+def _mesh(shape, target="v5e:2x4"):
     return make_mesh(types.SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
-                     devices=aot.get_target("v5e:2x4").devices)
+                     devices=aot.get_target(target).devices)
 
 
-def _mosaic_calls(compiled) -> int:
-    return len(re.findall(r'custom_call_target="tpu_custom_call"', compiled.as_text()))
+def _mosaic_calls(compiled, platform="tpu") -> int:
+    return len(re.findall(_KERNEL_CALL[platform], compiled.as_text()))
+
+
+def _gpu_compiler_or_skip():
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None or importlib.util.find_spec("nvidia.cuda_nvcc") is None:
+        pytest.skip("the CUDA plugin and nvcc wheels (aot extra) are not installed")
+    if os.environ.get("JAX_PLATFORMS") != "cpu":
+        pytest.skip("GPU targets compile only with JAX_PLATFORMS=cpu (else the CUDA plugin looks for a driver)")
 
 
 def _arg(mesh, shape, dtype, spec):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_tpu_mesh(mesh_name):
+@pytest.mark.parametrize("target,mesh_name", [("v5e:2x4", "fsdp8"), ("v5e:2x4", "data2_fsdp2_tensor2"),
+                                              ("h100:1x1x8", "fsdp8")])
+def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_mesh(target, mesh_name):
+    platform = "gpu" if target.startswith("h100") else "tpu"
+    if platform == "gpu":
+        _gpu_compiler_or_skip()
     assert jax.default_backend() == "cpu"
-    mesh = _mesh(MESHES[mesh_name])
+    mesh = _mesh(MESHES[mesh_name], target)
     bf = jnp.bfloat16
     b, t = 8, 256
 
@@ -49,7 +64,7 @@ def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_tpu_mesh(mesh_name):
         def loss(x, w, s0, q, k, v, g, xs, bm, cm):
             y = causal_conv1d(x, w, residual=True, segment_ids=seg, initial_state=s0, impl="auto")
             o, _ = gla(q, k, v, g, impl="auto")
-            z, _ = ssd(xs, dt, a, bm, cm, impl="auto", chunk_size=128)
+            z, _ = ssd(xs, dt, a, bm, cm, impl="auto", chunk_size=64)
             return sum(jnp.sum(u.astype(jnp.float32) ** 2) for u in (y, o, z))
 
         return jax.value_and_grad(loss, argnums=tuple(range(10)))(x, w, s0, q, k, v, g, xs, bm, cm)
@@ -62,10 +77,12 @@ def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_tpu_mesh(mesh_name):
             _arg(mesh, (4,), jnp.float32, ()), _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)),
             _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)))
     with jax.set_mesh(mesh):
-        assert dispatch.accelerator_backend() == "tpu"  # from the mesh, although the default backend is the CPU
+        # from the mesh, although the default backend is the CPU
+        assert dispatch.accelerator_backend() == platform
         compiled = jax.jit(step).lower(*args).compile()
-    # conv: forward + backward (dx with dw/dbias partial sums); GLA and SSD: forward + backward kernels
-    assert _mosaic_calls(compiled) >= 6, compiled.as_text()[:2000]
+    # conv, GLA and SSD: at least one forward and one backward kernel each (shapes the GPU kernels take: Dk, Dv
+    # multiples of 64, chunk 64)
+    assert _mosaic_calls(compiled, platform) >= 6, compiled.as_text()[:2000]
 
 
 MODELS = {
