@@ -78,8 +78,8 @@ def _conv_forward(x, w, b, prev, seg_h, activation, residual):
     pre = None
     for j in range(k):  # tap j looks (K - 1 - j) tokens back
         term = xh[:, j:j + t].astype(jnp.float32) * w32[j]
-        if seg_h is not None:
-            term = jnp.where((seg_h[:, j:j + t] == seg_h[:, k - 1:])[..., None], term, 0.0)
+        if seg_h is not None:  # a [B, T, 1] float mask per tap: compared once per token, not per channel
+            term = term * (seg_h[:, j:j + t] == seg_h[:, k - 1:]).astype(jnp.float32)[..., None]
         pre = term if pre is None else pre + term
     pre = pre + b.astype(jnp.float32)
     y = jax.nn.silu(pre) if activation == "silu" else pre
@@ -130,7 +130,7 @@ def _xla_bwd_math(activation, residual, res, g):
         r = gpe[:, lo:hi].astype(jnp.float32)
         if seg_e is None:
             return r
-        return jnp.where((seg_e[:, lo + j:hi + j] == seg_e[:, hist + lo:hist + hi])[..., None], r, 0.0)
+        return r * (seg_e[:, lo + j:hi + j] == seg_e[:, hist + lo:hist + hi]).astype(jnp.float32)[..., None]
 
     # dx[s] = sum_j w[j] * tap_j[s + K-1-j]: an anti-causal conv of the gradient.
     dx = g.astype(jnp.float32) if residual else None
