@@ -120,8 +120,6 @@ def find_batch(cfg, target, base: dict | None = None, max_per_device: int = 1024
 
     Binary search over compiles: memory grows with the batch, so "fits" is monotone in it.
     """
-    from canon_jax.train.trainer import Trainer  # noqa: F401 - fail early if the package is broken
-
     mesh = (base or compile_config(cfg, target))["mesh"]
     dp = mesh["data"] * mesh["fsdp"]
     results = {}
