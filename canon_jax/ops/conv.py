@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from canon_jax.ops import cpu as _cpu
+from canon_jax.ops.sharded import shard_map_call, target_platform
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "IMPLEMENTATIONS"]
 
@@ -63,16 +66,20 @@ def _silu_grad(pre):
     return sig * (1.0 + pre * (1.0 - sig))
 
 
-def _conv_forward(x, w, b, prev, masks, activation, residual):
-    """Float32 pre-activation and output. ``prev``: the ``K-1`` history rows; ``masks``: ``[K, B, T, 1]`` or None."""
+def _conv_forward(x, w, b, prev, seg_h, activation, residual):
+    """Float32 pre-activation and output. ``prev``: the ``K-1`` history rows (x's dtype); ``seg_h``: ``[B, K-1+T]``
+    segment ids (history rows first) or None.
+
+    Every tap reads a shifted slice of ``[prev, x]`` in the input dtype and widens it inside the multiply-add, so
+    the whole sum is one elementwise pass: no float32 (or padded) copy of the input is materialised."""
     k, t = w.shape[0], x.shape[1]
-    xh = jnp.concatenate([prev, x], axis=1).astype(jnp.float32)
+    xh = jnp.concatenate([prev, x], axis=1)
     w32 = w.astype(jnp.float32)
     pre = None
     for j in range(k):  # tap j looks (K - 1 - j) tokens back
-        term = xh[:, j:j + t] * w32[j]
-        if masks is not None:
-            term = term * masks[j]
+        term = xh[:, j:j + t].astype(jnp.float32) * w32[j]
+        if seg_h is not None:
+            term = jnp.where((seg_h[:, j:j + t] == seg_h[:, k - 1:])[..., None], term, 0.0)
         pre = term if pre is None else pre + term
     pre = pre + b.astype(jnp.float32)
     y = jax.nn.silu(pre) if activation == "silu" else pre
@@ -82,47 +89,62 @@ def _conv_forward(x, w, b, prev, masks, activation, residual):
 
 
 # A hand-written VJP: autodiff of the K shifted multiply-adds produces K pad/accumulate passes plus K reductions
-# that XLA's CPU backend does not fuse well; the explicit anti-causal form below is ~1.5x faster fwd+bwd.
+# that XLA's CPU backend does not fuse well; the explicit anti-causal form below is ~1.5x faster fwd+bwd. The forward
+# saves only its inputs (no float32 pre-activation): the backward recomputes what it needs in the same passes.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _conv_xla(x, w, b, prev, masks, activation, residual):
-    return _conv_forward(x, w, b, prev, masks, activation, residual)[1].astype(x.dtype)
+def _conv_xla(x, w, b, prev, seg_h, activation, residual):
+    return _conv_forward(x, w, b, prev, seg_h, activation, residual)[1].astype(x.dtype)
 
 
-def _conv_xla_fwd(x, w, b, prev, masks, activation, residual):
-    pre, y = _conv_forward(x, w, b, prev, masks, activation, residual)
-    return y.astype(x.dtype), (x, w, b, prev, masks, pre if activation == "silu" else None)
+def _conv_xla_fwd(x, w, b, prev, seg_h, activation, residual):
+    return _conv_xla(x, w, b, prev, seg_h, activation, residual), (x, w, b, prev, seg_h)
 
 
 def _conv_xla_bwd(activation, residual, res, g):
-    return _xla_bwd_math(activation, residual, res, g)
+    dx, dw, db, dprev = _xla_bwd_math(activation, residual, res, g)
+    return dx, dw, db, dprev, None
 
 
 def _xla_bwd_math(activation, residual, res, g):
-    x, w, b, prev, masks, pre = res
-    if activation == "silu" and pre is None:  # the native path does not keep pre: recompute it
-        pre = _conv_forward(x, w, b, prev, masks, activation, residual)[0]
+    """``(dx, dw, db, dprev)``. With no activation the conv's gradient ``gp`` is ``g`` itself, read in its own dtype
+    by each pass; with SiLU it is recomputed from the inputs as one float32 array (the only full-size temporary)."""
+    x, w, b, prev, seg_h = res
     k, t = w.shape[0], x.shape[1]
-    g = g.astype(jnp.float32)
-    gp = g * _silu_grad(pre) if activation == "silu" else g
-    w32 = w.astype(jnp.float32)
-    xh = jnp.concatenate([prev, x], axis=1).astype(jnp.float32)
-    gpm = [gp if masks is None else gp * masks[j] for j in range(k)]
-    # dx[s] = sum_j w[j] * gpm_j[s + K-1-j] (zero beyond T): an anti-causal conv of the gradient.
-    dx = g if residual else None
-    for j in range(k):
-        later = gpm[j][:, k - 1 - j:]  # gpm_j[s + K-1-j]; fewer than T rows (maybe none) near the end
-        term = jnp.pad(later, ((0, 0), (0, t - later.shape[1]), (0, 0))) * w32[j]
-        dx = term if dx is None else dx + term
-    # d prev[i] (history row i, i < K-1) = sum_{j <= i} w[j] * gpm_j[i - j]
     hist = k - 1
+    if activation == "silu":
+        pre = _conv_forward(x, w, b, prev, seg_h, None, False)[0]
+        gp = g.astype(jnp.float32) * _silu_grad(pre)
+    else:
+        gp = g
+    w32 = w.astype(jnp.float32)
+    xh = jnp.concatenate([prev, x], axis=1)
+    # The gradient zero-extended by K-1 rows (and the segment ids by the last segment), so that every tap, causal or
+    # anti-causal, is a slice of one array: XLA fuses slices of a concatenation into the consuming pass, where slices
+    # of the bare array at unaligned row offsets become copies (TPU).
+    gpe = jnp.concatenate([gp, jnp.zeros((gp.shape[0], hist, gp.shape[2]), gp.dtype)], axis=1)
+    seg_e = None if seg_h is None else jnp.concatenate(
+        [seg_h, jnp.broadcast_to(seg_h[:, -1:], (seg_h.shape[0], hist))], axis=1)  # seg_e[K-1 + p] = segment of p
+
+    def tap(j, lo, hi):
+        """Tap j's share of the gradient at outputs lo..hi-1 (zero past T; masked to the output's segment), f32."""
+        r = gpe[:, lo:hi].astype(jnp.float32)
+        if seg_e is None:
+            return r
+        return jnp.where((seg_e[:, lo + j:hi + j] == seg_e[:, hist + lo:hist + hi])[..., None], r, 0.0)
+
+    # dx[s] = sum_j w[j] * tap_j[s + K-1-j]: an anti-causal conv of the gradient.
+    dx = g.astype(jnp.float32) if residual else None
+    for j in range(k):
+        term = tap(j, k - 1 - j, k - 1 - j + t) * w32[j]
+        dx = term if dx is None else dx + term
+    # d prev[i] (history row i, i < K-1) = sum_{j <= i} w[j] * tap_j[i - j]
     dprev = jnp.zeros(prev.shape, jnp.float32)
     for j in range(min(k, hist)):
-        rows = gpm[j][:, :hist - j] * w32[j]  # fewer than hist - j rows when T is short
+        rows = tap(j, 0, min(hist - j, t)) * w32[j]  # fewer than hist - j rows when T is short
         dprev = dprev + jnp.pad(rows, ((0, 0), (j, hist - j - rows.shape[1]), (0, 0)))
-    dw = jnp.stack([jnp.sum(gpm[j] * xh[:, j:j + t], axis=(0, 1)) for j in range(k)])
-    db = jnp.sum(gp, axis=(0, 1))
-    dmasks = None if masks is None else jnp.zeros_like(masks)
-    return (dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), dprev.astype(prev.dtype), dmasks)
+    dw = jnp.stack([jnp.sum(tap(j, 0, t) * xh[:, j:j + t].astype(jnp.float32), axis=(0, 1)) for j in range(k)])
+    db = jnp.sum(gp.astype(jnp.float32), axis=(0, 1))
+    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), dprev.astype(prev.dtype)
 
 
 _conv_xla.defvjp(_conv_xla_fwd, _conv_xla_bwd)
@@ -166,8 +188,7 @@ def _conv_native_bwd(activation, residual, res, g):
     g = g.astype(x.dtype)
 
     def xla(x, w, b, prev, g):
-        dx, dw, db, dprev, _ = _xla_bwd_math(activation, residual, (x, w, b, prev, None, None), g)
-        return dx, dw, db, dprev
+        return _xla_bwd_math(activation, residual, (x, w, b, prev, None), g)
 
     return jax.lax.platform_dependent(
         x, w, b, prev, g, cpu=lambda *a: _native_bwd_call(*a, activation, residual), default=xla)
@@ -193,15 +214,19 @@ def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, 
         prev = jnp.zeros((batch, k - 1, channels), x.dtype)
     else:
         prev = jnp.swapaxes(initial_state[:, :, 1:], 1, 2).astype(x.dtype)
-    masks = None
+    seg_h = None
     if segment_ids is not None:
         # The state, if any, continues the segment of the first token.
         seg_h = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (batch, k - 1)), segment_ids], axis=1)
-        masks = jnp.stack([(seg_h[:, j:j + t] == segment_ids)[..., None] for j in range(k)]).astype(jnp.float32)
     b = jnp.zeros((channels,), weight.dtype) if bias is None else bias
     if native:
-        return _conv_native(x, weight, b, prev, activation, residual)
-    return _conv_xla(x, weight, b, prev, masks, activation, residual)
+        # A custom call is not partitioned by XLA: under a mesh each device runs it on its own block.
+        return shard_map_call(lambda x, w, b, prev: _conv_native(x, w, b, prev, activation, residual),
+                              x, weight, b, prev, in_axes=_NATIVE_AXES, out_axes=_NATIVE_AXES[0])
+    return _conv_xla(x, weight, b, prev, seg_h, activation, residual)
+
+
+_NATIVE_AXES = (P("batch", None, "channels"), P(None, "channels"), P("channels"), P("batch", None, "channels"))
 
 
 def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, segment_ids=None, initial_state=None,
@@ -218,8 +243,9 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
       initial_state: optional ``[batch, channels, K]``, the last K raw inputs before ``x`` (oldest first).
       return_final_state: also return the ``[batch, channels, K]`` state after ``x``.
       residual: return ``x + conv(x)`` (the Canon residual), fused.
-      impl: ``"auto"`` (Pallas on TPU/GPU; on CPU the native XLA-FFI kernel for float32 calls without segment ids,
-        else XLA), ``"xla"``, ``"cpu"`` (the native CPU kernel; raises where it does not apply), ``"pallas"`` or
+      impl: ``"auto"`` (Pallas when the program is compiled for TPU/GPU devices: the trace-time mesh's, else the
+        default backend's; on CPU the native XLA-FFI kernel for float32 calls without segment ids, else XLA),
+        ``"xla"``, ``"cpu"`` (the native CPU kernel; raises where it does not apply), ``"pallas"`` or
         ``"pallas_interpret"`` (the Pallas kernel in interpret mode, any backend).
 
     Returns:
@@ -231,7 +257,7 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
     k = weight.shape[0]
     y = None
     native = False
-    if impl == "cpu" or (impl == "auto" and jax.default_backend() == "cpu"):
+    if impl == "cpu" or (impl == "auto" and target_platform() == "cpu"):
         why = _native_unsupported(x, weight, bias, segment_ids, initial_state)
         if why is None and not _cpu.available():
             why = f"the native CPU kernel is unavailable: {_cpu.unavailable_reason()}"

@@ -1,23 +1,25 @@
-"""Chooses the implementation behind an ``impl=`` switch.
+"""Chooses the implementation behind an ``impl=`` switch, and runs the chosen kernel on the mesh.
 
-``impl="auto"`` uses a Pallas kernel when the default backend is TPU or GPU and ``pallas_kernels`` provides one, and
-returns ``None`` (meaning: use the XLA path) elsewhere. Naming an implementation that is not available raises.
+``impl="auto"`` uses a Pallas kernel when the program is compiled for TPU or GPU devices (the devices of the
+trace-time mesh, else the default backend: :func:`canon_jax.ops.sharded.target_platform`) and ``pallas_kernels``
+provides one, and returns ``None`` (meaning: use the XLA path) elsewhere. Naming an implementation that is not
+available raises. Under a mesh every kernel call runs per device through :func:`canon_jax.ops.sharded.shard_map_call`
+(batch over the batch axes, channels/heads over ``tensor``, time whole).
 """
 from __future__ import annotations
 
 import importlib
 
-import jax
+from jax.sharding import PartitionSpec as P
+
+from canon_jax.ops.sharded import shard_map_call, target_platform
 
 
 def accelerator_backend() -> str | None:
-    """``"tpu"``, ``"gpu"`` or ``None`` (CPU) for the default backend."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return None
+    """``"tpu"``, ``"gpu"`` or ``None`` (CPU) for the devices the program is compiled for: the context mesh's
+    devices (e.g. abstract TPU devices of a deviceless compile on a CPU host), else the default backend."""
+    platform = target_platform()
+    return None if platform == "cpu" else platform
 
 
 def _pallas_api(module: str, op: str):
@@ -37,7 +39,7 @@ def _resolve(impl: str, op: str) -> tuple[bool, bool] | None:
     if impl == "pallas":
         if accelerator_backend() is None:
             raise NotImplementedError(
-                f"{op}: impl='pallas' needs a TPU or GPU backend (default backend is {jax.default_backend()!r}); "
+                f"{op}: impl='pallas' needs TPU or GPU devices (the program is compiled for {target_platform()!r}); "
                 "use impl='pallas_interpret' to run the kernel in interpret mode, or impl='xla'")
         return True, False
     if impl == "auto":
@@ -52,9 +54,24 @@ def short_conv(impl, x, weight, **kw):
     if r is None:
         return None
     api = _pallas_api("pallas_kernels.short_conv", "causal_conv1d")
-    if impl == "auto" and not api.supports(interpret=r[1], segment_ids=kw.get("segment_ids")):
+    backend = accelerator_backend()
+    if impl == "auto" and not api.supports(backend=backend, interpret=r[1], segment_ids=kw.get("segment_ids")):
         return None
-    return api.short_conv(x, weight, interpret=r[1], **kw)
+    opts = {n: kw.pop(n) for n in ("bias", "segment_ids", "initial_state") if n in kw}
+
+    def local(x, weight, bias, segment_ids, initial_state):
+        return api.short_conv(x, weight, bias=bias, segment_ids=segment_ids, initial_state=initial_state,
+                              interpret=r[1], backend=backend, **kw)
+
+    return shard_map_call(local, x, weight, opts.get("bias"), opts.get("segment_ids"), opts.get("initial_state"),
+                          in_axes=CONV_AXES, out_axes=P("batch", None, "channels"))
+
+
+# Logical axes of the conv's (x, weight, bias, segment_ids, initial_state) and of the scans' arguments.
+CONV_AXES = (P("batch", None, "channels"), P(None, "channels"), P("channels"), P("batch", None),
+             P("batch", "channels", None))
+_TOKENS = P("batch", None, "heads", None)  # [batch, time, heads, D]
+_STATE = P("batch", "heads", None, None)  # [batch, heads, Dk, Dv]
 
 
 LINEAR_SCAN_OPS = ("gla", "ssd")
@@ -78,9 +95,23 @@ def linear_scan(impl, op_name, *args, **kw):
     if r is None:
         return None
     api = _pallas_api("pallas_kernels.linear_scan", op_name)
-    if impl == "auto" and not api.supports(op_name, interpret=r[1], **_scan_dims(op_name, args, kw)):
+    backend = accelerator_backend()
+    if impl == "auto" and not api.supports(op_name, backend=backend, interpret=r[1], **_scan_dims(op_name, args, kw)):
         return None
-    return getattr(api, op_name)(*args, interpret=r[1], **kw)
+    s0 = kw.pop("initial_state", None)
+    kernel = getattr(api, op_name)
+
+    def local(*a):
+        *a, s0 = a
+        return kernel(*a, initial_state=s0, interpret=r[1], backend=backend, **kw)
+
+    if op_name == "gla":
+        in_axes = (_TOKENS,) * 4
+    else:  # ssd: (x, dt, A, B, C, D); B/C groups split like heads unless there is one group
+        groups = None if args[3].shape[2] == 1 else "heads"
+        in_axes = (_TOKENS, P("batch", None, "heads"), P("heads"), P("batch", None, groups, None),
+                   P("batch", None, groups, None), P("heads"))
+    return shard_map_call(local, *args, s0, in_axes=in_axes + (_STATE,), out_axes=(_TOKENS, _STATE))
 
 
 def gla_uses_gpu_kernel(impl, q, v, chunk_size) -> bool:
@@ -92,7 +123,7 @@ def gla_uses_gpu_kernel(impl, q, v, chunk_size) -> bool:
     if impl != "auto":
         return True
     api = _pallas_api("pallas_kernels.linear_scan", "gla")
-    return api.supports("gla", **_scan_dims("gla", (q, None, v), {"chunk_size": chunk_size}))
+    return api.supports("gla", backend="gpu", **_scan_dims("gla", (q, None, v), {"chunk_size": chunk_size}))
 
 
 def _scan_dims(op_name, args, kw):

@@ -40,6 +40,9 @@ LOGICAL_RULES = (
     ("value", "tensor"),
     ("key", "tensor"),
     ("layers", None),
+    # Activations of per-channel (depthwise) kernels such as the Canon conv: splitting channels needs no
+    # communication inside the kernel, so it is spread over ``tensor`` whatever the surrounding layout.
+    ("channels", "tensor"),
 )
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
 

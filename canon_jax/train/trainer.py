@@ -149,7 +149,17 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None):
                    "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads)}
         return new_state, metrics
 
-    return step_fn
+    if mesh is None:
+        return step_fn
+
+    def step_in_mesh(state, batch):
+        # The mesh and the logical rules at trace time, whoever jits or lowers the step: the model's sharding
+        # annotations and the kernels' shard_map (canon_jax.ops.sharded) read them, and the kernels pick their
+        # implementation from the mesh's devices.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+            return step_fn(state, batch)
+
+    return step_in_mesh
 
 
 # ----------------------------------------------------------------------------------------------------------------------

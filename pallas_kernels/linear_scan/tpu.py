@@ -17,6 +17,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import tpu_params
+from pallas_kernels.cost import scan_cost
 from pallas_kernels.linear_scan.reference import chunk_step, chunk_step_bwd
 
 
@@ -118,9 +119,14 @@ def scan_call(q, k, v, b, brow, st0, *, layout: ScanLayout, scale, chunk, sub_ch
                  pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, c, 0, 0)))
     else:
         first = (layout.out_shape("v", bsz, t_len, out_dtype), layout.spec("v", chunk, n))
+    out_shape = (first[0], jax.ShapeDtypeStruct((bsz, heads, dv, dk), jnp.float32))
+    # states_only reads no q (its block is still fetched: counted) and computes only the state update.
+    cost = scan_cost(bsz, heads, n, chunk, dk, dv, scalar=scalar, sub=sub_chunk, operands=args, outputs=out_shape,
+                     rep=layout.rep if layout.kind == "time" else 1, states_only=states_only)
     return pl.pallas_call(
         kernel,
-        out_shape=(first[0], jax.ShapeDtypeStruct((bsz, heads, dv, dk), jnp.float32)),
+        out_shape=out_shape,
+        cost_estimate=cost,
         grid=(bsz, heads, n),
         in_specs=in_specs,
         out_specs=(first[1], state),
@@ -184,11 +190,15 @@ def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scal
     args += [do, states, dsf]
     f32 = jnp.float32
     kernel = functools.partial(_bwd_kernel, scale=scale, sub_chunk=sub_chunk, scalar=scalar, n_chunks=n)
+    out_shape = (layout.out_shape("k_out", bsz, t_len, f32), layout.out_shape("k_out", bsz, t_len, f32),
+                 layout.out_shape("v", bsz, t_len, f32), layout.out_shape(bkind, bsz, t_len, f32),
+                 jax.ShapeDtypeStruct((bsz, heads, dv, dk), f32))
+    cost = scan_cost(bsz, heads, n, chunk, dk, dv, scalar=scalar, sub=sub_chunk, operands=args, outputs=out_shape,
+                     rep=layout.rep if layout.kind == "time" else 1, backward=True)
     return pl.pallas_call(
         kernel,
-        out_shape=(layout.out_shape("k_out", bsz, t_len, f32), layout.out_shape("k_out", bsz, t_len, f32),
-                   layout.out_shape("v", bsz, t_len, f32), layout.out_shape(bkind, bsz, t_len, f32),
-                   jax.ShapeDtypeStruct((bsz, heads, dv, dk), f32)),
+        out_shape=out_shape,
+        cost_estimate=cost,
         grid=(bsz, heads, n),
         in_specs=in_specs,
         out_specs=(spec("k_out"), spec("k_out"), spec("v"), spec(bkind), state),

@@ -39,6 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import gpu_params
+from pallas_kernels.cost import conv_cost
 
 
 def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_mask, has_extra, activation, residual_x,
@@ -166,9 +167,13 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
         _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
         has_bias=bias is not None, has_mask=has_mask, has_extra=extra is not None, activation=activation,
         residual_x=residual_x, interpret=interpret)
+    cost = conv_cost(x, k, bt=bt, bd=bd, hrows=hrows, out_dtype=out_dtype, has_halo0=halo0 is not None,
+                     has_bias=bias is not None, bits_lanes=(k - 1) * bd if has_mask else 0, extra=extra,
+                     activation=activation, residual=residual_x, weights_per_step=True)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, tp, dp), out_dtype),
+        cost_estimate=cost,
         grid=(bsz, nd, nt),
         in_specs=in_specs,
         out_specs=tile,

@@ -17,6 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import tpu_params
+from pallas_kernels.cost import conv_cost
 
 
 def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_bits, has_extra, activation, residual_x,
@@ -156,9 +157,13 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
         _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
         has_bias=bias is not None, has_bits=bits is not None, has_extra=extra is not None, activation=activation,
         residual_x=residual_x, with_dw=with_dw, dw_has_halo0=dw_halo0 is not None, dw_has_bits=dw_bits is not None)
+    cost = conv_cost(x, k, bt=bt, bd=bd, hrows=hrows, out_dtype=out_dtype, has_halo0=halo0 is not None,
+                     has_bias=bias is not None, bits_lanes=int(bits is not None), extra=extra, activation=activation,
+                     residual=residual_x, dw_x=dw_x, dw_halo0=dw_halo0 is not None, dw_bits=dw_bits is not None)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
+        cost_estimate=cost,
         grid=(bsz, nd, nt),
         in_specs=in_specs,
         out_specs=out_specs,
