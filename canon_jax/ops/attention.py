@@ -7,16 +7,16 @@ grouped KV heads, scale ``hd^-1/2``, optional packed-document segment ids and ke
 ``impl`` (``ModelConfig.attention_impl``):
 
 * ``"auto"``: splash on TPU, cuDNN on a CUDA GPU when its shape/dtype limits allow, else ``None`` (the blocked XLA
-  path). The platform is the one the program is compiled for: that of the mesh set with ``jax.set_mesh`` (a deviceless
-  compile for TPU from a CPU host sees ``tpu``), else the default backend.
+  path). The platform is the one the program is compiled for (:func:`canon_jax.ops.sharded.target_platform`: the
+  trace-time mesh's devices, so a deviceless compile for TPU from a CPU host gets splash; else the default backend).
 * ``"xla"``: ``None``.
 * ``"splash"`` / ``"splash_interpret"``: the splash kernel compiled by Mosaic (TPU only) / run by the Pallas
   interpreter (any platform; tests).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (CUDA GPU only).
 
-Under a mesh the kernels run under ``jax.shard_map`` (Mosaic and the local call are not auto-partitioned): batch
-over the mesh axes the logical rules give ``"batch"``, query and KV heads over those of ``"heads"``/``"kv_heads"``,
-time and head_dim unsharded.
+Under a mesh the kernels run per device through :func:`canon_jax.ops.sharded.shard_map_call` (Mosaic calls are not
+partitioned by XLA): batch over the mesh axes of the logical name ``"batch"``, query and KV heads over those of
+``"heads"``, time and head_dim whole.
 """
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from canon_jax.config import ATTENTION_IMPLS
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["ATTENTION_IMPLS", "target_platform", "flash_attention", "splash_attention", "cudnn_attention"]
+from canon_jax.config import ATTENTION_IMPLS
+from canon_jax.ops.sharded import shard_map_call, target_platform
+
+__all__ = ["ATTENTION_IMPLS", "resolve", "flash_attention", "splash_attention", "cudnn_attention"]
 
 _LANES = 128  # splash tiles time in multiples of the TPU lane width
 _SPLASH_BLOCK = 512
@@ -34,16 +37,11 @@ _SPLASH_BLOCK = 512
 _NO_SEGMENT = int(np.iinfo(np.int32).min)
 
 
-def target_platform() -> str:
-    """``"tpu"``, ``"cuda"``, ``"rocm"`` or ``"cpu"``: the platform of the mesh in context, else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = None
-    if not mesh.empty:
-        platform = getattr(mesh.abstract_device, "platform", None)
-    platform = (platform or jax.default_backend()).lower()
-    if platform == "gpu":
-        from jax._src import xla_bridge  # "gpu" names whichever GPU plugin is loaded
-        platform = "rocm" if "rocm" in xla_bridge.get_backend().platform_version.lower() else "cuda"
+def _platform() -> str:
+    """``"tpu"``, ``"cuda"``, ``"rocm"`` or ``"cpu"`` for the devices the program is compiled for."""
+    platform = target_platform()
+    if platform == "gpu":  # cuDNN is NVIDIA's: ROCm only when this process itself runs on a ROCm backend
+        return "rocm" if jax.default_backend() == "rocm" else "cuda"
     return platform
 
 
@@ -61,7 +59,7 @@ def resolve(impl: str, q, k) -> str:
         raise ValueError(f"attention: unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
     if impl in ("xla", "splash_interpret"):
         return impl
-    platform = target_platform()
+    platform = _platform()
     if impl == "auto":
         if platform == "tpu":
             return "splash"
@@ -169,47 +167,10 @@ def cudnn_attention(q, k, v, *, segment_ids=None, key_valid=None, implementation
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-def _mesh_axes(logical: str):
-    """Mesh axes the active logical rules give ``logical`` (flax ``nn.logical_axis_rules``), or None."""
-    from flax import linen as nn
-
-    spec = nn.logical_to_mesh_axes((logical,))
-    return spec[0] if len(spec) else None
-
-
-def _axes_size(mesh, axes) -> int:
-    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
-
-
-def _under_mesh(fn, q, k, v, segment_ids, key_valid):
-    """``fn(q, k, v, segment_ids, key_valid)`` on each device's shard under ``jax.shard_map`` when a mesh with more
-    than one device is in context; dimensions the mesh axes do not divide are replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(q, k, v, segment_ids, key_valid)
-    from jax.sharding import PartitionSpec as P
-
-    b_ax, h_ax, kvh_ax = _mesh_axes("batch"), _mesh_axes("heads"), _mesh_axes("kv_heads")
-    if q.shape[0] % _axes_size(mesh, b_ax):
-        b_ax = None
-    # query head h reads KV head h // (H / H_kv): both head axes must be split the same way, in whole groups
-    if h_ax != kvh_ax or q.shape[2] % _axes_size(mesh, h_ax) or k.shape[2] % _axes_size(mesh, h_ax):
-        h_ax = None
-    tok = P(b_ax, None, h_ax, None)
-    row = P(b_ax, None)
-    opt = [a for a in (segment_ids, key_valid) if a is not None]
-    has_seg, has_valid = segment_ids is not None, key_valid is not None
-
-    def local(q, k, v, *rest):
-        rest = list(rest)
-        seg = rest.pop(0) if has_seg else None
-        valid = rest.pop(0) if has_valid else None
-        return fn(q, k, v, seg, valid)
-
-    # check_vma=False: pallas_call / custom_call outputs carry no varying-axes annotation
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok) + (row,) * len(opt), out_specs=tok,
-                         check_vma=False)(q, k, v, *opt)
+# query head h reads KV head h // (H / H_kv): both head counts carry the logical name "heads" so that one resolution
+# splits them alike (an indivisible count replicates both)
+_TOKENS = P("batch", None, "heads", None)
+_ROWS = P("batch", None)
 
 
 def flash_attention(impl: str, q, k, v, *, segment_ids=None, key_valid=None):
@@ -226,4 +187,5 @@ def flash_attention(impl: str, q, k, v, *, segment_ids=None, key_valid=None):
     else:
         interpret = choice == "splash_interpret"
         fn = lambda q, k, v, s, m: splash_attention(q, k, v, segment_ids=s, key_valid=m, interpret=interpret)
-    return _under_mesh(fn, q, k, v, segment_ids, key_valid)
+    return shard_map_call(fn, q, k, v, segment_ids, key_valid, in_axes=(_TOKENS,) * 3 + (_ROWS,) * 2,
+                          out_axes=_TOKENS)

@@ -37,7 +37,8 @@ def _compile(attention_impl):
 
 
 def test_auto_attention_is_splash_on_tpu():
-    from canon_jax.ops.attention import resolve, target_platform
+    from canon_jax.ops.attention import resolve
+    from canon_jax.ops.sharded import target_platform
     from canon_jax import aot
     from canon_jax.train.sharding import MESH_AXES
 
