@@ -6,8 +6,8 @@ of an 8-GPU H100 host (the CUDA plugin, with the target description shipped in `
 compile errors, memory use and the kernels in the program are what the chip would see; nothing can be executed.
 
 Requirements: the ``aot`` extra (libtpu, jax-cuda12-plugin, nvidia-cuda-nvcc-cu12, versions equal to jax's). The CUDA
-plugin registers itself only if its driver/library check passes, which it cannot without a GPU: ``get_target`` sets
-``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, which works when JAX's plugins have not been loaded yet in the process (first
+plugin registers itself only if its driver/library check passes, which it cannot without a GPU: importing this module
+sets ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, which works when JAX has not loaded its plugins yet in the process (first
 backend use); otherwise start the process with ``JAX_PLATFORMS=cpu`` or that variable set.
 """
 from __future__ import annotations
@@ -18,13 +18,15 @@ import importlib.resources
 import importlib.util
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
 GiB = 1 << 30
+# Lets the CUDA plugin register without a GPU (see the module docstring); read when JAX first loads its plugins.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 # Per-chip HBM and TensorCores seen as separate devices (v3 and 7x expose both cores of a chip; v4 is compiled as
 # one megacore device per chip, as it is run). Figures: Google Cloud TPU system-architecture pages.
@@ -96,14 +98,14 @@ def ensure_ptxas_on_path() -> str:
     spec = importlib.util.find_spec("nvidia.cuda_nvcc")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("nvidia-cuda-nvcc-cu12 is not installed (pip install -e '.[aot]')")
-    bin_dir = os.path.join(list(spec.submodule_search_locations)[0], "bin")
+    bin_dir = os.path.join(next(iter(spec.submodule_search_locations)), "bin")
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
     return bin_dir
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_target(name: str) -> Target:
     """Abstract devices for a topology name: ``"v5e:2x2"``, ``"v5e:1x1"`` (one chip), ``"v5p:4x4x4"``,
     ``"v4:2x2x1"``, ``"v6e:8x8"``, ``"tpu7x:2x2x1"``, ``"h100:1x1x8"``, ``"h200:1x1x8"``."""
@@ -112,7 +114,6 @@ def get_target(name: str) -> Target:
     chip, dims = _parse(name)
     if chip in _GPU_CHIPS:
         ensure_ptxas_on_path()
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         config = gpu_target_config(chip)
         try:
             topo = topologies.get_topology_desc(platform="cuda", target_config=config,

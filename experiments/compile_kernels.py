@@ -25,7 +25,8 @@ import re
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 if "MOSAIC_GPU_DUMP_TO" not in os.environ:
     os.environ["MOSAIC_GPU_DUMP_TO"] = tempfile.mkdtemp(prefix="canon_jax_mosaic_gpu_")
@@ -33,14 +34,14 @@ os.makedirs(os.environ["MOSAIC_GPU_DUMP_TO"], exist_ok=True)
 os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # as canon_jax.aot, before jax loads its plugins
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from canon_jax import aot  # noqa: E402
-from pallas_kernels import cost  # noqa: E402
-from pallas_kernels.linear_scan import gla, ssd  # noqa: E402
-from pallas_kernels.short_conv import short_conv  # noqa: E402
+from canon_jax import aot
+from pallas_kernels import cost
+from pallas_kernels.linear_scan import gla, ssd
+from pallas_kernels.short_conv import short_conv
 
 S = jax.ShapeDtypeStruct
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -216,7 +217,7 @@ def tpu_vmem_estimates(fn, args):
 
 
 _PTXAS = re.compile(r"Compiling entry function '(\w+)_mosaic_gpu_kernel'.*?(\d+) bytes spill stores, (\d+) bytes "
-                    r"spill loads.*?Used (\d+) registers", re.S)
+                    r"spill loads.*?Used (\d+) registers", re.DOTALL)
 _SMEM = re.compile(r"dynamic_shared_memory_size %c(\d+)_i32")
 
 
@@ -227,13 +228,15 @@ def _gpu_dumps(before):
     stats = {}
     for f in new:
         if f.endswith(".ptxas"):
-            text = open(os.path.join(folder, f)).read()
+            with open(os.path.join(folder, f)) as fh:
+                text = fh.read()
             for m in _PTXAS.finditer(text):
                 base = f[:-len(".ptxas")]
                 smem = None
                 log = os.path.join(folder, base + ".mlir-passes.log")
                 if os.path.exists(log):
-                    found = _SMEM.findall(open(log).read())
+                    with open(log) as fh:
+                        found = _SMEM.findall(fh.read())
                     smem = int(found[-1]) if found else None
                 stats.setdefault(m.group(1), []).append(
                     dict(spill_stores=int(m.group(2)), spill_loads=int(m.group(3)), registers=int(m.group(4)),
@@ -257,7 +260,7 @@ def custom_calls(text, platform):
     return calls
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_case(case_name: str, target_key: str) -> Result:
     """Lower and compile ``CASES[case_name]`` for ``TARGETS[target_key]`` (cached per process)."""
     case = CASES[case_name]

@@ -340,7 +340,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
-    lc, iota = _helpers(interpret)
+    lc, _ = _helpers(interpret)
     iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
              else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
 
@@ -440,7 +440,7 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
     n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
-    lc, iota = _helpers(interpret)
+    lc, _ = _helpers(interpret)
     iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
              else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
 

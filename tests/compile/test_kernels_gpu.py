@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("jax_cuda12_plugin")
 pytest.importorskip("nvidia.cuda_nvcc")
 
-from experiments import compile_kernels as ck  # noqa: E402
+from experiments import compile_kernels as ck
 
 pytestmark = pytest.mark.compile
 

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("libtpu")
 
-from experiments import compile_kernels as ck  # noqa: E402
-from pallas_kernels import cost  # noqa: E402
+from experiments import compile_kernels as ck
+from pallas_kernels import cost
 
 pytestmark = pytest.mark.compile
 
