@@ -388,19 +388,22 @@ def main(argv=None) -> int:
               first, args.check_only)
         print(f"wrote {args.out}")
         return 0
+    from canon_jax.aot import get_target
+
     try:
         cfg = load_config(args.config, args.overrides)
-        from canon_jax.aot import get_target
-
-        target = get_target(args.target)
-        r = compile_config(cfg, target)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError) as e:
-        if not str(e).startswith(("unknown target", "target ", "compiling for")):
-            raise
-        print(f"error: {e}", file=sys.stderr)
+    try:
+        target = get_target(args.target)
+    except (ValueError, ImportError) as e:  # unknown target name, or the aot extra is missing
+        print(f"error: --target: {e}", file=sys.stderr)
+        return 2
+    try:
+        r = compile_config(cfg, target)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     r["overrides"] = list(args.overrides)
     if args.find_batch:
