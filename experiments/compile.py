@@ -314,7 +314,7 @@ def _cell(r: dict | None) -> str:
         return "compile failed: " + r["failure"].splitlines()[0][:120].replace("|", "/")
     s = (f"**fits** {_gib(r['memory']['total'])}" if r.get("fits") else
          (f"no: {_gib(r['memory']['total'])}" if r.get("compiled") else "no: over HBM"))
-    s += f", {r['micro_batch_per_device']:g} seq/dev"
+    s += f", {r['micro_batch_per_device']:g} seq/dev, {r['tokens_per_device']:.0f} tokens/dev"
     if r.get("compiled"):
         s += f", {r['pallas_kernels']} Pallas"
     fb = r.get("find_batch")
