@@ -1,6 +1,7 @@
-"""Each 1B paper preset, reduced to 2 layers (full width, full sequence length, one sequence per device), compiled
-by the real compilers for an 8-chip TPU slice and an 8-GPU H100 host: the training step of ``experiments.train``
-compiles, its state is sharded as the FSDP mesh says, and the Canon convs / linear scans run as Pallas kernels."""
+"""The 1B paper presets with Canon layers, reduced to 2 layers (full width, full sequence length, one sequence per
+device), compiled by the real compilers for an 8-chip TPU slice and an 8-GPU H100 host: the training step of
+``experiments.train`` compiles, its state is sharded as the FSDP mesh says, and the Canon convs (and the GLA / SSD
+scans) run as Pallas kernels."""
 import math
 import pathlib
 
@@ -12,12 +13,15 @@ BATCH = 8  # one sequence per device
 
 
 def test_presets_found():
-    assert len(PRESETS) == 8 and len(CASES) == 12, [p.name for p in PRESETS]
+    assert len(PRESETS) == 8 and len(CANON) == 4, [p.name for p in PRESETS]
 
 
-# Every preset for the TPU slice; for the GPU host the Canon presets, whose kernel calls include all of their conv
-# twin's (Canon-b is one of the AbCD positions) — each of these compiles costs minutes of CPU.
-CASES = [(p, "v5p:2x2x2") for p in PRESETS] + [(p, "h100:1x1x8") for p in PRESETS if "_canon_" in p.name]
+# The Canon presets on both machines. Their kernel calls include all of their twins': the conv presets run Canon-b,
+# one of the AbCD positions, through the same kernels at the same shapes, and llama_1b has no kernel of its own.
+# Each compile costs 1-2 minutes of CPU (TPU ~100 s, GPU ~55 s on one core), so the twins are left to
+# docs/scaling.md.
+CANON = [p for p in PRESETS if "_canon_" in p.name]
+CASES = [(p, t) for t in ("v5p:2x2x2", "h100:1x1x8") for p in CANON]
 
 
 @pytest.mark.parametrize("preset,target", CASES, ids=lambda x: getattr(x, "stem", x))
@@ -50,6 +54,5 @@ def test_reduced_preset_compiles_with_kernels(preset, target):
     # ... which is close to the float32 params + two Adam moments split 8 ways
     assert 12 * r["n_params"] / 8 <= state <= 1.02 * 12 * r["n_params"] / 8
     assert r["tokens_per_device"] == t
-    mc = cfg.model
-    if mc.canon_set or mc.arch != "llama":  # a Canon conv or a linear-attention scan: Pallas kernels
-        assert r["pallas_kernels"] > 0, r
+    # at least one kernel call (the forward) per Canon position per layer
+    assert r["pallas_kernels"] >= len(cfg.model.canon_set) * cfg.model.num_layers, r
