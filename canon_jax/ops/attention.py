@@ -35,6 +35,7 @@ _LANES = 128  # splash tiles time in multiples of the TPU lane width
 _SPLASH_BLOCK = 512
 # a key that no query may attend (padding keys when a key mask is given): never equal to a query's segment id
 _NO_SEGMENT = int(np.iinfo(np.int32).min)
+_F32_PRECISION = ("highest", "float32", "Precision.HIGHEST", "HIGHEST")
 
 
 def _platform() -> str:
@@ -101,6 +102,10 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, interpret: bool, block_size: int = 
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     b, t, h, hd = q.shape
+    if not interpret and q.dtype != jnp.float32 and str(jax.config.jax_default_matmul_precision) in _F32_PRECISION:
+        raise ValueError(f"splash attention: Mosaic cannot compile {q.dtype} matmuls at float32 precision; unset "
+                         f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision!r} (or use "
+                         "attention_impl='xla')")
     # time is padded at the end to whole blocks: causality keeps every real query off the padded keys, and the
     # padded query rows are dropped
     block = min(block_size, _round_up(t, _LANES))

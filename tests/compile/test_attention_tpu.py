@@ -32,7 +32,8 @@ def _compile(attention_impl):
                          tr.state_shardings)
     batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=tr.batch_sharding) for k in BATCH_KEYS}
-    with tr.context():
+    # the test session sets float32 matmul precision for its float64 oracles; Mosaic rejects it for bf16 matmuls
+    with tr.context(), jax.default_matmul_precision("default"):
         return tr._step.lower(state, batch).compile()
 
 

@@ -114,6 +114,8 @@ def test_resolution_on_cpu_and_bad_names():
         ModelConfig(attention_impl="flash")
     with pytest.raises(ValueError, match="block_size"):
         fa.splash_attention(q, q, q, block_size=96)
+    with pytest.raises(ValueError, match="float32 precision"):  # conftest sets "highest" for the float64 oracles
+        fa.splash_attention(q, q, q)
     assert fa.cudnn_supports(q, q) and not fa.cudnn_supports(q.astype(jnp.float32), q.astype(jnp.float32))
 
 
