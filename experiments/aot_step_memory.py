@@ -45,12 +45,13 @@ def collectives(hlo_text: str) -> list:
 
 def collective_counts(hlo_text: str) -> dict:
     """Instructions of each collective kind; ``<kind> (weights)``: those whose result holds a 2-D bf16/f32 matrix
-    (both dimensions > 1, i.e. weight-shaped)."""
+    with both dimensions >= 64, i.e. a projection weight (not a low-rank gate factor such as ``[16, value]``, which
+    is replicated and rightly all-reduced, nor a ``[1, C]`` row)."""
     counts = {k: 0 for k in COLLECTIVES}
     counts.update({f"{k} (weights)": 0 for k in COLLECTIVES})
     for kind, shape in collectives(hlo_text):
         counts[kind] += 1
-        if any(int(a) > 1 and int(b) > 1 for a, b in re.findall(r"\b(?:bf16|f32)\[(\d+),(\d+)\]", shape)):
+        if any(min(int(a), int(b)) >= 64 for a, b in re.findall(r"\b(?:bf16|f32)\[(\d+),(\d+)\]", shape)):
             counts[f"{kind} (weights)"] += 1
     return counts
 

@@ -23,11 +23,10 @@ def _compile(**model):
     return compile_step(config_from_dict(raw), "v5e:2x2", per_device_batch=2)
 
 
-@pytest.mark.parametrize("model", [dict(canon_set="ABCD"), dict(arch="gdn", canon_set="AbCD", num_heads=2)])
-def test_fsdp_weight_gradients_are_reduce_scattered(model):
+def test_fsdp_weight_gradients_are_reduce_scattered():
     from experiments.aot_step_memory import collective_counts, collectives
 
-    hlo = _compile(**model).as_text()
+    hlo = _compile(canon_set="ABCD").as_text()
     counts = collective_counts(hlo)
     # forward/backward all-gather the weights; every 2-D weight gradient is reduce-scattered to its fsdp shard
     assert counts["all-gather (weights)"] > 0, counts
