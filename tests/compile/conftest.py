@@ -37,3 +37,13 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"aot extra not installed ({', '.join(missing)}): pip install -e '.[aot]'")
     for it in mine:
         it.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _chip_matmul_precision():
+    """Compile at the default matmul precision, as a training run does on the chip. The suite's top-level conftest
+    raises it to float32 for the CPU float64 oracles, which Mosaic rejects for the bf16 matmuls of splash attention."""
+    import jax
+
+    with jax.default_matmul_precision("default"):
+        yield
