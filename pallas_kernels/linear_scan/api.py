@@ -210,6 +210,9 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, int
       x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (already softplus-ed, > 0); A: ``[heads]`` (< 0).
       B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
       D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
+      chunk_size: tokens per chunk; the Mosaic GPU kernels take the largest multiple of 64 up to it at which they
+        fit an sm_90 block's shared memory (``gpu.ssd_chunk``: 64 for Mamba2's 256 at N = 128), unless
+        ``block_sizes.chunk`` fixes the chunk.
 
     Returns:
       ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.
