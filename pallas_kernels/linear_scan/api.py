@@ -16,7 +16,10 @@ def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend:
     """Whether the kernel family of ``backend`` (default: the current device's) takes this call of ``op`` ("gla" or
     "ssd"; ``dk`` = key width (SSD's N), ``dv`` = value width (SSD's P)). The TPU kernel takes any shape; the Mosaic
     GPU kernels need Dk a multiple of 64, Dv a multiple of ``block_sizes.block_dv`` and a chunk that is a multiple of
-    64 (see ``gpu.check_supported``). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under ``impl="auto"``."""
+    64 (see ``gpu.check_supported``); for "ssd" also a chunk (the requested one or a smaller multiple of 64, unless
+    ``block_sizes.chunk`` fixes it) at which all its kernels fit the shared memory of an sm_90 block
+    (``gpu.ssd_chunk``; at N = 256 none does). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under
+    ``impl="auto"``."""
     from pallas_kernels.linear_scan import gpu
 
     if op not in ("gla", "ssd"):
@@ -29,7 +32,10 @@ def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend:
         return True
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     try:
-        gpu.check_supported(_gpu_chunk(t_len, chunk_size, bs), dk, dv, bs.block_dv)
+        chunk = _gpu_chunk(t_len, chunk_size, bs)
+        gpu.check_supported(chunk, dk, dv, bs.block_dv)
+        if op == "ssd":
+            gpu.ssd_chunk(chunk, dk, bs.block_dv, fixed=bs.chunk is not None)
     except (NotImplementedError, ValueError):
         return False
     return True
@@ -128,6 +134,8 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
     bsz, t_len, heads, dv = v.shape
     chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
     gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
+    # at most the requested chunk, shrunk to one whose kernels fit the shared memory (Mamba2's 256 does not)
+    chunk = gpu.ssd_chunk(chunk, q.shape[-1], bs.block_dv, fixed=bs.chunk is not None)
     tp = round_up(t_len, chunk)
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
     o, s = gpu.scalar_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
@@ -202,6 +210,9 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, int
       x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (already softplus-ed, > 0); A: ``[heads]`` (< 0).
       B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
       D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
+      chunk_size: tokens per chunk; the Mosaic GPU kernels take the largest multiple of 64 up to it at which they
+        fit an sm_90 block's shared memory (``gpu.ssd_chunk``: 64 for Mamba2's 256 at N = 128), unless
+        ``block_sizes.chunk`` fixes the chunk.
 
     Returns:
       ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.

@@ -66,6 +66,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.linear_scan import reference, tpu
 
+SMEM_LIMIT = 232_448  # bytes of shared memory one block may opt in to on sm_90 (H100 / H200)
+_ALIGN = 1024  # Mosaic GPU rounds every shared-memory scratch buffer up to 1 KiB
+_BARRIER = 8  # bytes per mbarrier
+
 WG = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the row of a WGMMA-layout [M, N] array
 COL = plgpu.Layout.WGMMA.reduce(0)  # a vector indexed by the column
@@ -87,6 +91,21 @@ def is_gpu_interpret(interpret) -> bool:
     except ImportError:  # pragma: no cover - depends on the jax version
         return False
     return isinstance(interpret, InterpretGPUParams)
+
+
+def _bytes(*buffers):
+    """Shared memory of scratch buffers ``(shape, dtype)`` / barrier counts (int) as Mosaic GPU allocates them."""
+    total = 0
+    for b in buffers:
+        if isinstance(b, int):
+            total += _BARRIER * b
+        else:
+            shape, dtype = b
+            size = jnp.dtype(dtype).itemsize
+            for s in shape:
+                size *= s
+            total += -(-size // _ALIGN) * _ALIGN
+    return total
 
 
 def _smem(shape, dtype):
@@ -612,6 +631,43 @@ def _scalar_scan_bwd(chunk, block_dv, interpret, res, cts):
 
 
 scalar_scan.defvjp(_scalar_scan_fwd, _scalar_scan_bwd)
+
+
+def ssd_fwd_smem_bytes(chunk, dk, block_dv, out_dtype=jnp.bfloat16):
+    """Shared memory of ``ssd_scan_fwd`` (bytes, barriers included, as Mosaic GPU allocates it)."""
+    c, dvb, bf16, f32 = chunk, block_dv, jnp.bfloat16, jnp.float32
+    return _bytes(((2, c, dk), bf16), ((2, dk, c), bf16), ((2, c, dvb), bf16), ((c, dvb), bf16), ((c, c), bf16),
+                  ((dk, dvb), bf16), ((dk, dvb), f32), ((c, dvb), out_dtype), ((2, c), f32), ((2, c), f32),
+                  ((2, c), f32), ((2, dk), f32), 2 * 7 + 1)
+
+
+def ssd_smem_bytes(chunk, dk, block_dv):
+    """The most shared memory any kernel of the SSD op takes (forward with a float32 output tile, the larger one, and
+    the backward's state pass, dq/dk and dv kernels): what the chunk plan holds against ``SMEM_LIMIT``."""
+    from pallas_kernels.linear_scan import gpu_bwd  # imports this module
+
+    return max(ssd_fwd_smem_bytes(chunk, dk, block_dv, jnp.float32),
+               gpu_bwd.state_pass_smem_bytes(chunk, dk, block_dv),
+               gpu_bwd.ssd_grads_dqk_smem_bytes(chunk, dk, block_dv),
+               gpu_bwd.ssd_grads_dv_smem_bytes(chunk, dk, block_dv))
+
+
+def ssd_chunk(chunk, dk, block_dv, *, limit=SMEM_LIMIT, fixed=False):
+    """The chunk the SSD kernels run at: the largest multiple of 64 up to ``chunk`` whose kernels all fit ``limit``
+    bytes of shared memory (``ssd_smem_bytes``). Every tile the kernels hold grows with the chunk (``P`` as its
+    square) while ``block_dv`` is already at its floor of one 64-column wgmma tile, so the chunk is the size to give:
+    Mamba2's 256 needs 580,728 bytes in the forward at Dk = 128 (691,288 in the dq/dk kernel); 64 fits (168,056 at
+    most). The chunk is a blocking of the same recurrence: the result is the same up to the bfloat16 rounding of the
+    per-chunk operands.
+    ``fixed``: the chunk was set explicitly (``BlockSizes.chunk``) and is not shrunk.
+    Raises ``NotImplementedError`` naming the need and the limit when no chunk fits."""
+    for c in ([chunk] if fixed else range(chunk - chunk % 64, 63, -64)):
+        if ssd_smem_bytes(c, dk, block_dv) <= limit:
+            return c
+    c = chunk if fixed else 64
+    raise NotImplementedError(f"Mosaic GPU SSD scan: its kernels need {ssd_smem_bytes(c, dk, block_dv)} bytes of "
+                              f"shared memory at chunk={c}, Dk (SSD's N)={dk}, block_dv={block_dv}; an sm_90 block "
+                              f"may use {limit}")
 
 
 def check_supported(chunk, dk, dv, block_dv):

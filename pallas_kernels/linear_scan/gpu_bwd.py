@@ -78,11 +78,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.linear_scan import gpu
-from pallas_kernels.linear_scan.gpu import COL, ROW, WG, _mm, _mm_acc, _smem
+from pallas_kernels.linear_scan.gpu import COL, ROW, WG, _bytes, _mm, _mm_acc, _smem
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-_ALIGN = 1024  # Mosaic GPU rounds every shared-memory scratch buffer up to 1 KiB
-_BARRIER = 8
 
 
 def _helpers(interpret):
@@ -108,21 +106,6 @@ def _store(val, o_s, dst):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, dst)
     plgpu.wait_smem_to_gmem(0)
-
-
-def _bytes(*buffers):
-    """Shared memory of scratch buffers ``(shape, dtype)`` / barrier counts (int) as Mosaic GPU allocates them."""
-    total = 0
-    for b in buffers:
-        if isinstance(b, int):
-            total += _BARRIER * b
-        else:
-            shape, dtype = b
-            size = jnp.dtype(dtype).itemsize
-            for s in shape:
-                size *= s
-            total += -(-size // _ALIGN) * _ALIGN
-    return total
 
 
 # --- A: the state pass ---------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_ssd_lowers_on_gpu(dtype, batch):
     dv; plain grad would drop the forward kernel, whose output it does not need)."""
     args = tuple(S((batch,) + a.shape[1:] if a.ndim > 1 else a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype)
                  for a in SSD_ARGS)
-    fs = lambda *a: ssd(*a, chunk_size=64, backend="gpu")[0]
+    # batch 1 asks for Mamba2's chunk of 256, whose kernels would need 580,728+ bytes: the plan runs them at 64
+    fs = lambda *a: ssd(*a, chunk_size=256 if batch == 1 else 64, backend="gpu")[0]
     _export(fs, args, "gpu", kernels=("ssd_scan_fwd_wgmma",))
     _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu",
             kernels=("ssd_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("ssd_scan_bwd_dqk", "ssd_scan_bwd_dv"))
@@ -136,6 +137,38 @@ def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
             jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
         assert int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1)) == model
         assert model < 232448
+
+
+@pytest.mark.parametrize("chunk,out_dtype", [(64, jnp.bfloat16), (64, jnp.float32), (256, jnp.bfloat16)])
+def test_ssd_fwd_smem_model_matches_mosaic(monkeypatch, chunk, out_dtype):
+    """``gpu.ssd_fwd_smem_bytes`` (which ``gpu.ssd_chunk`` plans with) equals what Mosaic GPU allocates for the SSD
+    forward kernel at Dk = 128, block_dv = 64: 580,728 bytes at Mamba2's chunk of 256 (the count the sm_90 compile
+    of ``mamba2_canon_1b`` reported), under the limit at 64."""
+    import re
+
+    import jax.experimental.mosaic.gpu.core as mosaic_core
+    from pallas_kernels.linear_scan import gpu
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    b, h, dk, dv, c = 1, 2, 128, 128, chunk
+    t = 2 * c
+    args = (S((b, t, 1, dk), bf), S((b, 1, dk, t), bf), S((b, t, h, dv), bf), S((b, h, t), f32), S((b, h, t), f32),
+            S((b, h, t), f32), S((b, h, t // c, dk), f32), S((b, h, dk, dv), f32))
+    fn = lambda *a: gpu.ssd_scan_fwd(*a, chunk=c, block_dv=64, rep=2, out_dtype=out_dtype)
+    model = gpu.ssd_fwd_smem_bytes(c, dk, 64, out_dtype)
+    monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
+    with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+        jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1)) == model
+    assert (model == 580728) if c == 256 else (model <= gpu.SMEM_LIMIT)
+
+
+def test_ssd_gpu_fixed_chunk_over_shared_memory_raises():
+    """An explicit ``BlockSizes.chunk`` is not shrunk: at 256 (N = 128) the kernels cannot fit, and the op says so
+    with the need and the limit before lowering anything."""
+    fs = lambda *a: ssd(*a, backend="gpu", block_sizes=BlockSizes(chunk=256))[0]
+    with pytest.raises(NotImplementedError, match="need 691288 bytes of shared memory at chunk=256.* may use 232448"):
+        _export(fs, SSD_ARGS, "gpu")
 
 
 def test_gla_gpu_block_dv_128_exceeds_shared_memory():

@@ -59,6 +59,23 @@ def test_ssd_gpu_kernel_values(case):
     np.testing.assert_allclose(np.asarray(hf, np.float64), rh, atol=TOL * np.abs(rh).max(), rtol=TOL)
 
 
+def test_ssd_gpu_chunk_over_shared_memory_runs_at_the_planned_chunk():
+    """Mamba2's chunk of 256 at N = 128 does not fit an sm_90 block (``gpu.ssd_chunk``): the op runs the kernels at
+    64 instead, so its output is the explicit-64 run's, bit for bit, and matches the float64 loop."""
+    x, dt, a, bm, cm, d, h0 = _inputs(1, 1, 150, 2, 64, 1, 128, jnp.bfloat16)
+    params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
+    run = lambda c: ssd(x, dt, a, bm, cm, d, initial_state=h0, chunk_size=c, backend="gpu", interpret=params)
+    (y, hf), (y64, hf64) = run(256), run(64)
+    assert not get_races().races_found
+    chex.assert_shape((y, hf), ((1, 150, 2, 64), (1, 2, 64, 128)))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y64, np.float32))
+    np.testing.assert_array_equal(np.asarray(hf), np.asarray(hf64))
+    ry, rh = ssd_reference(*(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
+                           initial_state=np.asarray(h0))
+    np.testing.assert_allclose(np.asarray(y, np.float64), ry, atol=TOL * np.abs(ry).max(), rtol=TOL)
+    np.testing.assert_allclose(np.asarray(hf, np.float64), rh, atol=TOL * np.abs(rh).max(), rtol=TOL)
+
+
 def test_scalar_scan_xla_backward():
     """``jax.vjp`` of ``gpu._scalar_scan_xla`` (the XLA chunked path with the GPU op's argument layout, kept as a
     reference; the op's backward is now the Mosaic GPU kernels of ``gpu_bwd``) against autodiff of a token-by-token
