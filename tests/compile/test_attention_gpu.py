@@ -10,8 +10,6 @@ import pytest
 pytest.importorskip("jax_cuda12_plugin")
 pytest.importorskip("nvidia.cudnn")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 pytestmark = pytest.mark.compile
 
@@ -22,7 +20,7 @@ SEQ, BATCH = 256, 4
 def _compile(segment_aware):
     from canon_jax import aot
     from canon_jax.train.config import load_config
-    from canon_jax.train.trainer import BATCH_KEYS, Trainer
+    from canon_jax.train.trainer import Trainer
 
     if os.environ.get("JAX_PLATFORMS") != "cpu":
         pytest.skip("GPU targets need JAX_PLATFORMS=cpu (set before jax starts)")
@@ -33,12 +31,7 @@ def _compile(segment_aware):
         "model.kernel_impl=xla", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}",
         "mesh.fsdp=2"])
     tr = Trainer(cfg, devices=target.devices)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tr.abstract_state,
-                         tr.state_shardings)
-    batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=tr.batch_sharding) for k in BATCH_KEYS}
-    with tr.context():
-        return tr._step.lower(state, batch).compile().as_text()
+    return tr.lower_step().compile().as_text()
 
 
 @pytest.mark.parametrize("segment_aware", [False, True])

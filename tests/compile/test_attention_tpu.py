@@ -26,7 +26,7 @@ def _default_precision():
 def _compile(attention_impl):
     from canon_jax import aot
     from canon_jax.train.config import load_config
-    from canon_jax.train.trainer import BATCH_KEYS, Trainer
+    from canon_jax.train.trainer import Trainer
 
     target = aot.get_target("v5e:2x2")
     cfg = load_config(ROOT / "configs/experiments/llama_canon_1b.yaml", [
@@ -35,12 +35,7 @@ def _compile(attention_impl):
         "model.kernel_impl=xla", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}",
         "mesh.fsdp=2", "mesh.tensor=2"])
     tr = Trainer(cfg, devices=target.devices)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tr.abstract_state,
-                         tr.state_shardings)
-    batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=tr.batch_sharding) for k in BATCH_KEYS}
-    with tr.context():
-        return tr._step.lower(state, batch).compile()
+    return tr.lower_step().compile()
 
 
 def test_auto_attention_is_splash_on_tpu():
