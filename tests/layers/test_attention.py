@@ -34,7 +34,7 @@ def test_dot_product_attention_gqa_matches_numpy():
     assert bool(jnp.all(jnp.isfinite(none)))
 
 
-def _causal_reference(q, k, v, valid, seg):
+def causal_reference(q, k, v, valid, seg):
     """float64 loop: query t of head h sees keys s <= t that are valid and in its segment (KV head h // groups)."""
     b_, t_, h_, hd = q.shape
     g = h_ // k.shape[2]
@@ -43,9 +43,12 @@ def _causal_reference(q, k, v, valid, seg):
         for h in range(h_):
             for t in range(t_):
                 keep = (np.arange(t_) <= t) & valid[b] & (seg[b] == seg[b, t])
+                if not keep.any():  # no key to attend: undefined (never compared)
+                    out[b, t, h] = np.nan
+                    continue
                 s = q[b, t, h].astype(np.float64) @ k[b, :, h // g].T.astype(np.float64) / np.sqrt(hd)
                 p = np.exp(np.where(keep, s, -np.inf) - s[keep].max())
-                out[b, t, h] = (p / p.sum()) @ v[b, :, h // g]
+                out[b, t, h] = (p / p.sum()) @ v[b, :, h // g].astype(np.float64)
     return out
 
 
@@ -64,7 +67,7 @@ def test_causal_attention_skips_blocks_and_matches_the_masked_reference(t, block
                                           block_size=block, max_blocks=64)
     out = jax.jit(fn)(q, k, v)
     chex.assert_shape(out, (2, t, 4, 8))
-    np.testing.assert_allclose(np.asarray(out), _causal_reference(q, k, v, valid, seg), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(out), causal_reference(q, k, v, valid, seg), atol=2e-6)
     allowed = (np.tril(np.ones((t, t), bool))[None] & valid[:, None, :] & (seg[:, :, None] == seg[:, None, :]))
     full = lambda q, k, v: dot_product_attention(q, k, v, jnp.asarray(allowed))
     w = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)

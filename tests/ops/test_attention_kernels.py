@@ -11,24 +11,7 @@ import pytest
 from canon_jax.config import ModelConfig
 from canon_jax.layers.attention import causal_attention
 from canon_jax.ops import attention as fa
-
-
-def _reference(q, k, v, valid, seg):
-    """float64 loop: query t of head h sees keys s <= t that are valid and in its segment (KV head h // groups)."""
-    b_, t_, h_, hd = q.shape
-    g = h_ // k.shape[2]
-    out = np.zeros(q.shape)
-    for b in range(b_):
-        for h in range(h_):
-            for t in range(t_):
-                keep = (np.arange(t_) <= t) & valid[b] & (seg[b] == seg[b, t])
-                if not keep.any():  # no key to attend: undefined (never compared)
-                    out[b, t, h] = np.nan
-                    continue
-                s = q[b, t, h].astype(np.float64) @ k[b, :, h // g].T.astype(np.float64) / np.sqrt(hd)
-                p = np.exp(np.where(keep, s, -np.inf) - s[keep].max())
-                out[b, t, h] = (p / p.sum()) @ v[b, :, h // g].astype(np.float64)
-    return out
+from tests.layers.test_attention import causal_reference as _reference
 
 
 def _inputs(t, h=4, kvh=2, hd=16, b=2, seed=0):
