@@ -2,6 +2,7 @@
 
 Top-level names are imported lazily so that ``import canon_jax`` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -10,6 +10,7 @@ plugin registers itself only if its driver/library check passes, which it cannot
 sets ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, which works when JAX has not loaded its plugins yet in the process (first
 backend use); otherwise start the process with ``JAX_PLATFORMS=cpu`` or that variable set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,6 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 from jax.sharding import AxisType, Mesh
@@ -74,8 +74,10 @@ def _parse(name: str):
     except ValueError:
         dims = ()
     if chip not in TARGET_CHIPS or not dims or min(dims) < 1:
-        raise ValueError(f"target {name!r}: expected CHIP:AxB[xC] with CHIP in {TARGET_CHIPS}, e.g. 'v5e:2x2', "
-                         "'v5p:4x4x4', 'h100:1x1x8' (GPU: partitions x hosts x GPUs per host)")
+        raise ValueError(
+            f"target {name!r}: expected CHIP:AxB[xC] with CHIP in {TARGET_CHIPS}, e.g. 'v5e:2x2', "
+            "'v5p:4x4x4', 'h100:1x1x8' (GPU: partitions x hosts x GPUs per host)"
+        )
     return chip, dims
 
 
@@ -116,13 +118,15 @@ def get_target(name: str) -> Target:
         ensure_ptxas_on_path()
         config = gpu_target_config(chip)
         try:
-            topo = topologies.get_topology_desc(platform="cuda", target_config=config,
-                                                topology="x".join(map(str, dims)))
+            topo = topologies.get_topology_desc(
+                platform="cuda", target_config=config, topology="x".join(map(str, dims))
+            )
         except NotImplementedError as e:
             raise RuntimeError(
                 f"target {name!r}: the CUDA plugin is not registered in this process (jax-cuda12-plugin missing, or "
                 "JAX's backends were initialised before; start with JAX_PLATFORMS=cpu or "
-                "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1)") from e
+                "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1)"
+            ) from e
         return Target(name, chip, "gpu", tuple(topo.devices), _gpu_hbm(config))
     # Several compiling processes (pytest workers, other jobs) may load libtpu at once: without this, all but the
     # first fail on libtpu's lock file. Nothing is run, so there is no device to share.
@@ -134,8 +138,7 @@ def get_target(name: str) -> Target:
     dims3 = (dims + (1, 1))[:3]
     if any(d < b for d, b in zip(dims3, info["host_bounds"])):  # smaller than one host (e.g. one chip)
         kwargs["chips_per_host_bounds"] = list(dims3)
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{chip}:{'x'.join(map(str, dims))}",
-                                        **kwargs)
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{chip}:{'x'.join(map(str, dims))}", **kwargs)
     return Target(name, chip, "tpu", tuple(topo.devices), info["hbm"] // info["devices_per_chip"])
 
 
@@ -148,13 +151,14 @@ def make_mesh(target: Target, shape: Sequence[int], axis_names: Sequence[str]) -
         raise ValueError(f"mesh shape {shape} and axis names {tuple(axis_names)} differ in length")
     try:
         from jax.experimental import mesh_utils
+
         devices = mesh_utils.create_device_mesh(shape, list(target.devices))
     except (ValueError, NotImplementedError, AssertionError):  # no physical layout known (GPU): plain order
         devices = np.asarray(target.devices, dtype=object).reshape(shape)
     return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
 
-def platform_of(devices) -> Optional[str]:
+def platform_of(devices) -> str | None:
     """``"tpu"`` / ``"gpu"`` / ``"cpu"`` for a collection of devices (all of one platform), else ``None``."""
     platforms = {d.platform for d in devices}
     if len(platforms) != 1:

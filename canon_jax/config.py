@@ -2,12 +2,12 @@
 
 Every bad value raises ``ValueError`` naming the field, at construction time (``ModelConfig(...)`` validates itself).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 __all__ = ["ModelConfig", "ARCHS", "CANON_LETTERS"]
 
@@ -40,9 +40,9 @@ class ModelConfig:
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    intermediate_size: Optional[int] = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
     multiple_of: int = 256
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -54,11 +54,13 @@ class ModelConfig:
     canon_residual: bool = True
     canon_activation: bool = False
     canon_bias: bool = False
-    segment_aware: bool = False  # SPEC 0.9: reset conv history (and attention) at segment boundaries when segment ids are given
+    segment_aware: bool = (
+        False  # SPEC 0.9: reset conv history (and attention) at segment boundaries when segment ids are given
+    )
 
     # attention (llama)
     qk_norm: bool = False
-    rope_dim: Optional[int] = None  # None = full RoPE, 0 = NoPE, else partial RoPE on the first rope_dim channels
+    rope_dim: int | None = None  # None = full RoPE, 0 = NoPE, else partial RoPE on the first rope_dim channels
     rope_theta: float = 10000.0
     rope_version: str = "huggingface"  # "huggingface" (rotate-half) or "lingua" (interleaved pairs)
     # training/prefill attention kernel (decoding with a KV cache always uses XLA): auto = splash on TPU, cuDNN on
@@ -71,7 +73,7 @@ class ModelConfig:
     #   "torch":  PyTorch nn.Linear default U(+-1/sqrt(fan_in)), embedding N(0, initializer_range) (official Mamba2);
     #   "auto":   the official choice for the arch: llama -> lingua, gla/gdn -> hf, mamba2 -> torch.
     init_scheme: str = "auto"
-    initializer_range: Optional[float] = None  # None: 0.1 for mamba2 (official config default), else 0.02
+    initializer_range: float | None = None  # None: 0.1 for mamba2 (official config default), else 0.02
 
     # linear models (SPEC A.3)
     expand_k: float = 1.0
@@ -83,7 +85,7 @@ class ModelConfig:
     linear_chunk_size: int = 64
     ssm_state_size: int = 64  # Mamba2; Part 4.1's playground uses 64, the 1B recipes 128
     ssm_groups: int = 1
-    mamba_head_dim: Optional[int] = None  # default 2d / num_heads
+    mamba_head_dim: int | None = None  # default 2d / num_heads
     mamba_chunk_size: int = 256
     use_mlp: bool = True  # Mamba2 without the gated MLP when False
 
@@ -109,7 +111,9 @@ class ModelConfig:
             raise _err("num_heads", f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}")
         if self.num_kv_heads is not None:
             if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
-                raise _err("num_kv_heads", f"{self.num_kv_heads} kv heads must be >= 1 and divide num_heads {self.num_heads}")
+                raise _err(
+                    "num_kv_heads", f"{self.num_kv_heads} kv heads must be >= 1 and divide num_heads {self.num_heads}"
+                )
         if self.head_dim is not None and self.head_dim < 1:
             raise _err("head_dim", f"must be >= 1, got {self.head_dim}")
         if self.intermediate_size is not None and self.intermediate_size < 1:
@@ -176,9 +180,14 @@ class ModelConfig:
                 if self.num_heads % self.ssm_groups:
                     raise _err("ssm_groups", f"{self.ssm_groups} groups must divide num_heads {self.num_heads}")
                 if self.mamba_head_dim is not None and self.mamba_head_dim * self.num_heads != 2 * self.hidden_size:
-                    raise _err("mamba_head_dim", f"num_heads*mamba_head_dim must equal 2*hidden_size={2 * self.hidden_size}")
+                    raise _err(
+                        "mamba_head_dim", f"num_heads*mamba_head_dim must equal 2*hidden_size={2 * self.hidden_size}"
+                    )
                 if (2 * self.hidden_size) % self.num_heads:
-                    raise _err("num_heads", f"{self.num_heads} heads do not divide the Mamba2 inner width {2 * self.hidden_size}")
+                    raise _err(
+                        "num_heads",
+                        f"{self.num_heads} heads do not divide the Mamba2 inner width {2 * self.hidden_size}",
+                    )
                 if not self.use_mlp and set(self.canon_set) & set("CD"):
                     raise _err("canon_set", "Canon C/D need the MLP (use_mlp=True) for arch='mamba2'")
 
@@ -233,14 +242,14 @@ class ModelConfig:
         hidden = int(2 * (4 * self.hidden_size) / 3)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -1,14 +1,14 @@
 """Batched autoregressive generation with KV caches and Canon states (one jit-compiled prefill + ``lax.scan``)."""
+
 from __future__ import annotations
 
 import functools
 import sys
 import types
-from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from canon_jax.config import ModelConfig
 
@@ -21,7 +21,7 @@ def prompt_positions(prompt_mask):
     return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
-def _pick(logits, rng, greedy: bool, temperature, top_k: Optional[int]):
+def _pick(logits, rng, greedy: bool, temperature, top_k: int | None):
     """Next token ``[batch]`` int32 from ``logits: [batch, vocab]``."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -33,14 +33,32 @@ def _pick(logits, rng, greedy: bool, temperature, top_k: Optional[int]):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "top_k", "return_logits"))
-def _generate(config: ModelConfig, params, prompt_ids, prompt_mask, temperature, rng, *, max_new_tokens: int,
-              greedy: bool, top_k: Optional[int], return_logits: bool):
+def _generate(
+    config: ModelConfig,
+    params,
+    prompt_ids,
+    prompt_mask,
+    temperature,
+    rng,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int | None,
+    return_logits: bool,
+):
     from canon_jax.models import CausalLM, init_cache
+
     model = CausalLM(config)
     b, p = prompt_ids.shape
     cache = init_cache(model, b, p + max_new_tokens)
-    logits, state = model.apply({"params": params, "cache": cache}, prompt_ids, positions=prompt_positions(prompt_mask),
-                                token_mask=prompt_mask, decode=True, mutable=["cache"])
+    logits, state = model.apply(
+        {"params": params, "cache": cache},
+        prompt_ids,
+        positions=prompt_positions(prompt_mask),
+        token_mask=prompt_mask,
+        decode=True,
+        mutable=["cache"],
+    )
     last = logits[:, -1, :]
     rng, sub = jax.random.split(rng)
     tok = _pick(last, sub, greedy, temperature, top_k)
@@ -48,8 +66,9 @@ def _generate(config: ModelConfig, params, prompt_ids, prompt_mask, temperature,
 
     def step(carry, _):
         cache, tok, pos, rng = carry
-        logits, state = model.apply({"params": params, "cache": cache}, tok[:, None], positions=pos[:, None],
-                                    decode=True, mutable=["cache"])
+        logits, state = model.apply(
+            {"params": params, "cache": cache}, tok[:, None], positions=pos[:, None], decode=True, mutable=["cache"]
+        )
         rng, sub = jax.random.split(rng)
         nxt = _pick(logits[:, 0, :], sub, greedy, temperature, top_k)
         return (state["cache"], nxt, pos + 1, rng), (nxt, logits[:, 0, :] if return_logits else None)
@@ -63,8 +82,18 @@ def _generate(config: ModelConfig, params, prompt_ids, prompt_mask, temperature,
     return tokens, all_logits
 
 
-def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
-             rng=None, prompt_mask=None, return_logits: bool = False):
+def generate(
+    model,
+    params,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng=None,
+    prompt_mask=None,
+    return_logits: bool = False,
+):
     """Generates ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -99,9 +128,18 @@ def generate(model, params, prompt_ids, max_new_tokens: int, *, temperature: flo
         if prompt_mask.shape != prompt_ids.shape:
             raise ValueError(f"generate: prompt_mask must be {prompt_ids.shape}, got {prompt_mask.shape}")
     rng = jax.random.key(0) if rng is None else rng
-    tokens, logits = _generate(model.config, nn.unbox(params), prompt_ids.astype(jnp.int32), prompt_mask,
-                               jnp.asarray(temperature if not greedy else 1.0, jnp.float32), rng,
-                               max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, return_logits=return_logits)
+    tokens, logits = _generate(
+        model.config,
+        nn.unbox(params),
+        prompt_ids.astype(jnp.int32),
+        prompt_mask,
+        jnp.asarray(temperature if not greedy else 1.0, jnp.float32),
+        rng,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        top_k=top_k,
+        return_logits=return_logits,
+    )
     return (tokens, logits) if return_logits else tokens
 
 

@@ -5,6 +5,7 @@ head weight instead and computes the head matmul, log-sum-exp and target logit a
 the float32 ``[batch, time, vocab]`` logits (and their gradient) never exist at once: at 4 x 4096 tokens and a
 32000-token vocabulary they alone are 2 GiB per device, three times over in the backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,10 @@ def cross_entropy(logits, targets, loss_mask=None, *, z_loss: str = "none", z_lo
     if z_loss not in Z_LOSS_MODES:
         raise ValueError(f"cross_entropy: z_loss must be one of {Z_LOSS_MODES}, got {z_loss!r}")
     if logits.ndim != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"cross_entropy: logits must be [batch, time, vocab] and targets [batch, time]; "
-                         f"got {logits.shape} and {targets.shape}")
+        raise ValueError(
+            f"cross_entropy: logits must be [batch, time, vocab] and targets [batch, time]; "
+            f"got {logits.shape} and {targets.shape}"
+        )
     if loss_mask is not None and loss_mask.shape != targets.shape:
         raise ValueError(f"cross_entropy: loss_mask must be [batch, time]={targets.shape}, got {loss_mask.shape}")
     logits = logits.astype(jnp.float32)
@@ -67,8 +70,18 @@ def _objective(log_z, target_logit, loss_mask, z_loss, z_loss_weight):
 HEAD_LAYOUTS = ("dv", "vd")
 
 
-def chunked_cross_entropy(hidden, head, targets, loss_mask=None, *, head_layout: str = "dv", chunk_size: int = 512,
-                          compute_dtype=None, z_loss: str = "none", z_loss_weight: float = 1e-4):
+def chunked_cross_entropy(
+    hidden,
+    head,
+    targets,
+    loss_mask=None,
+    *,
+    head_layout: str = "dv",
+    chunk_size: int = 512,
+    compute_dtype=None,
+    z_loss: str = "none",
+    z_loss_weight: float = 1e-4,
+):
     """:func:`cross_entropy` of ``logits = hidden @ head`` without materialising the logits.
 
     Args:
@@ -89,16 +102,20 @@ def chunked_cross_entropy(hidden, head, targets, loss_mask=None, *, head_layout:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
-        raise ValueError(f"chunked_cross_entropy: hidden must be [batch, time, d] and targets [batch, time]; "
-                         f"got {hidden.shape} and {targets.shape}")
+        raise ValueError(
+            f"chunked_cross_entropy: hidden must be [batch, time, d] and targets [batch, time]; "
+            f"got {hidden.shape} and {targets.shape}"
+        )
     d = hidden.shape[-1]
     if head.ndim != 2 or head.shape[0 if head_layout == "dv" else 1] != d:
         want = "[d, vocab]" if head_layout == "dv" else "[vocab, d]"
-        raise ValueError(f"chunked_cross_entropy: head must be {want} with d={d} for head_layout={head_layout!r}, "
-                         f"got {head.shape}")
+        raise ValueError(
+            f"chunked_cross_entropy: head must be {want} with d={d} for head_layout={head_layout!r}, got {head.shape}"
+        )
     if loss_mask is not None and loss_mask.shape != targets.shape:
-        raise ValueError(f"chunked_cross_entropy: loss_mask must be [batch, time]={targets.shape}, "
-                         f"got {loss_mask.shape}")
+        raise ValueError(
+            f"chunked_cross_entropy: loss_mask must be [batch, time]={targets.shape}, got {loss_mask.shape}"
+        )
     cdt = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     t = hidden.shape[1]
     chunk = min(chunk_size, t)
@@ -139,7 +156,8 @@ def _lse_and_target_fwd(h, head, targets, chunk, layout, cdt):
         tg = _chunks(targets, i, chunk)
         lz = jax.lax.dynamic_update_slice_in_dim(lz, jax.nn.logsumexp(logits, axis=-1), i * chunk, axis=1)
         tl = jax.lax.dynamic_update_slice_in_dim(
-            tl, jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0], i * chunk, axis=1)
+            tl, jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0], i * chunk, axis=1
+        )
         return lz, tl
 
     zeros = jnp.zeros((b, t), jnp.float32)
@@ -159,17 +177,21 @@ def _lse_and_target_bwd(chunk, layout, cdt, res, cts):
         logits = _chunk_logits(hc, head, layout, cdt)
         lz, tg = _chunks(log_z, i, chunk), _chunks(targets, i, chunk)
         onehot = tg[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-        dlogits = (_chunks(g_lz, i, chunk)[..., None] * jnp.exp(logits - lz[..., None])
-                   + jnp.where(onehot, _chunks(g_tl, i, chunk)[..., None], 0.0)).astype(cdt)
+        dlogits = (
+            _chunks(g_lz, i, chunk)[..., None] * jnp.exp(logits - lz[..., None])
+            + jnp.where(onehot, _chunks(g_tl, i, chunk)[..., None], 0.0)
+        ).astype(cdt)
         dhc = jax.lax.dot_general(dlogits, head.astype(cdt), dh_dims, preferred_element_type=jnp.float32)
         dh = jax.lax.dynamic_update_slice_in_dim(dh, dhc.astype(dh.dtype), i * chunk, axis=1)
         # weight gradient: contract batch and time; accumulate in float32 across chunks
         if layout == "dv":
-            dw = jax.lax.dot_general(hc.astype(cdt), dlogits, (((0, 1), (0, 1)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+            dw = jax.lax.dot_general(
+                hc.astype(cdt), dlogits, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+            )
         else:
-            dw = jax.lax.dot_general(dlogits, hc.astype(cdt), (((0, 1), (0, 1)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+            dw = jax.lax.dot_general(
+                dlogits, hc.astype(cdt), (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+            )
         return dh, dhead + dw
 
     init = (jnp.zeros(h.shape, h.dtype), jnp.zeros(head.shape, jnp.float32))

@@ -11,6 +11,7 @@ environment plus the tunable); it happens before JAX starts, once, and only wher
 transparent huge pages not ``never``). ``CANON_JAX_MALLOC_HUGEPAGES=0`` turns it off. Library code never calls this:
 only the ``if __name__ == "__main__"`` blocks of the scripts do.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,6 +66,7 @@ def platform_reason() -> str | None:
 def _backend_started() -> bool:
     try:
         from jax._src import xla_bridge
+
         return bool(getattr(xla_bridge, "_backends", {}))
     except Exception:  # noqa: BLE001 - private API moved: assume it started, never restart a live process
         return True

@@ -10,6 +10,7 @@ of gradient collectives in the compiled program::
 
 ``--set`` takes the config overrides of ``experiments.train``. Needs ``libtpu`` (``pip install "jax[tpu]"``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import os
 import re
 import sys
 import time
-
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 
@@ -70,8 +70,9 @@ def compile_step(cfg, topology: str, per_device_batch: int):
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=per_device_batch * len(devices)))
     trainer = Trainer(cfg, devices=devices)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state,
-                         trainer.state_shardings)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state, trainer.state_shardings
+    )
     shape = (cfg.train.batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding) for k in BATCH_KEYS}
     with trainer.context():
@@ -98,14 +99,24 @@ def main(argv=None):
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(hlo)
-    gib = 2.0 ** 30
-    out = {"config": args.config, "overrides": args.set, "topology": args.topology,
-           "per_device_batch": args.per_device_batch, "seq_len": cfg.data.seq_len,
-           "argument_gib": ma.argument_size_in_bytes / gib, "output_gib": ma.output_size_in_bytes / gib,
-           "alias_gib": ma.alias_size_in_bytes / gib, "temp_gib": ma.temp_size_in_bytes / gib,
-           "total_gib": (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                         + ma.temp_size_in_bytes) / gib,
-           "collectives": collective_counts(hlo), "compile_s": time.perf_counter() - t0}
+    gib = 2.0**30
+    out = {
+        "config": args.config,
+        "overrides": args.set,
+        "topology": args.topology,
+        "per_device_batch": args.per_device_batch,
+        "seq_len": cfg.data.seq_len,
+        "argument_gib": ma.argument_size_in_bytes / gib,
+        "output_gib": ma.output_size_in_bytes / gib,
+        "alias_gib": ma.alias_size_in_bytes / gib,
+        "temp_gib": ma.temp_size_in_bytes / gib,
+        "total_gib": (
+            ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+        )
+        / gib,
+        "collectives": collective_counts(hlo),
+        "compile_s": time.perf_counter() - t0,
+    }
     print(json.dumps(out))
     return out
 

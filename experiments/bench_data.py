@@ -8,6 +8,7 @@ Mano and Lano generate aligned blocks of indices at once (1024 / 64); the "strid
 one of 8 data consumers (processes x workers) does, so 7/8 of each generated block is wasted there.
 Official-generator reference targets (per core): Depo1 train ~900 samples/s, Brevo1 ~3,000, Mano L=10 ~30,000.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,19 @@ import time
 from canon_jax.data import DataConfig, get_task, make_dataset
 
 CASES = [
-    ("depo1", {}, "train", 1), ("depo1", {}, "test", 1), ("depo2", {}, "train", 1), ("brevo1", {}, "train", 1),
-    ("brevo1", {}, "test", 1), ("brevo2", {}, "train", 1), ("mano", {}, "train", 1), ("mano", {}, "test", 1),
-    ("mano", {}, "train", 8), ("mano", {"ops": "asmd"}, "train", 1), ("capo", {}, "train", 1),
-    ("lano", {"cfg": "cfg3f"}, "train", 1), ("lano", {"cfg": "cfg3f"}, "train", 8),
+    ("depo1", {}, "train", 1),
+    ("depo1", {}, "test", 1),
+    ("depo2", {}, "train", 1),
+    ("brevo1", {}, "train", 1),
+    ("brevo1", {}, "test", 1),
+    ("brevo2", {}, "train", 1),
+    ("mano", {}, "train", 1),
+    ("mano", {}, "test", 1),
+    ("mano", {}, "train", 8),
+    ("mano", {"ops": "asmd"}, "train", 1),
+    ("capo", {}, "train", 1),
+    ("lano", {"cfg": "cfg3f"}, "train", 1),
+    ("lano", {"cfg": "cfg3f"}, "train", 8),
     ("lano", {"cfg": "cfg3k"}, "train", 1),
 ]
 
@@ -77,8 +87,9 @@ def bench_naive_mano(seconds):
 def bench_pipeline(seconds, tasks=("depo1", "brevo1", "mano"), process_count=1):
     """(windows/s CPU, samples/s CPU, windows/s wall) of the full pipeline of process ``process_count - 1``."""
     cfg = DataConfig(tasks=[{"name": t} for t in tasks], seq_len=4096)
-    it = iter(make_dataset(cfg, split="train", batch_size=1, process_index=process_count - 1,
-                           process_count=process_count))
+    it = iter(
+        make_dataset(cfg, split="train", batch_size=1, process_index=process_count - 1, process_count=process_count)
+    )
     next(it)
     n = samples = 0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -96,8 +107,10 @@ def main():
     ap.add_argument("--tasks", nargs="*", default=None)
     ap.add_argument("--pipeline", action="store_true")
     a = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus visible, python "
-          f"{platform.python_version()}, load avg {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus visible, python "
+        f"{platform.python_version()}, load avg {os.getloadavg()[0]:.1f}"
+    )
     print("| task | params | split | samples/s (CPU) | tokens/s (CPU) | mean tokens | samples/s (wall) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for name, params, split, stride in CASES:
@@ -111,14 +124,19 @@ def main():
         print(f"| {name} | {params or 'defaults'} | {sp} | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:.0f} | {r[3]:,.0f} |")
     if not a.tasks or "mano" in a.tasks:
         r = bench_naive_mano(a.seconds)
-        print(f"| naive recursive Mano (calibration) | L=10 | train | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:.0f} | "
-              f"{r[3]:,.0f} |")
+        print(
+            f"| naive recursive Mano (calibration) | L=10 | train | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:.0f} | "
+            f"{r[3]:,.0f} |"
+        )
     if a.pipeline:
         print()
         for tasks, pc in ((("depo1", "brevo1", "mano"), 1), (("mano",), 1), (("mano",), 8)):
             cpu, smp, wall = bench_pipeline(a.seconds, tasks, pc)
-            print(f"pipeline {'+'.join(tasks)}, process {pc - 1} of {pc}, seq_len 4096, batch 1: {cpu:.1f} windows/s "
-                  f"(CPU) = {smp:,.0f} samples/s (CPU), {wall:.1f} windows/s (wall)")
+            print(
+                f"pipeline {'+'.join(tasks)}, process {pc - 1} of {pc}, seq_len 4096, batch 1: {cpu:.1f} windows/s "
+                f"(CPU) = {smp:,.0f} samples/s (CPU), {wall:.1f} windows/s (wall)"
+            )
+
 
 if __name__ == "__main__":
     main()

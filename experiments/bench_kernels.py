@@ -10,10 +10,12 @@ mode, which measures nothing about kernel speed).
     PYTHONPATH=. python experiments/bench_kernels.py            # everything the device supports
     PYTHONPATH=. python experiments/bench_kernels.py --what conv --reps 20
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -31,8 +33,8 @@ except ImportError:
     ops_gla = None
 from pallas_kernels.linear_scan import gla as gla_kernel
 from pallas_kernels.linear_scan import reference as scan_ref
-from pallas_kernels.short_conv import short_conv
 from pallas_kernels.short_conv import reference as conv_ref
+from pallas_kernels.short_conv import short_conv
 
 
 def _time(fn, *args, reps):
@@ -70,8 +72,10 @@ def bench_conv(accel, reps):
                 continue
             fb = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32)), argnums=(0, 1)))
             t_fb = _time(fb, x, w, reps=reps)
-            print(f"| {shape} | {name} | {t_f * 1e3:.3f} | {2 * n / t_f / 1e9:.1f} | {t_fb * 1e3:.3f} | "
-                  f"{5 * n / t_fb / 1e9:.1f} |")
+            print(
+                f"| {shape} | {name} | {t_f * 1e3:.3f} | {2 * n / t_f / 1e9:.1f} | {t_fb * 1e3:.3f} | "
+                f"{5 * n / t_fb / 1e9:.1f} |"
+            )
 
 
 def _scan_flops(b, t, h, dk, dv, chunk):
@@ -85,8 +89,10 @@ def bench_scan(accel, reps):
     else:
         b, h, dk, dv, lengths = 1, 2, 32, 64, (256, 512)
     chunk = 64
-    print(f"| T (B={b}, H={h}, Dk={dk}, Dv={dv}, bf16, chunk {chunk}) | path | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
-          "fwd+bwd TFLOP/s |")
+    print(
+        f"| T (B={b}, H={h}, Dk={dk}, Dv={dv}, bf16, chunk {chunk}) | path | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
+        "fwd+bwd TFLOP/s |"
+    )
     print("|---|---|---|---|---|---|")
     for t in lengths:
         ks = jax.random.split(jax.random.key(0), 4)
@@ -100,8 +106,16 @@ def bench_scan(accel, reps):
                 return ops_gla(q, k, v, g, chunk_size=chunk, impl="xla")[0]
             tr = lambda a: jnp.swapaxes(a, 1, 2)
             bc = scan_ref.chunk_cumsum(tr(g), chunk)
-            o, _ = scan_ref.scan_xla(tr(q), tr(k), tr(v), bc, jnp.zeros((b, h, dv, dk), jnp.float32),
-                                     scale=dk ** -0.5, chunk=chunk, sub_chunk=16)
+            o, _ = scan_ref.scan_xla(
+                tr(q),
+                tr(k),
+                tr(v),
+                bc,
+                jnp.zeros((b, h, dv, dk), jnp.float32),
+                scale=dk**-0.5,
+                chunk=chunk,
+                sub_chunk=16,
+            )
             return jnp.swapaxes(o, 1, 2)
 
         def attention(q, k, v, g):
@@ -116,17 +130,19 @@ def bench_scan(accel, reps):
             from pallas_kernels.linear_scan import gpu as scan_gpu
 
             # Scalar gates (the SSD kernel family): same shapes, one gate per (token, head).
-            paths["pallas, scalar gates (Mosaic GPU SSD kernels)"] = (
-                lambda q, k, v, g: scan_gpu.scalar_scan(q, k, v, g[..., 0], jnp.zeros((b, h, dk, dv), jnp.float32),
-                                                        chunk, 64, None)[0])
+            paths["pallas, scalar gates (Mosaic GPU SSD kernels)"] = lambda q, k, v, g: scan_gpu.scalar_scan(
+                q, k, v, g[..., 0], jnp.zeros((b, h, dk, dv), jnp.float32), chunk, 64, None
+            )[0]
         flops = _scan_flops(b, t, h, dk, dv, chunk)
         for name, fn in paths.items():
             t_f = _time(jax.jit(fn), q, k, v, g, reps=reps)
             fb = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3)))
             t_fb = _time(fb, q, k, v, g, reps=reps)
             note = " (attention FLOPs differ; time only)" if name == "dot_product_attention" else ""
-            print(f"| {t} | {name}{note} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.4f} | {t_fb * 1e3:.2f} | "
-                  f"{3 * flops / t_fb / 1e12:.4f} |")
+            print(
+                f"| {t} | {name}{note} | {t_f * 1e3:.2f} | {flops / t_f / 1e12:.4f} | {t_fb * 1e3:.2f} | "
+                f"{3 * flops / t_fb / 1e12:.4f} |"
+            )
 
 
 def main():

@@ -7,6 +7,7 @@ next-token distribution, and sampling.
 Prints a markdown table: wall-clock and process CPU seconds per string (on a shared machine the CPU column is the
 better estimate of the single-core cost). Single-threaded numpy work; pin BLAS threads with ``OMP_NUM_THREADS=1``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def corrupt(g: CFG, rng: np.random.Generator, s: list[int]) -> list[int]:
     if kind == 1:
         return s[:i] + [int(rng.integers(1, g.num_sym + 1))] + s[i:]
     if kind == 2:
-        return s[:i] + s[i + 1:]
+        return s[:i] + s[i + 1 :]
     return s[: max(i, 1)]
 
 
@@ -78,18 +79,26 @@ def main():
         row(f"accepts, batch of {args.batch}, valid", batched(g.accepts, valid))
         row(f"accepts, batch of {args.batch}, corrupted", batched(g.accepts, bad))
         row(f"accepts, batch of {args.batch}, random strings", batched(g.accepts, rand))
-        row("accepts bitset-only, 1 string at a time, valid",
-            per_string(lambda s: g.accepts([s], method="bitset"), valid[: max(n_single // 4, 1)]))
-        row(f"accepts bitset-only, batch of {args.bitset_batch}, valid",
-            batched(lambda b: g.accepts(b, method="bitset"), valid[: args.bitset_batch]))
+        row(
+            "accepts bitset-only, 1 string at a time, valid",
+            per_string(lambda s: g.accepts([s], method="bitset"), valid[: max(n_single // 4, 1)]),
+        )
+        row(
+            f"accepts bitset-only, batch of {args.bitset_batch}, valid",
+            batched(lambda b: g.accepts(b, method="bitset"), valid[: args.bitset_batch]),
+        )
         periodic = [[1, 2] * (int(mean_len) // 2)]
-        row(f"accepts, periodic '1 2 1 2 ...' (len {len(periodic[0])}, auto -> bitset)",
-            batched(g.accepts, periodic))
+        row(f"accepts, periodic '1 2 1 2 ...' (len {len(periodic[0])}, auto -> bitset)", batched(g.accepts, periodic))
         row("next_token_logprobs, valid string", per_string(g.next_token_logprobs, valid[:n_single]))
         row("sample (one string)", per_string(lambda _: g.sample(rng), range(200)))
         row(f"sample_batch ({args.batch} strings)", batched(lambda b: g.sample_batch(rng, len(b)), valid))
-        rows.append((name, f"(mean length {mean_len:.0f}; {int((~verdict_bad).sum())}/{len(bad)} corrupted "
-                           "strings rejected)", None))
+        rows.append(
+            (
+                name,
+                f"(mean length {mean_len:.0f}; {int((~verdict_bad).sum())}/{len(bad)} corrupted strings rejected)",
+                None,
+            )
+        )
 
     print("\n| cfg | measurement | wall s / string | CPU s / string |\n|---|---|---|---|")
     for name, what, secs in rows:

@@ -8,10 +8,12 @@ Shapes: batch 1, 4 heads; gla / gated_delta_rule: key dim 64, value dim 128; ssd
 Timed: ``jax.grad`` of ``sum(out * w)`` w.r.t. every input, jitted, after one warm-up call; the median of
 ``--repeats`` runs is printed as a markdown table (milliseconds), with the ratio to the previous length.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -34,10 +36,8 @@ def make_case(name: str, t: int, chunk: int):
         args = (f(1, t, H, DK), f(1, t, H, DK), f(1, t, H, DV), -jnp.abs(f(1, t, H, DK)) * 0.1)
         fn = lambda q, k, v, g: gla(q, k, v, g, chunk_size=chunk, impl="xla")[0]
     elif name == "gated_delta_rule":
-        args = (f(1, t, H, DK), f(1, t, H, DK), f(1, t, H, DV), -jnp.abs(f(1, t, H)) * 0.1,
-                jax.nn.sigmoid(f(1, t, H)))
-        fn = lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True, chunk_size=chunk,
-                                                    impl="xla")[0]
+        args = (f(1, t, H, DK), f(1, t, H, DK), f(1, t, H, DV), -jnp.abs(f(1, t, H)) * 0.1, jax.nn.sigmoid(f(1, t, H)))
+        fn = lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True, chunk_size=chunk, impl="xla")[0]
     elif name == "ssd":
         args = (f(1, t, H, DV), jax.nn.softplus(f(1, t, H)), -jnp.exp(f(H)), f(1, t, 1, N), f(1, t, 1, N), f(H))
         fn = lambda x, dt, a, b, c, d: ssd(x, dt, a, b, c, d, chunk_size=chunk, impl="xla")[0]

@@ -5,10 +5,12 @@ Run: ``python -m experiments.bench_llama_step [--steps 10] [--repeats 3]``.
 Reports the median ms/step over ``repeats`` timed windows of ``steps`` steps each (after a compile + warm-up step);
 the windows of the configurations are interleaved.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -17,7 +19,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from canon_jax.config import ModelConfig
@@ -41,9 +42,16 @@ def make_step(model, opt):
 
 def setup(canon_set, args):
     """Compiles the step for one canon_set; returns a closure running ``n`` steps and returning seconds per step."""
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                         num_heads=args.heads, canon_set=canon_set, kernel_impl=args.impl, remat=args.remat,
-                         scan_layers=args.scan)
+    config = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        canon_set=canon_set,
+        kernel_impl=args.impl,
+        remat=args.remat,
+        scan_layers=args.scan,
+    )
     model = CausalLM(config)
     key = jax.random.key(0)
     ids = jax.random.randint(key, (args.batch, args.seq + 1), 0, args.vocab)
@@ -88,9 +96,11 @@ def main(argv=None):
     ap.add_argument("--scan", action="store_true")
     ap.add_argument("--canon-sets", default=",ABCD", help="comma-separated canon_set values to compare")
     args = ap.parse_args(argv)
-    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; {args.layers}L d{args.hidden} {args.heads}h "
-          f"seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(
+        f"JAX {jax.__version__} on {jax.devices()[0].platform}; {args.layers}L d{args.hidden} {args.heads}h "
+        f"seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+    )
     results = [setup(cs, args) for cs in args.canon_sets.split(",")]
     # Alternate the timed windows between configurations so that load changes on a shared machine hit all alike.
     for _ in range(args.repeats):
@@ -104,13 +114,17 @@ def main(argv=None):
         r["all_ms"] = [round(1000 * w, 1) for w, _ in r["times"]]
         r["loss"] = float(r["state"]["loss"])
     for r in results:
-        print(f"canon_set={r['canon_set']:>5}: {r['ms_per_step']:8.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  "
-              f"CPU {r['cpu_ms_per_step']:8.1f} ms/step (compile {r['compile_s']:.1f}s, windows {r['all_ms']} ms, "
-              f"loss {r['loss']:.3f})")
+        print(
+            f"canon_set={r['canon_set']:>5}: {r['ms_per_step']:8.1f} ms/step  {r['tokens_per_s']:8.0f} tokens/s  "
+            f"CPU {r['cpu_ms_per_step']:8.1f} ms/step (compile {r['compile_s']:.1f}s, windows {r['all_ms']} ms, "
+            f"loss {r['loss']:.3f})"
+        )
     if len(results) > 1:
-        print(f"ratio {results[-1]['canon_set']} / {results[0]['canon_set']}: wall "
-              f"{results[-1]['ms_per_step'] / results[0]['ms_per_step']:.3f}x, CPU time "
-              f"{results[-1]['cpu_ms_per_step'] / results[0]['cpu_ms_per_step']:.3f}x")
+        print(
+            f"ratio {results[-1]['canon_set']} / {results[0]['canon_set']}: wall "
+            f"{results[-1]['ms_per_step'] / results[0]['ms_per_step']:.3f}x, CPU time "
+            f"{results[-1]['cpu_ms_per_step'] / results[0]['cpu_ms_per_step']:.3f}x"
+        )
 
 
 if __name__ == "__main__":

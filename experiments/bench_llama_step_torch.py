@@ -12,10 +12,12 @@ the CUDA-only ``causal_conv1d`` package is unavailable on CPU). Same shapes as t
 
 It exists so that canon-jax's CPU step can be compared with PyTorch on the *same* machine (docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -34,7 +36,7 @@ class Canon(nn.Module):
     def __init__(self, width, kernel=4):
         super().__init__()
         self.kernel = kernel
-        self.weight = nn.Parameter(torch.empty(width, 1, kernel).uniform_(-kernel ** -0.5, kernel ** -0.5))
+        self.weight = nn.Parameter(torch.empty(width, 1, kernel).uniform_(-(kernel**-0.5), kernel**-0.5))
 
     def forward(self, x):
         t = x.shape[1]
@@ -125,9 +127,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"PyTorch {torch.__version__} on CPU, {torch.get_num_threads()} threads; {args.layers}L d{args.hidden} "
-          f"{args.heads}h ffn {args.ffn} seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(
+        f"PyTorch {torch.__version__} on CPU, {torch.get_num_threads()} threads; {args.layers}L d{args.hidden} "
+        f"{args.heads}h ffn {args.ffn} seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+    )
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     runs = []
@@ -156,9 +160,11 @@ def main(argv=None):
         wall = statistics.median(w for w, _ in r["times"])
         cpu = statistics.median(c for _, c in r["times"])
         r["ms"] = 1000 * wall
-        print(f"canon_set={r['canon_set']:>5}: {r['ms']:8.1f} ms/step  {tokens / wall:8.0f} tokens/s  CPU "
-              f"{1000 * cpu:8.1f} ms/step (windows {[round(1000 * w, 1) for w, _ in r['times']]} ms, "
-              f"loss {r['loss']:.3f})")
+        print(
+            f"canon_set={r['canon_set']:>5}: {r['ms']:8.1f} ms/step  {tokens / wall:8.0f} tokens/s  CPU "
+            f"{1000 * cpu:8.1f} ms/step (windows {[round(1000 * w, 1) for w, _ in r['times']]} ms, "
+            f"loss {r['loss']:.3f})"
+        )
     if len(runs) > 1:
         print(f"ratio {runs[-1]['canon_set']} / {runs[0]['canon_set']}: wall {runs[-1]['ms'] / runs[0]['ms']:.3f}x")
 

@@ -11,6 +11,7 @@ iterates the training loader (``make_token_dataset``, shuffled windows) for ``--
 process's resident memory. ``step``: tokens/s a 1B step consumes = chips * peak * MFU / FLOPs-per-token.
 Every sub-command prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,12 @@ def bench_tokenize(args) -> dict:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=args.vocab,
+            special_tokens=["<pad>", "<bos>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train([files[0]], trainer)
         tok_path = root / "tokenizer.json"
         tok.save(str(tok_path))
@@ -91,14 +96,19 @@ def bench_tokenize(args) -> dict:
         for name, path in (("bpe", str(tok_path)), ("bytes", None)):
             for workers in (1, 2):
                 cpu0 = _cpu_seconds()
-                idx = tokenize_corpus(files, root / f"out_{name}{workers}", path, workers=workers, progress=False,
-                                      log=lambda *_: None)
+                idx = tokenize_corpus(
+                    files, root / f"out_{name}{workers}", path, workers=workers, progress=False, log=lambda *_: None
+                )
                 cpu = _cpu_seconds() - cpu0
                 tps = idx["new_tokens"] / idx["seconds"]
                 res[f"{name}_workers{workers}"] = {
-                    "tokens": idx["new_tokens"], "seconds": round(idx["seconds"], 2), "tokens_per_s": round(tps),
-                    "tokens_per_s_per_worker": round(tps / workers), "cpu_seconds": round(cpu, 2),
-                    "tokens_per_cpu_second": round(idx["new_tokens"] / cpu)}
+                    "tokens": idx["new_tokens"],
+                    "seconds": round(idx["seconds"], 2),
+                    "tokens_per_s": round(tps),
+                    "tokens_per_s_per_worker": round(tps / workers),
+                    "cpu_seconds": round(cpu, 2),
+                    "tokens_per_cpu_second": round(idx["new_tokens"] / cpu),
+                }
         # the tokenizer alone (one thread) on the same documents: the share of the pipeline that is encoding
         import itertools
 
@@ -134,11 +144,30 @@ def write_synthetic_tokens(out: pathlib.Path, gb: float, shards: int = 10, vocab
         starts = np.concatenate([[0], np.cumsum(lens)])
         starts = np.concatenate([starts[starts < per], [per]]).astype(np.int64)
         np.save(out / f"docs-{k:05d}.npy", starts)
-        meta.append({"tokens": f"tokens-{k:05d}.bin", "docs": f"docs-{k:05d}.npy", "source": "synthetic",
-                     "source_bytes": 0, "num_tokens": per, "num_docs": len(starts) - 1})
-    index = {"format": FORMAT, "version": VERSION, "dtype": "uint16", "vocab_size": vocab,
-             "tokenizer_sha256": "synthetic", "bos_id": 1, "eos_id": 2, "text_field": "text", "txt_mode": "file",
-             "num_tokens": per * shards, "num_docs": sum(m["num_docs"] for m in meta), "shards": meta}
+        meta.append(
+            {
+                "tokens": f"tokens-{k:05d}.bin",
+                "docs": f"docs-{k:05d}.npy",
+                "source": "synthetic",
+                "source_bytes": 0,
+                "num_tokens": per,
+                "num_docs": len(starts) - 1,
+            }
+        )
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "tokenizer_sha256": "synthetic",
+        "bos_id": 1,
+        "eos_id": 2,
+        "text_field": "text",
+        "txt_mode": "file",
+        "num_tokens": per * shards,
+        "num_docs": sum(m["num_docs"] for m in meta),
+        "shards": meta,
+    }
     (out / "index.json").write_text(json.dumps(index))
 
 
@@ -153,26 +182,41 @@ def bench_stream(args) -> dict:
             t0 = time.perf_counter()
             write_synthetic_tokens(root, args.gb)
             print(f"wrote {args.gb} GB of tokens in {time.perf_counter() - t0:.0f} s", flush=True)
-        cfg = DataSection(kind="text", seq_len=args.seq_len, seed=0, num_workers=args.threads,
-                          text=TextDataSection(train_tokens=str(root)))
+        cfg = DataSection(
+            kind="text",
+            seq_len=args.seq_len,
+            seed=0,
+            num_workers=args.threads,
+            text=TextDataSection(train_tokens=str(root)),
+        )
         rss0 = _rss_mb()
         it = iter(make_token_dataset(cfg, split="train", batch_size=args.batch))
         next(it)
         samples, t0, n = [], time.perf_counter(), 0
         while time.perf_counter() - t0 < args.seconds:
-            b = next(it)
+            next(it)
             n += 1
             if n % 10 == 0:
                 samples.append(_rss_mb()["VmRSS"])
         dt = time.perf_counter() - t0
         tokens = n * args.batch * args.seq_len
         corpus = sum(f.stat().st_size for f in root.glob("tokens-*.bin"))
-        return {"bench": "stream", "corpus_gb": round(corpus / 1e9, 2), "seq_len": args.seq_len,
-                "batch": args.batch, "threads": args.threads, "seconds": round(dt, 1), "batches": n,
-                "tokens_per_s": round(tokens / dt), "fraction_of_corpus_read": round(tokens * 2 / corpus, 3),
-                "rss_mb_before": round(rss0["VmRSS"]), "rss_mb_first": round(samples[0]) if samples else None,
-                "rss_mb_last": round(samples[-1]) if samples else None, "rss_mb_max": round(max(samples)),
-                "rss_final": {k: round(v) for k, v in _rss_mb().items()}}
+        return {
+            "bench": "stream",
+            "corpus_gb": round(corpus / 1e9, 2),
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "threads": args.threads,
+            "seconds": round(dt, 1),
+            "batches": n,
+            "tokens_per_s": round(tokens / dt),
+            "fraction_of_corpus_read": round(tokens * 2 / corpus, 3),
+            "rss_mb_before": round(rss0["VmRSS"]),
+            "rss_mb_first": round(samples[0]) if samples else None,
+            "rss_mb_last": round(samples[-1]) if samples else None,
+            "rss_mb_max": round(max(samples)),
+            "rss_final": {k: round(v) for k, v in _rss_mb().items()},
+        }
     finally:
         if made and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -193,10 +237,19 @@ def bench_step(args) -> dict:
     fpt = flops_per_token(mc, n, cfg.data.seq_len)
     peak = PEAK_FLOPS_BF16["TPU v5e"]
     tps = args.chips * peak * args.mfu / fpt
-    return {"bench": "step", "preset": args.preset, "params": n, "seq_len": cfg.data.seq_len,
-            "flops_per_token": fpt, "chips_per_host": args.chips, "peak_per_chip": peak, "mfu": args.mfu,
-            "tokens_per_s_per_host": round(tps), "global_batch_tokens": cfg.train.batch_size * cfg.data.seq_len,
-            "step_seconds": round(cfg.train.batch_size * cfg.data.seq_len / tps, 2)}
+    return {
+        "bench": "step",
+        "preset": args.preset,
+        "params": n,
+        "seq_len": cfg.data.seq_len,
+        "flops_per_token": fpt,
+        "chips_per_host": args.chips,
+        "peak_per_chip": peak,
+        "mfu": args.mfu,
+        "tokens_per_s_per_host": round(tps),
+        "global_batch_tokens": cfg.train.batch_size * cfg.data.seq_len,
+        "step_seconds": round(cfg.train.batch_size * cfg.data.seq_len / tps, 2),
+    }
 
 
 def main(argv=None):
@@ -224,8 +277,9 @@ def main(argv=None):
     res = {"tokenize": bench_tokenize, "stream": bench_stream, "step": bench_step}[args.cmd](args)
     import jax
 
-    res.update(jax_version=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               cpus=os.cpu_count())
+    res.update(
+        jax_version=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpus=os.cpu_count()
+    )
     print(json.dumps(res))
 
 

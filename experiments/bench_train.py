@@ -9,10 +9,12 @@ measures the model step, not data generation. Timing: ``--warmup`` steps (compil
 of ``--repeats`` timings of ``--steps`` steps each, ending with ``block_until_ready``. Also reported: CPU-seconds of
 the process per step (``time.process_time``), which is what matters on a shared CPU.
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -49,9 +51,15 @@ def main(argv=None):
         batches = []
         for _ in range(4):
             toks = rng.integers(1, cfg.model.vocab_size, size=(B, L + 1), dtype=np.int32)
-            batches.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((B, L), np.float32),
-                            "segment_ids": np.ones((B, L), np.int32),
-                            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()})
+            batches.append(
+                {
+                    "inputs": toks[:, :-1],
+                    "targets": toks[:, 1:],
+                    "loss_mask": np.ones((B, L), np.float32),
+                    "segment_ids": np.ones((B, L), np.int32),
+                    "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+                }
+            )
     batches = [tr.global_batch(b) for b in batches]
     state = tr.init_state()
     t0 = time.perf_counter()
@@ -73,16 +81,29 @@ def main(argv=None):
     fpt = flops_per_token(tr.model_config, tr.n_params, L)
     peak = cfg.train.peak_flops_per_device or peak_flops_per_device()
     out = {
-        "config": args.config, "overrides": args.overrides, "params": tr.n_params, "batch": B, "seq_len": L,
-        "dtype": cfg.model.dtype, "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-        "mesh": dict(tr.mesh.shape), "ms_per_step": 1000 * step_s, "tokens_per_s": tps,
+        "config": args.config,
+        "overrides": args.overrides,
+        "params": tr.n_params,
+        "batch": B,
+        "seq_len": L,
+        "dtype": cfg.model.dtype,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(tr.mesh.shape),
+        "ms_per_step": 1000 * step_s,
+        "tokens_per_s": tps,
         "step_times_ms": [1000 * t for t in times],
         # CPU-seconds of this process (all threads) per step: on a shared machine, tokens per CPU-second times the
         # number of cores bounds what a quiet machine would reach.
-        "cpu_s_per_step": cpu_s, "tokens_per_cpu_s": B * L / cpu_s, "warmup_s": compile_s, "flops_per_token": fpt,
+        "cpu_s_per_step": cpu_s,
+        "tokens_per_cpu_s": B * L / cpu_s,
+        "warmup_s": compile_s,
+        "flops_per_token": fpt,
         "mfu": tps * fpt / (jax.device_count() * peak) if peak else None,
-        "jax": jax.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "final_loss": float(m["loss"]),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "final_loss": float(m["loss"]),
     }
     print(json.dumps(out, indent=2))
     return out

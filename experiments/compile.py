@@ -16,6 +16,7 @@ that fits, and the smallest ``train.grad_accum`` that fits the configured global
 ``--no-find-batch``), caches each result as JSON in ``--cache`` (a rerun only compiles what is missing) and writes
 the Markdown table to ``--out``. Exit status: 0 fits, 1 does not fit, 2 config error.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,11 @@ def count_pallas_kernels(hlo_text: str) -> int:
 def _oom_message(e: Exception) -> str | None:
     """The compiler's out-of-memory explanation, or None when ``e`` is another failure."""
     msg = str(e)
-    if "RESOURCE_EXHAUSTED" not in msg and "exceeds available" not in msg.lower() and "out of memory" not in msg.lower():
+    if (
+        "RESOURCE_EXHAUSTED" not in msg
+        and "exceeds available" not in msg.lower()
+        and "out of memory" not in msg.lower()
+    ):
         return None
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     keep = [ln for ln in lines if re.search(r"RESOURCE_EXHAUSTED|hbm|memory|Used|exceed", ln, re.I)]
@@ -69,14 +74,25 @@ def compile_config(cfg, target) -> dict:
     b, accum, t = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.seq_len
     tokens = b * t
     res = {
-        "config": cfg.name, "target": target.name, "platform": target.platform, "num_devices": target.num_devices,
-        "mesh": mesh, "batch_size": b, "grad_accum": accum, "seq_len": t,
-        "sequences_per_device": b / dp, "micro_batch_per_device": b / dp / accum,
-        "tokens_per_step": tokens, "tokens_per_device": tokens / target.num_devices,
+        "config": cfg.name,
+        "target": target.name,
+        "platform": target.platform,
+        "num_devices": target.num_devices,
+        "mesh": mesh,
+        "batch_size": b,
+        "grad_accum": accum,
+        "seq_len": t,
+        "sequences_per_device": b / dp,
+        "micro_batch_per_device": b / dp / accum,
+        "tokens_per_step": tokens,
+        "tokens_per_device": tokens / target.num_devices,
         "n_params": trainer.n_params,
         "model_flops_per_step": flops_per_token(trainer.model_config, trainer.n_params, t) * tokens,
-        "kernel_impl": trainer.model_config.kernel_impl, "remat": trainer.model_config.remat,
-        "hbm_bytes": target.hbm_bytes, "jax_version": jax.__version__, "git_commit": _git_commit(),
+        "kernel_impl": trainer.model_config.kernel_impl,
+        "remat": trainer.model_config.remat,
+        "hbm_bytes": target.hbm_bytes,
+        "jax_version": jax.__version__,
+        "git_commit": _git_commit(),
     }
     t0 = time.perf_counter()
     lowered = trainer.lower_step()
@@ -92,12 +108,15 @@ def compile_config(cfg, target) -> dict:
         return res
     res["compile_seconds"] = time.perf_counter() - t0
     ma = compiled.memory_analysis()
-    mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in
-           ("argument", "output", "alias", "temp", "generated_code")}
+    mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
     # Peak per device: live arguments + fresh outputs (donated buffers are reused) + scratch + the program itself.
     mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
-    res.update(compiled=True, memory=mem, fits=mem["total"] <= target.hbm_bytes,
-               pallas_kernels=count_pallas_kernels(compiled.as_text()))
+    res.update(
+        compiled=True,
+        memory=mem,
+        fits=mem["total"] <= target.hbm_bytes,
+        pallas_kernels=count_pallas_kernels(compiled.as_text()),
+    )
     return res
 
 
@@ -105,8 +124,16 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=pathlib.Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -154,8 +181,12 @@ def find_batch(cfg, target, base: dict | None = None, max_per_device: int = 1024
             lo = mid
         else:
             hi = mid
-    out = {"max_per_device_batch": lo, "search_cap": max_per_device, "max_tokens_per_device": lo * cfg.data.seq_len * dp / target.num_devices,
-           "compiles": len(results)}
+    out = {
+        "max_per_device_batch": lo,
+        "search_cap": max_per_device,
+        "max_tokens_per_device": lo * cfg.data.seq_len * dp / target.num_devices,
+        "compiles": len(results),
+    }
     if lo:
         out["memory_at_max"] = results[lo]["memory"]
     # Smallest grad_accum that keeps the configured global batch: micro-batches of at most `lo` per device.
@@ -186,7 +217,8 @@ def _mem_str(r: dict) -> str:
 def report(r: dict) -> str:
     m = r["mesh"]
     lines = [
-        f"config {r['config']} on {r['target']} ({r['num_devices']} {r['platform'].upper()} devices, mesh data={m['data']}"
+        f"config {r['config']} on {r['target']} ({r['num_devices']} {r['platform'].upper()} devices, "
+        f"mesh data={m['data']}"
         f" fsdp={m['fsdp']} tensor={m['tensor']}), jax {r['jax_version']}",
         f"  batch {r['batch_size']} x seq {r['seq_len']}, grad_accum {r['grad_accum']}: "
         f"{r['micro_batch_per_device']:g} sequences per device per micro-batch, "
@@ -197,17 +229,27 @@ def report(r: dict) -> str:
     ]
     if r.get("compiled"):
         mem = r["memory"]
-        lines.append("  per device: " + ", ".join(f"{k} {_gib(mem[k])}" for k in
-                                                  ("argument", "output", "alias", "temp", "generated_code")))
-        lines.append(f"  total {_gib(mem['total'])} of HBM {_gib(r['hbm_bytes'])}: "
-                     f"{'FITS' if r['fits'] else 'DOES NOT FIT'}; Pallas kernels in the program: {r['pallas_kernels']}")
+        lines.append(
+            "  per device: "
+            + ", ".join(f"{k} {_gib(mem[k])}" for k in ("argument", "output", "alias", "temp", "generated_code"))
+        )
+        lines.append(
+            f"  total {_gib(mem['total'])} of HBM {_gib(r['hbm_bytes'])}: "
+            f"{'FITS' if r['fits'] else 'DOES NOT FIT'}; Pallas kernels in the program: {r['pallas_kernels']}"
+        )
     else:
         lines.append(f"  DOES NOT FIT (HBM {_gib(r['hbm_bytes'])}): {r['error']}")
     if "find_batch" in r:
         fb = r["find_batch"]
-        lines.append(f"  largest per-device batch that fits: {fb['max_per_device_batch']} "
-                     f"({fb['compiles']} compiles)" + (f"; smallest grad_accum for batch {r['batch_size']}: "
-                                                       f"{fb['min_grad_accum']}" if "min_grad_accum" in fb else ""))
+        lines.append(
+            f"  largest per-device batch that fits: {fb['max_per_device_batch']} "
+            f"({fb['compiles']} compiles)"
+            + (
+                f"; smallest grad_accum for batch {r['batch_size']}: {fb['min_grad_accum']}"
+                if "min_grad_accum" in fb
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
@@ -249,8 +291,18 @@ def _mesh_error(config_path, target_name, overrides) -> str | None:
     return None
 
 
-def table(config_dir, targets, cache_dir, out, overrides=(), do_find_batch=True, only_cached=False, first=(),
-          check_only=False, log=print):
+def table(
+    config_dir,
+    targets,
+    cache_dir,
+    out,
+    overrides=(),
+    do_find_batch=True,
+    only_cached=False,
+    first=(),
+    check_only=False,
+    log=print,
+):
     """Compile (or read from the cache) every config x target; write the Markdown table to ``out``.
 
     Target-major: the first targets are finished first; within a target the configs named in ``first`` go first."""
@@ -284,8 +336,9 @@ def table(config_dir, targets, cache_dir, out, overrides=(), do_find_batch=True,
                     from canon_jax.aot import get_target
 
                     r = dict(cached)
-                    r["find_batch"] = find_batch(load_config(path, list(overrides)), get_target(target), base=r,
-                                                 log=log)
+                    r["find_batch"] = find_batch(
+                        load_config(path, list(overrides)), get_target(target), base=r, log=log
+                    )
                 else:
                     r = run_one(path, target, overrides, do_find_batch, log=log)
             except Exception as e:  # noqa: BLE001 - a compiler failure is a table entry, the rest still runs
@@ -312,8 +365,11 @@ def _cell(r: dict | None) -> str:
         return ("batch does not divide the mesh: set " + fix).replace("|", "/")
     if "failure" in r:
         return "compile failed: " + r["failure"].splitlines()[0][:120].replace("|", "/")
-    s = (f"**fits** {_gib(r['memory']['total'])}" if r.get("fits") else
-         (f"no: {_gib(r['memory']['total'])}" if r.get("compiled") else "no: over HBM"))
+    s = (
+        f"**fits** {_gib(r['memory']['total'])}"
+        if r.get("fits")
+        else (f"no: {_gib(r['memory']['total'])}" if r.get("compiled") else "no: over HBM")
+    )
     s += f", {r['micro_batch_per_device']:g} seq/dev, {r['tokens_per_device']:.0f} tokens/dev"
     if r.get("compiled"):
         s += f", {r['pallas_kernels']} Pallas"
@@ -340,7 +396,9 @@ def write_markdown(out, configs, targets, results, overrides=()):
     if any(missing.values()):
         text += "\nNot computed yet:\n" + "".join(
             f"- {t}: " + ("all presets" if len(m) == len(configs) else ", ".join(m)) + "\n"
-            for t, m in missing.items() if m)
+            for t, m in missing.items()
+            if m
+        )
     text += f"\n<!-- generated by experiments/compile.py with jax {jax.__version__}; overrides: {list(overrides)} -->\n"
     out = pathlib.Path(out)
     start, end = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
@@ -358,20 +416,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config, as for experiments.train")
     p.add_argument("--target", help="machine to compile for, e.g. v5e:16x16, v5p:4x4x4, v4:4x4x4, v6e:8x8, h100:1x1x8")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, as for experiments.train (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, as for experiments.train (repeatable)",
+    )
     p.add_argument("--json", help="write the result as JSON to this file")
-    p.add_argument("--find-batch", action="store_true",
-                   help="also search the largest per-device batch and the smallest grad_accum that fit")
+    p.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="also search the largest per-device batch and the smallest grad_accum that fit",
+    )
     p.add_argument("--table", metavar="DIR", help="compile every *.yaml in DIR for every --targets entry")
-    p.add_argument("--targets", default="v5p:4x4x4,h200:1x1x8,v5e:16x16,v4:4x4x4,v6e:8x8,h100:1x1x8",
-                   help="comma-separated targets for --table")
+    p.add_argument(
+        "--targets",
+        default="v5p:4x4x4,h200:1x1x8,v5e:16x16,v4:4x4x4,v6e:8x8,h100:1x1x8",
+        help="comma-separated targets for --table",
+    )
     p.add_argument("--out", default="docs/scaling.md", help="Markdown file for --table (its generated block)")
     p.add_argument("--cache", default="docs/scaling_results", help="JSON result cache for --table")
     p.add_argument("--no-find-batch", action="store_true", help="--table without the batch search")
     p.add_argument("--only-cached", action="store_true", help="--table from the cache only (compile nothing)")
-    p.add_argument("--check-only", action="store_true",
-                   help="--table: record only the configs whose batch does not split over the mesh (no compiles)")
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="--table: record only the configs whose batch does not split over the mesh (no compiles)",
+    )
     p.add_argument("--first", default="", help="comma-separated config names that --table compiles first")
     args = p.parse_args(argv)
     if not args.table and not (args.config and args.target):
@@ -384,8 +457,17 @@ def main(argv=None) -> int:
     if args.table:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         first = [f.strip() for f in args.first.split(",") if f.strip()]
-        table(args.table, targets, args.cache, args.out, args.overrides, not args.no_find_batch, args.only_cached,
-              first, args.check_only)
+        table(
+            args.table,
+            targets,
+            args.cache,
+            args.out,
+            args.overrides,
+            not args.no_find_batch,
+            args.only_cached,
+            first,
+            args.check_only,
+        )
         print(f"wrote {args.out}")
         return 0
     from canon_jax.aot import get_target

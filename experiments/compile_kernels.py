@@ -14,6 +14,7 @@ and, on GPU, the registers per thread and spill bytes from ``ptxas -v``.
 Importing this module sets ``MOSAIC_GPU_DUMP_TO`` (a private temporary folder unless already set) and
 ``MOSAIC_GPU_DUMP_PTXAS=1``: the CUDA plugin writes every Mosaic GPU kernel's ptxas log there at compile time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Optional
 
 if "MOSAIC_GPU_DUMP_TO" not in os.environ:
     os.environ["MOSAIC_GPU_DUMP_TO"] = tempfile.mkdtemp(prefix="canon_jax_mosaic_gpu_")
@@ -64,7 +64,7 @@ class Case:
     fn: Callable[[str], Callable]
     args: tuple
     kernels: dict
-    tpu_flops: Optional[list] = None
+    tpu_flops: list | None = None
 
 
 def _vg(f, argnums):
@@ -80,19 +80,25 @@ def _conv_case(name, what, shape, k, dtype, segments):
     def fn(backend):
         def f(x, w, bias, *rest):
             seg, st = rest if rest else (None, None)
-            return short_conv(x, w, bias=bias, activation="silu", residual=True, segment_ids=seg, initial_state=st,
-                              backend=backend)
+            return short_conv(
+                x, w, bias=bias, activation="silu", residual=True, segment_ids=seg, initial_state=st, backend=backend
+            )
+
         return _vg(f, (0, 1, 2, 4) if segments else (0, 1, 2))
 
     names = ["short_conv_causal", "short_conv_causal", "short_conv_anticausal"]  # forward, SiLU recompute, dx
     flops = None
     if t % 256 == 0 and d % 512 == 0:  # the TPU tiles divide: no padding
         per = lambda **kw: cost.conv_flops(k, **kw)[0] * b * t * d
-        flops = [("short_conv_causal", per(has_bias=True, activation="silu", residual=True, extra=False)),
-                 ("short_conv_causal", per(has_bias=True, activation=None, residual=False, extra=False)),  # recompute
-                 # dx (+ dy, the residual's gradient) with the fused weight/bias-gradient sums
-                 ("short_conv_anticausal", per(has_bias=False, activation=None, residual=False, extra=True)
-                  + (2 * k + 1) * b * t * d)]
+        flops = [
+            ("short_conv_causal", per(has_bias=True, activation="silu", residual=True, extra=False)),
+            ("short_conv_causal", per(has_bias=True, activation=None, residual=False, extra=False)),  # recompute
+            # dx (+ dy, the residual's gradient) with the fused weight/bias-gradient sums
+            (
+                "short_conv_anticausal",
+                per(has_bias=False, activation=None, residual=False, extra=True) + (2 * k + 1) * b * t * d,
+            ),
+        ]
     return Case(name, what, fn, tuple(args), {"tpu": names, "gpu": names}, flops)
 
 
@@ -101,9 +107,11 @@ def _scan_flops(b, t, h, dk, dv, *, scalar, chunk=64, sub=16):
     if t % chunk:
         return None
     per = lambda f, **kw: f(chunk, dk, dv, scalar=scalar, sub=sub, **kw)[0] * b * h * (t // chunk)
-    return [("gated_linear_scan", per(cost.scan_chunk_flops)),
-            ("gated_linear_scan", per(cost.scan_chunk_flops, states_only=True)),
-            ("gated_linear_scan_bwd", per(cost.scan_chunk_bwd_flops))]
+    return [
+        ("gated_linear_scan", per(cost.scan_chunk_flops)),
+        ("gated_linear_scan", per(cost.scan_chunk_flops, states_only=True)),
+        ("gated_linear_scan_bwd", per(cost.scan_chunk_bwd_flops)),
+    ]
 
 
 def _gla_case(name, what, b, t, h, dk, dv, dtype, state):
@@ -115,12 +123,26 @@ def _gla_case(name, what, b, t, h, dk, dv, dtype, state):
         def f(q, k, v, g, *st):
             o, s = gla(q, k, v, g, initial_state=st[0] if st else None, backend=backend)
             return jnp.sum(o.astype(F32)) + jnp.sum(s)
+
         return _vg(f, tuple(range(len(args))))
 
-    return Case(name, what, fn, tuple(args), {
-        "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],  # forward, states pass, bwd
-        "gpu": ["gla_scan_fwd_wgmma", "scan_state_pass_fwd", "scan_state_pass_rev", "gla_scan_bwd_dqk",
-                "gla_scan_bwd_dv"]}, _scan_flops(b, t, h, dk, dv, scalar=False))
+    return Case(
+        name,
+        what,
+        fn,
+        tuple(args),
+        {
+            "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],  # forward, states pass, bwd
+            "gpu": [
+                "gla_scan_fwd_wgmma",
+                "scan_state_pass_fwd",
+                "scan_state_pass_rev",
+                "gla_scan_bwd_dqk",
+                "gla_scan_bwd_dv",
+            ],
+        },
+        _scan_flops(b, t, h, dk, dv, scalar=False),
+    )
 
 
 def _ssd_case(name, what, b, t, h, p, g, n, dtype, extras, chunk=64):
@@ -133,41 +155,71 @@ def _ssd_case(name, what, b, t, h, p, g, n, dtype, extras, chunk=64):
             d, st = rest if rest else (None, None)
             y, s = ssd(x, dt, a, bm, cm, d, initial_state=st, chunk_size=chunk, backend=backend)
             return jnp.sum(y.astype(F32)) + jnp.sum(s)
+
         return _vg(f, tuple(range(len(args))))
 
-    return Case(name, what, fn, tuple(args), {
-        "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],
-        "gpu": ["ssd_scan_fwd_wgmma", "scan_state_pass_fwd", "scan_state_pass_rev", "ssd_scan_bwd_dqk",
-                "ssd_scan_bwd_dv"]}, _scan_flops(b, t, h, n, p, scalar=True, chunk=chunk))
+    return Case(
+        name,
+        what,
+        fn,
+        tuple(args),
+        {
+            "tpu": ["gated_linear_scan", "gated_linear_scan", "gated_linear_scan_bwd"],
+            "gpu": [
+                "ssd_scan_fwd_wgmma",
+                "scan_state_pass_fwd",
+                "scan_state_pass_rev",
+                "ssd_scan_bwd_dqk",
+                "ssd_scan_bwd_dv",
+            ],
+        },
+        _scan_flops(b, t, h, n, p, scalar=True, chunk=chunk),
+    )
 
 
 # The paper's shapes (configs/experiments/*_1b.yaml): width 2048, llama T = 4096; GLA5 / Mamba2 T = 16384, 16 heads,
 # GLA Dk = 128 / Dv = 256 (expand_k 1, expand_v 2), Mamba2 P = 256, N = 128, one group. Odd shapes: T not a multiple
 # of any tile or chunk, narrow channels, batch 2, grouped SSD heads.
-CASES = {c.name: c for c in (
-    _conv_case("conv_bf16_paper", "conv K=4 bf16 [1, 4096, 2048]", (1, 4096, 2048), 4, BF16, False),
-    _conv_case("conv_f32_paper_seg_state", "conv K=4 f32 [1, 4096, 2048] + segments + state", (1, 4096, 2048), 4,
-               F32, True),
-    _conv_case("conv_f32_odd", "conv K=4 f32 [2, 37, 40]", (2, 37, 40), 4, F32, False),
-    _conv_case("conv_bf16_odd_seg_state", "conv K=3 bf16 [2, 37, 40] + segments + state", (2, 37, 40), 3, BF16,
-               True),
-    _gla_case("gla_bf16_paper", "GLA bf16 B=1 T=16384 H=16 Dk=128 Dv=256", 1, 16384, 16, 128, 256, BF16, False),
-    _gla_case("gla_f32_odd", "GLA f32 B=2 T=200 H=2 Dk=64 Dv=64 + state", 2, 200, 2, 64, 64, F32, True),
-    # Mamba2's chunk of 256: the TPU kernels run at it, the Mosaic GPU ones at 64 (their shared-memory plan)
-    _ssd_case("ssd_bf16_paper", "SSD bf16 B=1 T=16384 H=16 P=256 N=128 G=1 chunk 256", 1, 16384, 16, 256, 1, 128,
-              BF16, False, chunk=256),
-    _ssd_case("ssd_f32_odd", "SSD f32 B=2 T=200 H=4 P=64 N=64 G=2 + D + state", 2, 200, 4, 64, 2, 64, F32, True),
-)}
+CASES = {
+    c.name: c
+    for c in (
+        _conv_case("conv_bf16_paper", "conv K=4 bf16 [1, 4096, 2048]", (1, 4096, 2048), 4, BF16, False),
+        _conv_case(
+            "conv_f32_paper_seg_state", "conv K=4 f32 [1, 4096, 2048] + segments + state", (1, 4096, 2048), 4, F32, True
+        ),
+        _conv_case("conv_f32_odd", "conv K=4 f32 [2, 37, 40]", (2, 37, 40), 4, F32, False),
+        _conv_case(
+            "conv_bf16_odd_seg_state", "conv K=3 bf16 [2, 37, 40] + segments + state", (2, 37, 40), 3, BF16, True
+        ),
+        _gla_case("gla_bf16_paper", "GLA bf16 B=1 T=16384 H=16 Dk=128 Dv=256", 1, 16384, 16, 128, 256, BF16, False),
+        _gla_case("gla_f32_odd", "GLA f32 B=2 T=200 H=2 Dk=64 Dv=64 + state", 2, 200, 2, 64, 64, F32, True),
+        # Mamba2's chunk of 256: the TPU kernels run at it, the Mosaic GPU ones at 64 (their shared-memory plan)
+        _ssd_case(
+            "ssd_bf16_paper",
+            "SSD bf16 B=1 T=16384 H=16 P=256 N=128 G=1 chunk 256",
+            1,
+            16384,
+            16,
+            256,
+            1,
+            128,
+            BF16,
+            False,
+            chunk=256,
+        ),
+        _ssd_case("ssd_f32_odd", "SSD f32 B=2 T=200 H=4 P=64 N=64 G=2 + D + state", 2, 200, 4, 64, 2, 64, F32, True),
+    )
+}
 
 
 @dataclasses.dataclass
 class Kernel:
     name: str
-    flops: Optional[int] = None  # TPU: the pl.CostEstimate in the custom call's backend config
-    scratch_bytes: Optional[int] = None  # TPU: VMEM estimate; GPU: shared memory allocated
-    registers: Optional[int] = None  # GPU: per thread (ptxas -v)
-    spill_stores: Optional[int] = None
-    spill_loads: Optional[int] = None
+    flops: int | None = None  # TPU: the pl.CostEstimate in the custom call's backend config
+    scratch_bytes: int | None = None  # TPU: VMEM estimate; GPU: shared memory allocated
+    registers: int | None = None  # GPU: per thread (ptxas -v)
+    spill_stores: int | None = None
+    spill_loads: int | None = None
 
 
 @dataclasses.dataclass
@@ -184,7 +236,7 @@ def _subjaxprs(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
         for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
                     yield from _subjaxprs(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -210,16 +262,21 @@ def tpu_vmem_estimates(fn, args):
         if eqn.primitive.name != "pallas_call":
             continue
         gm = eqn.params["grid_mapping"]
-        total = sum(2 * _tile_bytes(bm.transformed_block_aval.shape, bm.transformed_block_aval.dtype)
-                    for bm in gm.block_mappings)
+        total = sum(
+            2 * _tile_bytes(bm.transformed_block_aval.shape, bm.transformed_block_aval.dtype)
+            for bm in gm.block_mappings
+        )
         total += sum(_tile_bytes(a.shape, a.dtype) for a in gm.scratch_avals)
         name = eqn.params.get("name") or eqn.params["debug_info"].func_name
         out[name] = max(out.get(name, 0), total)
     return out
 
 
-_PTXAS = re.compile(r"Compiling entry function '(\w+)_mosaic_gpu_kernel'.*?(\d+) bytes spill stores, (\d+) bytes "
-                    r"spill loads.*?Used (\d+) registers", re.DOTALL)
+_PTXAS = re.compile(
+    r"Compiling entry function '(\w+)_mosaic_gpu_kernel'.*?(\d+) bytes spill stores, (\d+) bytes "
+    r"spill loads.*?Used (\d+) registers",
+    re.DOTALL,
+)
 _SMEM = re.compile(r"dynamic_shared_memory_size %c(\d+)_i32")
 
 
@@ -233,7 +290,7 @@ def _gpu_dumps(before):
             with open(os.path.join(folder, f)) as fh:
                 text = fh.read()
             for m in _PTXAS.finditer(text):
-                base = f[:-len(".ptxas")]
+                base = f[: -len(".ptxas")]
                 smem = None
                 log = os.path.join(folder, base + ".mlir-passes.log")
                 if os.path.exists(log):
@@ -241,8 +298,13 @@ def _gpu_dumps(before):
                         found = _SMEM.findall(fh.read())
                     smem = int(found[-1]) if found else None
                 stats.setdefault(m.group(1), []).append(
-                    dict(spill_stores=int(m.group(2)), spill_loads=int(m.group(3)), registers=int(m.group(4)),
-                         scratch_bytes=smem))
+                    dict(
+                        spill_stores=int(m.group(2)),
+                        spill_loads=int(m.group(3)),
+                        registers=int(m.group(4)),
+                        scratch_bytes=smem,
+                    )
+                )
     return stats
 
 
@@ -276,8 +338,13 @@ def compile_case(case_name: str, target_key: str) -> Result:
     try:
         compiled = jax.jit(fn, in_shardings=(shard,) * len(case.args)).lower(*case.args).compile()
     except Exception as e:  # reported in the table; the tests assert ok
-        return Result(case_name, target_key, False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                      seconds=time.perf_counter() - t0)
+        return Result(
+            case_name,
+            target_key,
+            False,
+            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+            seconds=time.perf_counter() - t0,
+        )
     seconds = time.perf_counter() - t0
     kernels = [Kernel(name, flops) for name, flops in custom_calls(compiled.as_text(), target.platform)]
     if target.platform == "tpu":
@@ -307,7 +374,7 @@ def table(results) -> str:
         names = []
         for t in targets:
             r = by.get((case, t))
-            for k in (r.kernels if r and r.ok else []):
+            for k in r.kernels if r and r.ok else []:
                 if k.name not in names:
                     names.append(k.name)
         for name in names or ["(none)"]:

@@ -2,17 +2,18 @@
 
 Run: ``python -m experiments.demo`` (from the repository root).
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from canon_jax.config import ModelConfig
@@ -32,13 +33,21 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args(argv)
 
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                         num_heads=args.heads, canon_set=args.canon_set, rope_dim=args.hidden // args.heads // 4,
-                         qk_norm=True)
+    config = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        canon_set=args.canon_set,
+        rope_dim=args.hidden // args.heads // 4,
+        qk_norm=True,
+    )
     model = CausalLM(config)
     print(f"devices: {jax.devices()}  (JAX {jax.__version__})")
-    print(f"config: {config.num_layers}L x d{config.hidden_size}, {config.num_heads} heads, "
-          f"canon_set={config.canon_set!r}, rope_dim={config.rope_dim}, ffn={config.ffn_dim()}")
+    print(
+        f"config: {config.num_layers}L x d{config.hidden_size}, {config.num_heads} heads, "
+        f"canon_set={config.canon_set!r}, rope_dim={config.rope_dim}, ffn={config.ffn_dim()}"
+    )
 
     ids = jax.random.randint(jax.random.key(1), (2, args.seq), 0, config.vocab_size)
     t = time.perf_counter()
@@ -55,8 +64,10 @@ def main(argv=None):
     logits = jax.block_until_ready(forward({"params": params}, ids))
     t_run = time.perf_counter() - t
     loss, _ = cross_entropy(logits[:, :-1], ids[:, 1:])
-    print(f"forward: input {ids.shape} -> logits {logits.shape} {logits.dtype}; loss {float(loss):.3f} "
-          f"(~ln V = {np.log(config.vocab_size):.3f}); compile {t_compile:.2f}s, run {t_run:.4f}s")
+    print(
+        f"forward: input {ids.shape} -> logits {logits.shape} {logits.dtype}; loss {float(loss):.3f} "
+        f"(~ln V = {np.log(config.vocab_size):.3f}); compile {t_compile:.2f}s, run {t_run:.4f}s"
+    )
 
     prompt = ids[:, :8]
     t = time.perf_counter()
@@ -65,8 +76,10 @@ def main(argv=None):
     t = time.perf_counter()
     out = jax.block_until_ready(generate(model, params, prompt, args.new_tokens))
     t_run = time.perf_counter() - t
-    print(f"greedy generation: prompt {prompt.shape} -> new tokens {out.shape}; first call {t_first:.2f}s "
-          f"(compile), then {t_run:.4f}s ({args.new_tokens * prompt.shape[0] / t_run:.0f} tokens/s)")
+    print(
+        f"greedy generation: prompt {prompt.shape} -> new tokens {out.shape}; first call {t_first:.2f}s "
+        f"(compile), then {t_run:.4f}s ({args.new_tokens * prompt.shape[0] / t_run:.0f} tokens/s)"
+    )
     for row in np.asarray(out):
         print("  ", row.tolist())
 

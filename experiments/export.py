@@ -6,6 +6,7 @@
 ``canon_jax.load_hf_checkpoint(DIR)`` or transformers' LlamaCanon; a run is also loaded directly with
 ``canon_jax.load_run(WORKDIR)``. Exit status 2 with one line on a bad path, step or architecture.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -21,6 +21,7 @@ for tasks with per-k metrics, else the overall accuracy, with every seed drawn a
 against the step, same band). A row whose runs have not finished is reported as
 missing, never silently dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,19 @@ def load_spec(path) -> dict:
     for i, c in enumerate(comps):
         bad = sorted(set(c) - COMPARISON_KEYS)
         if bad or not {"title", "task", "rows"} <= set(c):
-            raise ValueError(f"{path}: comparison {i} needs the keys title, task, rows (optional: chance), "
-                             f"got {sorted(c)}")
+            raise ValueError(
+                f"{path}: comparison {i} needs the keys title, task, rows (optional: chance), got {sorted(c)}"
+            )
         for row in c["rows"]:
             if len(row) != 3 or row[0] not in sweeps:
-                raise ValueError(f"{path}: comparison {i}: row {row} must be [sweep label, arch, display name] with "
-                                 f"a sweep label among {sorted(sweeps)}")
+                raise ValueError(
+                    f"{path}: comparison {i}: row {row} must be [sweep label, arch, display name] with "
+                    f"a sweep label among {sorted(sweeps)}"
+                )
             if row[1] not in sweeps[row[0]]["archs"] or c["task"] not in sweeps[row[0]]["tasks"]:
-                raise ValueError(f"{path}: comparison {i}: sweep {row[0]!r} has no arch {row[1]!r} / task {c['task']!r}")
+                raise ValueError(
+                    f"{path}: comparison {i}: sweep {row[0]!r} has no arch {row[1]!r} / task {c['task']!r}"
+                )
     return {"sweeps": sweeps, "comparisons": comps}
 
 
@@ -81,8 +87,9 @@ def evals_by_step(workdir: pathlib.Path, task: str) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for r in read_metrics(workdir / "metrics.jsonl"):
         if r.get("eval") == task:
-            out[r["step"]] = {k.split("/", 1)[1]: float(v) for k, v in r.items()
-                              if k.startswith(task + "/") and "accuracy" in k}
+            out[r["step"]] = {
+                k.split("/", 1)[1]: float(v) for k, v in r.items() if k.startswith(task + "/") and "accuracy" in k
+            }
     return out
 
 
@@ -100,17 +107,34 @@ def gather(spec: dict, comp: dict) -> list[dict]:
                 missing.append(run["seed"])
                 continue
             final = dict(ev[max(ev)])
-            losses = [r["nll"] for r in read_metrics(run["workdir"] / "metrics.jsonl") if "eval" not in r and "nll" in r]
+            losses = [
+                r["nll"] for r in read_metrics(run["workdir"] / "metrics.jsonl") if "eval" not in r and "nll" in r
+            ]
             if losses:  # answer-token loss on fresh training samples (infinite data: no overfitting), last 3 logs
                 final["train_nll"] = float(np.mean(losses[-3:]))
             finals.append(final)
             curves.append(ev)
-            loss_curves.append({r["step"]: r["nll"] for r in read_metrics(run["workdir"] / "metrics.jsonl")
-                                if "eval" not in r and "nll" in r})
+            loss_curves.append(
+                {
+                    r["step"]: r["nll"]
+                    for r in read_metrics(run["workdir"] / "metrics.jsonl")
+                    if "eval" not in r and "nll" in r
+                }
+            )
             compute.append(json.loads(cfile.read_text()))
-        rows.append({"name": name, "sweep": sweep["name"], "arch": arch, "seeds": [r["seed"] for r in runs],
-                     "missing": missing, "finals": finals, "curves": curves, "loss_curves": loss_curves,
-                     "compute": compute})
+        rows.append(
+            {
+                "name": name,
+                "sweep": sweep["name"],
+                "arch": arch,
+                "seeds": [r["seed"] for r in runs],
+                "missing": missing,
+                "finals": finals,
+                "curves": curves,
+                "loss_curves": loss_curves,
+                "compute": compute,
+            }
+        )
     return rows
 
 
@@ -124,16 +148,21 @@ def metric_names(rows, accuracy_only: bool = False) -> list[str]:
 
 def table(comp: dict, rows: list[dict]) -> str:
     metrics = metric_names(rows)
-    lines = ["| model | seeds | " + " | ".join(metrics) + " | tokens / run | train FLOPs / run | CPU s / run |",
-             "|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+    lines = [
+        "| model | seeds | " + " | ".join(metrics) + " | tokens / run | train FLOPs / run | CPU s / run |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|---|",
+    ]
     for r in rows:
         cells = [sw.fmt_cell([f[m] for f in r["finals"] if m in f]) for m in metrics]
         n = f"{len(r['finals'])}" + (f" (missing seeds {r['missing']})" if r["missing"] else "")
         comp_cells = ["-"] * 3
         if r["compute"]:
             c = r["compute"]
-            comp_cells = [f"{np.mean([x['tokens'] for x in c]):,.0f}", f"{np.mean([x['train_flops'] for x in c]):.2e}",
-                          f"{np.mean([x['cpu_s'] for x in c]):.0f}"]
+            comp_cells = [
+                f"{np.mean([x['tokens'] for x in c]):,.0f}",
+                f"{np.mean([x['train_flops'] for x in c]):.2e}",
+                f"{np.mean([x['cpu_s'] for x in c]):.0f}",
+            ]
         lines.append(f"| {r['name']} | {n} | " + " | ".join(cells) + " | " + " | ".join(comp_cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -232,8 +261,11 @@ def main(argv=None) -> int:
         (out / f"{i}_table.md").write_text(md)
         pngs = []
         if any(r["finals"] for r in rows):
-            pngs = [plot_final(comp, rows, out / f"{i}_final.png"), plot_curve(comp, rows, out / f"{i}_curve.png"),
-                    plot_curve(comp, rows, out / f"{i}_loss.png", loss=True)]
+            pngs = [
+                plot_final(comp, rows, out / f"{i}_final.png"),
+                plot_curve(comp, rows, out / f"{i}_curve.png"),
+                plot_curve(comp, rows, out / f"{i}_loss.png", loss=True),
+            ]
         print(md)
         print("plots:", ", ".join(str(x) for x in pngs) or "none (no finished runs)", "\n")
     if incomplete:

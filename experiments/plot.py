@@ -8,6 +8,7 @@
 ``eval_loss`` ...); shell-style patterns select several (``'depo1/accuracy_k*'``: one line per k). A run directory
 without ``metrics.jsonl`` or a metric no run has is an error (exit 2, the message lists the metrics there are).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def curve_data(run_dirs, metrics) -> dict:
         if not path.is_file():
             raise PlotError(f"{d}: no metrics.jsonl (not a run directory, or the run has not logged yet)")
         recs = read_metrics(path)
-        names = sorted({k for r in recs for k, v in r.items()
-                        if k not in ("step", "eval") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        names = sorted(
+            {
+                k
+                for r in recs
+                for k, v in r.items()
+                if k not in ("step", "eval") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         for pattern in metrics:
             chosen = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not chosen:
@@ -136,8 +143,12 @@ def main(argv=None) -> int:
     c = sub.add_parser("curves")
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", required=True)
-    c.add_argument("--metric", action="append", default=None,
-                   help="metric name or pattern, training or evaluation (repeatable; default: loss)")
+    c.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric name or pattern, training or evaluation (repeatable; default: loss)",
+    )
     h = sub.add_parser("heatmap")
     h.add_argument("sweep_dir")
     args = p.parse_args(argv)

@@ -28,6 +28,7 @@ estimated training FLOPs (``6·N·tokens`` plus attention, ``canon_jax.train.flo
 ``DIR/heatmaps/<task>.png`` (architectures x metrics) and ``DIR/curves/<task>.png`` (per-k accuracy with the
 min–max band over seeds, for tasks that report ``accuracy_k*``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,12 +84,16 @@ def plan(sweep: dict, extra_overrides=()) -> list[dict]:
         for task, task_file in sweep["tasks"].items():
             for seed in sweep["seeds"]:
                 workdir = root / arch / task / f"seed{seed}"
-                overrides = list(sweep["overrides"]) + [f"train.seed={seed}", f"data.seed={seed}",
-                                                        f"name={sweep['name']}-{arch}-{task}-s{seed}"]
+                overrides = list(sweep["overrides"]) + [
+                    f"train.seed={seed}",
+                    f"data.seed={seed}",
+                    f"name={sweep['name']}-{arch}-{task}-s{seed}",
+                ]
                 overrides += list(extra_overrides)
                 raw = {"defaults": sweep["base"] + [arch_file, task_file]}
-                runs.append({"arch": arch, "task": task, "seed": seed, "workdir": workdir, "raw": raw,
-                             "overrides": overrides})
+                runs.append(
+                    {"arch": arch, "task": task, "seed": seed, "workdir": workdir, "raw": raw, "overrides": overrides}
+                )
     return runs
 
 
@@ -119,8 +124,15 @@ def finished(run) -> bool:
 
 
 def command(run) -> list[str]:
-    return [sys.executable, "-m", "experiments.train", "--config", str(run["workdir"] / "run.yaml"),
-            "--workdir", str(run["workdir"])]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config",
+        str(run["workdir"] / "run.yaml"),
+        "--workdir",
+        str(run["workdir"]),
+    ]
 
 
 def _run_flops(workdir: pathlib.Path) -> tuple[int, float]:
@@ -151,8 +163,9 @@ def run_all(runs: list[dict], jobs: int = 1) -> list[dict]:
     cores = None
     if jobs > 1:
         # one core and one XLA thread per training process: no oversubscription, no cross-run interference
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
         avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(jobs))
         cores = [avail[i % len(avail)] for i in range(jobs)]
     pending = []
@@ -170,8 +183,13 @@ def run_all(runs: list[dict], jobs: int = 1) -> list[dict]:
             slot = free.pop(0)
             print(f"[{i}/{len(runs)}] {run['arch']} / {run['task']} / seed {run['seed']}", flush=True)
             log = open(run["workdir"] / "train.log", "a") if jobs > 1 else None
-            proc = subprocess.Popen(command(run), env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                    preexec_fn=_pin(cores[slot] if cores else None))
+            proc = subprocess.Popen(
+                command(run),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                preexec_fn=_pin(cores[slot] if cores else None),
+            )
             if log:
                 log.close()
             active[proc.pid] = (run, slot, time.perf_counter())
@@ -250,20 +268,35 @@ def fmt_cell(vals) -> str:
 
 
 def markdown(sweep: dict, res: dict) -> str:
-    lines = [f"# Sweep {sweep['name']}", "",
-             "Each cell: mean ± std [min–max] over seeds of the run's last evaluation.", ""]
+    lines = [
+        f"# Sweep {sweep['name']}",
+        "",
+        "Each cell: mean ± std [min–max] over seeds of the run's last evaluation.",
+        "",
+    ]
     for task, t in res.items():
-        lines += [f"## {task}", "", "| arch | seeds | " + " | ".join(t["metrics"]) + " |",
-                  "|---|---|" + "---|" * len(t["metrics"])]
+        lines += [
+            f"## {task}",
+            "",
+            "| arch | seeds | " + " | ".join(t["metrics"]) + " |",
+            "|---|---|" + "---|" * len(t["metrics"]),
+        ]
         for arch, row in t["archs"].items():
             n = max((len(v) for v in row.values()), default=0)
             lines.append(f"| {arch} | {n} | " + " | ".join(fmt_cell(row.get(m, [])) for m in t["metrics"]) + " |")
         if t.get("compute"):
-            lines += ["", "Compute per run (mean over seeds):", "",
-                      "| arch | tokens | train FLOPs | wall s | CPU s |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Compute per run (mean over seeds):",
+                "",
+                "| arch | tokens | train FLOPs | wall s | CPU s |",
+                "|---|---|---|---|---|",
+            ]
             for arch, c in t["compute"].items():
-                lines.append(f"| {arch} | {np.mean(c['tokens']):,.0f} | {np.mean(c['train_flops']):.3g} | "
-                             f"{np.mean(c['wall_s']):.0f} | {np.mean(c['cpu_s']):.0f} |")
+                lines.append(
+                    f"| {arch} | {np.mean(c['tokens']):,.0f} | {np.mean(c['train_flops']):.3g} | "
+                    f"{np.mean(c['wall_s']):.0f} | {np.mean(c['cpu_s']):.0f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -278,8 +311,14 @@ def draw_curves(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
         if not ks:
             continue
         series = {arch: [row.get(m, []) for m in ks] for arch, row in t["archs"].items()}
-        out.append(plot_per_k([int(m[len("accuracy_k"):]) for m in ks], series, f"{task}: accuracy per k",
-                              root / "curves" / f"{task}.png"))
+        out.append(
+            plot_per_k(
+                [int(m[len("accuracy_k") :]) for m in ks],
+                series,
+                f"{task}: accuracy per k",
+                root / "curves" / f"{task}.png",
+            )
+        )
     return out
 
 
@@ -291,9 +330,12 @@ def draw_heatmaps(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
         if not t["metrics"]:
             continue
         archs = list(t["archs"])
-        vals = np.array([[np.mean(t["archs"][a][m]) if t["archs"][a].get(m) else np.nan for m in t["metrics"]]
-                         for a in archs])
-        out.append(plot_heatmap(vals, archs, t["metrics"], f"{task} (mean over seeds)", root / "heatmaps" / f"{task}.png"))
+        vals = np.array(
+            [[np.mean(t["archs"][a][m]) if t["archs"][a].get(m) else np.nan for m in t["metrics"]] for a in archs]
+        )
+        out.append(
+            plot_heatmap(vals, archs, t["metrics"], f"{task} (mean over seeds)", root / "heatmaps" / f"{task}.png")
+        )
     return out
 
 
@@ -330,8 +372,10 @@ def main(argv=None) -> int:
     print((root / "results.md").read_text())
     print("plots:", ", ".join(str(x) for x in pngs))
     if failed:
-        print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r['arch']}/{r['task']}/seed{r['seed']}" for r in failed),
-              file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) failed: " + ", ".join(f"{r['arch']}/{r['task']}/seed{r['seed']}" for r in failed),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

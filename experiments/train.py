@@ -11,10 +11,12 @@ exits. Exit status: 0 done or preempted by SIGTERM, 2 bad config / paths / workd
 Other commands: canon-sweep (grids of runs), canon-plot (curves, heatmaps), canon-data (task samples),
 canon-export (a checkpoint to a Hugging Face directory), canon-compile (ahead-of-time compilation).
 """
+
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
     from canon_jax.runtime import use_malloc_hugepages
+
     use_malloc_hugepages()
 
 import argparse
@@ -27,15 +29,27 @@ from canon_jax.train.config import ConfigError, config_to_dict, load_config
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True,
-                   help="YAML config (may use `defaults:` to include presets; a relative path not found here is "
-                        "looked up in the shipped configs/)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config (may use `defaults:` to include presets; a relative path not found here is "
+        "looked up in the shipped configs/)",
+    )
     p.add_argument("--workdir", help="run directory (checkpoints, metrics.jsonl, TensorBoard); required to train")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set model.hidden_size=128 --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--new-workdir", action="store_true",
-                   help="if WORKDIR holds a run whose model/data config differs, train in the first of WORKDIR-1, "
-                        "WORKDIR-2, ... that is empty or holds this config's run, instead of refusing")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set model.hidden_size=128 --set optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--new-workdir",
+        action="store_true",
+        help="if WORKDIR holds a run whose model/data config differs, train in the first of WORKDIR-1, "
+        "WORKDIR-2, ... that is empty or holds this config's run, instead of refusing",
+    )
     p.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
     return p.parse_args(argv)
 
@@ -53,8 +67,11 @@ def _compatible_workdir(workdir: str, cfg) -> str:
         refused = config_changes(old, new)[0] if old is not None else []
         if not refused:
             if i:
-                print(f"{base} holds a run with another model/data config ({format_change(first)}); training in "
-                      f"{cand} instead ({base} is left untouched)", flush=True)
+                print(
+                    f"{base} holds a run with another model/data config ({format_change(first)}); training in "
+                    f"{cand} instead ({base} is left untouched)",
+                    flush=True,
+                )
             return str(cand)
         first = first or refused[0]
     raise ConfigError(f"--workdir: no free {base}-N directory among the first 1000")
@@ -92,8 +109,10 @@ def main(argv=None) -> int:
         print("\ninterrupted: stopped without saving (the last checkpoint is kept)", file=sys.stderr)
         return 130
     if summary["preempted"]:
-        print(f"stopped by {summary['preempted']} at step {summary['step']}; checkpoint saved in "
-              f"{workdir}/checkpoints; run the same command to resume")
+        print(
+            f"stopped by {summary['preempted']} at step {summary['step']}; checkpoint saved in "
+            f"{workdir}/checkpoints; run the same command to resume"
+        )
         return 130 if summary["preempted"] == "SIGINT" else 0
     loss = summary["loss"]
     print(f"done: step {summary['step']}, final loss " + (f"{loss:.4f}" if loss is not None else "n/a"))

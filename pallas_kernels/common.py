@@ -1,8 +1,8 @@
 """Shared plumbing for the Pallas kernels: block sizes per backend, backend choice, compiler parameters."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class BlockSizes:
 
     block_t: int = 256
     block_d: int = 512
-    chunk: Optional[int] = None
+    chunk: int | None = None
     sub_chunk: int = 16
     scan_layout: str = "auto"
     block_dv: int = 64
@@ -53,7 +53,7 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.chunk must be None or a positive int, got {self.chunk!r}")
 
     @classmethod
-    def default(cls, backend: str) -> "BlockSizes":
+    def default(cls, backend: str) -> BlockSizes:
         """Per-backend defaults.
 
         TPU: large lane-dense tiles (VMEM is 16-128 MiB; every grid step costs ~0.35 us, so tiles of 256x512 f32
@@ -67,7 +67,7 @@ class BlockSizes:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def resolve_backend(backend: Optional[str], interpret: bool) -> str:
+def resolve_backend(backend: str | None, interpret: bool) -> str:
     """Which kernel family to build: the named ``backend``, else the default device's, else (CPU) ``"tpu"`` in
     interpret mode. Raises when a compiled kernel is asked for on a machine without TPU/GPU."""
     if backend is not None:
@@ -83,7 +83,8 @@ def resolve_backend(backend: Optional[str], interpret: bool) -> str:
         return "tpu"
     raise NotImplementedError(
         f"Pallas kernels need a TPU or GPU (default backend is {platform!r}); pass interpret=True to run them "
-        "in interpret mode, or use the XLA implementation")
+        "in interpret mode, or use the XLA implementation"
+    )
 
 
 def tpu_params(semantics):

@@ -6,6 +6,7 @@ decisions) count a kernel as free. The counts below follow the kernels' code: a 
 are free. Bytes are HBM traffic: each block DMA'd counts once per grid step that fetches it (Pallas skips the copy
 when consecutive steps use the same block index, which the formulas take into account where it applies).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,7 @@ from jax.experimental import pallas as pl
 
 
 def estimate(flops, transcendentals, bytes_accessed) -> pl.CostEstimate:
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
-                           bytes_accessed=int(bytes_accessed))
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals), bytes_accessed=int(bytes_accessed))
 
 
 def nbytes(*arrays) -> int:
@@ -37,9 +37,25 @@ def conv_flops(k: int, *, has_bias: bool, activation, residual: bool, extra: boo
     return flops, trans
 
 
-def conv_cost(x, w_rows: int, *, bt: int, bd: int, hrows: int, out_dtype, has_halo0: bool, has_bias: bool,
-              bits_lanes: int, extra=None, activation=None, residual: bool = False, weights_per_step: bool = False,
-              dw_x=None, dw_halo0: bool = False, dw_bits: bool = False) -> pl.CostEstimate:
+def conv_cost(
+    x,
+    w_rows: int,
+    *,
+    bt: int,
+    bd: int,
+    hrows: int,
+    out_dtype,
+    has_halo0: bool,
+    has_bias: bool,
+    bits_lanes: int,
+    extra=None,
+    activation=None,
+    residual: bool = False,
+    weights_per_step: bool = False,
+    dw_x=None,
+    dw_halo0: bool = False,
+    dw_bits: bool = False,
+) -> pl.CostEstimate:
     """One ``conv_call`` on padded ``x [B, Tp, Dp]`` with grid ``(B, Dp/bd, Tp/bt)`` (``t`` fastest).
 
     ``w_rows`` is K. ``bits_lanes``: per-token, per-channel-block int32/float32 words of segment information each
@@ -124,14 +140,18 @@ def scan_chunk_bwd_flops(c: int, dk: int, dv: int, *, scalar: bool, sub: int):
     return flops, trans
 
 
-def scan_cost(bsz, heads, n_chunks, chunk, dk, dv, *, scalar, sub, operands, outputs, rep=1, backward=False,
-              states_only=False) -> pl.CostEstimate:
+def scan_cost(
+    bsz, heads, n_chunks, chunk, dk, dv, *, scalar, sub, operands, outputs, rep=1, backward=False, states_only=False
+) -> pl.CostEstimate:
     """A TPU scan kernel over the grid ``(B, H, chunks)``: the per-chunk counts times the grid, and every operand
     and output read/written once (each chunk block is fetched by exactly one step; the ``[Dv, Dk]`` state blocks
     once per ``(b, h)``). ``operands``/``outputs``: the arrays passed and returned; the first two (q, k) are read
     ``rep`` times when ``rep`` heads share them (grouped heads read through ``h // rep``)."""
-    per = (scan_chunk_bwd_flops(chunk, dk, dv, scalar=scalar, sub=sub) if backward else
-           scan_chunk_flops(chunk, dk, dv, scalar=scalar, sub=sub, states_only=states_only))
+    per = (
+        scan_chunk_bwd_flops(chunk, dk, dv, scalar=scalar, sub=sub)
+        if backward
+        else scan_chunk_flops(chunk, dk, dv, scalar=scalar, sub=sub, states_only=states_only)
+    )
     steps = bsz * heads * n_chunks
     reads = rep * nbytes(*operands[:2]) + nbytes(*operands[2:])
     return estimate(per[0] * steps, per[1] * steps, reads + nbytes(*outputs))

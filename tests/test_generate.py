@@ -1,4 +1,5 @@
 """Cached generation: official greedy outputs, equality with full recomputation, left padding, sampling."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,12 +54,25 @@ def _full_recompute_greedy(model, params, prompt, n, mask=None):
     return np.stack(out, 1), np.stack(logits, 1)
 
 
-@pytest.mark.parametrize("kw", [dict(canon_set="ABCD", rope_dim=4, qk_norm=True),
-                                dict(canon_set="ABCD", canon_kernel=3, canon_activation=True, scan_layers=True,
-                                     remat="full", tie_embeddings=True, rope_version="lingua")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(canon_set="ABCD", rope_dim=4, qk_norm=True),
+        dict(
+            canon_set="ABCD",
+            canon_kernel=3,
+            canon_activation=True,
+            scan_layers=True,
+            remat="full",
+            tie_embeddings=True,
+            rope_version="lingua",
+        ),
+    ],
+)
 def test_cache_equals_full_recomputation(kw):
-    config = ModelConfig(vocab_size=53, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=48, **kw)
+    config = ModelConfig(
+        vocab_size=53, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48, **kw
+    )
     model = CausalLM(config)
     params = random_params(model, 1)
     prompt = np.random.default_rng(0).integers(0, 53, size=(3, 5)).astype(np.int32)
@@ -101,8 +115,9 @@ def test_sampling(official):
 
 
 def test_init_cache_shapes():
-    config = ModelConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, canon_set="ABCD",
-                         intermediate_size=24)
+    config = ModelConfig(
+        vocab_size=11, hidden_size=16, num_layers=2, num_heads=2, canon_set="ABCD", intermediate_size=24
+    )
     cache = init_cache(CausalLM(config), 3, 9)
     layer = cache["layers_1"]
     chex.assert_shape(layer["mixer"]["cached_key"], (3, 9, 2, 8))

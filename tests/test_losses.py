@@ -1,4 +1,5 @@
 """cross_entropy vs a float64 numpy reference for every z-loss mode, with and without a loss mask."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ def _np_reference(logits, targets, mask, mode, w):
     m = lg.max(-1, keepdims=True)
     logz = np.log(np.exp(lg - m).sum(-1)) + m[..., 0]
     nll = logz - np.take_along_axis(lg, targets[..., None], -1)[..., 0]
-    extra = {"none": 0 * nll, "official": w * nll ** 2, "palm": w * logz ** 2}[mode]
+    extra = {"none": 0 * nll, "official": w * nll**2, "palm": w * logz**2}[mode]
     mask = np.ones_like(nll) if mask is None else mask.astype(np.float64)
     return ((nll + extra) * mask).sum() / mask.sum(), (nll * mask).sum() / mask.sum()
 
@@ -79,19 +80,24 @@ def _head_problem(seed, b=2, t=7, d=6, v=13):
 
 
 # chunk 3 does not divide the 7 time steps (padded tail); 7 divides; 64 > time (one chunk); 1 = one step per chunk
-@pytest.mark.parametrize("mode,layout,chunk", [(m, lay, 3) for m in ("none", "official", "palm") for lay in ("dv", "vd")]
-                         + [("official", "vd", 1), ("palm", "dv", 7), ("none", "dv", 64)])
+@pytest.mark.parametrize(
+    "mode,layout,chunk",
+    [(m, lay, 3) for m in ("none", "official", "palm") for lay in ("dv", "vd")]
+    + [("official", "vd", 1), ("palm", "dv", 7), ("none", "dv", 64)],
+)
 def test_chunked_matches_full_logits(mode, layout, chunk):
     hidden, head, targets, mask = _head_problem(2)
     w = head if layout == "dv" else head.T
 
     def full(h, hd):
-        return cross_entropy(jnp.einsum("btd,dv->btv", h, hd, precision="highest"), targets, mask, z_loss=mode,
-                             z_loss_weight=1e-2)
+        return cross_entropy(
+            jnp.einsum("btd,dv->btv", h, hd, precision="highest"), targets, mask, z_loss=mode, z_loss_weight=1e-2
+        )
 
     def chunked(h, wt):
-        return chunked_cross_entropy(h, wt, targets, mask, head_layout=layout, chunk_size=chunk, z_loss=mode,
-                                     z_loss_weight=1e-2)
+        return chunked_cross_entropy(
+            h, wt, targets, mask, head_layout=layout, chunk_size=chunk, z_loss=mode, z_loss_weight=1e-2
+        )
 
     with jax.default_matmul_precision("highest"):
         (loss, aux), (gh, gw) = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, w)

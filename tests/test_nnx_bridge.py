@@ -1,6 +1,6 @@
 """canon-jax Linen modules inside a flax.nnx model through flax.nnx.bridge.ToNNX."""
+
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +33,8 @@ def test_forward_matches_linen_apply():
     with nnx.use_eager_sharding(False):
         # lazy_init under nnx.jit: one compilation instead of one per eager op
         nnx.jit(lambda m, i, a: (nnx.bridge.lazy_init(m.lm, i), nnx.bridge.lazy_init(m.canon, a)) and None)(
-            model, ids, x)
+            model, ids, x
+        )
     y, z = nnx.jit(lambda m, i, a: m(i, a))(model, ids, x)
     chex.assert_shape(y, (2, 7, 4))
     chex.assert_shape(z, (2, 7, 5))
@@ -43,5 +44,6 @@ def test_forward_matches_linen_apply():
     logits = jax.jit(CausalLM(CFG).apply)({"params": lm_vars}, ids)
     ref_y = logits @ model.out.kernel[...] + model.out.bias[...]
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(z), np.asarray(Canon(kernel_size=3).apply({"params": canon_vars}, x)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(z), np.asarray(Canon(kernel_size=3).apply({"params": canon_vars}, x)), atol=1e-6
+    )

@@ -1,4 +1,5 @@
 """canon_jax.runtime: the once-only restart with glibc's transparent-huge-page malloc tunable."""
+
 import os
 import subprocess
 import sys
@@ -21,12 +22,16 @@ SCRIPT = textwrap.dedent("""
 def run(tmp_path, env_extra):
     script = tmp_path / "prog.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CANON_JAX_MALLOC_HUGEPAGES",
-                                                            "CANON_JAX_MALLOC_HUGEPAGES_SET")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GLIBC_TUNABLES", "CANON_JAX_MALLOC_HUGEPAGES", "CANON_JAX_MALLOC_HUGEPAGES_SET")
+    }
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     env.update(env_extra)
-    out = subprocess.run([sys.executable, str(script), "a b", "--x=1"], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(script), "a b", "--x=1"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return [line.split(" ", 2) for line in out.splitlines()]
 
 
@@ -54,8 +59,7 @@ def test_no_restart_from_stdin_or_dash_c(tmp_path):
     code = SCRIPT.replace('if __name__ == "__main__":', "if True:")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
-    out = subprocess.run([sys.executable, "-"], input=code, env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-"], input=code, env=env, capture_output=True, text=True, check=True).stdout
     assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
 
 
@@ -69,6 +73,7 @@ def test_reasons(monkeypatch):
     monkeypatch.delenv("CANON_JAX_MALLOC_HUGEPAGES_SET", raising=False)
     # inside pytest JAX has started: a live process is never restarted
     import jax
+
     jax.devices()
     assert runtime.malloc_hugepages_reason() is not None
     runtime.use_malloc_hugepages()  # returns instead of exec'ing the test process

@@ -9,17 +9,42 @@ Public API::
 
 Names are imported lazily so that using a task does not import grain.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _LAZY = {
-    **{n: "canon_jax.data.base" for n in ("ANSWER", "BOS", "EOS", "NUM_SPECIAL", "PAD", "QUERY", "SEP",
-                                          "TASK_NAMES", "Sample", "Task", "get_task", "task_defaults")},
-    **{n: "canon_jax.data.packing" for n in ("PackIterDataset", "SampleTooLongError", "build_window",
-                                             "pack_samples")},
-    **{n: "canon_jax.data.pipeline" for n in ("PRESETS", "DataConfig", "TaskMixtureMapDataset", "TaskSpec",
-                                              "make_dataset", "make_sample_dataset", "preset")},
+    **{
+        n: "canon_jax.data.base"
+        for n in (
+            "ANSWER",
+            "BOS",
+            "EOS",
+            "NUM_SPECIAL",
+            "PAD",
+            "QUERY",
+            "SEP",
+            "TASK_NAMES",
+            "Sample",
+            "Task",
+            "get_task",
+            "task_defaults",
+        )
+    },
+    **{n: "canon_jax.data.packing" for n in ("PackIterDataset", "SampleTooLongError", "build_window", "pack_samples")},
+    **{
+        n: "canon_jax.data.pipeline"
+        for n in (
+            "PRESETS",
+            "DataConfig",
+            "TaskMixtureMapDataset",
+            "TaskSpec",
+            "make_dataset",
+            "make_sample_dataset",
+            "preset",
+        )
+    },
     **{n: "canon_jax.data.vocab" for n in ("Vocabulary", "vocab_size")},
     **{n: "canon_jax.data.shards" for n in ("TokenShards", "tokenize_corpus")},
 }

@@ -8,6 +8,7 @@ their ids.  A stand-alone task has ``offset = NUM_SPECIAL`` (global id = local c
 ``NUM_SPECIAL + sum(T)`` embedding rows.  Each task also maps its codes to the official PhysicsLM4 ids
 (:meth:`Task.to_official`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,8 @@ class Task:
         unknown = sorted(set(params) - set(self.DEFAULTS))
         if unknown:
             raise ValueError(
-                f"unknown parameter(s) {unknown} for task {self.name!r}; valid parameters: {sorted(self.DEFAULTS)}")
+                f"unknown parameter(s) {unknown} for task {self.name!r}; valid parameters: {sorted(self.DEFAULTS)}"
+            )
         merged = dict(self.DEFAULTS)
         for k, v in params.items():
             default = self.DEFAULTS[k]
@@ -145,8 +147,10 @@ class Task:
         return self.official_map()[codes].astype(np.int64).tolist()
 
     def decode(self, tokens) -> list[str]:
-        return [self.code_name(int(c)) if c >= 0 else f"?{int(t)}"
-                for c, t in zip(self.to_codes(tokens), np.asarray(tokens).reshape(-1))]
+        return [
+            self.code_name(int(c)) if c >= 0 else f"?{int(t)}"
+            for c, t in zip(self.to_codes(tokens), np.asarray(tokens).reshape(-1))
+        ]
 
     def show(self, sample: Sample) -> str:
         """Human-readable rendering of a sample (overridden per task)."""
@@ -212,8 +216,7 @@ def get_task(name: str, *, offset: int | None = None, **params: Any) -> Task:
     preset = dict(_REGISTRY[name][2])
     unknown = sorted(set(params) - set(cls.DEFAULTS))
     if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for task {name!r}; valid parameters: {sorted(cls.DEFAULTS)}")
+        raise ValueError(f"unknown parameter(s) {unknown} for task {name!r}; valid parameters: {sorted(cls.DEFAULTS)}")
     preset.update(params)
     return cls(offset=offset, task_name=name, **preset)
 

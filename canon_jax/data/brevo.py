@@ -10,6 +10,7 @@ Sequence: ``[BOS] + all edges "parent child" in random order + [QUERY, q, ANSWER
 the answer marker through EOS.  canon-jax's ANSWER and EOS ids are distinct; the official export maps both to 9998.
 Train: n ~ P(n) ∝ 1/(n+√N) on 3..N.  Test: n = N.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -86,14 +87,18 @@ class Brevo(base.Task):
         if p["N"] < 3:
             raise ValueError(f"{self.name}: N must be >= 3, got N={p['N']}")
         if not p["multi_token"] and any(p[k] != self.DEFAULTS[k] for k in ("mini_vocab", "min_len", "max_len")):
-            raise ValueError(f"{self.name}: mini_vocab/min_len/max_len only apply with multi_token=True "
-                             f"(single-token nodes are the ids 1..N)")
+            raise ValueError(
+                f"{self.name}: mini_vocab/min_len/max_len only apply with multi_token=True "
+                f"(single-token nodes are the ids 1..N)"
+            )
         if p["multi_token"]:
             if p["mini_vocab"] < 1 or not 1 <= p["min_len"] <= p["max_len"]:
                 raise ValueError(f"{self.name}: need mini_vocab >= 1 and 1 <= min_len <= max_len, got {p}")
             if num_possible_words(p["mini_vocab"], p["min_len"], p["max_len"]) < p["N"]:
-                raise ValueError(f"{self.name}: mini_vocab={p['mini_vocab']} with word lengths "
-                                 f"{p['min_len']}..{p['max_len']} cannot form N={p['N']} distinct words")
+                raise ValueError(
+                    f"{self.name}: mini_vocab={p['mini_vocab']} with word lengths "
+                    f"{p['min_len']}..{p['max_len']} cannot form N={p['N']} distinct words"
+                )
         self._n_law = HarmonicN(p["N"])
 
     def num_task_tokens(self):
@@ -155,7 +160,7 @@ class Brevo(base.Task):
 
         nodes = names(codes[1:q])
         lines = [f"n={sample.meta['n']}", "edges:"] + [f"  {p} -> {c}" for p, c in zip(nodes[0::2], nodes[1::2])]
-        lines.append(f"query: {' '.join(names(codes[q + 1:a]))}")
+        lines.append(f"query: {' '.join(names(codes[q + 1 : a]))}")
         end = codes.index(EOS, a) if EOS in codes[a:] else len(codes)
-        lines.append(f"answer: {' '.join(names(codes[a + 1:end]))}")
+        lines.append(f"answer: {' '.join(names(codes[a + 1 : end]))}")
         return "\n".join(lines)

@@ -16,6 +16,7 @@ Train sample i: exposure e = i // num_people shows person π_e(i mod num_people)
 permutation, with a fresh rendering — so ``num_people * exposures`` consecutive samples show every person exactly
 ``exposures`` times.  Test sample i: person i mod num_people (the trained people), rendered with the test seed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,13 +29,24 @@ from canon_jax.data import base
 from canon_jax.data.base import BOS, EOS, NUM_SPECIAL
 from canon_jax.data.rng import Rng, mix_key, numpy_rng
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 YEARS = tuple(range(1900, 2100))
 DAYS = tuple(range(1, 29))
 # attributes in the order stored per person; company1city is a function of company1name
-ATTRIBUTES = ("birthyear", "birthmonth", "birthday", "birthcity", "university", "field", "company1name",
-              "company1city")
+ATTRIBUTES = ("birthyear", "birthmonth", "birthday", "birthcity", "university", "field", "company1name", "company1city")
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -45,28 +57,86 @@ def tokenize(text: str) -> list[str]:
 
 
 # Six attribute sentence families. Each = 10 predicates × 5 framings = 50 templates ("{X}" marks the value).
-_FRAMES = ("{S} {P}.", "Notably, {s} {P}.", "It is recorded that {s} {P}.", "By all accounts, {s} {P}.",
-           "As far as we know, {s} {P}.")
+_FRAMES = (
+    "{S} {P}.",
+    "Notably, {s} {P}.",
+    "It is recorded that {s} {P}.",
+    "By all accounts, {s} {P}.",
+    "As far as we know, {s} {P}.",
+)
 _PREDICATES = {
-    "birthdate": ("was born on {X}", "came into this world on {X}", "entered the world on {X}",
-                  "arrived in this world on {X}", "has a birth date of {X}", "was welcomed into the world on {X}",
-                  "first saw the light of day on {X}", "drew a first breath on {X}", "has {X} as a date of birth",
-                  "was brought into the world on {X}"),
-    "birthcity": ("was born in {X}", "comes from {X}", "hails from {X}", "is a native of {X}",
-                  "has {X} as a birthplace", "took a first breath in {X}", "was brought into the world in {X}",
-                  "calls {X} a birthplace", "entered life in {X}", "has family roots in {X}"),
-    "university": ("studied at {X}", "attended {X}", "graduated from {X}", "received an education at {X}",
-                   "was educated at {X}", "completed a degree at {X}", "enrolled at {X}",
-                   "pursued higher education at {X}", "is a graduate of {X}", "spent college years at {X}"),
-    "field": ("majored in {X}", "studied {X}", "focused on {X}", "specialized in {X}", "concentrated on {X}",
-              "earned a degree in {X}", "chose {X} as a field of study", "completed coursework in {X}",
-              "was trained in {X}", "pursued a major in {X}"),
-    "company1city": ("worked in {X}", "was employed in {X}", "had a job in {X}", "built a career in {X}",
-                     "earned a living in {X}", "spent working years in {X}", "took a position in {X}",
-                     "worked for a company in {X}", "held a job based in {X}", "pursued a career in {X}"),
-    "company1name": ("worked for {X}", "was employed by {X}", "held a job at {X}", "was on the staff of {X}",
-                     "joined {X}", "was hired by {X}", "built a career at {X}", "had a position at {X}",
-                     "took a job at {X}", "earned a living at {X}"),
+    "birthdate": (
+        "was born on {X}",
+        "came into this world on {X}",
+        "entered the world on {X}",
+        "arrived in this world on {X}",
+        "has a birth date of {X}",
+        "was welcomed into the world on {X}",
+        "first saw the light of day on {X}",
+        "drew a first breath on {X}",
+        "has {X} as a date of birth",
+        "was brought into the world on {X}",
+    ),
+    "birthcity": (
+        "was born in {X}",
+        "comes from {X}",
+        "hails from {X}",
+        "is a native of {X}",
+        "has {X} as a birthplace",
+        "took a first breath in {X}",
+        "was brought into the world in {X}",
+        "calls {X} a birthplace",
+        "entered life in {X}",
+        "has family roots in {X}",
+    ),
+    "university": (
+        "studied at {X}",
+        "attended {X}",
+        "graduated from {X}",
+        "received an education at {X}",
+        "was educated at {X}",
+        "completed a degree at {X}",
+        "enrolled at {X}",
+        "pursued higher education at {X}",
+        "is a graduate of {X}",
+        "spent college years at {X}",
+    ),
+    "field": (
+        "majored in {X}",
+        "studied {X}",
+        "focused on {X}",
+        "specialized in {X}",
+        "concentrated on {X}",
+        "earned a degree in {X}",
+        "chose {X} as a field of study",
+        "completed coursework in {X}",
+        "was trained in {X}",
+        "pursued a major in {X}",
+    ),
+    "company1city": (
+        "worked in {X}",
+        "was employed in {X}",
+        "had a job in {X}",
+        "built a career in {X}",
+        "earned a living in {X}",
+        "spent working years in {X}",
+        "took a position in {X}",
+        "worked for a company in {X}",
+        "held a job based in {X}",
+        "pursued a career in {X}",
+    ),
+    "company1name": (
+        "worked for {X}",
+        "was employed by {X}",
+        "held a job at {X}",
+        "was on the staff of {X}",
+        "joined {X}",
+        "was hired by {X}",
+        "built a career at {X}",
+        "had a position at {X}",
+        "took a job at {X}",
+        "earned a living at {X}",
+    ),
 }
 SENTENCE_KINDS = tuple(_PREDICATES)
 NUM_TEMPLATES = {k: len(_FRAMES) * len(v) for k, v in _PREDICATES.items()}
@@ -88,7 +158,7 @@ def _read_list(name: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_lists() -> dict[str, list[str]]:
     """Packaged value lists: first/middle/last names, cities, universities, fields, companies (+ their HQ city)."""
     companies = [line.split(";", 1) for line in _read_list("company.txt")]
@@ -104,7 +174,7 @@ def field_lists() -> dict[str, list[str]]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def word_vocabulary() -> tuple[str, ...]:
     """The closed word vocabulary (sorted): every token of every template, pronoun, field value, month, day, year."""
     words: set[str] = set()
@@ -121,7 +191,7 @@ def word_vocabulary() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _word_index() -> dict[str, int]:
     return {w: j for j, w in enumerate(word_vocabulary())}
 
@@ -147,8 +217,10 @@ def people_table(num_people: int, people_seed: int) -> dict[str, np.ndarray]:
     g = numpy_rng(mix_key(0xCA90, people_seed))
     n_first, n_mid, n_last = len(f["first_name"]), len(f["middle_name"]), len(f["last_name"])
     if num_people > n_first * n_mid * n_last // 2:
-        raise ValueError(f"capo: num_people={num_people} is too large for unique full names "
-                         f"(at most {n_first * n_mid * n_last // 2})")
+        raise ValueError(
+            f"capo: num_people={num_people} is too large for unique full names "
+            f"(at most {n_first * n_mid * n_last // 2})"
+        )
     names: list[tuple[int, int, int]] = []
     full: set[str] = set()
     while len(names) < num_people:
@@ -162,20 +234,32 @@ def people_table(num_people: int, people_seed: int) -> dict[str, np.ndarray]:
     names_arr = np.asarray(names, dtype=np.int32)
     company = g.integers(0, len(f["company"]), num_people)
     return {
-        "first_name": names_arr[:, 0], "middle_name": names_arr[:, 1], "last_name": names_arr[:, 2],
-        "birthyear": g.integers(0, len(YEARS), num_people), "birthmonth": g.integers(0, 12, num_people),
-        "birthday": g.integers(0, len(DAYS), num_people), "birthcity": g.integers(0, len(f["city"]), num_people),
+        "first_name": names_arr[:, 0],
+        "middle_name": names_arr[:, 1],
+        "last_name": names_arr[:, 2],
+        "birthyear": g.integers(0, len(YEARS), num_people),
+        "birthmonth": g.integers(0, 12, num_people),
+        "birthday": g.integers(0, len(DAYS), num_people),
+        "birthcity": g.integers(0, len(f["city"]), num_people),
         "university": g.integers(0, len(f["university"]), num_people),
-        "field": g.integers(0, len(f["field"]), num_people), "company1name": company,
+        "field": g.integers(0, len(f["field"]), num_people),
+        "company1name": company,
     }
 
 
 def attribute_values(name: str) -> list[str]:
     """The value set of an attribute (as strings)."""
     f = field_lists()
-    return {"birthyear": [str(y) for y in YEARS], "birthmonth": list(MONTHS), "birthday": [str(d) for d in DAYS],
-            "birthcity": f["city"], "university": f["university"], "field": f["field"],
-            "company1name": f["company"], "company1city": sorted(set(f["company_city"]))}[name]
+    return {
+        "birthyear": [str(y) for y in YEARS],
+        "birthmonth": list(MONTHS),
+        "birthday": [str(d) for d in DAYS],
+        "birthcity": f["city"],
+        "university": f["university"],
+        "field": f["field"],
+        "company1name": f["company"],
+        "company1city": sorted(set(f["company_city"])),
+    }[name]
 
 
 class Capo(base.Task):
@@ -225,13 +309,22 @@ class Capo(base.Task):
         f = field_lists()
         c = int(t["company1name"][pid])
         return {
-            "full_name": " ".join([f["first_name"][t["first_name"][pid]], f["middle_name"][t["middle_name"][pid]],
-                                   f["last_name"][t["last_name"][pid]]]),
+            "full_name": " ".join(
+                [
+                    f["first_name"][t["first_name"][pid]],
+                    f["middle_name"][t["middle_name"][pid]],
+                    f["last_name"][t["last_name"][pid]],
+                ]
+            ),
             "pronoun": "He" if pid % 2 == 0 else "She",
-            "birthyear": str(YEARS[t["birthyear"][pid]]), "birthmonth": MONTHS[t["birthmonth"][pid]],
-            "birthday": str(DAYS[t["birthday"][pid]]), "birthcity": f["city"][t["birthcity"][pid]],
-            "university": f["university"][t["university"][pid]], "field": f["field"][t["field"][pid]],
-            "company1name": f["company"][c], "company1city": f["company_city"][c],
+            "birthyear": str(YEARS[t["birthyear"][pid]]),
+            "birthmonth": MONTHS[t["birthmonth"][pid]],
+            "birthday": str(DAYS[t["birthday"][pid]]),
+            "birthcity": f["city"][t["birthcity"][pid]],
+            "university": f["university"][t["university"][pid]],
+            "field": f["field"][t["field"][pid]],
+            "company1name": f["company"][c],
+            "company1city": f["company_city"][c],
         }
 
     def _words_to_codes(self, words: list[str]) -> list[int]:
@@ -255,10 +348,23 @@ class Capo(base.Task):
             lead = lead.replace("{S}", subj).replace("{s}", subj if j == 0 else subj.lower())
             words += tokenize(lead)
             if kind == "birthdate":
-                parts = ([("birthmonth", a["birthmonth"]), (None, " "), ("birthday", a["birthday"]), (None, ", "),
-                          ("birthyear", a["birthyear"])] if rng.random() < 0.5 else
-                         [("birthday", a["birthday"]), (None, " of "), ("birthmonth", a["birthmonth"]),
-                          (None, ", "), ("birthyear", a["birthyear"])])
+                parts = (
+                    [
+                        ("birthmonth", a["birthmonth"]),
+                        (None, " "),
+                        ("birthday", a["birthday"]),
+                        (None, ", "),
+                        ("birthyear", a["birthyear"]),
+                    ]
+                    if rng.random() < 0.5
+                    else [
+                        ("birthday", a["birthday"]),
+                        (None, " of "),
+                        ("birthmonth", a["birthmonth"]),
+                        (None, ", "),
+                        ("birthyear", a["birthyear"]),
+                    ]
+                )
             else:
                 parts = [(kind, a[kind])]
             value_text = ""
@@ -278,8 +384,11 @@ class Capo(base.Task):
         codes = [BOS] + self._words_to_codes(words) + [EOS]
         labels = [0] + [1] * (len(codes) - 1)
         attrs = {k: v for k, v in self.person(pid).items() if k in ATTRIBUTES or k == "full_name"}
-        return codes, labels, {"person": pid, "attributes": attrs, "spans": {k: list(v) for k, v in spans.items()},
-                               "text": text}
+        return (
+            codes,
+            labels,
+            {"person": pid, "attributes": attrs, "spans": {k: list(v) for k, v in spans.items()}, "text": text},
+        )
 
     def show(self, sample):
         m = sample.meta

@@ -16,6 +16,7 @@ answer label of the sample (1 = supervised answer token; the packer turns it int
 ``tokenize`` turns .txt/.jsonl(.gz)/.parquet files (globs or directories) into a directory of uint16/uint32 token
 shards plus ``index.json`` (:mod:`canon_jax.data.shards`), one input file per worker process; rerunning it resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     prog = "canon-data" if os.path.basename(sys.argv[0]) == "canon-data" else "python -m canon_jax.data"
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump", help="write samples as JSON lines")
     _common(d, 100)
@@ -98,8 +98,12 @@ def _main(argv: list[str] | None = None) -> int:
     t.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer.json (default: built-in byte-level)")
     t.add_argument("--workers", type=int, default=1, help="processes tokenising input files in parallel")
     t.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the document")
-    t.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
-                   help="a .txt file is one document, one per blank-line paragraph, or one per line")
+    t.add_argument(
+        "--txt-mode",
+        choices=("file", "paragraph", "line"),
+        default="file",
+        help="a .txt file is one document, one per blank-line paragraph, or one per line",
+    )
     t.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
     t.add_argument("--no-eos", action="store_true", help="do not end documents with EOS")
     t.add_argument("--bos-token", default=None, help="BOS token string (default: detected)")
@@ -112,10 +116,20 @@ def _main(argv: list[str] | None = None) -> int:
         from canon_jax.data.shards import tokenize_corpus
 
         try:
-            tokenize_corpus(args.inputs, args.out, args.tokenizer, text_field=args.text_field, txt_mode=args.txt_mode,
-                            add_bos=not args.no_bos, add_eos=not args.no_eos, bos_token=args.bos_token,
-                            eos_token=args.eos_token, workers=args.workers, batch_docs=args.batch_docs,
-                            progress=not args.no_progress)
+            tokenize_corpus(
+                args.inputs,
+                args.out,
+                args.tokenizer,
+                text_field=args.text_field,
+                txt_mode=args.txt_mode,
+                add_bos=not args.no_bos,
+                add_eos=not args.no_eos,
+                bos_token=args.bos_token,
+                eos_token=args.eos_token,
+                workers=args.workers,
+                batch_docs=args.batch_docs,
+                progress=not args.no_progress,
+            )
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise SystemExit(f"tokenize: {e}") from None
         return 0
@@ -134,8 +148,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.cmd == "show":
         for i in range(args.start, args.start + args.num):
             smp = task.sample(i, args.split, args.seed)
-            print(f"=== {task.name} {args.split} sample {i} ({len(smp)} tokens, "
-                  f"{int(smp.labels.sum())} answer tokens)")
+            print(f"=== {task.name} {args.split} sample {i} ({len(smp)} tokens, {int(smp.labels.sum())} answer tokens)")
             print(task.show(smp))
         return 0
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")

@@ -7,6 +7,7 @@ vals[n-1] → vals[0] and ``a`` is the k-th successor of ``q``.  Labels mark the
 Train: n ~ P(n) ∝ 1/(n+√N) on 3..N, k ~ U{1..K} per query.  Test: n = N, k uniform over the powers of two ≤ K
 (plus K when K is not a power of two).  Queries start at min(n, M) distinct random words.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,10 @@ class Depo(base.Task):
         if p["mini_vocab"] < 1 or not 1 <= p["min_len"] <= p["max_len"]:
             raise ValueError(f"{self.name}: need mini_vocab >= 1 and 1 <= min_len <= max_len, got {p}")
         if num_possible_words(p["mini_vocab"], p["min_len"], p["max_len"]) < p["N"]:
-            raise ValueError(f"{self.name}: mini_vocab={p['mini_vocab']} with word lengths "
-                             f"{p['min_len']}..{p['max_len']} cannot form N={p['N']} distinct words")
+            raise ValueError(
+                f"{self.name}: mini_vocab={p['mini_vocab']} with word lengths "
+                f"{p['min_len']}..{p['max_len']} cannot form N={p['N']} distinct words"
+            )
         if p["M"] < 1:
             raise ValueError(f"{self.name}: M (queries per sample) must be >= 1, got {p['M']}")
         self._n_law = HarmonicN(p["N"])
@@ -64,8 +67,8 @@ class Depo(base.Task):
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
         m[base.BOS], m[ANSWER], m[SEP] = 9999, 9500, 9700
         m[base.EOS], m[base.QUERY] = 9998, 9997  # unused by Depo
-        m[NUM_SPECIAL:NUM_SPECIAL + 2 * mv] = np.arange(1, 2 * mv + 1)
-        m[NUM_SPECIAL + 2 * mv:] = 9000 + np.arange(1, K + 1)
+        m[NUM_SPECIAL : NUM_SPECIAL + 2 * mv] = np.arange(1, 2 * mv + 1)
+        m[NUM_SPECIAL + 2 * mv :] = 9000 + np.arange(1, K + 1)
         return m
 
     def code_name(self, code):
@@ -123,8 +126,8 @@ class Depo(base.Task):
             k = codes[i] - hop0 + 1
             j = codes.index(ANSWER, i)
             e = next((m for m in range(j + 1, len(codes)) if codes[m] >= hop0), len(codes))
-            q = "_".join(self.code_name(c) for c in codes[i + 1:j])
-            a = "_".join(self.code_name(c) for c in codes[j + 1:e])
+            q = "_".join(self.code_name(c) for c in codes[i + 1 : j])
+            a = "_".join(self.code_name(c) for c in codes[j + 1 : e])
             lines.append(f"  {k}-hop({q}) = {a}")
             i = e
         return "\n".join(lines)

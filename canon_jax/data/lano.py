@@ -11,6 +11,7 @@ sample i is row ``i mod 64`` of its block.  So sample i stays a pure function of
 independent of access order, workers and processes — while generation is ~30× faster than one ``CFG.sample`` call per
 string.  :data:`BLOCK` is part of the stream's definition (changing it changes the samples).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,7 @@ BLOCK = 64  # strings generated together; part of the stream's definition
 _BLOCK_TAG = 0x1A40
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cfg(name: str):
     from canon_jax.data.lano_grammar import CFG  # lazy: the grammar module is owned by the Lano component
 

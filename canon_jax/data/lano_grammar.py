@@ -15,14 +15,15 @@ point to iterate (no unary or recursive cycles exist).
 * :meth:`CFG.next_token_logprobs` -- the grammar's exact next-token distribution for every prefix of one string:
   float64 log-space inside probabilities on span lists, then a top-down "left context" pass (details in the method).
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.resources
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -69,12 +70,12 @@ class CFG:
         return CFG_NAMES
 
     @classmethod
-    def load(cls, name: str) -> "CFG":
+    def load(cls, name: str) -> CFG:
         """Loads a packaged grammar by name (one of :meth:`names`)."""
         return _load_cached(name)
 
     @classmethod
-    def from_dict(cls, d: dict, name: str = "custom") -> "CFG":
+    def from_dict(cls, d: dict, name: str = "custom") -> CFG:
         """Builds a grammar from the official JSON structure (SPEC B.5), validating it.
 
         Required fields: ``depth``, ``num_sym``, ``eos_token``, ``sizes``, ``all``; ``idx`` is optional.
@@ -88,7 +89,8 @@ class CFG:
         if len(sizes) != depth + 1 or len(levels) != depth + 1:
             raise ValueError(
                 f"CFG {name!r}: 'sizes' and 'all' must have depth + 1 = {depth + 1} levels, "
-                f"got {len(sizes)} and {len(levels)}")
+                f"got {len(sizes)} and {len(levels)}"
+            )
         if sizes[0] != 1:
             raise ValueError(f"CFG {name!r}: level 0 must hold exactly one (root) symbol, sizes[0] = {sizes[0]}")
         if num_sym < 1:
@@ -100,8 +102,7 @@ class CFG:
         rules = []
         for lvl in range(depth):
             if len(levels[lvl]) != sizes[lvl]:
-                raise ValueError(f"CFG {name!r}: level {lvl} lists {len(levels[lvl])} symbols, sizes says "
-                                 f"{sizes[lvl]}")
+                raise ValueError(f"CFG {name!r}: level {lvl} lists {len(levels[lvl])} symbols, sizes says {sizes[lvl]}")
             lvl_rules = []
             for s, sym in enumerate(levels[lvl]):
                 children = sym.get("children")
@@ -113,8 +114,10 @@ class CFG:
                     if len(rule) == 0:
                         raise ValueError(f"CFG {name!r}: empty rule for symbol {s} of level {lvl}")
                     if min(rule) < 0 or max(rule) >= sizes[lvl + 1]:
-                        raise ValueError(f"CFG {name!r}: rule {rule} of symbol {s} (level {lvl}) indexes outside "
-                                         f"level {lvl + 1} (size {sizes[lvl + 1]})")
+                        raise ValueError(
+                            f"CFG {name!r}: rule {rule} of symbol {s} (level {lvl}) indexes outside "
+                            f"level {lvl + 1} (size {sizes[lvl + 1]})"
+                        )
                     sym_rules.append(rule)
                 lvl_rules.append(tuple(sym_rules))
             rules.append(tuple(lvl_rules))
@@ -124,10 +127,18 @@ class CFG:
         else:
             symbol_ids = tuple(tuple(int(v) for v in level) for level in idx)
             if [len(level) for level in symbol_ids] != sizes:
-                raise ValueError(f"CFG {name!r}: 'idx' has {[len(level) for level in symbol_ids]} ids per level, "
-                                 f"'sizes' says {sizes}")
-        return cls(name=name, depth=depth, num_sym=num_sym, eos_id=int(d["eos_token"]), rules=tuple(rules),
-                   symbol_ids=symbol_ids)
+                raise ValueError(
+                    f"CFG {name!r}: 'idx' has {[len(level) for level in symbol_ids]} ids per level, "
+                    f"'sizes' says {sizes}"
+                )
+        return cls(
+            name=name,
+            depth=depth,
+            num_sym=num_sym,
+            eos_id=int(d["eos_token"]),
+            rules=tuple(rules),
+            symbol_ids=symbol_ids,
+        )
 
     # ---------------------------------------------------------------- structure
 
@@ -223,7 +234,7 @@ class CFG:
         syms = np.zeros(n, np.int64)  # current frontier, left to right, string by string
         owner = np.arange(n)
         anc = np.zeros((n, 0), np.int32)
-        for lvl, (deg, padded, lengths) in enumerate(self._rule_arrays):
+        for deg, padded, lengths in self._rule_arrays:
             choice = rng.integers(0, deg[syms])
             lens = lengths[syms, choice]
             children = padded[syms, choice]  # [M, Lmax]
@@ -259,8 +270,10 @@ class CFG:
           ``1..num_sym`` (EOS included), non-integer entries and strings of impossible length give False.
         """
         if isinstance(seqs, np.ndarray) and seqs.ndim == 1 and seqs.dtype != object:
-            raise ValueError("CFG.accepts: expected a batch of strings (list of lists or 2-D array), got a 1-D "
-                             "array; wrap a single string as [seq]")
+            raise ValueError(
+                "CFG.accepts: expected a batch of strings (list of lists or 2-D array), got a 1-D "
+                "array; wrap a single string as [seq]"
+            )
         if method not in ("auto", "sparse", "bitset"):
             raise ValueError(f"CFG.accepts: method must be one of 'auto', 'sparse', 'bitset', got {method!r}")
         seqs = list(seqs)
@@ -327,8 +340,12 @@ class CFG:
         try:
             for lvl in range(self.depth - 1, -1, -1):
                 cache: dict = {}
-                spans = [_Spans.union([_span_suffix(spans, rule, cache, string_end, budget) for rule in sym_rules],
-                                      n_pos + 1) for sym_rules in self.rules[lvl]]
+                spans = [
+                    _Spans.union(
+                        [_span_suffix(spans, rule, cache, string_end, budget) for rule in sym_rules], n_pos + 1
+                    )
+                    for sym_rules in self.rules[lvl]
+                ]
         except _OverBudget as e:
             return e
         root = spans[0]
@@ -410,8 +427,10 @@ class CFG:
         if x is None:
             raise ValueError("CFG.next_token_logprobs: seq must be a 1-D sequence of ints")
         if x.size and (x.min() < 1 or x.max() > self.num_sym):
-            raise ValueError(f"CFG.next_token_logprobs: token ids must be terminals 1..{self.num_sym}, got "
-                             f"{sorted(set(x[(x < 1) | (x > self.num_sym)].tolist()))}")
+            raise ValueError(
+                f"CFG.next_token_logprobs: token ids must be terminals 1..{self.num_sym}, got "
+                f"{sorted(set(x[(x < 1) | (x > self.num_sym)].tolist()))}"
+            )
         n = x.size
         base = n + 1  # span key = start * base + end
         pos = np.arange(n, dtype=np.int64)
@@ -420,8 +439,10 @@ class CFG:
         # the first k children (children of level l + 1), memoised per level because rules share prefixes.
         inside = [None] * (self.depth + 1)
         prefixes = [None] * self.depth
-        inside[self.depth] = [_LogSpans(pos[x == a + 1], pos[x == a + 1] + 1, np.zeros(int((x == a + 1).sum())))
-                              for a in range(self.num_sym)]
+        inside[self.depth] = [
+            _LogSpans(pos[x == a + 1], pos[x == a + 1] + 1, np.zeros(int((x == a + 1).sum())))
+            for a in range(self.num_sym)
+        ]
         for lvl in range(self.depth - 1, -1, -1):
             children, cache = inside[lvl + 1], {}
             level = []
@@ -466,7 +487,7 @@ class CFG:
         return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(name: str) -> CFG:
     if name not in CFG_NAMES:
         raise ValueError(f"CFG.load: unknown grammar {name!r}; valid names: {', '.join(CFG_NAMES)}")
@@ -516,12 +537,12 @@ class _Spans:
         self.starts, self.ends = starts, ends
 
     @classmethod
-    def from_keys(cls, keys: np.ndarray, base: int) -> "_Spans":
+    def from_keys(cls, keys: np.ndarray, base: int) -> _Spans:
         keys = np.unique(keys)
         return cls(keys // base, keys % base)
 
     @classmethod
-    def union(cls, parts: list["_Spans"], base: int) -> "_Spans":
+    def union(cls, parts: list[_Spans], base: int) -> _Spans:
         if len(parts) == 1:
             return parts[0]
         return cls.from_keys(np.concatenate([p.starts * base + p.ends for p in parts]), base)
@@ -555,8 +576,9 @@ def _span_suffix(spans, rule, cache, string_end, budget):
     if len(rule) == 1:
         return spans[rule[0]]
     if rule not in cache:
-        cache[rule] = _span_join(spans[rule[0]], _span_suffix(spans, rule[1:], cache, string_end, budget),
-                                 string_end, budget)
+        cache[rule] = _span_join(
+            spans[rule[0]], _span_suffix(spans, rule[1:], cache, string_end, budget), string_end, budget
+        )
     return cache[rule]
 
 
@@ -597,19 +619,19 @@ class _BitTable:
         self.lo, self.bits = lo, bits
 
     @classmethod
-    def empty(cls, lo: int, hi: int, nw: int) -> "_BitTable":
+    def empty(cls, lo: int, hi: int, nw: int) -> _BitTable:
         return cls(lo, np.zeros((max(hi - lo + 1, 0), nw), np.uint64))
 
     @property
     def rows(self) -> int:
         return self.bits.shape[0]
 
-    def or_(self, other: "_BitTable") -> None:
+    def or_(self, other: _BitTable) -> None:
         """In-place union with ``other`` (rows outside this table's length range cannot be derived and are dropped)."""
         a0 = max(self.lo, other.lo)
         a1 = min(self.lo + self.rows, other.lo + other.rows)
         if a1 > a0:
-            self.bits[a0 - self.lo: a1 - self.lo] |= other.bits[a0 - other.lo: a1 - other.lo]
+            self.bits[a0 - self.lo : a1 - self.lo] |= other.bits[a0 - other.lo : a1 - other.lo]
 
     def bits_at(self, lengths: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Bool, broadcast shape of the inputs: does the symbol derive ``x[pos : pos + length]``?"""
@@ -636,7 +658,7 @@ def _bit_concat(a: _BitTable, b: _BitTable, max_len: int) -> _BitTable:
             break
         shifted = _shift_down(b.bits[:keep], la)
         shifted &= a.bits[da]
-        out.bits[da: da + keep] |= shifted
+        out.bits[da : da + keep] |= shifted
     return out
 
 
@@ -686,12 +708,12 @@ class _LogSpans:
         self.starts, self.ends, self.logp = starts, ends, logp
 
     @classmethod
-    def from_pairs(cls, keys: np.ndarray, values: np.ndarray, base: int) -> "_LogSpans":
+    def from_pairs(cls, keys: np.ndarray, values: np.ndarray, base: int) -> _LogSpans:
         keys, values = _segment_logsumexp(keys, values)
         return cls(keys // base, keys % base, values)
 
     @classmethod
-    def combine(cls, parts: list["_LogSpans"], offsets: list[float], base: int) -> "_LogSpans":
+    def combine(cls, parts: list[_LogSpans], offsets: list[float], base: int) -> _LogSpans:
         """Log of ``sum_k exp(offsets[k]) * parts[k]`` (a weighted union of span lists)."""
         keys = np.concatenate([p.starts * base + p.ends for p in parts])
         values = np.concatenate([p.logp + o for p, o in zip(parts, offsets)])

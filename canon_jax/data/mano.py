@@ -18,6 +18,7 @@ through a cache of aligned index blocks) — bit-identical to the scalar referen
 (:meth:`Mano.sample_scalar`), which the tests check.  With division, the rows whose tree has a zero divisor (their
 redraws make the draw layout data-dependent) are recomputed by the scalar path.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,7 @@ def apply_op(op: str, a: int, b: int, mod: int) -> int:
 
 
 def _is_prime(m: int) -> bool:
-    return m >= 2 and all(m % d for d in range(2, int(m ** 0.5) + 1))
+    return m >= 2 and all(m % d for d in range(2, int(m**0.5) + 1))
 
 
 class Mano(base.Task):
@@ -62,8 +63,10 @@ class Mano(base.Task):
         if p["mod"] < 2:
             raise ValueError(f"{self.name}: mod must be >= 2, got {p['mod']}")
         if not p["ops"] or any(c not in OP_SYMBOLS for c in p["ops"]) or len(set(p["ops"])) != len(p["ops"]):
-            raise ValueError(f"{self.name}: ops must be distinct letters from {sorted(OP_SYMBOLS)} "
-                             f"(a=+, s=-, m=*, d=/), got {p['ops']!r}")
+            raise ValueError(
+                f"{self.name}: ops must be distinct letters from {sorted(OP_SYMBOLS)} "
+                f"(a=+, s=-, m=*, d=/), got {p['ops']!r}"
+            )
         if "d" in p["ops"] and not _is_prime(p["mod"]):
             raise ValueError(f"{self.name}: division ('d' in ops) needs a prime mod, got mod={p['mod']}")
         self._ops = list(p["ops"])
@@ -94,15 +97,14 @@ class Mano(base.Task):
         p = self.params
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
         m[BOS], m[base.EOS], m[base.ANSWER], m[base.QUERY], m[base.SEP] = 9999, 9998, 9500, 9997, 9700
-        m[self._val0:self._val0 + p["mod"]] = 5000 + np.arange(p["mod"])
-        m[self._op0:self._op0 + 8] = np.arange(1, 9)
+        m[self._val0 : self._val0 + p["mod"]] = 5000 + np.arange(p["mod"])
+        m[self._op0 : self._op0 + 8] = np.arange(1, 9)
         for l in range(1, p["L"] + 1):
-            m[self._len0 + 4 * (l - 1):self._len0 + 4 * l] = [10 * l, 10 * l + 1, 10 * l + 4, 10 * l + 5]
+            m[self._len0 + 4 * (l - 1) : self._len0 + 4 * l] = [10 * l, 10 * l + 1, 10 * l + 4, 10 * l + 5]
         m[self._bos_alt] = 9998
         return m
 
     def code_name(self, code):
-        p = self.params
         if code < NUM_SPECIAL:
             return base.SPECIAL_NAMES[code]
         if code < self._op0:
@@ -203,8 +205,9 @@ class Mano(base.Task):
             block = self._make_block(ck)
         codes, lengths, ells, answers = block
         n = lengths[r]
-        return base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(),
-                           meta={"L": ells[r], "answer": answers[r]})
+        return base.Sample(
+            tokens=codes[r, :n].copy(), labels=self._labels[n].copy(), meta={"L": ells[r], "answer": answers[r]}
+        )
 
     def sample_many(self, indices, split: str = "train", seed: int = 0) -> list[base.Sample]:
         """Samples ``indices`` (any order, any gaps) in one vectorised call; identical to :meth:`sample` each."""
@@ -215,8 +218,9 @@ class Mano(base.Task):
         codes, lengths, ells, answers = self.generate_many(np.asarray(idx, np.int64), split, seed)
         out = []
         for r, (n, l, a) in enumerate(zip(lengths.tolist(), ells.tolist(), answers.tolist())):
-            out.append(base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(),
-                                   meta={"L": l, "answer": a}))
+            out.append(
+                base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(), meta={"L": l, "answer": a})
+            )
         return out
 
     def __getstate__(self):  # grain pickles datasets into worker processes: do not ship the cache
@@ -277,14 +281,17 @@ class Mano(base.Task):
             sp = np.where(push, sp + 2, sp)
         # 2) evaluate by a reverse scan with a value stack (kind: -1 value, 0 +, 1 -, 2 *)
         kind_of = np.full(self._op0 + 8, -1, np.int64)
-        kind_of[self._op0:] = self._op_kinds
+        kind_of[self._op0 :] = self._op_kinds
         kind_all = kind_of[expr]
         value_all = expr - self._val0
         vals = np.zeros((B, L + 2), np.int64)
         vsp = np.zeros(B, np.int64)
         # modular inverses (0 -> 0: a zero divisor is redrawn below); zero_div marks rows that need the redraw
-        inv = np.array([pow(v, mod - 2, mod) if v else 0 for v in range(mod)], np.int64) if "d" in self._ops \
+        inv = (
+            np.array([pow(v, mod - 2, mod) if v else 0 for v in range(mod)], np.int64)
+            if "d" in self._ops
             else np.zeros(mod, np.int64)
+        )
         zero_div = np.zeros(B, bool)
         for t in range(n_nodes_max - 1, -1, -1):
             active = t < n_nodes
@@ -306,7 +313,7 @@ class Mano(base.Task):
         lbase = self._len0 + 4 * (ells - 1)
         out[:, 0] = np.where(alts & 1, self._bos_alt, BOS)
         out[:, 1] = lbase + ((alts >> 1) & 1)
-        out[:, 2:2 + n_nodes_max] = np.where(np.arange(n_nodes_max)[None, :] < n_nodes[:, None], expr, base.PAD)
+        out[:, 2 : 2 + n_nodes_max] = np.where(np.arange(n_nodes_max)[None, :] < n_nodes[:, None], expr, base.PAD)
         out[rows, 2 + n_nodes] = lbase + np.where(alts & 4, 3, 2)
         out[rows, 3 + n_nodes] = self._val0 + answers
         if self._delta:
@@ -317,7 +324,7 @@ class Mano(base.Task):
         for r in np.flatnonzero(zero_div).tolist():
             smp = self.sample_scalar(int(idx[r]), split, seed)
             out[r] = base.PAD
-            out[r, :len(smp)] = smp.tokens
+            out[r, : len(smp)] = smp.tokens
             answers[r] = smp.meta["answer"]
         return out, n_nodes + 4, ells, answers
 
@@ -336,5 +343,8 @@ class Mano(base.Task):
             left = infix()
             return f"({left} {sym} {infix()})"
 
-        return (f"L={sample.meta['L']} answer={sample.meta['answer']}\n" + " ".join(self.decode(sample.tokens)) +
-                f"\n{infix()} = {sample.meta['answer']} (mod {self.params['mod']})")
+        return (
+            f"L={sample.meta['L']} answer={sample.meta['answer']}\n"
+            + " ".join(self.decode(sample.tokens))
+            + f"\n{infix()} = {sample.meta['answer']} (mod {self.params['mod']})"
+        )

@@ -15,9 +15,11 @@ ones).  Output per window (``L = seq_len``):
 A sample longer than ``L`` is an error unless ``split_long=True``, which cuts it into ``L``-token pieces (each its own
 segment; the first token of a later piece is then never a target, so that one supervised token per cut is lost).
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -45,17 +47,22 @@ def build_window(pieces: Sequence[tuple[np.ndarray, np.ndarray, int]], seq_len: 
         n = len(tok)
         if t + n > seq_len:
             raise ValueError(f"pieces of total length {t + n} exceed the window ({seq_len})")
-        inputs[t:t + n] = tok
-        labels[t:t + n] = lab
-        seg[t:t + n] = j + 1
-        pos[t:t + n] = np.arange(p0, p0 + n)
+        inputs[t : t + n] = tok
+        labels[t : t + n] = lab
+        seg[t : t + n] = j + 1
+        pos[t : t + n] = np.arange(p0, p0 + n)
         t += n
     targets = np.zeros(seq_len, np.int32)
     targets[:-1] = inputs[1:]
     same = (seg[:-1] > 0) & (seg[1:] == seg[:-1])
     mask = same & (labels[1:] == 1) if loss_on == "answer" else same
-    return {"inputs": inputs, "targets": targets, "loss_mask": mask.astype(np.float32),
-            "segment_ids": seg[:-1].copy(), "positions": pos}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "loss_mask": mask.astype(np.float32),
+        "segment_ids": seg[:-1].copy(),
+        "positions": pos,
+    }
 
 
 def _pieces_of(tokens: np.ndarray, labels: np.ndarray, seq_len: int, split_long: bool) -> list:
@@ -65,8 +72,9 @@ def _pieces_of(tokens: np.ndarray, labels: np.ndarray, seq_len: int, split_long:
     if not split_long:
         raise SampleTooLongError(
             f"a sample of length {n} does not fit the packing window of length {seq_len}; use a longer seq_len or "
-            f"split_long=True to cut long samples into windows")
-    return [(tokens[s:s + seq_len], labels[s:s + seq_len], s) for s in range(0, n, seq_len)]
+            f"split_long=True to cut long samples into windows"
+        )
+    return [(tokens[s : s + seq_len], labels[s : s + seq_len], s) for s in range(0, n, seq_len)]
 
 
 def pack_samples(samples: Iterable[Any], seq_len: int, loss_on: str = "answer", split_long: bool = False) -> list[dict]:
@@ -89,8 +97,7 @@ def pack_samples(samples: Iterable[Any], seq_len: int, loss_on: str = "answer", 
 class PackIterDataset(grain.IterDataset):
     """grain ``IterDataset`` packing a stream of ``{"tokens", "labels"}`` dicts into windows (see module doc)."""
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, loss_on: str = "answer",
-                 split_long: bool = False):
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, loss_on: str = "answer", split_long: bool = False):
         super().__init__(parent)
         _check_loss_on(loss_on)
         if seq_len < 2:
@@ -121,8 +128,9 @@ class _PackIterator(grain.DatasetIterator):
                     if cur:
                         break
                     raise
-                self._pending = _pieces_of(np.asarray(s["tokens"]), np.asarray(s["labels"]), self._seq_len,
-                                           self._split_long)
+                self._pending = _pieces_of(
+                    np.asarray(s["tokens"]), np.asarray(s["labels"]), self._seq_len, self._split_long
+                )
             piece = self._pending[0]
             if used + len(piece[0]) > self._seq_len:
                 break
@@ -132,8 +140,10 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self):
         # pending pieces are stored by value (at most one sample, <= a window or a split long sample)
-        return {"parent": self._parent.get_state(),
-                "pending": [[p[0].tolist(), p[1].tolist(), int(p[2])] for p in self._pending]}
+        return {
+            "parent": self._parent.get_state(),
+            "pending": [[p[0].tolist(), p[1].tolist(), int(p[2])] for p in self._pending],
+        }
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])

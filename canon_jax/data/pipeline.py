@@ -7,14 +7,15 @@
 
 Stages and why they are ordered this way:
 
-1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long, or ``num_samples`` long) ``MapDataset``: element ``j`` picks a task
-   with probability ∝ its weight from a key of (seed, split, j) and is that task's sample ``j``; a pure function of
-   ``j``, so every stage below can address it.
-2. :class:`WindowPermuteMapDataset` — shuffles indices inside windows of ``shuffle_buffer`` (the iid tasks do not need it;
-   Capo's per-person exposures and any finite-index logic do).
+1. :class:`TaskMixtureMapDataset` — an (effectively infinite, 2**62 long, or ``num_samples`` long) ``MapDataset``:
+   element ``j`` picks a task with probability ∝ its weight from a key of (seed, split, j) and is that task's sample
+   ``j``; a pure function of ``j``, so every stage below can address it.
+2. :class:`WindowPermuteMapDataset` — shuffles indices inside windows of ``shuffle_buffer`` (the iid tasks do not
+   need it; Capo's per-person exposures and any finite-index logic do).
 3. ``slice(process_index::process_count)`` — each JAX process reads only its own shard.
 4. chunks of ``read_chunk`` consecutive elements of that shard, each read with one ``_getitems`` call (the window
-   permutation and grain's slice pass it down to the mixture, which generates each task's part at once: vectorised for Mano), then
+   permutation and grain's slice pass it down to the mixture, which generates each task's part at once: vectorised
+   for Mano), then
    ``to_iter_dataset`` + optional ``mp_prefetch`` — worker processes generate whole chunks; grain slices the chunk
    index space ``worker::num_workers`` and interleaves round-robin, so the sample order does not depend on
    ``num_workers``; the chunks are flattened again in the main process.
@@ -28,11 +29,13 @@ many of its samples were used; restoring re-reads that chunk) plus, by value, th
 With workers, scripts must guard their entry point with ``if __name__ == "__main__":``; absl flags are marked parsed
 here if nobody parsed them (grain's workers read them).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -125,12 +128,14 @@ class DataConfig:
     def capo_num_samples(self) -> int:
         """``num_people * exposures`` of a single-task Capo config (the samples of exactly ``exposures`` passes)."""
         if len(self.tasks) != 1 or self.tasks[0].name != "capo":
-            raise ValueError("capo_num_samples needs a config whose only task is capo (in a mix the mixture decides "
-                             "which stream indices Capo gets, so exposures are only balanced on average)")
+            raise ValueError(
+                "capo_num_samples needs a config whose only task is capo (in a mix the mixture decides "
+                "which stream indices Capo gets, so exposures are only balanced on average)"
+            )
         return self.vocabulary().tasks[0].num_train_samples
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -159,8 +164,14 @@ PRESETS: dict[str, dict] = {
     "cpu_mano_256": dict(tasks=[{"name": "mano", "params": {"L": 5}}], seq_len=256),
     "cpu_capo_512": dict(tasks=[{"name": "capo", "params": {"num_people": 1000}}], seq_len=512),
     "cpu_lano_512": dict(tasks=[{"name": "lano", "params": {"cfg": "cfg3b"}}], seq_len=512),  # cfg3b: <= 432+2
-    "cpu_mix_1024": dict(tasks=[{"name": "depo1", "params": {"N": 100}}, {"name": "brevo1", "params": {"N": 40}},
-                                {"name": "mano", "params": {"L": 8}}], seq_len=1024),
+    "cpu_mix_1024": dict(
+        tasks=[
+            {"name": "depo1", "params": {"N": 100}},
+            {"name": "brevo1", "params": {"N": 40}},
+            {"name": "mano", "params": {"L": 8}},
+        ],
+        seq_len=1024,
+    ),
 }
 
 
@@ -219,8 +230,9 @@ class WindowPermuteMapDataset(grain.MapDataset):
 class TaskMixtureMapDataset(grain.MapDataset):
     """Element j = sample j of a task chosen by weight from key(seed, split, j): ``{"tokens", "labels"}``."""
 
-    def __init__(self, tasks: Sequence[base.Task], weights: Sequence[float], *, split: str, seed: int,
-                 length: int | None = None):
+    def __init__(
+        self, tasks: Sequence[base.Task], weights: Sequence[float], *, split: str, seed: int, length: int | None = None
+    ):
         super().__init__()
         self._length = STREAM_LENGTH if length is None else int(length)
         if len(tasks) != len(weights) or not tasks:
@@ -327,14 +339,16 @@ class _UnchunkIterator(grain.DatasetIterator):
             self._chunk, self._pos = list(next(self._parent)), int(state["consumed"])
 
 
-def make_sample_dataset(cfg: DataConfig, *, split: str = "train", process_index: int = 0,
-                        process_count: int = 1) -> grain.MapDataset:
+def make_sample_dataset(
+    cfg: DataConfig, *, split: str = "train", process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
     """Stages 1-3: the shuffled, process-sharded ``MapDataset`` of unpacked samples."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     vocab = cfg.vocabulary()
-    ds: grain.MapDataset = TaskMixtureMapDataset(vocab.tasks, [t.weight for t in cfg.tasks], split=split,
-                                                 seed=cfg.seed, length=cfg.num_samples)
+    ds: grain.MapDataset = TaskMixtureMapDataset(
+        vocab.tasks, [t.weight for t in cfg.tasks], split=split, seed=cfg.seed, length=cfg.num_samples
+    )
     if cfg.shuffle_buffer > 1:
         # our own window permutation: one cached numpy permutation per window (grain's WindowShuffleMapDataset
         # computes a keyed bijection per element, ~50 us each, and wraps a partial last window around)
@@ -344,8 +358,9 @@ def make_sample_dataset(cfg: DataConfig, *, split: str = "train", process_index:
     return ds
 
 
-def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+    cfg: DataConfig, *, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
     """The packed, batched grain dataset of this process.
 
     Batches are dicts of numpy arrays ``inputs``/``targets``/``segment_ids``/``positions`` int32
@@ -356,8 +371,9 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ds = make_sample_dataset(cfg, split=split, process_index=process_index, process_count=process_count)
     # chunks of read_chunk consecutive stream elements travel together (one _getitems call, one worker)
-    it_ds = _ChunkMapDataset(ds, cfg.read_chunk).to_iter_dataset(grain.ReadOptions(num_threads=0,
-                                                                                   prefetch_buffer_size=0))
+    it_ds = _ChunkMapDataset(ds, cfg.read_chunk).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    )
     if cfg.num_workers > 0:
         from absl import flags
 
@@ -365,9 +381,12 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, process_index:
             flags.FLAGS.mark_as_parsed()
         # worker_buffer_size counts samples; the workers' elements are chunks of read_chunk samples
         per_worker = max(1, -(-cfg.worker_buffer_size // cfg.read_chunk))
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                               per_worker_buffer_size=per_worker))
-    it_ds = PackIterDataset(_UnchunkIterDataset(it_ds), seq_len=cfg.seq_len, loss_on=cfg.loss_on, split_long=cfg.split_long)
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=per_worker)
+        )
+    it_ds = PackIterDataset(
+        _UnchunkIterDataset(it_ds), seq_len=cfg.seq_len, loss_on=cfg.loss_on, split_long=cfg.split_long
+    )
     if cfg.num_samples is None:
         return it_ds.batch(batch_size, drop_remainder=True)
     # finite stream: keep the last partial batch, filled with all-padding windows so every batch has one shape

@@ -13,12 +13,14 @@ Three RNG flavours are offered:
   (:func:`splitmix_uniform_np`) — bit-identical to the scalar stream.  Mano uses it for vectorised generation.
 * :func:`numpy_rng` returns a :class:`numpy.random.Generator` for code that wants one (the Lano grammar sampler).
 """
+
 from __future__ import annotations
 
 import math
 import random
 import zlib
-from typing import MutableSequence, Sequence, TypeVar
+from collections.abc import MutableSequence, Sequence
+from typing import TypeVar
 
 import numpy as np
 

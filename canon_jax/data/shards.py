@@ -18,6 +18,7 @@ the requested tokens, so the process keeps no page of the corpus mapped and its 
 the corpus size or with the number of windows read. The per-shard document offsets are memory-mapped ``.npy``
 files (8 bytes per document, clean file pages the kernel can drop).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import os
 import pathlib
 import threading
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -60,11 +61,14 @@ def _suffix(path: pathlib.Path) -> str:
 
 
 def _open_text(path: pathlib.Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
+    )
 
 
-def iter_document_batches(path, text_field: str = "text", txt_mode: str = "file",
-                          batch_docs: int = 1024) -> Iterator[list[str]]:
+def iter_document_batches(
+    path, text_field: str = "text", txt_mode: str = "file", batch_docs: int = 1024
+) -> Iterator[list[str]]:
     """Documents of one input file, in order, in lists of at most ``batch_docs`` (bounded memory for big shards)."""
     path = pathlib.Path(path)
     suffix = _suffix(path)
@@ -80,7 +84,7 @@ def iter_document_batches(path, text_field: str = "text", txt_mode: str = "file"
         else:
             raise ValueError(f"txt_mode: {txt_mode!r}; choose one of ['file', 'paragraph', 'line']")
         for i in range(0, len(docs), batch_docs):
-            yield docs[i:i + batch_docs]
+            yield docs[i : i + batch_docs]
     elif suffix in (".jsonl", ".jsonl.gz"):
         batch: list[str] = []
         with _open_text(path) as f:
@@ -187,7 +191,7 @@ def _tokenize_file(job) -> dict:
                     flat[a] = bos
                     a += 1
                 ids = e.ids
-                flat[a:a + len(ids)] = ids
+                flat[a : a + len(ids)] = ids
                 if eos is not None:
                     flat[a + len(ids)] = eos
             f.write(flat.tobytes())
@@ -197,8 +201,13 @@ def _tokenize_file(job) -> dict:
     np.save(tmp_docs, np.asarray(offsets, np.int64))
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_docs, docs_path)
-    marker = {**_source_info(path), "settings": s["hash"], "num_tokens": n_tok, "num_docs": len(offsets) - 1,
-              "seconds": time.perf_counter() - t0}
+    marker = {
+        **_source_info(path),
+        "settings": s["hash"],
+        "num_tokens": n_tok,
+        "num_docs": len(offsets) - 1,
+        "seconds": time.perf_counter() - t0,
+    }
     tmp_done = done_path.with_name(done_path.name + f".tmp{os.getpid()}")
     tmp_done.write_text(json.dumps(marker))
     os.replace(tmp_done, done_path)
@@ -221,10 +230,22 @@ def _marker_ok(out: pathlib.Path, k: int, path: pathlib.Path, settings_hash: str
     return {"k": k, **m}
 
 
-def tokenize_corpus(inputs: Sequence[str], out_dir, tokenizer=None, *, text_field: str = "text",
-                    txt_mode: str = "file", add_bos: bool = True, add_eos: bool = True, bos_token=None,
-                    eos_token=None, workers: int = 1, batch_docs: int = 1024, progress: bool = True,
-                    log=print) -> dict:
+def tokenize_corpus(
+    inputs: Sequence[str],
+    out_dir,
+    tokenizer=None,
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    add_bos: bool = True,
+    add_eos: bool = True,
+    bos_token=None,
+    eos_token=None,
+    workers: int = 1,
+    batch_docs: int = 1024,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Tokenise ``inputs`` (files, globs or directories of .txt/.jsonl(.gz)/.parquet) into ``out_dir``.
 
     ``tokenizer``: a ``tokenizer.json`` path, a ``tokenizers.Tokenizer``, or None (the built-in byte-level one).
@@ -247,8 +268,14 @@ def tokenize_corpus(inputs: Sequence[str], out_dir, tokenizer=None, *, text_fiel
     bos = _special_id(tok, bos_token, _BOS_NAMES, "bos") if add_bos else None
     eos = _special_id(tok, eos_token, _EOS_NAMES, "eos") if add_eos else None
     tok_hash = tokenizer_sha256(tok)
-    settings = {"dtype": dtype.name, "bos_id": bos, "eos_id": eos, "text_field": text_field, "txt_mode": txt_mode,
-                "tokenizer_sha256": tok_hash}
+    settings = {
+        "dtype": dtype.name,
+        "bos_id": bos,
+        "eos_id": eos,
+        "text_field": text_field,
+        "txt_mode": txt_mode,
+        "tokenizer_sha256": tok_hash,
+    }
     settings["hash"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     settings["batch_docs"] = batch_docs
     # a directory holds one corpus: refuse to mix settings (another tokenizer, BOS/EOS, field) into it
@@ -257,8 +284,9 @@ def tokenize_corpus(inputs: Sequence[str], out_dir, tokenizer=None, *, text_fiel
         old = json.loads(stamp.read_text())
         if old.get("hash") != settings["hash"]:
             diff = sorted(k for k in settings if k not in ("hash", "batch_docs") and old.get(k) != settings[k])
-            raise ValueError(f"{out} already holds shards written with other settings ({diff}); use a new output "
-                             "directory")
+            raise ValueError(
+                f"{out} already holds shards written with other settings ({diff}); use a new output directory"
+            )
     else:
         stamp.write_text(json.dumps({k: v for k, v in settings.items() if k != "batch_docs"}, indent=1))
     (out / "index.json").unlink(missing_ok=True)  # rewritten when every shard is done
@@ -317,19 +345,38 @@ def tokenize_corpus(inputs: Sequence[str], out_dir, tokenizer=None, *, text_fiel
     shards = []
     for k, f in enumerate(files):
         m = done[k]
-        shards.append({"tokens": _shard_names(out, k)[0].name, "docs": _shard_names(out, k)[1].name,
-                       "source": str(f), "source_bytes": m["source_bytes"], "num_tokens": m["num_tokens"],
-                       "num_docs": m["num_docs"]})
-    index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab,
-             "tokenizer_sha256": tok_hash, "bos_id": bos, "eos_id": eos, "text_field": text_field,
-             "txt_mode": txt_mode, "num_tokens": sum(s["num_tokens"] for s in shards),
-             "num_docs": sum(s["num_docs"] for s in shards), "shards": shards}
+        shards.append(
+            {
+                "tokens": _shard_names(out, k)[0].name,
+                "docs": _shard_names(out, k)[1].name,
+                "source": str(f),
+                "source_bytes": m["source_bytes"],
+                "num_tokens": m["num_tokens"],
+                "num_docs": m["num_docs"],
+            }
+        )
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "tokenizer_sha256": tok_hash,
+        "bos_id": bos,
+        "eos_id": eos,
+        "text_field": text_field,
+        "txt_mode": txt_mode,
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_docs": sum(s["num_docs"] for s in shards),
+        "shards": shards,
+    }
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out / "index.json")
-    log(f"tokenized {len(todo)} file(s), {new_tokens} tokens in {dt:.2f} s "
+    log(
+        f"tokenized {len(todo)} file(s), {new_tokens} tokens in {dt:.2f} s "
         f"({new_tokens / max(dt, 1e-9):.4g} tokens/s, workers={workers}); corpus: {index['num_tokens']} tokens, "
-        f"{index['num_docs']} documents, {len(shards)} shard(s), {dtype.name} -> {out}")
+        f"{index['num_docs']} documents, {len(shards)} shard(s), {dtype.name} -> {out}"
+    )
     index["seconds"] = dt
     index["new_tokens"] = new_tokens
     return index
@@ -337,6 +384,7 @@ def tokenize_corpus(inputs: Sequence[str], out_dir, tokenizer=None, *, text_fiel
 
 # ----------------------------------------------------------------------------------------------------------------------
 # reader
+
 
 class TokenShards:
     """Random access to a token directory: ``read(start, n)`` tokens of the concatenated corpus and the document
@@ -349,7 +397,9 @@ class TokenShards:
         self.directory = pathlib.Path(directory)
         idx = self.directory / "index.json"
         if not idx.exists():
-            hint = " (tokenization unfinished: rerun it to resume)" if (self.directory / "settings.json").exists() else ""
+            hint = (
+                " (tokenization unfinished: rerun it to resume)" if (self.directory / "settings.json").exists() else ""
+            )
             raise FileNotFoundError(f"{self.directory}: no index.json; not a token directory{hint}")
         self.index = json.loads(idx.read_text())
         if self.index.get("format") != FORMAT:
@@ -364,8 +414,10 @@ class TokenShards:
             if not p.exists():
                 raise FileNotFoundError(f"{self.directory}: shard {s['tokens']} listed in index.json is missing")
             if p.stat().st_size != s["num_tokens"] * self.dtype.itemsize:
-                raise ValueError(f"{p}: {p.stat().st_size} bytes, index.json says {s['num_tokens']} "
-                                 f"{self.dtype.name} tokens; the directory is damaged")
+                raise ValueError(
+                    f"{p}: {p.stat().st_size} bytes, index.json says {s['num_tokens']} "
+                    f"{self.dtype.name} tokens; the directory is damaged"
+                )
             counts.append(int(s["num_tokens"]))
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
@@ -436,7 +488,7 @@ class TokenShards:
                 continue
             nbytes = (b - a) * isz
             off = (a - start) * isz
-            got = os.preadv(self._fd(k), [view[off:off + nbytes]], (a - base) * isz)
+            got = os.preadv(self._fd(k), [view[off : off + nbytes]], (a - base) * isz)
             if got != nbytes:
                 raise OSError(f"short read from shard {k} of {self.directory}: {got} of {nbytes} bytes")
         return out
@@ -452,6 +504,6 @@ class TokenShards:
                 continue
             i0 = int(np.searchsorted(d, a, side="right")) - 1  # the document holding a
             i1 = int(np.searchsorted(d, b, side="left"))  # first document starting at or after b
-            out.append(np.asarray(d[max(i0, 0):i1], np.int64) + base)
+            out.append(np.asarray(d[max(i0, 0) : i1], np.int64) + base)
         starts = np.concatenate(out) if out else np.zeros((0,), np.int64)
         return starts

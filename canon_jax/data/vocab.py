@@ -4,9 +4,11 @@ Global ids: ``0..NUM_SPECIAL-1`` are the special tokens shared by every task (PA
 SEP=5); then each task of the mix gets a contiguous block for its own tokens, in the order the mix lists them.  A task
 listed twice with identical parameters shares one block.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from canon_jax.data import base
 
@@ -52,8 +54,10 @@ class Vocabulary:
         probe = base.get_task(name, **params)
         key = (name, tuple(sorted(probe.params.items())))
         if key not in self._by_key:
-            raise ValueError(f"task {name!r} with params {params} is not part of this vocabulary; "
-                             f"it has {[k[0] for k in self._by_key]}")
+            raise ValueError(
+                f"task {name!r} with params {params} is not part of this vocabulary; "
+                f"it has {[k[0] for k in self._by_key]}"
+            )
         return self._by_key[key]
 
     def __len__(self) -> int:

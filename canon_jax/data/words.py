@@ -4,13 +4,14 @@ A word has a length uniform in [min_len, max_len]; each token is uniform in 1..m
 shifted by +mini_vocab, so ids mini_vocab+1..2*mini_vocab mark word ends and a token stream splits into words
 unambiguously.  Words here are tuples of those official word-token values (1..2*mini_vocab).
 """
+
 from __future__ import annotations
 
 from canon_jax.data.rng import Rng
 
 
 def num_possible_words(mini_vocab: int, min_len: int, max_len: int) -> int:
-    return sum(mini_vocab ** l for l in range(min_len, max_len + 1))
+    return sum(mini_vocab**l for l in range(min_len, max_len + 1))
 
 
 def distinct_words(rng: Rng, n: int, mini_vocab: int, min_len: int, max_len: int) -> list[tuple[int, ...]]:

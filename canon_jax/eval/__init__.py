@@ -8,6 +8,7 @@ max_new_tokens, rng) -> [B, N]`` (see :mod:`canon_jax.eval.common`).  ``vocab`` 
 task alone.  Which function each task needs: depo, mano, capo → ``logits_fn``; brevo → ``generate_fn``; lano → both
 (generation accuracy needs ``generate_fn``, KL needs ``logits_fn``).  Returns a flat dict of metrics.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,8 +39,12 @@ def _evaluate_lano(task, *, max_new_tokens: int | None = None, **kwargs) -> dict
     terminal_ids = [int(task.sample_token(t)) for t in range(1, num_sym + 1)]
     if max_new_tokens is None:
         max_new_tokens = int(task.cfg.max_len) + 1
-    return lano_eval.evaluate_lano(task.cfg, token_map={"bos_id": BOS, "eos_id": EOS, "terminal_ids": terminal_ids},
-                                   max_new_tokens=max_new_tokens, **kwargs)
+    return lano_eval.evaluate_lano(
+        task.cfg,
+        token_map={"bos_id": BOS, "eos_id": EOS, "terminal_ids": terminal_ids},
+        max_new_tokens=max_new_tokens,
+        **kwargs,
+    )
 
 
 def _resolve_task(task_name: str, task_params: dict | None, vocab: Any):
@@ -58,17 +63,33 @@ def _resolve_task(task_name: str, task_params: dict | None, vocab: Any):
     return vocab.task(task_name, **params)
 
 
-def evaluate(task_name: str, task_params: dict | None = None, *, logits_fn=None, generate_fn=None,
-             num_samples: int = 100, batch_size: int = 16, seed: int = 0, vocab=None, **kwargs) -> dict:
+def evaluate(
+    task_name: str,
+    task_params: dict | None = None,
+    *,
+    logits_fn=None,
+    generate_fn=None,
+    num_samples: int = 100,
+    batch_size: int = 16,
+    seed: int = 0,
+    vocab=None,
+    **kwargs,
+) -> dict:
     """Evaluate a model on ``num_samples`` test samples of a task; ``kwargs`` go to the task's evaluator (e.g.
     ``num_params`` for capo)."""
     task = _resolve_task(task_name, task_params, vocab)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     mod, fn = _EVALUATORS[task_name]
-    return getattr(importlib.import_module(mod), fn)(task, logits_fn=logits_fn, generate_fn=generate_fn,
-                                                     num_samples=num_samples, batch_size=batch_size, seed=seed,
-                                                     **kwargs)
+    return getattr(importlib.import_module(mod), fn)(
+        task,
+        logits_fn=logits_fn,
+        generate_fn=generate_fn,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        **kwargs,
+    )
 
 
 __all__ = ["evaluate"]

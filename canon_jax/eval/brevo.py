@@ -3,6 +3,7 @@ of its parents (any valid topological order is accepted — there is no single r
 (SPEC B.2, 0.2).  Test samples have n = N.  Outputs with no EOS within the budget, unknown tokens, duplicated,
 missing or extra nodes, or an order violation are wrong.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def parse_prompt(task, tokens) -> tuple[dict, tuple]:
     qpos = codes.index(QUERY)
     apos = codes.index(ANSWER)
     nodes = _to_nodes(task, codes[:qpos])
-    query = _to_nodes(task, codes[qpos + 1:apos])
+    query = _to_nodes(task, codes[qpos + 1 : apos])
     if nodes is None or query is None or len(nodes) % 2 or len(query) != 1:
         raise ValueError("malformed Brevo prompt")
     parents: dict = {}
@@ -57,7 +58,7 @@ def check_answer(task, prompt_tokens, answer_tokens) -> bool:
     codes = task.to_codes(np.asarray(answer_tokens)).tolist()
     if EOS not in codes:
         return False
-    nodes = _to_nodes(task, codes[:codes.index(EOS)])
+    nodes = _to_nodes(task, codes[: codes.index(EOS)])
     if nodes is None:
         return False
     if len(set(nodes)) != len(nodes) or set(nodes) != ancestors(parents, query) or nodes[-1] != query:
@@ -73,7 +74,7 @@ def check_answer(task, prompt_tokens, answer_tokens) -> bool:
 def prompt_of(sample) -> np.ndarray:
     """Tokens up to and including the answer marker."""
     toks = np.asarray(sample.tokens)
-    return toks[:int(np.nonzero(toks == ANSWER)[0][0]) + 1]
+    return toks[: int(np.nonzero(toks == ANSWER)[0][0]) + 1]
 
 
 def max_answer_tokens(task) -> int:
@@ -88,5 +89,8 @@ def evaluate_brevo(task, *, generate_fn, num_samples: int, batch_size: int, seed
     prompts = [prompt_of(s) for s in samples]
     outs = common.generate(generate_fn, prompts, batch_size, max_answer_tokens(task), seed)
     ok = [check_answer(task, p, o) for p, o in zip(prompts, outs)]
-    return {"accuracy": common.mean(ok), "count": len(ok),
-            "mean_answer_nodes": common.mean(s.meta["num_answer_nodes"] for s in samples)}
+    return {
+        "accuracy": common.mean(ok),
+        "count": len(ok),
+        "mean_answer_nodes": common.mean(s.meta["num_answer_nodes"] for s in samples),
+    }

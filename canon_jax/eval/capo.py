@@ -19,6 +19,7 @@ because it is a function of the company and carries no extra bits):
 Pure-Python reference checker: :func:`check_attribute` (is a value, as words, the person's attribute in the people
 table?) — the tests decode the model's greedy value tokens and compare it with the evaluator's per-attribute scores.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,16 @@ def value_sizes() -> dict[str, int]:
     return {a: len(attribute_values(a)) for a in ALL_ATTRIBUTES}
 
 
-def evaluate_capo(task, *, logits_fn, num_samples: int | None = None, batch_size: int, seed: int = 0,
-                  num_params: int | None = None, **_) -> dict:
+def evaluate_capo(
+    task,
+    *,
+    logits_fn,
+    num_samples: int | None = None,
+    batch_size: int,
+    seed: int = 0,
+    num_params: int | None = None,
+    **_,
+) -> dict:
     if logits_fn is None:
         raise ValueError(f"{task.name} evaluation needs logits_fn")
     n_people = task.params["num_people"]
@@ -61,11 +70,11 @@ def evaluate_capo(task, *, logits_fn, num_samples: int | None = None, batch_size
     for s, (am, lp) in zip(samples, res):
         for a in ALL_ATTRIBUTES:
             b, e = s.meta["spans"][a]
-            pred = am[b - 1:e - 1]
+            pred = am[b - 1 : e - 1]
             true = s.tokens[b:e]
             first[a].append(bool(pred[0] == true[0]))
             whole[a].append(bool(np.all(pred == true)))
-            bits[a].append(float(-np.sum(lp[b - 1:e - 1]) / math.log(2)))
+            bits[a].append(float(-np.sum(lp[b - 1 : e - 1]) / math.log(2)))
     sizes = value_sizes()
     out: dict = {"num_people": n_people, "num_evaluated": num_samples}
     bits_loss = bits_acc = 0.0

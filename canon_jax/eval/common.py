@@ -14,10 +14,11 @@ Malformed model outputs never crash an evaluation: logits of the wrong shape or 
 the wrong shape or dtype, NaNs and out-of-vocabulary ids are scored wrong (a ``RuntimeWarning`` names the shape
 problem, so a mis-wired model is not silently scored zero).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,8 +39,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def teacher_forced(logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: int, *,
-                   logprobs: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def teacher_forced(
+    logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: int, *, logprobs: bool = False
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """For each sequence s (length n): ``argmax [n]`` (row t = the model's greedy guess of s[t+1]) and, if
     ``logprobs``, ``logp [n-1]`` float64 with logp[t] = log p(s[t+1] | s[:t+1])."""
     if batch_size < 1:
@@ -49,11 +51,11 @@ def teacher_forced(logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: 
     length = _round_up(max(len(s) for s in seqs))
     out = []
     for b0 in range(0, len(seqs), batch_size):
-        chunk = list(seqs[b0:b0 + batch_size])
+        chunk = list(seqs[b0 : b0 + batch_size])
         x = np.full((batch_size, length), PAD, np.int32)
         for r in range(batch_size):
             s = chunk[r] if r < len(chunk) else chunk[0]
-            x[r, :len(s)] = s
+            x[r, : len(s)] = s
         logits = _as_logits(logits_fn(x), (batch_size, length))
         if logits is None:  # malformed: every row of this batch is scored wrong
             for s in chunk:
@@ -64,7 +66,7 @@ def teacher_forced(logits_fn: LogitsFn, seqs: Sequence[np.ndarray], batch_size: 
             n = len(s)
             lp = None
             if logprobs:
-                ls = _log_softmax(logits[r, :n - 1])
+                ls = _log_softmax(logits[r, : n - 1])
                 tgt = np.asarray(s[1:], dtype=np.int64)
                 ok = (tgt >= 0) & (tgt < ls.shape[-1])
                 lp = np.full(n - 1, -np.inf)
@@ -82,18 +84,24 @@ def _as_logits(y, lead_shape: tuple[int, int]) -> np.ndarray | None:
             raise TypeError(f"dtype {arr.dtype}")
         arr = arr.astype(np.float64, copy=False) if arr.dtype.kind != "f" else arr
     except (TypeError, ValueError) as e:
-        warnings.warn(f"logits_fn returned a non-numeric output ({e}); the batch is scored wrong", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"logits_fn returned a non-numeric output ({e}); the batch is scored wrong", RuntimeWarning, stacklevel=3
+        )
         return None
     if arr.ndim != 3 or arr.shape[:2] != tuple(lead_shape) or arr.shape[2] < 1:
-        warnings.warn(f"logits_fn returned shape {arr.shape}; expected [{lead_shape[0]}, {lead_shape[1]}, vocab]: "
-                      f"the batch is scored wrong", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"logits_fn returned shape {arr.shape}; expected [{lead_shape[0]}, {lead_shape[1]}, vocab]: "
+            f"the batch is scored wrong",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     return arr
 
 
-def generate(generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size: int, max_new_tokens: int,
-             seed: int) -> list[np.ndarray]:
+def generate(
+    generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size: int, max_new_tokens: int, seed: int
+) -> list[np.ndarray]:
     """Left-pads ``prompts`` to one length and returns each prompt's generated tokens ``[max_new_tokens]`` (rows of a
     malformed model output — wrong width or non-integer — are replaced by -1, i.e. scored wrong)."""
     import jax  # only needed for the rng handed to the model
@@ -106,20 +114,24 @@ def generate(generate_fn: GenerateFn, prompts: Sequence[np.ndarray], batch_size:
     key = jax.random.PRNGKey(seed)
     out = []
     for bi, b0 in enumerate(range(0, len(prompts), batch_size)):
-        chunk = list(prompts[b0:b0 + batch_size])
+        chunk = list(prompts[b0 : b0 + batch_size])
         x = np.full((batch_size, length), PAD, np.int32)
         mask = np.zeros((batch_size, length), bool)
         for r in range(batch_size):
             p = chunk[r] if r < len(chunk) else chunk[0]
-            x[r, length - len(p):] = p
-            mask[r, length - len(p):] = True
+            x[r, length - len(p) :] = p
+            mask[r, length - len(p) :] = True
         try:
             y = np.asarray(generate_fn(x, mask, max_new_tokens, jax.random.fold_in(key, bi)))
         except (TypeError, ValueError):  # e.g. ragged rows: not an array at all
             y = np.zeros(0)
         if y.ndim != 2 or y.shape != (batch_size, max_new_tokens):
-            warnings.warn(f"generate_fn returned shape {y.shape}; expected [{batch_size}, {max_new_tokens}]: the "
-                          f"batch is scored wrong", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"generate_fn returned shape {y.shape}; expected [{batch_size}, {max_new_tokens}]: the "
+                f"batch is scored wrong",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         for r in range(len(chunk)):
             row = y[r] if (y.ndim == 2 and y.shape[0] == batch_size) else np.zeros(0)
             if not np.issubdtype(row.dtype, np.integer) or row.shape != (max_new_tokens,):

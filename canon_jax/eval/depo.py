@@ -6,10 +6,10 @@ decoding conditions each step on the previously generated tokens, which (while c
 position".  The evaluator uses that equivalence: one teacher-forced forward pass scores all ten queries of a sample.
 (Word ends are marked by tokens > mini_vocab, so a greedy decoder stops exactly at the end of the answer word.)
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-
 
 from canon_jax.data.base import ANSWER, BOS, NUM_SPECIAL
 from canon_jax.eval import common

@@ -14,16 +14,17 @@ translates requests):
   scan with the model's own KV caches / recurrent and Canon states), greedy or sampled; the text is cut at the first
   stop string.
 """
+
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 __all__ = ["CanonLM", "rolling_windows"]
 
@@ -57,8 +58,17 @@ class CanonLM:
       bos_token / eos_token: names of the special tokens (default: detected as in the text pipeline).
     """
 
-    def __init__(self, model, params, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
         from canon_jax.train.text_data import _BOS_NAMES, _EOS_NAMES, _special_id
 
         if batch_size < 1:
@@ -67,12 +77,14 @@ class CanonLM:
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or model.config.max_seq_len)
         if not 1 <= self.max_length <= model.config.max_seq_len:
-            raise ValueError(f"max_length must be in [1, model.config.max_seq_len={model.config.max_seq_len}], "
-                             f"got {max_length}")
+            raise ValueError(
+                f"max_length must be in [1, model.config.max_seq_len={model.config.max_seq_len}], got {max_length}"
+            )
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab} tokens, more than the model's vocab_size "
-                             f"{model.config.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens, more than the model's vocab_size {model.config.vocab_size}"
+            )
         self.eos_id = _special_id(tokenizer, eos_token, _EOS_NAMES, "eos")
         try:
             self.bos_id = _special_id(tokenizer, bos_token, _BOS_NAMES, "bos")
@@ -84,7 +96,7 @@ class CanonLM:
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf_dir(cls, hf_dir, tokenizer=None, **kwargs) -> "CanonLM":
+    def from_hf_dir(cls, hf_dir, tokenizer=None, **kwargs) -> CanonLM:
         """A LlamaCanon Hugging Face directory (``config.json`` + safetensors; ``tokenizer.json`` unless given)."""
         from canon_jax.interop import load_hf_checkpoint
 
@@ -93,7 +105,7 @@ class CanonLM:
         return cls(model, params, tok, **kwargs)
 
     @classmethod
-    def from_workdir(cls, workdir, tokenizer=None, step: int | None = None, **kwargs) -> "CanonLM":
+    def from_workdir(cls, workdir, tokenizer=None, step: int | None = None, **kwargs) -> CanonLM:
         """A canon-jax training directory: its ``config.json`` and newest (or ``step``) checkpoint; the tokenizer is
         the run's ``data.text.tokenizer`` (byte-level when unset) unless given."""
         from canon_jax.train.checkpoint import Checkpointer
@@ -120,8 +132,11 @@ class CanonLM:
         if restored is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint found")
         params = jax.device_get(restored[1]["params"])
-        tok = load_tokenizer(tokenizer if tokenizer is not None else cfg.data.text.tokenizer) \
-            if not hasattr(tokenizer, "encode") else tokenizer
+        tok = (
+            load_tokenizer(tokenizer if tokenizer is not None else cfg.data.text.tokenizer)
+            if not hasattr(tokenizer, "encode")
+            else tokenizer
+        )
         return cls(trainer.model, params, tok, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -147,15 +162,16 @@ class CanonLM:
             if not ctx:
                 raise ValueError(f"request {i}: empty context (use the prefix/BOS token)")
             if len(cont) > self.max_length:
-                raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length "
-                                 f"{self.max_length}")
+                raise ValueError(
+                    f"request {i}: continuation of {len(cont)} tokens exceeds max_length {self.max_length}"
+                )
             seq = list(ctx) + list(cont)
-            full.append(seq[-(self.max_length + 1):])
+            full.append(seq[-(self.max_length + 1) :])
             n_cont.append(len(cont))
         order = sorted(range(len(full)), key=lambda i: -len(full[i]))
         out: list = [None] * len(full)
         for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
+            idx = order[s : s + self.batch_size]
             width = min(_bucket(max(len(full[i]) - 1 for i in idx)), self.max_length)
             toks = np.zeros((self.batch_size, width), np.int32)  # fixed batch: one compilation per width
             tgts = np.zeros((self.batch_size, width), np.int32)
@@ -166,7 +182,7 @@ class CanonLM:
             lp, gr = jax.device_get(self._forward(self.params, jnp.asarray(toks), jnp.asarray(tgts)))
             for r, i in enumerate(idx):
                 n, k = len(full[i]) - 1, n_cont[i]
-                out[i] = (float(np.sum(lp[r, n - k:n], dtype=np.float64)), bool(np.all(gr[r, n - k:n])))
+                out[i] = (float(np.sum(lp[r, n - k : n], dtype=np.float64)), bool(np.all(gr[r, n - k : n])))
         return out
 
     def rolling_loglikelihood_tokens(self, docs: Sequence[Sequence[int]]) -> list[float]:
@@ -193,11 +209,17 @@ class CanonLM:
             if n_sp:
                 ctx, cont = ctx[:-n_sp], ctx[-n_sp:] + cont
             whole, c = self.encode(ctx + cont), self.encode(ctx)
-            pairs.append((c, whole[len(c):]))
+            pairs.append((c, whole[len(c) :]))
         return self.loglikelihood_tokens(pairs)
 
-    def generate_until(self, contexts: Sequence[str], until: Sequence[str] = (), max_gen_toks: int = 256,
-                       temperature: float = 0.0, seed: int = 0) -> list[str]:
+    def generate_until(
+        self,
+        contexts: Sequence[str],
+        until: Sequence[str] = (),
+        max_gen_toks: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[str]:
         """Continuations of ``contexts`` cut before the first of ``until`` (and at EOS)."""
         from canon_jax.generate import generate
 
@@ -209,21 +231,30 @@ class CanonLM:
         out: list = [None] * len(enc)
         rng = jax.random.key(seed)
         for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
+            idx = order[s : s + self.batch_size]
             width = min(_bucket(max(len(enc[i]) for i in idx)), budget)
             prompts = np.zeros((self.batch_size, width), np.int32)
             mask = np.zeros((self.batch_size, width), bool)
             mask[:, -1] = True  # unused rows: a one-token prompt
             for r, i in enumerate(idx):  # left padding
-                prompts[r, width - len(enc[i]):] = enc[i]
-                mask[r, width - len(enc[i]):] = True
+                prompts[r, width - len(enc[i]) :] = enc[i]
+                mask[r, width - len(enc[i]) :] = True
             rng, sub = jax.random.split(rng)
-            toks = np.asarray(generate(self.model, self.params, prompts, int(max_gen_toks), temperature=temperature,
-                                       rng=sub, prompt_mask=mask))
+            toks = np.asarray(
+                generate(
+                    self.model,
+                    self.params,
+                    prompts,
+                    int(max_gen_toks),
+                    temperature=temperature,
+                    rng=sub,
+                    prompt_mask=mask,
+                )
+            )
             for r, i in enumerate(idx):
                 ids = toks[r].tolist()
                 if self.eos_id in ids:
-                    ids = ids[:ids.index(self.eos_id)]
+                    ids = ids[: ids.index(self.eos_id)]
                 text = self.decode(ids)
                 cut = min((text.find(u) for u in until if u and u in text), default=len(text))
                 out[i] = text[:cut]

@@ -28,12 +28,13 @@ Which strings the KL is measured on (``kl_on``):
   ``num_kl_generated_positions``); NaN when no generation was accepted.
 * ``"both"`` (default when both functions are given; otherwise ``"grammar"``).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -60,14 +61,18 @@ class LanoTokenMap:
         object.__setattr__(self, "terminal_ids", tuple(int(t) for t in self.terminal_ids))
         ids = (int(self.bos_id), int(self.eos_id)) + self.terminal_ids
         if min(ids) < 0:
-            raise ValueError(f"LanoTokenMap: ids must be >= 0, got bos={self.bos_id}, eos={self.eos_id}, "
-                             f"terminal_ids={self.terminal_ids}")
+            raise ValueError(
+                f"LanoTokenMap: ids must be >= 0, got bos={self.bos_id}, eos={self.eos_id}, "
+                f"terminal_ids={self.terminal_ids}"
+            )
         if len(set(ids)) != len(ids):
-            raise ValueError(f"LanoTokenMap: bos_id, eos_id and terminal_ids must all be distinct, got "
-                             f"bos={self.bos_id}, eos={self.eos_id}, terminal_ids={self.terminal_ids}")
+            raise ValueError(
+                f"LanoTokenMap: bos_id, eos_id and terminal_ids must all be distinct, got "
+                f"bos={self.bos_id}, eos={self.eos_id}, terminal_ids={self.terminal_ids}"
+            )
 
     @classmethod
-    def coerce(cls, token_map: Union["LanoTokenMap", Mapping]) -> "LanoTokenMap":
+    def coerce(cls, token_map: LanoTokenMap | Mapping) -> LanoTokenMap:
         """Accepts a ``LanoTokenMap`` or a mapping with keys ``bos_id``, ``eos_id``, ``terminal_ids``."""
         if isinstance(token_map, cls):
             return token_map
@@ -75,15 +80,19 @@ class LanoTokenMap:
             missing = {"bos_id", "eos_id", "terminal_ids"} - set(token_map)
             extra = set(token_map) - {"bos_id", "eos_id", "terminal_ids"}
             if missing or extra:
-                raise ValueError(f"token_map: expected keys bos_id, eos_id, terminal_ids; missing {sorted(missing)}, "
-                                 f"unknown {sorted(extra)}")
+                raise ValueError(
+                    f"token_map: expected keys bos_id, eos_id, terminal_ids; missing {sorted(missing)}, "
+                    f"unknown {sorted(extra)}"
+                )
             return cls(int(token_map["bos_id"]), int(token_map["eos_id"]), tuple(token_map["terminal_ids"]))
         raise TypeError(f"token_map must be a LanoTokenMap or a mapping, got {type(token_map).__name__}")
 
     def check(self, cfg: CFG) -> None:
         if len(self.terminal_ids) != cfg.num_sym:
-            raise ValueError(f"token_map.terminal_ids has {len(self.terminal_ids)} ids but grammar {cfg.name!r} has "
-                             f"num_sym = {cfg.num_sym} terminals")
+            raise ValueError(
+                f"token_map.terminal_ids has {len(self.terminal_ids)} ids but grammar {cfg.name!r} has "
+                f"num_sym = {cfg.num_sym} terminals"
+            )
 
     @property
     def columns(self) -> np.ndarray:
@@ -141,8 +150,9 @@ def kl_true_vs_model(true_logprobs: np.ndarray, model_logits: np.ndarray, *, eps
     p_log = np.asarray(true_logprobs, np.float64)
     q_logits = np.asarray(model_logits, np.float64)
     if p_log.shape != q_logits.shape or p_log.ndim != 2:
-        raise ValueError(f"kl_true_vs_model: expected two [positions, K] arrays of one shape, got {p_log.shape} "
-                         f"and {q_logits.shape}")
+        raise ValueError(
+            f"kl_true_vs_model: expected two [positions, K] arrays of one shape, got {p_log.shape} and {q_logits.shape}"
+        )
     if epsilon < 0:
         raise ValueError(f"kl_true_vs_model: epsilon must be >= 0, got {epsilon}")
     q_log = q_logits - _logsumexp_rows(q_logits)[:, None]
@@ -168,10 +178,21 @@ GenerateFn = Callable[[np.ndarray, np.ndarray, int, object], np.ndarray]
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
-def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, Mapping], max_new_tokens: int,
-                  generate_fn: Optional[GenerateFn] = None, logits_fn: Optional[LogitsFn] = None,
-                  num_samples: int = 256, batch_size: int = 32, seed: int = 0, kl_on: Optional[str] = None,
-                  kl_epsilon: float = 0.0, length_multiple: int = 128, max_length: Optional[int] = None) -> dict:
+def evaluate_lano(
+    cfg_name: str | CFG,
+    *,
+    token_map: LanoTokenMap | Mapping,
+    max_new_tokens: int,
+    generate_fn: GenerateFn | None = None,
+    logits_fn: LogitsFn | None = None,
+    num_samples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    kl_on: str | None = None,
+    kl_epsilon: float = 0.0,
+    length_multiple: int = 128,
+    max_length: int | None = None,
+) -> dict:
     """Generation accuracy and KL(true || model) of a model on a Lano grammar.
 
     Args:
@@ -203,8 +224,13 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
     tmap.check(cfg)
     if generate_fn is None and logits_fn is None:
         raise ValueError("evaluate_lano: give generate_fn, logits_fn or both")
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
-                        ("length_multiple", length_multiple), ("max_length", 1 if max_length is None else max_length)):
+    for name, value in (
+        ("num_samples", num_samples),
+        ("batch_size", batch_size),
+        ("max_new_tokens", max_new_tokens),
+        ("length_multiple", length_multiple),
+        ("max_length", 1 if max_length is None else max_length),
+    ):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"evaluate_lano: {name} must be a positive int, got {value!r}")
     if kl_on is None:
@@ -221,11 +247,11 @@ def evaluate_lano(cfg_name: Union[str, CFG], *, token_map: Union[LanoTokenMap, M
     if logits_fn is not None:
         if kl_on in ("grammar", "both"):
             strings = cfg.sample_batch(np.random.default_rng(seed), num_samples)
-            result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple, max_length,
-                              "kl"))
+            result.update(_kl(cfg, tmap, logits_fn, strings, batch_size, kl_epsilon, length_multiple, max_length, "kl"))
         if kl_on in ("generated", "both"):
-            result.update(_kl(cfg, tmap, logits_fn, accepted, batch_size, kl_epsilon, length_multiple, max_length,
-                              "kl_generated"))
+            result.update(
+                _kl(cfg, tmap, logits_fn, accepted, batch_size, kl_epsilon, length_multiple, max_length, "kl_generated")
+            )
     return result
 
 
@@ -242,8 +268,12 @@ def _generate_and_check(cfg, tmap, generate_fn, num_samples, batch_size, max_new
         except (TypeError, ValueError):  # e.g. ragged rows: not an array
             out = np.zeros(0)
         if out.ndim != 2 or out.shape[0] != batch_size:  # malformed: every row of the batch is invalid
-            warnings.warn(f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
-                          f"{out.shape}; the batch is scored invalid", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"evaluate_lano: generate_fn must return [batch={batch_size}, N] tokens, got shape "
+                f"{out.shape}; the batch is scored invalid",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             out = np.full((batch_size, max_new_tokens), -1, np.int64)
         out = out[: min(batch_size, num_samples - start)]
         if not np.issubdtype(out.dtype, np.integer):  # not token ids at all: every row is malformed
@@ -274,7 +304,7 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, max
     if max_length is not None:  # [BOS] + max_length - 1 tokens: rows 0 .. max_length - 1
         strings = [s[: max_length - 1] for s in strings]
     for start in range(0, len(strings), batch_size):
-        chunk = strings[start:start + batch_size]
+        chunk = strings[start : start + batch_size]
         longest = max(len(s) for s in chunk) + 1
         length = -(-longest // length_multiple) * length_multiple
         if max_length is not None:
@@ -282,16 +312,19 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, max
         tokens = np.full((batch_size, length), tmap.eos_id, np.int32)
         for r, s in enumerate(chunk):
             tokens[r, 0] = tmap.bos_id
-            tokens[r, 1: len(s) + 1] = tmap.encode(s)
+            tokens[r, 1 : len(s) + 1] = tmap.encode(s)
         try:
             logits = np.asarray(logits_fn(tokens), dtype=np.float64)
         except (TypeError, ValueError):
             logits = np.zeros(0)
         if logits.ndim != 3 or logits.shape[:2] != tokens.shape or logits.shape[2] <= cols.max():
             # malformed (wrong shape, too few vocabulary columns, not numbers): infinitely far from the truth
-            warnings.warn(f"evaluate_lano: logits_fn must return [batch, length, vocab > {int(cols.max())}] for "
-                          f"tokens of shape {tokens.shape}, got {logits.shape}; KL = inf for the batch",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"evaluate_lano: logits_fn must return [batch, length, vocab > {int(cols.max())}] for "
+                f"tokens of shape {tokens.shape}, got {logits.shape}; KL = inf for the batch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             for s in chunk:
                 per_string.append(math.inf)
                 pooled_sum += math.inf
@@ -307,5 +340,10 @@ def _kl(cfg, tmap, logits_fn, strings, batch_size, epsilon, length_multiple, max
         mean = pooled = worst = math.nan
     else:
         mean, pooled, worst = float(np.mean(per_string)), pooled_sum / pooled_n, float(np.max(per_string))
-    return {prefix: mean, f"{prefix}_pooled": pooled, f"{prefix}_max": worst,
-            f"num_{prefix}_strings": len(per_string), f"num_{prefix}_positions": pooled_n}
+    return {
+        prefix: mean,
+        f"{prefix}_pooled": pooled,
+        f"{prefix}_max": worst,
+        f"num_{prefix}_strings": len(per_string),
+        f"num_{prefix}_positions": pooled_n,
+    }

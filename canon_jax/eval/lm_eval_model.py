@@ -9,8 +9,10 @@ call ``lm_eval.simple_evaluate(model="canon-jax", model_args=...)`` or pass a :c
 
 ``model_args``: ``workdir`` (a canon-jax training directory; ``step`` picks a checkpoint) or ``hf_dir`` (a LlamaCanon
 Hugging Face directory), ``tokenizer`` (a ``tokenizer.json``; default: the run's / the directory's), ``max_length``,
-``bos_token``, ``eos_token``; the batch size is lm_eval's ``--batch_size`` (``auto`` means 8). The math lives in :class:`canon_jax.eval.harness.CanonLM`.
+``bos_token``, ``eos_token``; the batch size is lm_eval's ``--batch_size`` (``auto`` means 8). The math lives in
+:class:`canon_jax.eval.harness.CanonLM`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,17 +29,34 @@ __all__ = ["CanonJaxLM", "main"]
 class CanonJaxLM(TemplateLM):
     """lm_eval ``LM`` over :class:`~canon_jax.eval.harness.CanonLM` (loglikelihood, rolling, generate_until)."""
 
-    def __init__(self, workdir=None, hf_dir=None, tokenizer=None, batch_size=8, max_length=None, step=None,
-                 bos_token=None, eos_token=None, lm: CanonLM | None = None, **unused):
+    def __init__(
+        self,
+        workdir=None,
+        hf_dir=None,
+        tokenizer=None,
+        batch_size=8,
+        max_length=None,
+        step=None,
+        bos_token=None,
+        eos_token=None,
+        lm: CanonLM | None = None,
+        **unused,
+    ):
         super().__init__()
         bad = sorted(k for k, v in unused.items() if v is not None and k not in ("device", "max_batch_size"))
         if bad:
-            raise ValueError(f"canon-jax: unknown model_args {bad}; valid: workdir, hf_dir, tokenizer, batch_size, "
-                             "max_length, step, bos_token, eos_token")
+            raise ValueError(
+                f"canon-jax: unknown model_args {bad}; valid: workdir, hf_dir, tokenizer, batch_size, "
+                "max_length, step, bos_token, eos_token"
+            )
         if str(batch_size).startswith("auto"):
             batch_size = 8
-        kw = dict(batch_size=int(batch_size), max_length=int(max_length) if max_length else None,
-                  bos_token=bos_token, eos_token=eos_token)
+        kw = dict(
+            batch_size=int(batch_size),
+            max_length=int(max_length) if max_length else None,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
         if lm is not None:
             self.lm = lm
         elif (workdir is None) == (hf_dir is None):

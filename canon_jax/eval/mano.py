@@ -3,12 +3,17 @@
 The answer is one token, so greedy generation is correct iff the argmax of the teacher-forced logits at the "="
 position is the true value.
 """
+
 from __future__ import annotations
 
 from canon_jax.eval import common
 
-_OPS = {0: lambda a, b, m: (a + b) % m, 1: lambda a, b, m: (a - b) % m, 2: lambda a, b, m: (a * b) % m,
-        3: lambda a, b, m: (a * pow(b, m - 2, m)) % m}
+_OPS = {
+    0: lambda a, b, m: (a + b) % m,
+    1: lambda a, b, m: (a - b) % m,
+    2: lambda a, b, m: (a * b) % m,
+    3: lambda a, b, m: (a * pow(b, m - 2, m)) % m,
+}
 
 
 def evaluate_prefix(task, tokens) -> tuple[int, int]:
@@ -42,5 +47,4 @@ def evaluate_mano(task, *, logits_fn, num_samples: int, batch_size: int, seed: i
     samples = [task.sample(i, "test", seed) for i in range(num_samples)]
     preds = common.teacher_forced(logits_fn, [s.tokens for s in samples], batch_size)
     ok = [int(am[len(s) - 2]) == int(s.tokens[-1]) for s, (am, _) in zip(samples, preds)]
-    return {"accuracy": common.mean(ok), "count": len(ok), "L": task.params["L"],
-            "chance": 1.0 / task.params["mod"]}
+    return {"accuracy": common.mean(ok), "count": len(ok), "L": task.params["L"], "chance": 1.0 / task.params["mod"]}

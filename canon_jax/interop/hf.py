@@ -4,6 +4,7 @@ A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or shard
 ``model.safetensors.index.json``). Layouts: PyTorch ``Linear`` weights are ``[out, in]`` (Flax ``Dense`` kernels are
 ``[in, out]``); Canon weights are ``Conv1d`` ``[C, 1, K]`` (ours ``[K, C]``); norms and embeddings are identical.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,32 +12,71 @@ import os
 import warnings
 from typing import Any
 
-import numpy as np
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from canon_jax.config import ModelConfig
 
-__all__ = ["load_hf_checkpoint", "load_hf_checkpoint_sharded", "save_hf_checkpoint", "model_config_from_hf",
-           "hf_config_from_model_config", "hf_state_dict_from_params", "params_from_hf_state_dict", "CheckpointError"]
+__all__ = [
+    "load_hf_checkpoint",
+    "load_hf_checkpoint_sharded",
+    "save_hf_checkpoint",
+    "model_config_from_hf",
+    "hf_config_from_model_config",
+    "hf_state_dict_from_params",
+    "params_from_hf_state_dict",
+    "CheckpointError",
+]
 
 MODEL_TYPES = ("LlamaCanon", "llama")
 
 # HF config keys that carry no model math (bookkeeping written by transformers).
 _IGNORED_KEYS = {
-    "architectures", "model_type", "torch_dtype", "transformers_version", "use_cache", "bos_token_id", "eos_token_id",
-    "pad_token_id", "pretraining_tp", "attention_dropout", "_name_or_path", "partial_rotary_factor",
-    "initializer_range", "hidden_act", "attention_bias", "mlp_bias", "rope_scaling", "auto_map",
-    "_attn_implementation_autoset", "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "pretraining_tp",
+    "attention_dropout",
+    "_name_or_path",
+    "partial_rotary_factor",
+    "initializer_range",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "rope_scaling",
+    "auto_map",
+    "_attn_implementation_autoset",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "tie_word_embeddings",
 }
 _MAPPED_KEYS = {
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
-    "intermediate_size": "intermediate_size", "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
-    "rope_theta": "rope_theta", "canon_set": "canon_set", "canon_kernel": "canon_kernel",
-    "canon_residual": "canon_residual", "canon_activation": "canon_activation", "canon_bias": "canon_bias",
-    "qk_norm": "qk_norm", "rope_dim": "rope_dim", "rope_version": "rope_version",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_seq_len",
+    "rope_theta": "rope_theta",
+    "canon_set": "canon_set",
+    "canon_kernel": "canon_kernel",
+    "canon_residual": "canon_residual",
+    "canon_activation": "canon_activation",
+    "canon_bias": "canon_bias",
+    "qk_norm": "qk_norm",
+    "rope_dim": "rope_dim",
+    "rope_version": "rope_version",
 }
 
 
@@ -46,6 +86,7 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------------------------------------------------
 # configs
+
 
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """``ModelConfig`` (arch ``"llama"``) from a LlamaCanon ``config.json`` dict; ``overrides`` set jax-side fields
@@ -64,9 +105,13 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         raise CheckpointError(f"config.json: unsupported option attention_dropout={hf['attention_dropout']}")
     unknown = sorted(set(hf) - _IGNORED_KEYS - set(_MAPPED_KEYS))
     if unknown:
-        warnings.warn(f"config.json: ignoring keys with no canon-jax meaning: {unknown}")
-    kw: dict[str, Any] = {"arch": "llama", "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-                          "init_scheme": "hf", "initializer_range": float(hf.get("initializer_range", 0.02))}
+        warnings.warn(f"config.json: ignoring keys with no canon-jax meaning: {unknown}", stacklevel=2)
+    kw: dict[str, Any] = {
+        "arch": "llama",
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "init_scheme": "hf",
+        "initializer_range": float(hf.get("initializer_range", 0.02)),
+    }
     for src, dst in _MAPPED_KEYS.items():
         if src in hf and hf[src] is not None:
             kw[dst] = hf[src]
@@ -81,21 +126,42 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
 def hf_config_from_model_config(config: ModelConfig) -> dict:
     """The LlamaCanon ``config.json`` dict (HF field names of SPEC A.4) for an ``arch="llama"`` config."""
     if config.arch != "llama":
-        raise CheckpointError("hf_config_from_model_config: only arch='llama' has an HF LlamaCanon form, "
-                              f"got {config.arch!r}")
+        raise CheckpointError(
+            f"hf_config_from_model_config: only arch='llama' has an HF LlamaCanon form, got {config.arch!r}"
+        )
     hf = {
-        "architectures": ["LlamaCanonForCausalLM"], "model_type": "LlamaCanon",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.ffn_dim(), "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_size, "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
-        "initializer_range": config.init_std, "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings, "rope_theta": config.rope_theta, "rope_scaling": None,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "use_cache": True, "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
-        "canon_set": config.canon_set, "canon_bias": config.canon_bias, "canon_activation": config.canon_activation,
-        "canon_kernel": config.canon_kernel, "canon_residual": config.canon_residual, "qk_norm": config.qk_norm,
-        "rope_dim": config.rope_dim, "rope_version": config.rope_version,
+        "architectures": ["LlamaCanonForCausalLM"],
+        "model_type": "LlamaCanon",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_dim(),
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "torch_dtype": "float32",
+        "canon_set": config.canon_set,
+        "canon_bias": config.canon_bias,
+        "canon_activation": config.canon_activation,
+        "canon_kernel": config.canon_kernel,
+        "canon_residual": config.canon_residual,
+        "qk_norm": config.qk_norm,
+        "rope_dim": config.rope_dim,
+        "rope_version": config.rope_version,
     }
     if config.rope_dim is not None:
         hf["partial_rotary_factor"] = config.rope_dim / config.head_size
@@ -104,6 +170,7 @@ def hf_config_from_model_config(config: ModelConfig) -> dict:
 
 # --------------------------------------------------------------------------------------------------------------------
 # tensors
+
 
 def _layer_map(config: ModelConfig) -> dict:
     """Per-layer ``hf name -> (path inside our layer, kind)``; kind says how to convert the layout."""
@@ -121,8 +188,12 @@ def _layer_map(config: ModelConfig) -> dict:
     if config.qk_norm:
         m["self_attn.q_norm.weight"] = (("mixer", "q_norm", "scale"), "vec")
         m["self_attn.k_norm.weight"] = (("mixer", "k_norm", "scale"), "vec")
-    sites = {"A": ("canonA", ("canon_a",)), "B": ("self_attn.canonB", ("mixer", "canon_b")),
-             "C": ("canonC", ("canon_c",)), "D": ("mlp.canonD", ("mlp", "canon_d"))}
+    sites = {
+        "A": ("canonA", ("canon_a",)),
+        "B": ("self_attn.canonB", ("mixer", "canon_b")),
+        "C": ("canonC", ("canon_c",)),
+        "D": ("mlp.canonD", ("mlp", "canon_d")),
+    }
     for letter, (hf_name, ours) in sites.items():
         if config.has_canon(letter):
             m[f"{hf_name}.weight"] = (ours + ("kernel",), "conv")
@@ -149,8 +220,10 @@ def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
 
 def _expected_shapes(config: ModelConfig) -> dict:
     """HF name -> expected HF tensor shape, computed from the config."""
-    from canon_jax.models import CausalLM
     import jax
+
+    from canon_jax.models import CausalLM
+
     cfg = config.replace(scan_layers=False)
     shapes = jax.eval_shape(lambda: CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     flat = flatten_dict(nn.unbox(shapes))
@@ -165,8 +238,10 @@ def _expected_shapes(config: ModelConfig) -> dict:
 
 
 def _global_map(config: ModelConfig) -> dict:
-    m = {"model.embed_tokens.weight": (("embed", "embedding"), "vec"),
-         "model.norm.weight": (("final_norm", "scale"), "vec")}
+    m = {
+        "model.embed_tokens.weight": (("embed", "embedding"), "vec"),
+        "model.norm.weight": (("final_norm", "scale"), "vec"),
+    }
     if not config.tie_embeddings:
         m["lm_head.weight"] = (("lm_head", "kernel"), "linear")
     return m
@@ -189,9 +264,11 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: dict) -> dict:
         raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
-                              f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
-                              f"tied={config.tie_embeddings})")
+        raise CheckpointError(
+            f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
+            f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
+            f"tied={config.tie_embeddings})"
+        )
     for n, shape in expected.items():
         if tuple(tensors[n].shape) != tuple(shape):
             raise CheckpointError(f"tensor {n}: expected shape {tuple(shape)}, found {tuple(tensors[n].shape)}")
@@ -232,8 +309,10 @@ def hf_state_dict_from_params(config: ModelConfig, params) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 # files
 
+
 def _load_safetensors(file: str) -> dict:
     from safetensors.numpy import load_file
+
     try:
         return load_file(file)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
@@ -263,8 +342,9 @@ def _read_tensors(path: str) -> dict:
             part = _load_safetensors(os.path.join(path, shard))
             for name, t in part.items():
                 if weight_map.get(name) != shard:
-                    raise CheckpointError(f"tensor {name} found in shard {shard} but the index maps it to "
-                                          f"{weight_map.get(name)!r}")
+                    raise CheckpointError(
+                        f"tensor {name} found in shard {shard} but the index maps it to {weight_map.get(name)!r}"
+                    )
                 tensors[name] = t
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
@@ -279,6 +359,7 @@ def load_hf_checkpoint(path: str, **config_overrides):
     ``config_overrides`` set jax-side ``ModelConfig`` fields (e.g. ``scan_layers=True``, ``dtype="bfloat16"``).
     """
     from canon_jax.models import CausalLM
+
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: config.json not found")
@@ -293,6 +374,7 @@ def load_hf_checkpoint(path: str, **config_overrides):
 def save_hf_checkpoint(model, params, path: str) -> None:
     """Writes ``config.json`` and ``model.safetensors`` (float32, HF names/layouts) for a Llama ``CausalLM``."""
     from safetensors.numpy import save_file
+
     config = model.config
     hf = hf_config_from_model_config(config)
     os.makedirs(path, exist_ok=True)
@@ -304,6 +386,7 @@ def save_hf_checkpoint(model, params, path: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # sharded loading: every device's slice read straight from the safetensors files
+
 
 class _SliceReader:
     """Reads ``tensor[slices]`` of HF tensors from a checkpoint directory (one file or index + shards), opening each
@@ -345,8 +428,9 @@ class _SliceReader:
         try:
             return f.get_slice(name)
         except Exception:  # safetensors raises its own error type for an absent name
-            raise CheckpointError(f"tensor {name}: not in shard {self.weight_map[name]} although the index maps it "
-                                  "there") from None
+            raise CheckpointError(
+                f"tensor {name}: not in shard {self.weight_map[name]} although the index maps it there"
+            ) from None
 
     def read(self, name: str, slices: tuple) -> np.ndarray:
         return np.asarray(self.read_slice_object(name)[slices])
@@ -370,6 +454,7 @@ def load_hf_checkpoint_sharded(path: str, mesh, *, rules=None, **config_override
     checkpoint loads onto a pod with each host reading only the shards its devices need).
     """
     import jax
+
     from canon_jax.models import CausalLM
     from canon_jax.train import sharding as shd
 
@@ -382,17 +467,21 @@ def load_hf_checkpoint_sharded(path: str, mesh, *, rules=None, **config_override
     expected = _expected_shapes(config)
     names = set(reader.weight_map)
     if config.tie_embeddings and "lm_head.weight" in names:
-        warnings.warn(f"{path}: tie_word_embeddings=true; the stored lm_head.weight is not read (the head is the "
-                      "embedding)")
+        warnings.warn(
+            f"{path}: tie_word_embeddings=true; the stored lm_head.weight is not read (the head is the embedding)",
+            stacklevel=2,
+        )
         names.discard("lm_head.weight")
     missing = [n for n in expected if n not in names]
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     unexpected = sorted(names - set(expected))
     if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
-                              f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
-                              f"tied={config.tie_embeddings})")
+        raise CheckpointError(
+            f"checkpoint has unexpected/unused tensor(s) {unexpected[:8]} for this config "
+            f"(canon_set={config.canon_set!r}, qk_norm={config.qk_norm}, "
+            f"tied={config.tie_embeddings})"
+        )
     for n, shape in expected.items():
         if reader.shape(n) != tuple(shape):
             raise CheckpointError(f"tensor {n}: expected shape {tuple(shape)}, found {reader.shape(n)}")
@@ -419,14 +508,16 @@ def load_hf_checkpoint_sharded(path: str, mesh, *, rules=None, **config_override
             if not stacked:
                 return _to_ours(reader.read(hf_names[0], _hf_slices(kind, idx)), kind).astype(pdt)
             layers = range(*idx[0].indices(len(hf_names)))
-            return np.stack([_to_ours(reader.read(hf_names[i], _hf_slices(kind, idx[1:])), kind).astype(pdt)
-                             for i in layers])
+            return np.stack(
+                [_to_ours(reader.read(hf_names[i], _hf_slices(kind, idx[1:])), kind).astype(pdt) for i in layers]
+            )
+
         return read
 
     flat = {}
     for p, (kind, hf_names) in sources.items():
         shape = shapes[p].shape
-        flat[p] = jax.make_array_from_callback(shape, shardings[p],
-                                               callback(kind, hf_names, config.scan_layers and p[0] == "layers",
-                                                        shape))
+        flat[p] = jax.make_array_from_callback(
+            shape, shardings[p], callback(kind, hf_names, config.scan_layers and p[0] == "layers", shape)
+        )
     return model, unflatten_dict(flat)

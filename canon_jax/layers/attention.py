@@ -5,12 +5,13 @@ Order of operations (as in the official LlamaCanon): ``q, k, v`` projections (no
 -> split into heads -> (partial) RoPE on q and k -> causal softmax attention with scale ``hd^-1/2`` -> output
 projection.
 """
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-import flax.linen as nn
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_split_canon, mask_inputs, weight_init
@@ -38,7 +39,7 @@ def dot_product_attention(q, k, v, allowed):
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -74,10 +75,13 @@ def causal_attention(q, k, v, *, key_valid=None, segment_ids=None, block_size: i
     outs = []
     for lo in range(0, t, bq):
         hi = min(t, lo + bq)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi],
-                            preferred_element_type=jnp.float32) * (hd ** -0.5)
-        allowed = (lo + jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 0)
-                   >= jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 1))[None, None, None]
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi], preferred_element_type=jnp.float32
+        ) * (hd**-0.5)
+        allowed = (
+            lo + jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 0)
+            >= jax.lax.broadcasted_iota(jnp.int32, (hi - lo, hi), 1)
+        )[None, None, None]
         if key_valid is not None:
             allowed = allowed & key_valid[:, None, None, None, :hi]
         if segment_ids is not None:
@@ -111,8 +115,15 @@ class Attention(nn.Module):
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
 
         def dense(features, axes, fan, name):
-            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
-                            kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
+            return nn.Dense(
+                features,
+                use_bias=False,
+                dtype=dt,
+                param_dtype=pdt,
+                dot_general=linear.dot_general,
+                kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes),
+                name=name,
+            )
 
         def proj(width, axis, name):
             return fused_projection(x, [Kernel((d, width), ("embed", axis), weight_init(cfg, d), pdt, name=name)()], dt)
@@ -125,8 +136,9 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
         seg = segment_ids if cfg.segment_aware else None
         if cfg.has_canon("B"):  # Canon-B on concat(q, k, v), computed part by part (see SplitCanon)
-            q, k, v = make_split_canon(cfg, "qkv", "canon_b")([mask_inputs(a, token_mask) for a in (q, k, v)],
-                                                              segment_ids=seg, decode=decode)
+            q, k, v = make_split_canon(cfg, "qkv", "canon_b")(
+                [mask_inputs(a, token_mask) for a in (q, k, v)], segment_ids=seg, decode=decode
+            )
         q = q.reshape(b, t, h, hd)
         k = k.reshape(b, t, kvh, hd)
         v = v.reshape(b, t, kvh, hd)
@@ -156,8 +168,10 @@ class Attention(nn.Module):
 
         if initialized:
             if seg is not None:
-                raise NotImplementedError("Attention: segment-aware masking is not supported in decode mode; "
-                                          "pass segment_ids=None when decoding")
+                raise NotImplementedError(
+                    "Attention: segment-aware masking is not supported in decode mode; "
+                    "pass segment_ids=None when decoding"
+                )
             max_len = ck.value.shape[1]
             idx = ci.value
             ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
@@ -180,6 +194,7 @@ class Attention(nn.Module):
 
 def _register():
     from canon_jax.models.registry import register_mixer
+
     register_mixer("llama", Attention)
 
 

@@ -1,11 +1,13 @@
 """The Canon layer: a residual depthwise causal convolution over time (SPEC A.1)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.ops.conv import causal_conv1d
@@ -32,7 +34,7 @@ class Canon(nn.Module):
 
     kernel_size: int = 4
     residual: bool = True
-    activation: Optional[str] = None
+    activation: str | None = None
     use_bias: bool = False
     channel_axis: str = "embed"
     kernel_init: Callable[..., Any] = canon_kernel_init
@@ -45,21 +47,45 @@ class Canon(nn.Module):
             raise ValueError(f"Canon: kernel_size must be >= 1, got {self.kernel_size}")
         channels = x.shape[-1]
         weight = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, ("conv_kernel", self.channel_axis)),
-            (self.kernel_size, channels), self.param_dtype)
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, ("conv_kernel", self.channel_axis)),
+            (self.kernel_size, channels),
+            self.param_dtype,
+        )
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
-                              (channels,), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
+                (channels,),
+                self.param_dtype,
+            )
         if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
-            return checkpoint_name(causal_conv1d(x, weight, bias=bias, activation=self.activation,
-                                                 segment_ids=segment_ids, residual=self.residual, impl=self.impl),
-                                   "canon")
+            return checkpoint_name(
+                causal_conv1d(
+                    x,
+                    weight,
+                    bias=bias,
+                    activation=self.activation,
+                    segment_ids=segment_ids,
+                    residual=self.residual,
+                    impl=self.impl,
+                ),
+                "canon",
+            )
         is_init = not self.has_variable("cache", "state")
         state = self.variable("cache", "state", jnp.zeros, (x.shape[0], channels, self.kernel_size), x.dtype)
-        y, new_state = causal_conv1d(x, weight, bias=bias, activation=self.activation, segment_ids=segment_ids,
-                                     initial_state=None if is_init else state.value, return_final_state=True,
-                                     residual=self.residual, impl=self.impl)
+        y, new_state = causal_conv1d(
+            x,
+            weight,
+            bias=bias,
+            activation=self.activation,
+            segment_ids=segment_ids,
+            initial_state=None if is_init else state.value,
+            return_final_state=True,
+            residual=self.residual,
+            impl=self.impl,
+        )
         if not is_init:
             state.value = new_state
         return y

@@ -12,6 +12,7 @@ Inits (fla / the official ``_init_weights``): linears and b-convs N(0, 0.02); ``
 ``dt`` log-uniform in [1e-3, 0.1] floored at 1e-4 and ``dt_bias = softplus^-1(dt)``. Masked tokens get beta = 0 and
 log_decay = 0 (identity transition) and zeroed conv inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,6 @@ from canon_jax.config import ModelConfig
 from canon_jax.layers.gla import _dense, check_linear_call, output_block, project_qkv
 from canon_jax.layers.lowrank import mask_tokens, recurrent_cache
 from canon_jax.ops.gdn import gated_delta_rule, gated_delta_rule_step
-
 
 try:  # the mixer registry belongs to the model package; the mixer itself also works without it
     from canon_jax.models.registry import register_mixer
@@ -86,12 +86,22 @@ class GDNMixer(nn.Module):
 
         cache, is_init = recurrent_cache(self, (bsz, h, dk, dv), decode)
         if cache is not None and not is_init and t == 1:
-            o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], beta[:, 0], cache.value,
-                                             use_qk_l2norm=True)
+            o, state = gated_delta_rule_step(
+                q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], beta[:, 0], cache.value, use_qk_l2norm=True
+            )
             o = o[:, None]
         else:
-            o, state = gated_delta_rule(q, k, v, log_decay, beta, initial_state=None if is_init else cache.value,
-                                        use_qk_l2norm=True, chunk_size=cfg.linear_chunk_size, impl=cfg.kernel_impl)
+            o, state = gated_delta_rule(
+                q,
+                k,
+                v,
+                log_decay,
+                beta,
+                initial_state=None if is_init else cache.value,
+                use_qk_l2norm=True,
+                chunk_size=cfg.linear_chunk_size,
+                impl=cfg.kernel_impl,
+            )
         if cache is not None and not is_init:
             cache.value = state
         return output_block(self, cfg, x, o)

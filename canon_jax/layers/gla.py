@@ -15,6 +15,7 @@
 Masked tokens (``token_mask`` False, left padding) zero the conv inputs and get log-gate 0 and k = 0, i.e. an identity
 transition, so they influence no later token.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -27,7 +28,6 @@ from canon_jax.layers.canon import Canon
 from canon_jax.layers.lowrank import LowRankLinear, ShortConv, mask_tokens, normal_init, recurrent_cache, rms_norm
 from canon_jax.ops import linear
 from canon_jax.ops.gla import gla, gla_step
-
 
 try:  # the mixer registry belongs to the model package; the mixer itself also works without it
     from canon_jax.models.registry import register_mixer
@@ -45,13 +45,20 @@ def check_linear_call(cfg: ModelConfig, x, segment_ids, name: str):
     if cfg.segment_aware and segment_ids is not None:
         raise NotImplementedError(
             f"{name}: segment_aware=True would need the recurrent state reset at document starts, which the linear "
-            "mixers do not implement; use segment_aware=False (SPEC 0.9 default: run across boundaries)")
+            "mixers do not implement; use segment_aware=False (SPEC 0.9 default: run across boundaries)"
+        )
 
 
 def _dense(features, axes, cfg, name, init=None):
-    return nn.Dense(features, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype), dot_general=linear.dot_general,
-                    param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.init_std), axes))
+    return nn.Dense(
+        features,
+        use_bias=False,
+        name=name,
+        dtype=jnp.dtype(cfg.dtype),
+        dot_general=linear.dot_general,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.init_std), axes),
+    )
 
 
 def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
@@ -64,18 +71,32 @@ def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
     if cfg.has_canon("b"):
         convs = []
         for name, t, axis in (("q_conv1d", q, "key"), ("k_conv1d", k, "key"), ("v_conv1d", v, "value")):
-            conv = ShortConv(kernel_size=cfg.conv_size, residual=False, activation="silu", use_bias=False,
-                             channel_axis=axis, kernel_init=normal_init(cfg.init_std),
-                             param_dtype=jnp.dtype(cfg.param_dtype), impl=cfg.kernel_impl, name=name)
+            conv = ShortConv(
+                kernel_size=cfg.conv_size,
+                residual=False,
+                activation="silu",
+                use_bias=False,
+                channel_axis=axis,
+                kernel_init=normal_init(cfg.init_std),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                impl=cfg.kernel_impl,
+                name=name,
+            )
             convs.append(conv(mask_tokens(t, token_mask), segment_ids=seg, decode=decode))
         q, k, v = convs
     else:
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
     if cfg.has_canon("B"):
-        canon = Canon(kernel_size=cfg.canon_kernel, residual=cfg.canon_residual,
-                      activation="silu" if cfg.canon_activation else None, use_bias=cfg.canon_bias,
-                      channel_axis="qkv", param_dtype=jnp.dtype(cfg.param_dtype), impl=cfg.kernel_impl,
-                      name="canon_b")
+        canon = Canon(
+            kernel_size=cfg.canon_kernel,
+            residual=cfg.canon_residual,
+            activation="silu" if cfg.canon_activation else None,
+            use_bias=cfg.canon_bias,
+            channel_axis="qkv",
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            impl=cfg.kernel_impl,
+            name="canon_b",
+        )
         qkv = canon(mask_tokens(jnp.concatenate([q, k, v], axis=-1), token_mask), segment_ids=seg, decode=decode)
         q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
     return q, k, v
@@ -95,9 +116,17 @@ class GLAMixer(nn.Module):
         h = cfg.num_heads
         dk, dv = cfg.key_dim // h, cfg.value_dim // h
         q, k, v = project_qkv(cfg, x, segment_ids=segment_ids, token_mask=token_mask, decode=decode)
-        std = cfg.init_std ** 0.5 / cfg.gate_low_rank ** 0.25  # zeyuan_split_init
-        gk = LowRankLinear(cfg.key_dim, cfg.gate_low_rank, ("embed", "key"), use_bias=True, factor_std=std,
-                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="gk_proj")(x)
+        std = cfg.init_std**0.5 / cfg.gate_low_rank**0.25  # zeyuan_split_init
+        gk = LowRankLinear(
+            cfg.key_dim,
+            cfg.gate_low_rank,
+            ("embed", "key"),
+            use_bias=True,
+            factor_std=std,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            name="gk_proj",
+        )(x)
         log_gate = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / cfg.gate_logit_normalizer
         # identity transition at masked steps: no decay, no write
         log_gate = mask_tokens(log_gate, token_mask)
@@ -110,8 +139,15 @@ class GLAMixer(nn.Module):
             o, state = gla_step(q[:, 0], k[:, 0], v[:, 0], log_gate[:, 0], cache.value)
             o = o[:, None]
         else:
-            o, state = gla(q, k, v, log_gate, initial_state=None if is_init else cache.value,
-                           chunk_size=cfg.linear_chunk_size, impl=cfg.kernel_impl)
+            o, state = gla(
+                q,
+                k,
+                v,
+                log_gate,
+                initial_state=None if is_init else cache.value,
+                chunk_size=cfg.linear_chunk_size,
+                impl=cfg.kernel_impl,
+            )
         if cache is not None and not is_init:
             cache.value = state
         return output_block(self, cfg, x, o)
@@ -124,11 +160,20 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     o = checkpoint_name(o, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
     dtype = jnp.dtype(cfg.dtype)
     pdt = jnp.dtype(cfg.param_dtype)
-    std = cfg.init_std ** 0.5 / cfg.output_gate_rank ** 0.25  # zeyuan_split_init
-    g = LowRankLinear(cfg.value_dim, cfg.output_gate_rank, ("embed", "value"), use_bias=True, factor_std=std,
-                      dtype=dtype, param_dtype=pdt, name="g_proj")(x)
-    norm_w = module.param("o_norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)),
-                               (dv,), pdt)
+    std = cfg.init_std**0.5 / cfg.output_gate_rank**0.25  # zeyuan_split_init
+    g = LowRankLinear(
+        cfg.value_dim,
+        cfg.output_gate_rank,
+        ("embed", "value"),
+        use_bias=True,
+        factor_std=std,
+        dtype=dtype,
+        param_dtype=pdt,
+        name="g_proj",
+    )(x)
+    norm_w = module.param(
+        "o_norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)), (dv,), pdt
+    )
     y = rms_norm(o, norm_w, cfg.norm_eps) * jax.nn.silu(g.astype(jnp.float32)).reshape(b, t, h, dv)
     y = y.reshape(b, t, h * dv).astype(dtype)
     return _dense(cfg.hidden_size, ("value", "embed"), cfg, "o_proj")(y)

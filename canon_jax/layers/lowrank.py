@@ -7,9 +7,11 @@
   with a ``"cache"`` state for decoding and a configurable bias init (Mamba2's conv1d has a PyTorch-default bias).
 * initialisers, per-head RMSNorm, token-mask helpers, the recurrent-state cache helper.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,8 +21,18 @@ from jax.ad_checkpoint import checkpoint_name
 from canon_jax.ops import linear
 from canon_jax.ops.conv import causal_conv1d, causal_conv1d_step
 
-__all__ = ["LowRankLinear", "ShortConv", "normal_init", "torch_default_init", "rms_norm", "mask_tokens",
-           "compute_dtype", "recurrent_cache", "LINEAR_CANON_PRESETS", "normalize_canon_set"]
+__all__ = [
+    "LowRankLinear",
+    "ShortConv",
+    "normal_init",
+    "torch_default_init",
+    "rms_norm",
+    "mask_tokens",
+    "compute_dtype",
+    "recurrent_cache",
+    "LINEAR_CANON_PRESETS",
+    "normalize_canon_set",
+]
 
 # Recipe names of the canon_set (SPEC A.3): the official spelling doubles "b" ("bb", "AbbCD") only to tell the files
 # apart from "ABCD" on case-insensitive file systems; it means the same as a single "b".
@@ -40,7 +52,7 @@ def normal_init(std: float):
 
 def torch_default_init(fan_in: int):
     """PyTorch ``nn.Linear`` / ``nn.Conv1d`` default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -74,21 +86,33 @@ class LowRankLinear(nn.Module):
     rank: int
     axes: tuple = ("embed", "value")  # logical axes of (input, output)
     use_bias: bool = True
-    factor_std: float = 0.02 ** 0.5 / 16 ** 0.25
+    factor_std: float = 0.02**0.5 / 16**0.25
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         init = normal_init(self.factor_std)
-        down = self.param("down", nn.with_logical_partitioning(init, (self.axes[0], "low_rank")),
-                          (x.shape[-1], self.rank), self.param_dtype)
-        up = self.param("up", nn.with_logical_partitioning(init, ("low_rank", self.axes[1])),
-                        (self.rank, self.features), self.param_dtype)
+        down = self.param(
+            "down",
+            nn.with_logical_partitioning(init, (self.axes[0], "low_rank")),
+            (x.shape[-1], self.rank),
+            self.param_dtype,
+        )
+        up = self.param(
+            "up",
+            nn.with_logical_partitioning(init, ("low_rank", self.axes[1])),
+            (self.rank, self.features),
+            self.param_dtype,
+        )
         y = linear.matmul(linear.matmul(x.astype(self.dtype), down.astype(self.dtype)), up.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
-                              (self.features,), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
             y = y + bias.astype(self.dtype)
         return y
 
@@ -103,7 +127,7 @@ class ShortConv(nn.Module):
 
     kernel_size: int = 4
     residual: bool = False
-    activation: Optional[str] = "silu"
+    activation: str | None = "silu"
     use_bias: bool = False
     channel_axis: str = "qkv"
     kernel_init: Callable[..., Any] = normal_init(0.02)
@@ -114,12 +138,20 @@ class ShortConv(nn.Module):
     @nn.compact
     def __call__(self, x, *, segment_ids=None, decode: bool = False):
         channels = x.shape[-1]
-        weight = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("conv_kernel", self.channel_axis)),
-                            (self.kernel_size, channels), self.param_dtype)
+        weight = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, ("conv_kernel", self.channel_axis)),
+            (self.kernel_size, channels),
+            self.param_dtype,
+        )
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)),
-                              (channels,), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)),
+                (channels,),
+                self.param_dtype,
+            )
         kw = dict(bias=bias, activation=self.activation, residual=self.residual)
         if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
             return checkpoint_name(causal_conv1d(x, weight, segment_ids=segment_ids, impl=self.impl, **kw), "canon")
@@ -131,8 +163,15 @@ class ShortConv(nn.Module):
             y, new_state = causal_conv1d_step(x[:, 0], state.value, weight, **kw)
             y = y[:, None]
         else:
-            y, new_state = causal_conv1d(x, weight, segment_ids=segment_ids, initial_state=state.value,
-                                         return_final_state=True, impl=self.impl, **kw)
+            y, new_state = causal_conv1d(
+                x,
+                weight,
+                segment_ids=segment_ids,
+                initial_state=state.value,
+                return_final_state=True,
+                impl=self.impl,
+                **kw,
+            )
         state.value = new_state
         return y
 

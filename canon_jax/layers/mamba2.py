@@ -14,6 +14,7 @@ Inits: linears PyTorch default U(+-1/sqrt(fan_in)); conv1d weight and bias U(+-1
 N(0, 0.1) in the official code; that belongs to the model's embedding init.) Masked tokens get ``dt = 0`` (identity
 transition, no input) and zeroed conv / Canon-B inputs.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -27,7 +28,6 @@ from canon_jax.layers.gdn import a_log_init, dt_bias_init
 from canon_jax.layers.gla import _dense, check_linear_call
 from canon_jax.layers.lowrank import ShortConv, mask_tokens, recurrent_cache, rms_norm, torch_default_init
 from canon_jax.ops.ssd import ssd, ssd_step
-
 
 try:  # the mixer registry belongs to the model package; the mixer itself also works without it
     from canon_jax.models.registry import register_mixer
@@ -68,16 +68,31 @@ class Mamba2Mixer(nn.Module):
 
         zxbcdt = _dense(dims["in_proj"], ("embed", "qkv"), cfg, "in_proj", torch_default_init(cfg.hidden_size))(x)
         if cfg.has_canon("B"):
-            canon = Canon(kernel_size=cfg.canon_kernel, residual=cfg.canon_residual,
-                          activation="silu" if cfg.canon_activation else None, use_bias=cfg.canon_bias,
-                          channel_axis="qkv", param_dtype=pdt, impl=cfg.kernel_impl, name="canon_b")
+            canon = Canon(
+                kernel_size=cfg.canon_kernel,
+                residual=cfg.canon_residual,
+                activation="silu" if cfg.canon_activation else None,
+                use_bias=cfg.canon_bias,
+                channel_axis="qkv",
+                param_dtype=pdt,
+                impl=cfg.kernel_impl,
+                name="canon_b",
+            )
             zxbcdt = canon(mask_tokens(zxbcdt, token_mask), segment_ids=seg, decode=decode)
         z, xbc, dt = jnp.split(zxbcdt, [di, di + dims["conv_dim"]], axis=-1)
         if cfg.has_canon("b"):
-            conv = ShortConv(kernel_size=cfg.conv_size, residual=False, activation="silu", use_bias=True,
-                             channel_axis="qkv", kernel_init=torch_default_init(cfg.conv_size),
-                             bias_init=torch_default_init(cfg.conv_size), param_dtype=pdt, impl=cfg.kernel_impl,
-                             name="conv1d")
+            conv = ShortConv(
+                kernel_size=cfg.conv_size,
+                residual=False,
+                activation="silu",
+                use_bias=True,
+                channel_axis="qkv",
+                kernel_init=torch_default_init(cfg.conv_size),
+                bias_init=torch_default_init(cfg.conv_size),
+                param_dtype=pdt,
+                impl=cfg.kernel_impl,
+                name="conv1d",
+            )
             xbc = conv(mask_tokens(xbc, token_mask), segment_ids=seg, decode=decode)
         # noconv1d: identity kernel, no bias, no activation -> xBC passes through unchanged
         xs, bm, cm = jnp.split(xbc, [di, di + g * n], axis=-1)
@@ -96,8 +111,17 @@ class Mamba2Mixer(nn.Module):
             y, state = ssd_step(xs[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], cache.value, D=d_skip)
             y = y[:, None]
         else:
-            y, state = ssd(xs, dt, a, bm, cm, d_skip, initial_state=None if is_init else cache.value,
-                           chunk_size=cfg.mamba_chunk_size, impl=cfg.kernel_impl)
+            y, state = ssd(
+                xs,
+                dt,
+                a,
+                bm,
+                cm,
+                d_skip,
+                initial_state=None if is_init else cache.value,
+                chunk_size=cfg.mamba_chunk_size,
+                impl=cfg.kernel_impl,
+            )
             y = checkpoint_name(y, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
         if cache is not None and not is_init:
             cache.value = state

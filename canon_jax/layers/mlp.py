@@ -1,18 +1,27 @@
 """Gated SwiGLU MLP with the optional Canon-D (SPEC A.2), and the weight initialisers shared by the Llama layers."""
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-import flax.linen as nn
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.canon import Canon, canon_kernel_init
 from canon_jax.ops import linear
 from canon_jax.ops.conv import causal_conv1d
 
-__all__ = ["MLP", "Kernel", "SplitCanon", "weight_init", "make_canon", "make_split_canon", "compute_dtype",
-           "fused_projection"]
+__all__ = [
+    "MLP",
+    "Kernel",
+    "SplitCanon",
+    "weight_init",
+    "make_canon",
+    "make_split_canon",
+    "compute_dtype",
+    "fused_projection",
+]
 
 
 def compute_dtype(config: ModelConfig):
@@ -29,9 +38,9 @@ def weight_init(config: ModelConfig, fan: int):
     if scheme == "hf":
         return nn.initializers.normal(config.init_std)
     if scheme == "torch":
-        bound = fan ** -0.5
+        bound = fan**-0.5
         return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    return nn.initializers.truncated_normal(fan ** -0.5, lower=-3.0, upper=3.0)
+    return nn.initializers.truncated_normal(fan**-0.5, lower=-3.0, upper=3.0)
 
 
 def embedding_init(config: ModelConfig):
@@ -44,10 +53,16 @@ def embedding_init(config: ModelConfig):
 
 def make_canon(config: ModelConfig, channel_axis: str, name: str) -> Canon:
     """A Canon layer with the config's kernel size, residual, activation, bias and kernel implementation."""
-    return Canon(kernel_size=config.canon_kernel, residual=config.canon_residual,
-                 activation="silu" if config.canon_activation else None, use_bias=config.canon_bias,
-                 channel_axis=channel_axis, param_dtype=jnp.dtype(config.param_dtype), impl=config.kernel_impl,
-                 name=name)
+    return Canon(
+        kernel_size=config.canon_kernel,
+        residual=config.canon_residual,
+        activation="silu" if config.canon_activation else None,
+        use_bias=config.canon_bias,
+        channel_axis=channel_axis,
+        param_dtype=jnp.dtype(config.param_dtype),
+        impl=config.kernel_impl,
+        name=name,
+    )
 
 
 class SplitCanon(nn.Module):
@@ -76,31 +91,41 @@ class SplitCanon(nn.Module):
         widths = [p.shape[-1] for p in parts]
         total = sum(widths)
         axes = ("conv_kernel", self.channel_axis)
-        weight = self.param("kernel", nn.with_logical_partitioning(canon_kernel_init, axes),
-                            (self.kernel_size, total), self.param_dtype)
+        weight = self.param(
+            "kernel", nn.with_logical_partitioning(canon_kernel_init, axes), (self.kernel_size, total), self.param_dtype
+        )
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
-                              (total,), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.channel_axis,)),
+                (total,),
+                self.param_dtype,
+            )
         offsets = [sum(widths[:i]) for i in range(len(widths))]
         kw = dict(activation=self.activation, segment_ids=segment_ids, residual=self.residual, impl=self.impl)
 
         def conv(i, x, initial_state=None, final=False):
             o, c = offsets[i], widths[i]
-            return causal_conv1d(x, weight[:, o:o + c], bias=None if bias is None else bias[o:o + c],
-                                 initial_state=initial_state, return_final_state=final, **kw)
+            return causal_conv1d(
+                x,
+                weight[:, o : o + c],
+                bias=None if bias is None else bias[o : o + c],
+                initial_state=initial_state,
+                return_final_state=final,
+                **kw,
+            )
 
         if not decode:  # named for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
             return [checkpoint_name(conv(i, x), "canon") for i, x in enumerate(parts)]
         is_init = not self.has_variable("cache", "state")
-        state = self.variable("cache", "state", jnp.zeros, (parts[0].shape[0], total, self.kernel_size),
-                              parts[0].dtype)
+        state = self.variable("cache", "state", jnp.zeros, (parts[0].shape[0], total, self.kernel_size), parts[0].dtype)
         if is_init:  # the init call only creates the cache
             return [conv(i, x) for i, x in enumerate(parts)]
         outs, finals = [], []
         for i, x in enumerate(parts):
             o, c = offsets[i], widths[i]
-            y, f = conv(i, x, state.value[:, o:o + c], final=True)
+            y, f = conv(i, x, state.value[:, o : o + c], final=True)
             outs.append(y)
             finals.append(f)
         state.value = jnp.concatenate(finals, axis=1)
@@ -108,10 +133,16 @@ class SplitCanon(nn.Module):
 
 
 def make_split_canon(config: ModelConfig, channel_axis: str, name: str) -> SplitCanon:
-    return SplitCanon(kernel_size=config.canon_kernel, residual=config.canon_residual,
-                      activation="silu" if config.canon_activation else None, use_bias=config.canon_bias,
-                      channel_axis=channel_axis, param_dtype=jnp.dtype(config.param_dtype), impl=config.kernel_impl,
-                      name=name)
+    return SplitCanon(
+        kernel_size=config.canon_kernel,
+        residual=config.canon_residual,
+        activation="silu" if config.canon_activation else None,
+        use_bias=config.canon_bias,
+        channel_axis=channel_axis,
+        param_dtype=jnp.dtype(config.param_dtype),
+        impl=config.kernel_impl,
+        name=name,
+    )
 
 
 class Kernel(nn.Module):
@@ -163,21 +194,31 @@ class MLP(nn.Module):
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
 
         def dense(features, axes, fan, name):
-            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
-                            kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes), name=name)
+            return nn.Dense(
+                features,
+                use_bias=False,
+                dtype=dt,
+                param_dtype=pdt,
+                dot_general=linear.dot_general,
+                kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes),
+                name=name,
+            )
 
         if self.fused:
             w = Kernel((d, 2 * f), ("embed", "mlp"), weight_init(cfg, d), pdt, name="both_proj")()
             g, u = fused_projection(x, [w[:, :f]], dt), fused_projection(x, [w[:, f:]], dt)
         else:
-            g, u = (fused_projection(x, [Kernel((d, f), ("embed", "mlp"), weight_init(cfg, d), pdt, name=n)()], dt)
-                    for n in ("gate_proj", "up_proj"))
+            g, u = (
+                fused_projection(x, [Kernel((d, f), ("embed", "mlp"), weight_init(cfg, d), pdt, name=n)()], dt)
+                for n in ("gate_proj", "up_proj")
+            )
         g = nn.with_logical_constraint(g, ("batch", "length", "mlp"))
         u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
         if cfg.has_canon("D"):  # Canon-D on concat(gate, up), computed part by part (see SplitCanon)
             seg = segment_ids if cfg.segment_aware else None
-            g, u = make_split_canon(cfg, "mlp", "canon_d")([mask_inputs(g, token_mask), mask_inputs(u, token_mask)],
-                                                           segment_ids=seg, decode=decode)
+            g, u = make_split_canon(cfg, "mlp", "canon_d")(
+                [mask_inputs(g, token_mask), mask_inputs(u, token_mask)], segment_ids=seg, decode=decode
+            )
         h = nn.silu(g) * u
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(d, ("mlp", "embed"), f, "down_proj")(h)

@@ -1,10 +1,11 @@
 """RMSNorm (SPEC A.2): ``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32."""
+
 from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 __all__ = ["RMSNorm", "rms_norm"]
 
@@ -28,6 +29,10 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         return rms_norm(x, scale, self.eps)

@@ -7,6 +7,7 @@ Two pairings of the rotated channels are supported:
 
 Pair ``i`` rotates by ``position * theta^(-2i/rope_dim)`` in both cases; channels ``>= rope_dim`` pass through.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ ROPE_VERSIONS = ("huggingface", "lingua")
 
 def rope_inv_freq(rope_dim: int, theta: float):
     """``[rope_dim // 2]`` float32 inverse frequencies ``theta^(-2i/rope_dim)`` (a host constant, numpy)."""
-    return (1.0 / (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))
-            ).astype(np.float32)
+    return (1.0 / (np.float32(theta) ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim)))).astype(
+        np.float32
+    )
 
 
 def rope_tables(positions, rope_dim: int, theta: float = 10000.0):
@@ -101,12 +103,14 @@ def apply_rope(x, positions, *, rope_dim: int, theta: float = 10000.0, version: 
     if rope_dim < 0 or rope_dim % 2 or rope_dim > head_dim:
         raise ValueError(f"apply_rope: rope_dim must be even and in [0, head_dim={head_dim}], got {rope_dim}")
     if positions.ndim != 2 or positions.shape[1] != x.shape[1] or positions.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"apply_rope: positions must be [batch, time]={x.shape[:2]} or [1, {x.shape[1]}], "
-                         f"got {positions.shape}")
+        raise ValueError(
+            f"apply_rope: positions must be [batch, time]={x.shape[:2]} or [1, {x.shape[1]}], got {positions.shape}"
+        )
     if rope_dim == 0:
         return x
     cos, sin = rope_tables(positions, rope_dim, theta) if tables is None else tables
     if cos.shape != (positions.shape[0], x.shape[1], rope_dim // 2):
-        raise ValueError(f"apply_rope: tables must be [{positions.shape[0]}, {x.shape[1]}, {rope_dim // 2}], "
-                         f"got {cos.shape}")
+        raise ValueError(
+            f"apply_rope: tables must be [{positions.shape[0]}, {x.shape[1]}, {rope_dim // 2}], got {cos.shape}"
+        )
     return rotate(x, cos, sin, version=version)

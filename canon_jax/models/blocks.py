@@ -3,10 +3,11 @@
 ``h = x + Mixer(CanonA(RMSNorm(x)))``; ``x_next = h + MLP(CanonC(RMSNorm(h)))`` with Canon-D inside the MLP. The mixer
 comes from the registry (``config.arch``); ``config.use_mlp=False`` drops the MLP half.
 """
+
 from __future__ import annotations
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.mlp import MLP, make_canon, mask_inputs
@@ -35,14 +36,16 @@ class Block(nn.Module):
         a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
         if cfg.has_canon("A"):
             a = make_canon(cfg, "embed", "canon_a")(mask_inputs(a, token_mask), segment_ids=seg, decode=self.decode)
-        y = get_mixer(cfg.arch)(cfg, name="mixer")(a, positions=positions, segment_ids=segment_ids,
-                                                   token_mask=token_mask, decode=self.decode)
+        y = get_mixer(cfg.arch)(cfg, name="mixer")(
+            a, positions=positions, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
+        )
         x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
         if cfg.use_mlp:
             c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
             if cfg.has_canon("C"):
                 c = make_canon(cfg, "embed", "canon_c")(mask_inputs(c, token_mask), segment_ids=seg, decode=self.decode)
-            y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(c, segment_ids=segment_ids, token_mask=token_mask,
-                                                                decode=self.decode)
+            y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(
+                c, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
+            )
             x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
         return x, None

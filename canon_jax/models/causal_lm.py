@@ -1,9 +1,10 @@
 """``CausalLM``: embedding -> blocks -> final RMSNorm -> (tied or untied) head, float32 logits."""
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.mlp import compute_dtype, embedding_init, weight_init
@@ -50,16 +51,29 @@ class CausalLM(nn.Module):
                 raise ValueError(f"CausalLM: {name} must have the shape of input_ids {input_ids.shape}, got {v.shape}")
 
     @nn.compact
-    def __call__(self, input_ids, *, segment_ids=None, positions=None, token_mask=None, decode: bool = False,
-                 return_hidden: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        *,
+        segment_ids=None,
+        positions=None,
+        token_mask=None,
+        decode: bool = False,
+        return_hidden: bool = False,
+    ):
         cfg = self.config
         self._check(input_ids, segment_ids, positions, token_mask)
         get_mixer(cfg.arch)  # fail early with a clear error for an unregistered arch
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
         d = cfg.hidden_size
-        embed = nn.Embed(cfg.vocab_size, d, dtype=dt, param_dtype=pdt,
-                         embedding_init=nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")),
-                         name="embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            d,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")),
+            name="embed",
+        )
         x = embed(input_ids.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         # positions=None reaches the mixers as None: attention then uses 0..T-1 (or continues its cache) with RoPE
@@ -71,9 +85,14 @@ class CausalLM(nn.Module):
         if cfg.remat != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids, token_mask)
         else:
             for i in range(cfg.num_layers):
@@ -90,9 +109,15 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, dot_general=linear.dot_general,
-                              kernel_init=nn.with_logical_partitioning(weight_init(cfg, d), ("embed", "vocab")),
-                              name="lm_head")(x)
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dt,
+                param_dtype=pdt,
+                dot_general=linear.dot_general,
+                kernel_init=nn.with_logical_partitioning(weight_init(cfg, d), ("embed", "vocab")),
+                name="lm_head",
+            )(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 

@@ -6,6 +6,7 @@ A mixer is a Linen module built as ``Mixer(config, name=...)`` and called as
 their own modules (``canon_jax.layers.{gla,gdn,mamba2}``) with :func:`register_mixer`; :func:`get_mixer` imports
 those modules on first use.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,9 +25,11 @@ _PROVIDERS = {
 
 def register_mixer(arch: str, cls=None):
     """Registers ``cls`` as the mixer of ``arch``; usable as ``register_mixer("gla", GLA)`` or as a decorator."""
+
     def _register(c):
         _MIXERS[arch] = c
         return c
+
     return _register if cls is None else _register(cls)
 
 
@@ -42,7 +45,9 @@ def get_mixer(arch: str):
         except ModuleNotFoundError as e:
             raise ValueError(f"arch={arch!r}: its mixer module {_PROVIDERS[arch]!r} is not available ({e})") from e
     if arch not in _MIXERS:
-        raise ValueError(f"arch={arch!r} has no registered mixer (registered: {registered_mixers()}); "
-                         f"call canon_jax.models.register_mixer({arch!r}, MixerClass) in "
-                         f"{_PROVIDERS.get(arch, 'your module')}")
+        raise ValueError(
+            f"arch={arch!r} has no registered mixer (registered: {registered_mixers()}); "
+            f"call canon_jax.models.register_mixer({arch!r}, MixerClass) in "
+            f"{_PROVIDERS.get(arch, 'your module')}"
+        )
     return _MIXERS[arch]

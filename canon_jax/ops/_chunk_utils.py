@@ -5,6 +5,7 @@ carry the recurrent state from chunk to chunk with ``lax.scan``. Any ``T`` works
 steps whose transition is the identity (gate 0 in log space, zero key/value), so outputs and the final state are
 exact.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -88,6 +89,8 @@ def try_kernel(op: str, impl: str, *args, **kwargs):
     if fn is None:
         if impl == "auto":
             return None
-        raise NotImplementedError(f"{op}: impl={impl!r} has no Pallas kernel yet (canon_jax.ops.dispatch.{op} is "
-                                  "missing); use impl='xla' or 'auto'")
+        raise NotImplementedError(
+            f"{op}: impl={impl!r} has no Pallas kernel yet (canon_jax.ops.dispatch.{op} is "
+            "missing); use impl='xla' or 'auto'"
+        )
     return fn(impl, *args, **kwargs)

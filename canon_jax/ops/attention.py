@@ -18,12 +18,12 @@ Under a mesh the kernels run per device through :func:`canon_jax.ops.sharded.sha
 partitioned by XLA): batch over the mesh axes of the logical name ``"batch"``, query and KV heads over those of
 ``"heads"``, time and head_dim whole.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import PartitionSpec as P
 
 from canon_jax.config import ATTENTION_IMPLS
@@ -68,15 +68,20 @@ def resolve(impl: str, q, k) -> str:
             return "cudnn"
         return "xla"
     if impl == "splash" and platform != "tpu":
-        raise NotImplementedError(f"attention_impl='splash' needs a TPU (the program is compiled for {platform!r}); "
-                                  "use 'splash_interpret' to run the kernel in the Pallas interpreter, or 'xla'")
+        raise NotImplementedError(
+            f"attention_impl='splash' needs a TPU (the program is compiled for {platform!r}); "
+            "use 'splash_interpret' to run the kernel in the Pallas interpreter, or 'xla'"
+        )
     if impl == "cudnn":
         if platform != "cuda":
-            raise NotImplementedError(f"attention_impl='cudnn' needs an NVIDIA GPU (the program is compiled for "
-                                      f"{platform!r}); use 'xla'")
+            raise NotImplementedError(
+                f"attention_impl='cudnn' needs an NVIDIA GPU (the program is compiled for {platform!r}); use 'xla'"
+            )
         if not cudnn_supports(q, k):
-            raise NotImplementedError(f"attention_impl='cudnn' needs bfloat16/float16 q, k, v and head_dim a "
-                                      f"multiple of 8 up to 128, got {q.dtype}/{k.dtype}, head_dim {q.shape[-1]}")
+            raise NotImplementedError(
+                f"attention_impl='cudnn' needs bfloat16/float16 q, k, v and head_dim a "
+                f"multiple of 8 up to 128, got {q.dtype}/{k.dtype}, head_dim {q.shape[-1]}"
+            )
     return impl
 
 
@@ -90,8 +95,16 @@ def _splash_kernel(heads: int, t_pad: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.CausalMask((t_pad, t_pad)) for _ in range(heads)])
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     # built in the trace that uses it (its block tables become constants of that program; the numpy mask analysis
     # behind them is cached by jax)
     return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
@@ -103,15 +116,17 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, interpret: bool, block_size: int = 
 
     b, t, h, hd = q.shape
     if not interpret and q.dtype != jnp.float32 and str(jax.config.jax_default_matmul_precision) in _F32_PRECISION:
-        raise ValueError(f"splash attention: Mosaic cannot compile {q.dtype} matmuls at float32 precision; unset "
-                         f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision!r} (or use "
-                         "attention_impl='xla')")
+        raise ValueError(
+            f"splash attention: Mosaic cannot compile {q.dtype} matmuls at float32 precision; unset "
+            f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision!r} (or use "
+            "attention_impl='xla')"
+        )
     # time is padded at the end to whole blocks: causality keeps every real query off the padded keys, and the
     # padded query rows are dropped
     block = min(block_size, _round_up(t, _LANES))
     t_pad = _round_up(t, block)
     # the kernel takes unscaled logits: fold hd^-1/2 into q (one rounding, exact for hd = 4^n)
-    q = (q.astype(jnp.float32) * (hd ** -0.5)).astype(q.dtype)
+    q = (q.astype(jnp.float32) * (hd**-0.5)).astype(q.dtype)
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, heads, t, hd]
     if t_pad != t:
         pad = ((0, 0), (0, 0), (0, t_pad - t), (0, 0))
@@ -124,7 +139,8 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, interpret: bool, block_size: int = 
         out = jax.vmap(kernel)(q, k, v)
     else:
         out = jax.vmap(lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=SegmentIds(sq, skv)))(
-            q, k, v, seg_q.astype(jnp.int32), seg_kv.astype(jnp.int32))
+            q, k, v, seg_q.astype(jnp.int32), seg_kv.astype(jnp.int32)
+        )
     return jnp.swapaxes(out[:, :, :t], 1, 2)
 
 
@@ -137,8 +153,9 @@ def _segment_pair(b, t, segment_ids, key_valid):
     return seg, seg_kv
 
 
-def splash_attention(q, k, v, *, segment_ids=None, key_valid=None, interpret: bool = False,
-                     block_size: int = _SPLASH_BLOCK):
+def splash_attention(
+    q, k, v, *, segment_ids=None, key_valid=None, interpret: bool = False, block_size: int = _SPLASH_BLOCK
+):
     """Splash attention (unsharded call; :func:`flash_attention` wraps it in ``shard_map`` under a mesh).
 
     Same contract as ``causal_attention``, except that a query with no allowed key (only at masked padding
@@ -167,8 +184,9 @@ def cudnn_attention(q, k, v, *, segment_ids=None, key_valid=None, implementation
         b, t = q.shape[:2]
         seg_q, seg_kv = _segment_pair(b, t, segment_ids, key_valid)
         mask = (seg_q[:, :, None] == seg_kv[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=q.shape[-1] ** -0.5,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, scale=q.shape[-1] ** -0.5, implementation=implementation
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,5 +210,4 @@ def flash_attention(impl: str, q, k, v, *, segment_ids=None, key_valid=None):
     else:
         interpret = choice == "splash_interpret"
         fn = lambda q, k, v, s, m: splash_attention(q, k, v, segment_ids=s, key_valid=m, interpret=interpret)
-    return shard_map_call(fn, q, k, v, segment_ids, key_valid, in_axes=(_TOKENS,) * 3 + (_ROWS,) * 2,
-                          out_axes=_TOKENS)
+    return shard_map_call(fn, q, k, v, segment_ids, key_valid, in_axes=(_TOKENS,) * 3 + (_ROWS,) * 2, out_axes=_TOKENS)

@@ -9,15 +9,14 @@ Conventions (SPEC A.1, identical to the official release):
   from ``initial_state``), then the optional activation, then the optional residual ``x + y``.
 * Decoding state ``[batch, channels, K]``: the last ``K`` *raw* inputs, oldest first, zero-left-padded.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import PartitionSpec as P
 
 from canon_jax.ops import cpu as _cpu
@@ -48,7 +47,9 @@ def _check_args(x, weight, bias, activation, segment_ids, initial_state):
         raise ValueError(f"causal_conv1d: segment_ids must be [batch, time]={x.shape[:2]}, got {segment_ids.shape}")
     if initial_state is not None and initial_state.shape != (batch, channels, k):
         raise ValueError(
-            f"causal_conv1d: initial_state must be [batch, channels, K]={(batch, channels, k)}, got {initial_state.shape}")
+            f"causal_conv1d: initial_state must be [batch, channels, K]={(batch, channels, k)}, "
+            f"got {initial_state.shape}"
+        )
 
 
 def _final_state(x, initial_state, k):
@@ -77,9 +78,9 @@ def _conv_forward(x, w, b, prev, seg_h, activation, residual):
     w32 = w.astype(jnp.float32)
     pre = None
     for j in range(k):  # tap j looks (K - 1 - j) tokens back
-        term = xh[:, j:j + t].astype(jnp.float32) * w32[j]
+        term = xh[:, j : j + t].astype(jnp.float32) * w32[j]
         if seg_h is not None:  # a [B, T, 1] float mask per tap: compared once per token, not per channel
-            term = term * (seg_h[:, j:j + t] == seg_h[:, k - 1:]).astype(jnp.float32)[..., None]
+            term = term * (seg_h[:, j : j + t] == seg_h[:, k - 1 :]).astype(jnp.float32)[..., None]
         pre = term if pre is None else pre + term
     pre = pre + b.astype(jnp.float32)
     y = jax.nn.silu(pre) if activation == "silu" else pre
@@ -122,15 +123,18 @@ def _xla_bwd_math(activation, residual, res, g):
     # anti-causal, is a slice of one array: XLA fuses slices of a concatenation into the consuming pass, where slices
     # of the bare array at unaligned row offsets become copies (TPU).
     gpe = jnp.concatenate([gp, jnp.zeros((gp.shape[0], hist, gp.shape[2]), gp.dtype)], axis=1)
-    seg_e = None if seg_h is None else jnp.concatenate(
-        [seg_h, jnp.broadcast_to(seg_h[:, -1:], (seg_h.shape[0], hist))], axis=1)  # seg_e[K-1 + p] = segment of p
+    seg_e = (
+        None
+        if seg_h is None
+        else jnp.concatenate([seg_h, jnp.broadcast_to(seg_h[:, -1:], (seg_h.shape[0], hist))], axis=1)
+    )  # seg_e[K-1 + p] = segment of p
 
     def tap(j, lo, hi):
         """Tap j's share of the gradient at outputs lo..hi-1 (zero past T; masked to the output's segment), f32."""
         r = gpe[:, lo:hi].astype(jnp.float32)
         if seg_e is None:
             return r
-        return r * (seg_e[:, lo + j:hi + j] == seg_e[:, hist + lo:hist + hi]).astype(jnp.float32)[..., None]
+        return r * (seg_e[:, lo + j : hi + j] == seg_e[:, hist + lo : hist + hi]).astype(jnp.float32)[..., None]
 
     # dx[s] = sum_j w[j] * tap_j[s + K-1-j]: an anti-causal conv of the gradient.
     dx = g.astype(jnp.float32) if residual else None
@@ -142,7 +146,7 @@ def _xla_bwd_math(activation, residual, res, g):
     for j in range(min(k, hist)):
         rows = tap(j, 0, min(hist - j, t)) * w32[j]  # fewer than hist - j rows when T is short
         dprev = dprev + jnp.pad(rows, ((0, 0), (j, hist - j - rows.shape[1]), (0, 0)))
-    dw = jnp.stack([jnp.sum(tap(j, 0, t) * xh[:, j:j + t].astype(jnp.float32), axis=(0, 1)) for j in range(k)])
+    dw = jnp.stack([jnp.sum(tap(j, 0, t) * xh[:, j : j + t].astype(jnp.float32), axis=(0, 1)) for j in range(k)])
     db = jnp.sum(gp.astype(jnp.float32), axis=(0, 1))
     return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(b.dtype), dprev.astype(prev.dtype)
 
@@ -159,24 +163,34 @@ def _native_prev(prev):
 
 def _native_fwd_call(x, w, b, prev, activation, residual):
     return jax.ffi.ffi_call(_cpu.FWD_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")(
-        x, w, b, _native_prev(prev), silu=np.int32(activation == "silu"), residual=np.int32(residual))
+        x, w, b, _native_prev(prev), silu=np.int32(activation == "silu"), residual=np.int32(residual)
+    )
 
 
 def _native_bwd_call(x, w, b, prev, g, activation, residual):
     p = _native_prev(prev)
-    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype),
-           jax.ShapeDtypeStruct(b.shape, b.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype))
+    out = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct(w.shape, w.dtype),
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct(p.shape, p.dtype),
+    )
     dx, dw, db, dprev = jax.ffi.ffi_call(_cpu.BWD_TARGET, out, vmap_method="sequential")(
-        g, x, w, b, p, silu=np.int32(activation == "silu"), residual=np.int32(residual))
-    return dx, dw, db, dprev[:, :prev.shape[1]]
+        g, x, w, b, p, silu=np.int32(activation == "silu"), residual=np.int32(residual)
+    )
+    return dx, dw, db, dprev[:, : prev.shape[1]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _conv_native(x, w, b, prev, activation, residual):
     return jax.lax.platform_dependent(
-        x, w, b, prev,
+        x,
+        w,
+        b,
+        prev,
         cpu=lambda *a: _native_fwd_call(*a, activation, residual),
-        default=lambda *a: _conv_forward(*a, None, activation, residual)[1].astype(x.dtype))
+        default=lambda *a: _conv_forward(*a, None, activation, residual)[1].astype(x.dtype),
+    )
 
 
 def _conv_native_fwd(x, w, b, prev, activation, residual):
@@ -191,7 +205,8 @@ def _conv_native_bwd(activation, residual, res, g):
         return _xla_bwd_math(activation, residual, (x, w, b, prev, None), g)
 
     return jax.lax.platform_dependent(
-        x, w, b, prev, g, cpu=lambda *a: _native_bwd_call(*a, activation, residual), default=xla)
+        x, w, b, prev, g, cpu=lambda *a: _native_bwd_call(*a, activation, residual), default=xla
+    )
 
 
 _conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
@@ -221,16 +236,33 @@ def _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, 
     b = jnp.zeros((channels,), weight.dtype) if bias is None else bias
     if native:
         # A custom call is not partitioned by XLA: under a mesh each device runs it on its own block.
-        return shard_map_call(lambda x, w, b, prev: _conv_native(x, w, b, prev, activation, residual),
-                              x, weight, b, prev, in_axes=_NATIVE_AXES, out_axes=_NATIVE_AXES[0])
+        return shard_map_call(
+            lambda x, w, b, prev: _conv_native(x, w, b, prev, activation, residual),
+            x,
+            weight,
+            b,
+            prev,
+            in_axes=_NATIVE_AXES,
+            out_axes=_NATIVE_AXES[0],
+        )
     return _conv_xla(x, weight, b, prev, seg_h, activation, residual)
 
 
 _NATIVE_AXES = (P("batch", None, "channels"), P(None, "channels"), P("channels"), P("batch", None, "channels"))
 
 
-def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, segment_ids=None, initial_state=None,
-                  return_final_state: bool = False, residual: bool = False, impl: str = "auto"):
+def causal_conv1d(
+    x,
+    weight,
+    *,
+    bias=None,
+    activation: str | None = None,
+    segment_ids=None,
+    initial_state=None,
+    return_final_state: bool = False,
+    residual: bool = False,
+    impl: str = "auto",
+):
     """Depthwise causal convolution over time.
 
     Args:
@@ -269,8 +301,16 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
     elif impl != "xla":
         from canon_jax.ops import dispatch  # local import: pallas_kernels is optional at import time
 
-        y = dispatch.short_conv(impl, x, weight, bias=bias, activation=activation, segment_ids=segment_ids,
-                                initial_state=initial_state, residual=residual)
+        y = dispatch.short_conv(
+            impl,
+            x,
+            weight,
+            bias=bias,
+            activation=activation,
+            segment_ids=segment_ids,
+            initial_state=initial_state,
+            residual=residual,
+        )
     if y is None:
         y = _xla_causal_conv1d(x, weight, bias, activation, segment_ids, initial_state, residual, native=native)
     if return_final_state:
@@ -278,7 +318,7 @@ def causal_conv1d(x, weight, *, bias=None, activation: Optional[str] = None, seg
     return y
 
 
-def causal_conv1d_step(x_t, state, weight, *, bias=None, activation: Optional[str] = None, residual: bool = False):
+def causal_conv1d_step(x_t, state, weight, *, bias=None, activation: str | None = None, residual: bool = False):
     """One decoding step.
 
     Args:

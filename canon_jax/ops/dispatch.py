@@ -6,6 +6,7 @@ provides one, and returns ``None`` (meaning: use the XLA path) elsewhere. Naming
 available raises. Under a mesh every kernel call runs per device through :func:`canon_jax.ops.sharded.shard_map_call`
 (batch over the batch axes, channels/heads over ``tensor``, time whole).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,7 +41,8 @@ def _resolve(impl: str, op: str) -> tuple[bool, bool] | None:
         if accelerator_backend() is None:
             raise NotImplementedError(
                 f"{op}: impl='pallas' needs TPU or GPU devices (the program is compiled for {target_platform()!r}); "
-                "use impl='pallas_interpret' to run the kernel in interpret mode, or impl='xla'")
+                "use impl='pallas_interpret' to run the kernel in interpret mode, or impl='xla'"
+            )
         return True, False
     if impl == "auto":
         return (True, False) if accelerator_backend() is not None else None
@@ -60,16 +62,37 @@ def short_conv(impl, x, weight, **kw):
     opts = {n: kw.pop(n) for n in ("bias", "segment_ids", "initial_state") if n in kw}
 
     def local(x, weight, bias, segment_ids, initial_state):
-        return api.short_conv(x, weight, bias=bias, segment_ids=segment_ids, initial_state=initial_state,
-                              interpret=r[1], backend=backend, **kw)
+        return api.short_conv(
+            x,
+            weight,
+            bias=bias,
+            segment_ids=segment_ids,
+            initial_state=initial_state,
+            interpret=r[1],
+            backend=backend,
+            **kw,
+        )
 
-    return shard_map_call(local, x, weight, opts.get("bias"), opts.get("segment_ids"), opts.get("initial_state"),
-                          in_axes=CONV_AXES, out_axes=P("batch", None, "channels"))
+    return shard_map_call(
+        local,
+        x,
+        weight,
+        opts.get("bias"),
+        opts.get("segment_ids"),
+        opts.get("initial_state"),
+        in_axes=CONV_AXES,
+        out_axes=P("batch", None, "channels"),
+    )
 
 
 # Logical axes of the conv's (x, weight, bias, segment_ids, initial_state) and of the scans' arguments.
-CONV_AXES = (P("batch", None, "channels"), P(None, "channels"), P("channels"), P("batch", None),
-             P("batch", "channels", None))
+CONV_AXES = (
+    P("batch", None, "channels"),
+    P(None, "channels"),
+    P("channels"),
+    P("batch", None),
+    P("batch", "channels", None),
+)
 _TOKENS = P("batch", None, "heads", None)  # [batch, time, heads, D]
 _STATE = P("batch", "heads", None, None)  # [batch, heads, Dk, Dv]
 
@@ -109,8 +132,14 @@ def linear_scan(impl, op_name, *args, **kw):
         in_axes = (_TOKENS,) * 4
     else:  # ssd: (x, dt, A, B, C, D); B/C groups split like heads unless there is one group
         groups = None if args[3].shape[2] == 1 else "heads"
-        in_axes = (_TOKENS, P("batch", None, "heads"), P("heads"), P("batch", None, groups, None),
-                   P("batch", None, groups, None), P("heads"))
+        in_axes = (
+            _TOKENS,
+            P("batch", None, "heads"),
+            P("heads"),
+            P("batch", None, groups, None),
+            P("batch", None, groups, None),
+            P("heads"),
+        )
     return shard_map_call(local, *args, s0, in_axes=in_axes + (_STATE,), out_axes=(_TOKENS, _STATE))
 
 

@@ -22,9 +22,8 @@ This is a unit-lower-triangular system ``(I + L) U = beta V - (beta exp(G) K) S_
 Then ``O = scale exp(G) Q S_0 + (scale Q K^T * D)_{s<=t} U`` and ``S_C = exp(G_C) S_0 + (exp(G_C - G) K)^T U``;
 only these cheap matmuls run inside the ``lax.scan`` over chunks.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +47,10 @@ def _check(q, k, v, log_decay, beta, initial_state):
     if k.shape != q.shape:
         raise ValueError(f"gated_delta_rule: k must have q's shape {q.shape}, got {k.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"gated_delta_rule: v must be [batch, time, heads, value_dim] with leading dims "
-                         f"{q.shape[:3]}, got {v.shape}")
+        raise ValueError(
+            f"gated_delta_rule: v must be [batch, time, heads, value_dim] with leading dims "
+            f"{q.shape[:3]}, got {v.shape}"
+        )
     for name, a in (("log_decay", log_decay), ("beta", beta)):
         if a.shape != q.shape[:3]:
             raise ValueError(f"gated_delta_rule: {name} must be [batch, time, heads]={q.shape[:3]}, got {a.shape}")
@@ -59,7 +60,7 @@ def _check(q, k, v, log_decay, beta, initial_state):
 
 
 def _scale(scale, dk):
-    return dk ** -0.5 if scale is None else scale
+    return dk**-0.5 if scale is None else scale
 
 
 def _prep_qk(q, k, use_qk_l2norm):
@@ -76,8 +77,9 @@ def _step_f32(state, q_t, k_t, v_t, g_t, b_t):
     return jnp.einsum("bhde,bhd->bhe", state, q_t), state
 
 
-def gated_delta_rule_step(q_t, k_t, v_t, log_decay_t, beta_t, state, *, scale: Optional[float] = None,
-                          use_qk_l2norm: bool = False):
+def gated_delta_rule_step(
+    q_t, k_t, v_t, log_decay_t, beta_t, state, *, scale: float | None = None, use_qk_l2norm: bool = False
+):
     """One decoding step.
 
     Args:
@@ -196,8 +198,19 @@ def _gdn_chunked(q, k, v, log_decay, beta, scale, initial_state, use_qk_l2norm, 
     return cu.from_chunks(jnp.moveaxis(o, 0, 2), t).astype(q.dtype), final
 
 
-def gated_delta_rule(q, k, v, log_decay, beta, *, scale: Optional[float] = None, initial_state=None,
-                     use_qk_l2norm: bool = False, chunk_size: int = 64, impl: str = "auto"):
+def gated_delta_rule(
+    q,
+    k,
+    v,
+    log_decay,
+    beta,
+    *,
+    scale: float | None = None,
+    initial_state=None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+):
     """Gated delta rule over a whole sequence.
 
     Args:
@@ -217,10 +230,22 @@ def gated_delta_rule(q, k, v, log_decay, beta, *, scale: Optional[float] = None,
     cu.check_chunk_size("gated_delta_rule", chunk_size)
     _check(q, k, v, log_decay, beta, initial_state)
     if impl == "reference":
-        return gated_delta_rule_reference(q, k, v, log_decay, beta, scale=scale, initial_state=initial_state,
-                                          use_qk_l2norm=use_qk_l2norm)
-    out = cu.try_kernel("gated_delta_rule", impl, q, k, v, log_decay, beta, scale=_scale(scale, q.shape[-1]),
-                        initial_state=initial_state, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+        return gated_delta_rule_reference(
+            q, k, v, log_decay, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm
+        )
+    out = cu.try_kernel(
+        "gated_delta_rule",
+        impl,
+        q,
+        k,
+        v,
+        log_decay,
+        beta,
+        scale=_scale(scale, q.shape[-1]),
+        initial_state=initial_state,
+        use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size,
+    )
     if out is not None:
         return out
     return _gdn_chunked(q, k, v, log_decay, beta, scale, initial_state, use_qk_l2norm, chunk_size)

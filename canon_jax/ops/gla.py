@@ -21,9 +21,8 @@ exponent ``-b_s`` (overflow for strong gates), so the chunk is cut into sub-chun
 
 Every exponent evaluated is thus a non-positive difference of float32 cumulative gates; nothing is clamped.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +43,16 @@ def _check(q, k, v, log_gate, initial_state):
     if log_gate.shape != q.shape:
         raise ValueError(f"gla: log_gate must have q's shape {q.shape} (per key channel), got {log_gate.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"gla: v must be [batch, time, heads, value_dim] with leading dims {q.shape[:3]}, "
-                         f"got {v.shape}")
+        raise ValueError(
+            f"gla: v must be [batch, time, heads, value_dim] with leading dims {q.shape[:3]}, got {v.shape}"
+        )
     b, _, h, dk = q.shape
     want = (b, h, dk, v.shape[-1])
     cu.check_state("gla", initial_state, want, "batch, heads, key_dim, value_dim")
 
 
 def _scale(scale, dk):
-    return dk ** -0.5 if scale is None else scale
+    return dk**-0.5 if scale is None else scale
 
 
 def _step_f32(state, q_t, k_t, v_t, g_t):
@@ -61,7 +61,7 @@ def _step_f32(state, q_t, k_t, v_t, g_t):
     return o_t, state
 
 
-def gla_step(q_t, k_t, v_t, log_gate_t, state, *, scale: Optional[float] = None):
+def gla_step(q_t, k_t, v_t, log_gate_t, state, *, scale: float | None = None):
     """One decoding step.
 
     Args:
@@ -156,8 +156,7 @@ def _gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size):
     return cu.from_chunks(o, t).astype(q.dtype), final
 
 
-def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,
-        impl: str = "auto"):
+def gla(q, k, v, log_gate, *, scale: float | None = None, initial_state=None, chunk_size: int = 64, impl: str = "auto"):
     """Gated linear attention over a whole sequence.
 
     Args:
@@ -188,8 +187,11 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
             o, s = dispatch.gla(impl, q, k, v, log_gate, **kw)
             return o.astype(q.dtype), s
 
-        return jax.lax.cond(gla_gpu_gates_ok(log_gate, chunk_size=chunk_size), kernel,
-                            lambda: _gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size))
+        return jax.lax.cond(
+            gla_gpu_gates_ok(log_gate, chunk_size=chunk_size),
+            kernel,
+            lambda: _gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size),
+        )
     out = cu.try_kernel("gla", impl, q, k, v, log_gate, **kw)
     if out is not None:
         return out

@@ -9,6 +9,7 @@ run at a fraction of memory bandwidth). With this formulation the same step runs
 fwd+bwd, ``[8, 512, 256] x [256, 768]``: one projection 56 -> 34 ms, a SwiGLU MLP 204-214 -> 111-123 ms
 (docs/benchmarks.md, "Llama step"). On TPU/GPU it is the same pair of matmuls XLA would emit anyway.
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,10 +50,18 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     of ``lhs`` with the first of a 2-D ``rhs``, no batch axes, default precision) goes through :func:`matmul`,
     anything else to ``lax.dot_general`` unchanged."""
     (lc, rc), (lb, rb) = dimension_numbers
-    plain = (rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
-             and precision is None and not kwargs
-             and (preferred_element_type is None or preferred_element_type == jnp.result_type(lhs, rhs)))
+    plain = (
+        rhs.ndim == 2
+        and tuple(lc) == (lhs.ndim - 1,)
+        and tuple(rc) == (0,)
+        and not lb
+        and not rb
+        and precision is None
+        and not kwargs
+        and (preferred_element_type is None or preferred_element_type == jnp.result_type(lhs, rhs))
+    )
     if plain:
         return matmul(lhs, rhs)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type, **kwargs)
+    return lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kwargs
+    )

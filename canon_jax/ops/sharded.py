@@ -9,14 +9,16 @@ table (flax's ``nn.logical_axis_rules`` context if set, else ``canon_jax.train.s
 :func:`target_platform` answers "which devices is this program compiled for": the context mesh's devices (also the
 abstract TPU/GPU devices of a deviceless ahead-of-time compile), else the process's default backend.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["context_mesh", "target_platform", "shard_map_call", "resolve_logical_axes"]
 
@@ -85,8 +87,13 @@ def resolve_logical_axes(shapes: Sequence[tuple], logical: Sequence[P], mesh, ru
         while keep and any(d % int(np.prod([mesh.shape[a] for a in axes[:keep]])) for d in dims):
             keep -= 1
         if keep < len(axes):
-            log.info("shard_map_call: %r (sizes %s) is not divisible by mesh axes %s; using %s", name, dims, axes,
-                     axes[:keep])
+            log.info(
+                "shard_map_call: %r (sizes %s) is not divisible by mesh axes %s; using %s",
+                name,
+                dims,
+                axes,
+                axes[:keep],
+            )
         out[name] = axes[:keep]
     return out
 
@@ -99,7 +106,7 @@ def _mesh_spec(spec: P, resolved: dict) -> P:
     return P(*entries)
 
 
-def shard_map_call(fn: Callable, *args, in_axes: Sequence[Optional[P]], out_axes, rules=None, mesh=None):
+def shard_map_call(fn: Callable, *args, in_axes: Sequence[P | None], out_axes, rules=None, mesh=None):
     """``fn(*args)``, run per device under ``jax.shard_map`` when a mesh is set; a plain call otherwise.
 
     Args:
@@ -130,8 +137,9 @@ def shard_map_call(fn: Callable, *args, in_axes: Sequence[Optional[P]], out_axes
     present = [i for i, a in enumerate(args) if a is not None]
     for i in present:
         if in_axes[i] is None or len(in_axes[i]) != np.ndim(args[i]):
-            raise ValueError(f"shard_map_call: argument {i} has shape {np.shape(args[i])} but logical axes "
-                             f"{in_axes[i]}")
+            raise ValueError(
+                f"shard_map_call: argument {i} has shape {np.shape(args[i])} but logical axes {in_axes[i]}"
+            )
     logical = [in_axes[i] for i in present]
     resolved = resolve_logical_axes([np.shape(args[i]) for i in present], logical, mesh, rules)
     is_spec = lambda x: isinstance(x, P)
@@ -149,7 +157,10 @@ def shard_map_call(fn: Callable, *args, in_axes: Sequence[Optional[P]], out_axes
     # cotangent of an output replicated over an axis by that axis' size and sums input cotangents over the axes an
     # input is replicated on, so redundant per-device work (a replicated dimension) still gives exact gradients.
     return jax.shard_map(
-        local, mesh=mesh, axis_names=frozenset(n for n in mesh.axis_names if n not in manual), check_vma=False,
+        local,
+        mesh=mesh,
+        axis_names=frozenset(n for n in mesh.axis_names if n not in manual),
+        check_vma=False,
         in_specs=tuple(_mesh_spec(s, resolved) for s in logical),
         out_specs=jax.tree.map(lambda s: _mesh_spec(s, resolved), out_axes, is_leaf=is_spec),
     )(*[args[i] for i in present])

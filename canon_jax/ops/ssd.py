@@ -11,6 +11,7 @@ Chunked form. With ``G_t`` the inclusive cumulative ``a`` from the chunk start a
 (``s <= t``, exponent ``<= 0``): ``Y = ((C B^T) * D) (dt X) + exp(G) C S_0^T + D x`` and
 ``S_C = exp(G_C) S_0 + sum_s exp(G_C - G_s) (dt_s x_s) B_s^T``; only the state recurrence is a ``lax.scan``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,7 +41,9 @@ def _check(x, dt, A, B, C, D, initial_state):
         raise ValueError(f"ssd: D must be [heads]=({h},), got {D.shape}")
     want = (b, h, p, B.shape[3])
     if initial_state is not None and initial_state.shape != want:
-        raise ValueError(f"ssd: initial_state must be [batch, heads, head_dim, state]={want}, got {initial_state.shape}")
+        raise ValueError(
+            f"ssd: initial_state must be [batch, heads, head_dim, state]={want}, got {initial_state.shape}"
+        )
 
 
 def _to_heads(m, h):
@@ -84,8 +87,12 @@ def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None):
     """Token-by-token ``lax.scan``. Same arguments/returns as :func:`ssd`."""
     _check(x, dt, A, B, C, D, initial_state)
     b, _, h, p = x.shape
-    xs = (jnp.moveaxis(x.astype(jnp.float32), 1, 0), jnp.moveaxis(dt.astype(jnp.float32), 1, 0),
-          jnp.moveaxis(_to_heads(B, h), 1, 0), jnp.moveaxis(_to_heads(C, h), 1, 0))
+    xs = (
+        jnp.moveaxis(x.astype(jnp.float32), 1, 0),
+        jnp.moveaxis(dt.astype(jnp.float32), 1, 0),
+        jnp.moveaxis(_to_heads(B, h), 1, 0),
+        jnp.moveaxis(_to_heads(C, h), 1, 0),
+    )
     a = A.astype(jnp.float32)
 
     def body(state, inp):
@@ -124,8 +131,9 @@ def _ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size):
         gl, u = inp
         return jnp.exp(gl)[..., None, None] * state + u, state
 
-    final, starts = jax.lax.scan(body, _init_state(initial_state, bsz, h, p, n),
-                                 (jnp.moveaxis(g_last, 2, 0), jnp.moveaxis(upd, 2, 0)))
+    final, starts = jax.lax.scan(
+        body, _init_state(initial_state, bsz, h, p, n), (jnp.moveaxis(g_last, 2, 0), jnp.moveaxis(upd, 2, 0))
+    )
     starts = jnp.moveaxis(starts, 0, 2)  # [B, H, Nc, P, N]
     y = y + jnp.einsum("...tn,...pn->...tp", cc * jnp.exp(gcum)[..., None], starts)
     y = cu.from_chunks(y, t)

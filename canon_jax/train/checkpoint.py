@@ -13,9 +13,11 @@ like a checkpoint. At restore, two kinds of failure are kept apart:
 * **mismatch** — the checkpoint's recorded tree (names, shapes, dtypes; read from its metadata, no array is loaded)
   differs from the state the current config builds: :class:`CheckpointMismatch`, a config error; nothing is touched;
 * **storage damage** — the metadata is unreadable or loading the arrays / data state fails: the step directory is moved
-  aside into ``damaged_checkpoints/`` next to ``checkpoints/`` (never deleted) and the previous step is tried; the moved step is saved
-  again when training passes it. :attr:`Checkpointer.damaged` lists what was moved, for the caller to announce.
+  aside into ``damaged_checkpoints/`` next to ``checkpoints/`` (never deleted) and the previous step is tried; the
+  moved step is saved again when training passes it. :attr:`Checkpointer.damaged` lists what was moved, for the
+  caller to announce.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,8 +98,10 @@ def _key_name(k) -> str:
 
 def _leaf_specs(tree) -> dict:
     """``"a.b.0.c" -> (shape, dtype)`` for every array leaf (orbax metadata and abstract targets alike)."""
-    return {".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        ".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -120,12 +124,21 @@ class Checkpointer:
         self.every = every
         self.damaged: list[Damaged] = []
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -168,12 +181,17 @@ class Checkpointer:
             other = self._other_process_count_data(step)
             try:
                 if other is not None:  # written by a different number of processes (see below)
-                    restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state)))
+                    restored = self.manager.restore(
+                        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                    )
                     return step, restored["state"], other
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(_IteratorState())))
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(_IteratorState()),
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - the tree fits (checked above): the files are damaged
                 self._set_aside(step, e)
                 continue
@@ -185,12 +203,16 @@ class Checkpointer:
             return
         diffs = [f"{k}: missing in the checkpoint" for k in wanted if k not in saved]
         diffs += [f"{k}: not in this config's state" for k in saved if k not in wanted]
-        diffs += [f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, this config {wanted[k][0]} {wanted[k][1]}"
-                  for k in wanted if k in saved and saved[k] != wanted[k]]
+        diffs += [
+            f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, this config {wanted[k][0]} {wanted[k][1]}"
+            for k in wanted
+            if k in saved and saved[k] != wanted[k]
+        ]
         more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise CheckpointMismatch(
             f"checkpoint: step {step} in {self.directory} does not fit this config ({diffs[0]}{more}); resume with "
-            f"the run's own config, or start a fresh run in a new --workdir")
+            f"the run's own config, or start a fresh run in a new --workdir"
+        )
 
     def _set_aside(self, step: int, error: Exception):
         from canon_jax.train.workdir import set_aside
@@ -225,10 +247,16 @@ class Checkpointer:
             return None
         states = {f.read_text() for f in files}
         if len(states) != 1:
-            raise CheckpointMismatch(f"data iterator states of the {len(files)} writer processes differ ({sorted(states)}); "
-                             f"cannot resume this checkpoint with {jax.process_count()} process(es)")
-        log.info("checkpoint at step %d was written by %d process(es); resuming its data position with %d",
-                 step, len(files), jax.process_count())
+            raise CheckpointMismatch(
+                f"data iterator states of the {len(files)} writer processes differ ({sorted(states)}); "
+                f"cannot resume this checkpoint with {jax.process_count()} process(es)"
+            )
+        log.info(
+            "checkpoint at step %d was written by %d process(es); resuming its data position with %d",
+            step,
+            len(files),
+            jax.process_count(),
+        )
         return json.loads(states.pop())
 
     def wait(self):

@@ -16,6 +16,7 @@ loaded first (recursively, in order) and the file's own keys are merged on top. 
 applied last. Every unknown key, wrong type or impossible value raises :class:`ConfigError` with a one-line message
 naming the dotted key (and the valid keys/choices) before anything is compiled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ import math
 import pathlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -32,9 +33,24 @@ from omegaconf import errors as oc_errors
 from canon_jax.config import ModelConfig
 
 __all__ = [
-    "ConfigError", "ExperimentConfig", "DataSection", "TextDataSection", "TaskEntry", "OptimSection",
-    "TrainSection", "MeshSection", "CheckpointSection", "EvalSection", "LoggingSection", "ModelSection",
-    "load_config", "config_from_dict", "config_to_dict", "model_config", "CONFIGS_ROOT", "check_sample_lengths",
+    "ConfigError",
+    "ExperimentConfig",
+    "DataSection",
+    "TextDataSection",
+    "TaskEntry",
+    "OptimSection",
+    "TrainSection",
+    "MeshSection",
+    "CheckpointSection",
+    "EvalSection",
+    "LoggingSection",
+    "ModelSection",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "model_config",
+    "CONFIGS_ROOT",
+    "check_sample_lengths",
 ]
 
 
@@ -76,26 +92,26 @@ class TaskEntry:
 
     name: str = MISSING
     weight: float = 1.0
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TextDataSection:
     """Real-text pretraining input (see :mod:`canon_jax.train.text_data`)."""
 
-    train_files: List[str] = field(default_factory=list)  # files or glob patterns (.txt, .jsonl, .parquet)
-    eval_files: List[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=list)  # files or glob patterns (.txt, .jsonl, .parquet)
+    eval_files: list[str] = field(default_factory=list)
     # pre-tokenised corpus (python -m canon_jax.data tokenize), streamed from disk instead of train_files/eval_files
-    train_tokens: Optional[str] = None  # token directory
-    eval_tokens: Optional[str] = None  # token directory of the validation split
+    train_tokens: str | None = None  # token directory
+    eval_tokens: str | None = None  # token directory of the validation split
     eval_fraction: float = 0.0  # or: hold out this fraction of train_tokens' windows (the last ones) for validation
     document_boundaries: bool = True  # segment ids / positions per document (False: one segment per window)
     shuffle: bool = True  # global window shuffle, reshuffled each epoch (train split)
-    tokenizer: Optional[str] = None  # path to a Hugging Face tokenizers JSON; None = built-in byte-level tokenizer
+    tokenizer: str | None = None  # path to a Hugging Face tokenizers JSON; None = built-in byte-level tokenizer
     text_field: str = "text"  # field holding the document in .jsonl / Parquet rows
     txt_mode: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or one per "line"
-    bos_token: Optional[str] = None  # None = detect (<bos>, <s>, <|begin_of_text|>, ...)
-    eos_token: Optional[str] = None  # None = detect (<eos>, </s>, <|end_of_text|>, <|endoftext|>, ...)
+    bos_token: str | None = None  # None = detect (<bos>, <s>, <|begin_of_text|>, ...)
+    eos_token: str | None = None  # None = detect (<eos>, </s>, <|end_of_text|>, <|endoftext|>, ...)
     add_bos: bool = True
     add_eos: bool = True
     eval_batches: int = 8  # held-out batches for the validation loss
@@ -108,7 +124,7 @@ class DataSection:
     seed: int = 0
     num_workers: int = 0
     # synthetic
-    tasks: List[TaskEntry] = field(default_factory=list)
+    tasks: list[TaskEntry] = field(default_factory=list)
     loss_on: str = "answer"  # "answer" (SPEC 0.1 default) or "all"
     shuffle_buffer: int = 4096  # index windows shuffled together (0 = no shuffle)
     split_long: bool = False  # cut samples longer than seq_len into windows instead of failing
@@ -142,8 +158,8 @@ class TrainSection:
     loss_chunk_size: int = 512
     seed: int = 0  # parameter init seed
     log_every: int = 10
-    stop_after: Optional[int] = None  # stop early (but keep the schedule of `steps`): for smoke tests/benchmarks
-    peak_flops_per_device: Optional[float] = None  # for MFU; None = look up a known accelerator, else no MFU
+    stop_after: int | None = None  # stop early (but keep the schedule of `steps`): for smoke tests/benchmarks
+    peak_flops_per_device: float | None = None  # for MFU; None = look up a known accelerator, else no MFU
 
 
 @dataclass
@@ -152,9 +168,9 @@ class MeshSection:
     fsdp: int = 1
     tensor: int = 1
     distributed: str = "auto"  # "auto" (initialise when a cluster env is detected), "on" or "off"
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass
@@ -169,7 +185,7 @@ class CheckpointSection:
 class EvalSection:
     every: int = 0  # 0 = only at the end (if at_end)
     at_end: bool = True
-    tasks: List[TaskEntry] = field(default_factory=list)  # empty = the training tasks
+    tasks: list[TaskEntry] = field(default_factory=list)  # empty = the training tasks
     num_samples: int = 64
     batch_size: int = 16
     seed: int = 1234
@@ -211,7 +227,10 @@ def _check_keys(raw: Any, cls: Any, path: str):
     if not dataclasses.is_dataclass(cls):
         return
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path or '<root>'}: expected a mapping with keys {sorted(f.name for f in dataclasses.fields(cls))}, got {raw!r}")
+        raise ConfigError(
+            f"{path or '<root>'}: expected a mapping with keys "
+            f"{sorted(f.name for f in dataclasses.fields(cls))}, got {raw!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k, v in raw.items():
@@ -225,7 +244,7 @@ def _check_keys(raw: Any, cls: Any, path: str):
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             _check_keys(v, tp, key)
-        elif typing.get_origin(tp) in (list, List) and v is not None:
+        elif typing.get_origin(tp) in (list, list) and v is not None:
             (item_tp,) = typing.get_args(tp)
             if dataclasses.is_dataclass(item_tp):
                 if not isinstance(v, (list, tuple)):
@@ -317,8 +336,12 @@ def config_from_dict(raw: dict, overrides=()) -> ExperimentConfig:
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.create(over))
         cfg = OmegaConf.to_object(merged)
-    except (oc_errors.ValidationError, oc_errors.ConfigKeyError, oc_errors.MissingMandatoryValue,
-            oc_errors.ConfigTypeError) as e:
+    except (
+        oc_errors.ValidationError,
+        oc_errors.ConfigKeyError,
+        oc_errors.MissingMandatoryValue,
+        oc_errors.ConfigTypeError,
+    ) as e:
         raise _oc_error(e) from None
     validate(cfg)
     return cfg
@@ -362,13 +385,31 @@ def validate(cfg: ExperimentConfig) -> None:
         if v is None or (v < 0 if allow_zero else v <= 0) or (isinstance(v, float) and not math.isfinite(v)):
             raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
-    for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every", "data.seq_len",
-                "optim.lr", "optim.eps", "checkpoint.every", "checkpoint.keep", "eval.num_samples",
-                "eval.batch_size"):
+    for key in (
+        "train.steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.log_every",
+        "data.seq_len",
+        "optim.lr",
+        "optim.eps",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "eval.num_samples",
+        "eval.batch_size",
+    ):
         positive(key)
-    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.z_loss_weight",
-                "optim.lr_min_ratio", "eval.every", "data.num_workers", "data.shuffle_buffer",
-                "train.loss_chunk_size"):
+    for key in (
+        "optim.warmup_steps",
+        "optim.weight_decay",
+        "optim.grad_clip",
+        "optim.z_loss_weight",
+        "optim.lr_min_ratio",
+        "eval.every",
+        "data.num_workers",
+        "data.shuffle_buffer",
+        "train.loss_chunk_size",
+    ):
         positive(key, allow_zero=True)
     for key in ("optim.b1", "optim.b2"):
         v = _get(cfg, key)
@@ -379,9 +420,13 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.optim.warmup_steps > cfg.train.steps:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.steps {cfg.train.steps}")
     if cfg.train.batch_size % cfg.train.grad_accum:
-        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size {cfg.train.batch_size}")
+        raise ConfigError(
+            f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size {cfg.train.batch_size}"
+        )
     if cfg.train.stop_after is not None and not 0 < cfg.train.stop_after <= cfg.train.steps:
-        raise ConfigError(f"train.stop_after: must be in [1, train.steps={cfg.train.steps}], got {cfg.train.stop_after}")
+        raise ConfigError(
+            f"train.stop_after: must be in [1, train.steps={cfg.train.steps}], got {cfg.train.stop_after}"
+        )
     if cfg.train.peak_flops_per_device is not None:
         positive("train.peak_flops_per_device")
     for ax in ("data", "fsdp", "tensor"):
@@ -401,11 +446,14 @@ def validate(cfg: ExperimentConfig) -> None:
     else:
         t = cfg.data.text
         if t.train_tokens and t.train_files:
-            raise ConfigError("data.text.train_tokens: set either train_tokens (a token directory) or train_files, "
-                              "not both")
+            raise ConfigError(
+                "data.text.train_tokens: set either train_tokens (a token directory) or train_files, not both"
+            )
         if not t.train_files and not t.train_tokens:
-            raise ConfigError("data.text.train_files: a text run needs at least one file or glob (or "
-                              "data.text.train_tokens, a token directory)")
+            raise ConfigError(
+                "data.text.train_files: a text run needs at least one file or glob (or "
+                "data.text.train_tokens, a token directory)"
+            )
         if not 0.0 <= t.eval_fraction < 1.0:
             raise ConfigError(f"data.text.eval_fraction: must be in [0, 1), got {t.eval_fraction!r}")
         if t.eval_fraction and not t.train_tokens:
@@ -415,9 +463,11 @@ def validate(cfg: ExperimentConfig) -> None:
         if t.eval_tokens and not t.train_tokens:
             raise ConfigError("data.text.eval_tokens: needs data.text.train_tokens (use eval_files with train_files)")
         if t.train_tokens and not (t.eval_tokens or t.eval_fraction) and (cfg.eval.every or cfg.eval.at_end):
-            raise ConfigError("data.text.eval_tokens: evaluation is on (eval.every / eval.at_end) but there is no "
-                              "validation split; set data.text.eval_tokens or data.text.eval_fraction, or turn "
-                              "evaluation off")
+            raise ConfigError(
+                "data.text.eval_tokens: evaluation is on (eval.every / eval.at_end) but there is no "
+                "validation split; set data.text.eval_tokens or data.text.eval_fraction, or turn "
+                "evaluation off"
+            )
     if cfg.data.seq_len > mc.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")
 
@@ -439,8 +489,10 @@ def check_batch_divides_mesh(cfg: ExperimentConfig, mesh_shape: dict) -> None:
     f = max(d for d in range(1, n + 1) if n % d == 0 and (b // accum) % d == 0)
     fixes.append(f"mesh.data=1 mesh.fsdp={f} mesh.tensor={n // f}")
     what = f"{b}" + (f" / grad_accum {accum} = {b // accum} sequences per micro-batch" if accum > 1 else "")
-    raise ConfigError(f"train.batch_size: {what} is not divisible by the data-parallel size mesh.data*mesh.fsdp = "
-                      f"{data}*{fsdp} = {dp} (on {n} devices); set " + ", or ".join(fixes))
+    raise ConfigError(
+        f"train.batch_size: {what} is not divisible by the data-parallel size mesh.data*mesh.fsdp = "
+        f"{data}*{fsdp} = {dp} (on {n} devices); set " + ", or ".join(fixes)
+    )
 
 
 def _check_tasks(key: str, entries) -> None:
@@ -480,4 +532,5 @@ def check_sample_lengths(cfg: ExperimentConfig, num: int = 256) -> None:
             raise ConfigError(
                 f"data.seq_len: {cfg.data.seq_len} is shorter than a {task.name} sample (data.tasks[{i}]: "
                 f"{longest} tokens, the longest of its first {num}); set data.seq_len >= {longest} (and "
-                f"model.max_seq_len), or data.split_long: true")
+                f"model.max_seq_len), or data.split_long: true"
+            )

@@ -4,6 +4,7 @@ and :func:`export_hf` (a Hugging Face LlamaCanon directory, via :func:`canon_jax
 Both read the config recorded with the checkpoint, restore only the parameters (not the optimizer state) onto one
 device, and never write into the run directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,11 +68,15 @@ def load_run(workdir, step: int | None = None, **model_overrides):
     restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
     try:
         with ocp.PyTreeCheckpointer() as ck:
-            restored = ck.restore(ckpt / str(step) / "state", args=ocp.args.PyTreeRestore(
-                item={"params": target}, restore_args=restore_args, partial_restore=True))
+            restored = ck.restore(
+                ckpt / str(step) / "state",
+                args=ocp.args.PyTreeRestore(item={"params": target}, restore_args=restore_args, partial_restore=True),
+            )
     except Exception as e:  # noqa: BLE001 - report the path, whatever orbax raised
-        raise RunError(f"{ckpt / str(step)}: cannot restore the parameters ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise RunError(
+            f"{ckpt / str(step)}: cannot restore the parameters ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return model, restored["params"]
 
 

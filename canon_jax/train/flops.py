@@ -16,6 +16,7 @@ Formula (PaLM appendix B convention; forward = 1/3, backward = 2/3 of the work):
 
 MFU = achieved FLOPs/s / (num_devices * peak FLOPs/s per device). Peak values below are dense bf16 datasheet numbers.
 """
+
 from __future__ import annotations
 
 import jax

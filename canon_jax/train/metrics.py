@@ -1,10 +1,11 @@
 """Run logging: ``metrics.jsonl`` (one JSON object per logged step / evaluation), TensorBoard, and the console: a tqdm
-progress bar on a terminal, one plain line per logged step otherwise (a pipe or a file gets no carriage-return frames), or with
-``progress=False``.
+progress bar on a terminal, one plain line per logged step otherwise (a pipe or a file gets no carriage-return
+frames), or with ``progress=False``.
 
 Only process 0 writes. On resume, records with ``step`` beyond the restored step are dropped first, so the file of a
 killed-and-resumed run reads like an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 
 import jax
 
@@ -50,8 +50,7 @@ class MetricsLogger:
       start_step: the step training resumes from; later records in an existing file are dropped.
     """
 
-    def __init__(self, workdir, total_steps: int, start_step: int = 0, tensorboard: bool = True,
-                 progress: bool = True):
+    def __init__(self, workdir, total_steps: int, start_step: int = 0, tensorboard: bool = True, progress: bool = True):
         self.workdir = pathlib.Path(workdir)
         self.active = jax.process_index() == 0
         self.path = self.workdir / "metrics.jsonl"
@@ -69,7 +68,9 @@ class MetricsLogger:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(
+                str(self.workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         if progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 

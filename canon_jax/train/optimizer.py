@@ -4,6 +4,7 @@ Schedule (SPEC A.5): linear warmup from 0 to ``lr`` over ``warmup`` steps, then
 ``lr * (r + (1 - r) * 0.5 * (1 + cos(pi * s)))`` with ``s = (step - warmup) / (steps - warmup)`` and
 ``r = lr_min_ratio``; ``schedule="constant"`` keeps ``lr`` after the warmup.
 """
+
 from __future__ import annotations
 
 import jax

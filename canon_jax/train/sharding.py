@@ -5,6 +5,7 @@ style) and ``tensor`` (Megatron-style model parallelism over heads / FFN width /
 ``("data", "fsdp")``. Parameters keep their logical axis names (``nn.with_logical_partitioning``) and
 :data:`LOGICAL_RULES` maps each name to mesh axes; a name mapped to ``None`` is replicated.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,12 +14,21 @@ import os
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MESH_AXES", "LOGICAL_RULES", "LOGICAL_AXES", "make_mesh", "logical_shardings", "batch_sharding",
-           "maybe_initialize_distributed", "mesh_shape"]
+__all__ = [
+    "MESH_AXES",
+    "LOGICAL_RULES",
+    "LOGICAL_AXES",
+    "make_mesh",
+    "logical_shardings",
+    "batch_sharding",
+    "maybe_initialize_distributed",
+    "mesh_shape",
+]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -56,8 +66,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
             raise ValueError(f"mesh: fixed axes (product {known}) do not divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
-                         f"but {num_devices} devices are available")
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} "
+            f"but {num_devices} devices are available"
+        )
     return tuple(sizes)
 
 
@@ -77,8 +89,9 @@ def _divisible_spec(spec: P, shape, mesh) -> P:
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         if names and dim % size:
-            log.info("sharding: dimension of size %d is not divisible by mesh axes %s (%d); replicating it",
-                     dim, names, size)
+            log.info(
+                "sharding: dimension of size %d is not divisible by mesh axes %s (%d); replicating it", dim, names, size
+            )
             out.append(None)
         else:
             out.append(axes)
@@ -92,8 +105,9 @@ def logical_shardings(abstract_tree, mesh, rules=LOGICAL_RULES):
     """
     specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
     shapes = nn.meta.unbox(abstract_tree)
-    fixed = jax.tree.map(lambda sp, a: _divisible_spec(sp, a.shape, mesh), specs, shapes,
-                         is_leaf=lambda x: isinstance(x, P))
+    fixed = jax.tree.map(
+        lambda sp, a: _divisible_spec(sp, a.shape, mesh), specs, shapes, is_leaf=lambda x: isinstance(x, P)
+    )
     return jax.tree.map(lambda sp: NamedSharding(mesh, sp), fixed, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -102,8 +116,14 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp"), None))
 
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+_CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
 def maybe_initialize_distributed(mesh_cfg) -> bool:

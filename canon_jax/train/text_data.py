@@ -11,6 +11,7 @@ Tokenizer: a Hugging Face ``tokenizers`` JSON file given by path, or the built-i
 (:func:`byte_level_tokenizer`: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, then the 256 bytes) when no path is given.
 Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,7 +29,9 @@ _EOS_NAMES = ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>", "[EOS]", "<|e
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The reversible byte -> printable-character map used by byte-level BPE (printable bytes map to themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -151,7 +154,7 @@ class TokenStream:
     def window(self, i: int, seq_len: int) -> dict:
         """Example ``i``: ``inputs``/``targets``/``loss_mask``/``segment_ids``/``positions``, each ``[seq_len]``."""
         lo = i * seq_len
-        w = self.tokens[lo:lo + seq_len + 1]
+        w = self.tokens[lo : lo + seq_len + 1]
         idx = np.arange(lo, lo + seq_len)
         doc = self.doc[idx]
         return {
@@ -173,13 +176,22 @@ def make_text_dataset(data_cfg, *, split: str, batch_size: int, process_index: i
     files = t.train_files if split == "train" else t.eval_files
     if not files:
         raise ValueError(f"data.text.{'train' if split == 'train' else 'eval'}_files: no files for split {split!r}")
-    stream = TokenStream(read_documents(files, t.text_field, t.txt_mode), load_tokenizer(t.tokenizer),
-                         t.add_bos, t.add_eos, t.bos_token, t.eos_token)
+    stream = TokenStream(
+        read_documents(files, t.text_field, t.txt_mode),
+        load_tokenizer(t.tokenizer),
+        t.add_bos,
+        t.add_eos,
+        t.bos_token,
+        t.eos_token,
+    )
     seq_len = data_cfg.seq_len
     n = stream.num_windows(seq_len)
     if n < process_count * batch_size:
-        raise ValueError(f"data.text.{'train' if split == 'train' else 'eval'}_files: {len(stream.tokens)} tokens give {n} windows of seq_len {seq_len}, fewer than "
-                         f"one global batch ({process_count} x {batch_size}); add text or lower data.seq_len")
+        raise ValueError(
+            f"data.text.{'train' if split == 'train' else 'eval'}_files: {len(stream.tokens)} tokens give {n} "
+            f"windows of seq_len {seq_len}, fewer than "
+            f"one global batch ({process_count} x {batch_size}); add text or lower data.seq_len"
+        )
     ds = grain.MapDataset.range(n)
     if split == "train":
         ds = ds.shuffle(seed=data_cfg.seed).repeat(None)

@@ -19,6 +19,7 @@ iterator state is ``{"next_index": s}`` -- the same on every process, saved with
 exactly the next batch, also with a different number of hosts. Memory: windows are read with positional file reads;
 nothing of the corpus is loaded.
 """
+
 from __future__ import annotations
 
 import grain
@@ -34,8 +35,14 @@ _INFINITE = 1 << 62
 class TokenWindows:
     """Windows ``[first, first + count)`` of a token directory, each ``seq_len + 1`` tokens (next-token pairs)."""
 
-    def __init__(self, shards: TokenShards, seq_len: int, first: int = 0, count: int | None = None,
-                 document_boundaries: bool = True):
+    def __init__(
+        self,
+        shards: TokenShards,
+        seq_len: int,
+        first: int = 0,
+        count: int | None = None,
+        document_boundaries: bool = True,
+    ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.shards, self.seq_len = shards, int(seq_len)
@@ -63,15 +70,29 @@ class TokenWindows:
         else:
             seg = np.ones(L, np.int32)
             pos = np.arange(L, dtype=np.int32)
-        return {"inputs": toks[:-1], "targets": toks[1:], "loss_mask": np.ones(L, np.float32),
-                "segment_ids": seg, "positions": pos}
+        return {
+            "inputs": toks[:-1],
+            "targets": toks[1:],
+            "loss_mask": np.ones(L, np.float32),
+            "segment_ids": seg,
+            "positions": pos,
+        }
 
 
 class GlobalBatchMapDataset(grain.MapDataset):
     """Element ``s`` = process ``process_index``'s rows of global batch ``s`` (dict of ``[local_batch, L]`` arrays)."""
 
-    def __init__(self, windows: TokenWindows, *, local_batch: int, process_index: int, process_count: int,
-                 shuffle: bool, seed: int, repeat: bool):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        *,
+        local_batch: int,
+        process_index: int,
+        process_count: int,
+        shuffle: bool,
+        seed: int,
+        repeat: bool,
+    ):
         super().__init__()
         if not 0 <= process_index < process_count:
             raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
@@ -82,8 +103,10 @@ class GlobalBatchMapDataset(grain.MapDataset):
         self._shuffle, self._seed, self._repeat = bool(shuffle), int(seed) % (1 << 32), bool(repeat)
         n = len(windows)
         if n < self._global:
-            raise ValueError(f"{n} windows of seq_len {windows.seq_len} are fewer than one global batch "
-                             f"({process_count} x {local_batch}); add text or lower data.seq_len")
+            raise ValueError(
+                f"{n} windows of seq_len {windows.seq_len} are fewer than one global batch "
+                f"({process_count} x {local_batch}); add text or lower data.seq_len"
+            )
         if shuffle and n - 1 >= 1 << 32:
             raise ValueError(f"{n} windows: the keyed shuffle handles at most 2**32; raise data.seq_len")
         self._len = _INFINITE if repeat else n // self._global
@@ -97,8 +120,9 @@ class GlobalBatchMapDataset(grain.MapDataset):
         epoch, r = divmod(int(g), n)
         if not self._shuffle or n == 1:
             return r
-        return int(grain.experimental.index_shuffle(r, max_index=n - 1, seed=(self._seed + epoch) % (1 << 32),
-                                                    rounds=4))
+        return int(
+            grain.experimental.index_shuffle(r, max_index=n - 1, seed=(self._seed + epoch) % (1 << 32), rounds=4)
+        )
 
     def __getitem__(self, s):
         if isinstance(s, slice):
@@ -110,8 +134,10 @@ class GlobalBatchMapDataset(grain.MapDataset):
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def __str__(self):
-        return (f"GlobalBatchMapDataset(windows={len(self._w)}, seq_len={self._w.seq_len}, "
-                f"batch={self._lb}x{self._pc}, shuffle={self._shuffle})")
+        return (
+            f"GlobalBatchMapDataset(windows={len(self._w)}, seq_len={self._w.seq_len}, "
+            f"batch={self._lb}x{self._pc}, shuffle={self._shuffle})"
+        )
 
 
 def split_windows(shards: TokenShards, seq_len: int, eval_fraction: float) -> tuple[int, int]:
@@ -139,8 +165,10 @@ def make_token_dataset(data_cfg, *, split: str, batch_size: int, process_index: 
         if t.eval_tokens:
             ev = TokenShards(t.eval_tokens)
             if ev.index["tokenizer_sha256"] != train.index["tokenizer_sha256"]:
-                raise ValueError("data.text.eval_tokens: tokenised with another tokenizer than data.text.train_tokens "
-                                 f"({ev.index['tokenizer_sha256'][:12]} vs {train.index['tokenizer_sha256'][:12]})")
+                raise ValueError(
+                    "data.text.eval_tokens: tokenised with another tokenizer than data.text.train_tokens "
+                    f"({ev.index['tokenizer_sha256'][:12]} vs {train.index['tokenizer_sha256'][:12]})"
+                )
             windows = TokenWindows(ev, seq_len, document_boundaries=t.document_boundaries)
         elif n_eval:
             windows = TokenWindows(train, seq_len, n_train, n_eval, t.document_boundaries)
@@ -150,9 +178,15 @@ def make_token_dataset(data_cfg, *, split: str, batch_size: int, process_index: 
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     what = "train_tokens" if split == "train" else ("eval_tokens" if t.eval_tokens else "eval_fraction")
     try:
-        ds = GlobalBatchMapDataset(windows, local_batch=batch_size, process_index=process_index,
-                                   process_count=process_count, shuffle=t.shuffle and split == "train",
-                                   seed=data_cfg.seed, repeat=split == "train")
+        ds = GlobalBatchMapDataset(
+            windows,
+            local_batch=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle=t.shuffle and split == "train",
+            seed=data_cfg.seed,
+            repeat=split == "train",
+        )
     except ValueError as e:
         raise ValueError(f"data.text.{what}: {e}") from None
     read = grain.ReadOptions(num_threads=max(data_cfg.num_workers, 1), prefetch_buffer_size=4)
@@ -168,6 +202,8 @@ def _check_tokenizer(shards: TokenShards, tokenizer_path, what: str):
 
     h = tokenizer_sha256(load_tokenizer(tokenizer_path))
     if h != shards.index["tokenizer_sha256"]:
-        raise ValueError(f"{what}: {shards.directory} was tokenised with another tokenizer (sha256 "
-                         f"{shards.index['tokenizer_sha256'][:12]}) than data.text.tokenizer {tokenizer_path} "
-                         f"({h[:12]})")
+        raise ValueError(
+            f"{what}: {shards.directory} was tokenised with another tokenizer (sha256 "
+            f"{shards.index['tokenizer_sha256'][:12]}) than data.text.tokenizer {tokenizer_path} "
+            f"({h[:12]})"
+        )

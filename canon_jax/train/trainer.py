@@ -8,6 +8,7 @@ compute in ``model.dtype`` (bf16 on accelerators). Every array is laid out by th
 :mod:`canon_jax.train.sharding` on a ``(data, fsdp, tensor)`` mesh; batches are split over ``(data, fsdp)``, each
 process reading only its own slice of the global batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,28 +16,40 @@ import functools
 import json
 import logging
 import math
-import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from canon_jax.train import sharding as shd
 from canon_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from canon_jax.train.config import (ConfigError, ExperimentConfig, check_batch_divides_mesh, check_sample_lengths,
-                                    config_to_dict, model_config)
+from canon_jax.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_batch_divides_mesh,
+    check_sample_lengths,
+    config_to_dict,
+    model_config,
+)
 from canon_jax.train.flops import count_params, flops_per_token, peak_flops_per_device
 from canon_jax.train.metrics import MetricsLogger, read_metrics
 from canon_jax.train.optimizer import make_optimizer
-from canon_jax.train.workdir import (WorkdirLock, check_workdir_path, config_changes, format_change, recorded_config,
-                                     set_aside)
+from canon_jax.train.workdir import (
+    WorkdirLock,
+    check_workdir_path,
+    config_changes,
+    format_change,
+    recorded_config,
+    set_aside,
+)
 
 __all__ = ["train", "TrainingDiverged", "Trainer", "build_train_step", "make_model", "make_train_data"]
 
@@ -65,8 +78,12 @@ def _data_config(cfg: ExperimentConfig):
     names = {f.name for f in dataclasses.fields(DataConfig)}
     values = {
         "tasks": [{"name": t.name, "weight": t.weight, "params": dict(t.params)} for t in d.tasks],
-        "seq_len": d.seq_len, "loss_on": d.loss_on, "seed": d.seed, "num_workers": d.num_workers,
-        "shuffle_buffer": d.shuffle_buffer, "split_long": d.split_long,
+        "seq_len": d.seq_len,
+        "loss_on": d.loss_on,
+        "seed": d.seed,
+        "num_workers": d.num_workers,
+        "shuffle_buffer": d.shuffle_buffer,
+        "split_long": d.split_long,
     }
     try:
         return DataConfig(**{k: v for k, v in values.items() if k in names})
@@ -79,20 +96,23 @@ def make_train_data(cfg: ExperimentConfig, *, split: str, batch_size: int, proce
     if cfg.data.kind == "text" and cfg.data.text.train_tokens:
         from canon_jax.train.text_stream import make_token_dataset
 
-        return make_token_dataset(cfg.data, split=split, batch_size=batch_size, process_index=process_index,
-                                  process_count=process_count)
+        return make_token_dataset(
+            cfg.data, split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
+        )
     if cfg.data.kind == "text":
         from canon_jax.train.text_data import make_text_dataset
 
-        return make_text_dataset(cfg.data, split=split, batch_size=batch_size, process_index=process_index,
-                                 process_count=process_count)
+        return make_text_dataset(
+            cfg.data, split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
+        )
     from canon_jax.data import make_dataset
 
-    return make_dataset(_data_config(cfg), split=split, batch_size=batch_size, process_index=process_index,
-                        process_count=process_count)
+    return make_dataset(
+        _data_config(cfg), split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
+    )
 
 
-def data_vocab_size(cfg: ExperimentConfig) -> Optional[int]:
+def data_vocab_size(cfg: ExperimentConfig) -> int | None:
     """Vocabulary the data needs (None when unknown)."""
     if cfg.data.kind == "text" and cfg.data.text.train_tokens:
         from canon_jax.data.shards import TokenShards
@@ -119,8 +139,16 @@ def _model_loss(model, params, batch, mask, chunk_size: int, z_loss: str = "none
         kwargs = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
     if chunk_size:
         hidden, head, layout = model.apply({"params": params}, batch["inputs"], return_hidden=True, **kwargs)
-        return chunked_cross_entropy(hidden, head, batch["targets"], mask, head_layout=layout, chunk_size=chunk_size,
-                                     z_loss=z_loss, z_loss_weight=z_loss_weight)
+        return chunked_cross_entropy(
+            hidden,
+            head,
+            batch["targets"],
+            mask,
+            head_layout=layout,
+            chunk_size=chunk_size,
+            z_loss=z_loss,
+            z_loss_weight=z_loss_weight,
+        )
     logits = model.apply({"params": params}, batch["inputs"], **kwargs)
     return cross_entropy(logits, batch["targets"], mask, z_loss=z_loss, z_loss_weight=z_loss_weight)
 
@@ -128,8 +156,9 @@ def _model_loss(model, params, batch, mask, chunk_size: int, z_loss: str = "none
 def _loss_terms(model, cfg: ExperimentConfig, params, batch, total_tokens):
     """Loss of one (micro-)batch, weighted so micro-batch terms sum to the full batch's token mean."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    loss, aux = _model_loss(model, params, batch, mask, cfg.train.loss_chunk_size, cfg.optim.z_loss,
-                            cfg.optim.z_loss_weight)
+    loss, aux = _model_loss(
+        model, params, batch, mask, cfg.train.loss_chunk_size, cfg.optim.z_loss, cfg.optim.z_loss_weight
+    )
     # cross_entropy is a masked mean (0 for an all-masked micro-batch); re-weight by this micro-batch's share.
     w = mask.sum() / total_tokens
     return loss * w, aux["nll"] * w
@@ -162,11 +191,13 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None, para
         if accum == 1:
             (loss, nll), grads = grad_fn(params, batch)
         else:
+
             def split(x):  # [B, ...] -> [accum, B/accum, ...] keeping each device's rows on the device
                 x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
                 if mesh is not None:
                     x = jax.lax.with_sharding_constraint(
-                        x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))))
+                        x, NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (x.ndim - 2))))
+                    )
                 return x
 
             micro = jax.tree.map(split, batch)
@@ -180,11 +211,15 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None, para
             (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, zeros), micro)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss, "nll": nll, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "tokens": batch["loss_mask"].astype(jnp.float32).sum(),
-                   "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads)}
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics = {
+            "loss": loss,
+            "nll": nll,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "tokens": batch["loss_mask"].astype(jnp.float32).sum(),
+            "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads),
+        }
         return new_state, metrics
 
     if mesh is None:
@@ -231,11 +266,15 @@ class Trainer:
         abstract_params = nn.meta.unbox(boxed)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         replicated = NamedSharding(self.mesh, P())
-        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, param_sh,
-                                       transform_non_params=lambda _: replicated)
+        opt_sh = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
+        )
         self.state_shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
-        self.abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-                               "opt_state": abstract_opt}
+        self.abstract_state = {
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "params": abstract_params,
+            "opt_state": abstract_opt,
+        }
         self.n_params = count_params(abstract_params)
         self.batch_sharding = shd.batch_sharding(self.mesh)
 
@@ -247,8 +286,12 @@ class Trainer:
             self._init = jax.jit(init_state, out_shardings=self.state_shardings)
         step_fn = build_train_step(self.model, cfg, self.tx, self.schedule, self.mesh, param_sh)
         batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
-        self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sh),
-                             out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self._step = jax.jit(
+            step_fn,
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     def context(self):
@@ -260,7 +303,7 @@ class Trainer:
         stack.enter_context(nn.logical_axis_rules(shd.LOGICAL_RULES))
         return stack
 
-    def init_state(self, seed: Optional[int] = None):
+    def init_state(self, seed: int | None = None):
         with self.context():
             return self._init(jax.random.key(self.cfg.train.seed if seed is None else seed))
 
@@ -279,8 +322,10 @@ class Trainer:
     def abstract_batch(self) -> dict:
         """Shapes, dtypes and shardings of one global batch (what :meth:`step` receives)."""
         shape = (self.cfg.train.batch_size, self.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+        return {
+            k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=self.batch_sharding)
+            for k in BATCH_KEYS
+        }
 
     def lower_step(self):
         """The jitted train step lowered for abstract state and batch (``.compile()`` it, e.g. for another machine)."""
@@ -313,8 +358,15 @@ class Trainer:
             if rng is not None and not isinstance(rng, jax.Array):
                 rng = jax.random.key(int(np.asarray(rng).ravel()[0]) if np.ndim(rng) else int(rng))
             with self.context():
-                out = generate(self.model, params, jnp.asarray(prompts, jnp.int32), int(max_new_tokens),
-                               temperature=temperature, rng=rng, prompt_mask=jnp.asarray(prompt_mask, bool))
+                out = generate(
+                    self.model,
+                    params,
+                    jnp.asarray(prompts, jnp.int32),
+                    int(max_new_tokens),
+                    temperature=temperature,
+                    rng=rng,
+                    prompt_mask=jnp.asarray(prompt_mask, bool),
+                )
             return np.asarray(out)
 
         return fn
@@ -324,9 +376,11 @@ class Trainer:
 def _nonfinite_report(step, loss, grad_norm, flags) -> str:
     bad = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(flags) if bool(v)]
     shown = ", ".join(bad[:10]) + (f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else "")
-    return (f"non-finite training at step {step}: loss={loss}, grad_norm={grad_norm}; parameters with non-finite "
-            f"gradients: {shown or 'none (the loss itself overflowed)'}. The run stopped without saving; the last "
-            f"good checkpoint is kept.")
+    return (
+        f"non-finite training at step {step}: loss={loss}, grad_norm={grad_norm}; parameters with non-finite "
+        f"gradients: {shown or 'none (the loss itself overflowed)'}. The run stopped without saving; the last "
+        f"good checkpoint is kept."
+    )
 
 
 class _Preemption:
@@ -354,8 +408,12 @@ class _Preemption:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            print(("\n" if sys.stderr.isatty() else "") + "Ctrl-C: a checkpoint will be saved after the current step "
-                  "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+            print(
+                ("\n" if sys.stderr.isatty() else "") + "Ctrl-C: a checkpoint will be saved after the current step "
+                "(Ctrl-C again aborts without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -376,18 +434,31 @@ def _evaluate(trainer: Trainer, params, cfg: ExperimentConfig, step: int, logger
 
     logits_fn = trainer.logits_fn(params)
     vocab = _data_config(cfg)  # token ids of the training mix
-    for t in (cfg.eval.tasks or cfg.data.tasks):
+    for t in cfg.eval.tasks or cfg.data.tasks:
         t0 = time.perf_counter()
         # Lano's generation accuracy samples at temperature 1 (SPEC 0.6); the other generation tasks are greedy.
         generate_fn = trainer.generate_fn(params, temperature=1.0 if t.name == "lano" else 0.0)
         extra = {"num_params": trainer.n_params} if t.name == "capo" else {}
-        m = evaluate(t.name, dict(t.params), logits_fn=logits_fn, generate_fn=generate_fn, vocab=vocab,
-                     num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, **extra)
-        rec = {"step": step, "eval": t.name, **{f"{t.name}/{k}": v for k, v in _flatten(m).items()},
-               "eval_seconds": time.perf_counter() - t0}
+        m = evaluate(
+            t.name,
+            dict(t.params),
+            logits_fn=logits_fn,
+            generate_fn=generate_fn,
+            vocab=vocab,
+            num_samples=cfg.eval.num_samples,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            **extra,
+        )
+        rec = {
+            "step": step,
+            "eval": t.name,
+            **{f"{t.name}/{k}": v for k, v in _flatten(m).items()},
+            "eval_seconds": time.perf_counter() - t0,
+        }
         logger.log(rec, prefix="eval")
         results[t.name] = rec
-    logger.write("evaluation at step %d:\n%s" % (step, _eval_table(results)))
+    logger.write(f"evaluation at step {step}:\n{_eval_table(results)}")
     return results
 
 
@@ -410,14 +481,23 @@ def _eval_table(results: dict) -> str:
         for k, v in rec.items():
             if k in ("step", "eval", "eval_seconds"):
                 continue
-            val = (str(int(v)) if float(v).is_integer() and "count" in k else f"{v:.4f}") if isinstance(v, float) \
+            val = (
+                (str(int(v)) if float(v).is_integer() and "count" in k else f"{v:.4f}")
+                if isinstance(v, float)
                 else str(v)
+            )
             lines.append(f"| {name} | {k.split('/', 1)[-1]} | {val} |")
     return "\n".join(lines)
 
 
-def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callable = make_model,
-          data_factory: Callable = make_train_data) -> dict:
+def train(
+    cfg: ExperimentConfig,
+    workdir,
+    *,
+    devices=None,
+    model_factory: Callable = make_model,
+    data_factory: Callable = make_train_data,
+) -> dict:
     """Train (or resume) the run described by ``cfg`` in ``workdir``; returns a summary dict.
 
     Every check that can fail on the config or the paths raises :class:`ConfigError` before a file is written. Then
@@ -434,8 +514,10 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
     mc = model_config(cfg)
     need = data_vocab_size(cfg)
     if need is not None and need > mc.vocab_size:
-        raise ConfigError(f"model.vocab_size: {mc.vocab_size} is smaller than the data's vocabulary ({need}); "
-                          f"set model.vocab_size >= {need}")
+        raise ConfigError(
+            f"model.vocab_size: {mc.vocab_size} is smaller than the data's vocabulary ({need}); "
+            f"set model.vocab_size >= {need}"
+        )
     check_sample_lengths(cfg)
     pc, pi = jax.process_count(), jax.process_index()
     if cfg.train.batch_size % pc:
@@ -460,7 +542,8 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
                 raise ConfigError(
                     f"{key}: the run in {workdir} was trained with {json.dumps(was)}, this config has "
                     f"{json.dumps(now)}{also}; a model/data change cannot continue that run: start a fresh run in a "
-                    f"new --workdir (the old run is left untouched)")
+                    f"new --workdir (the old run is left untouched)"
+                )
             if allowed:
                 notes.append("resuming with changed settings: " + ", ".join(format_change(c) for c in allowed))
         return _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs, pi, pc, mc)
@@ -472,14 +555,19 @@ def train(cfg: ExperimentConfig, workdir, *, devices=None, model_factory: Callab
 def _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs, pi, pc, mc) -> dict:
     if pi == 0:
         (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
-                        cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
+    ckpt = (
+        Checkpointer(workdir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        if cfg.checkpoint.enabled
+        else None
+    )
     restored = ckpt.restore(trainer.restore_target()) if ckpt is not None else None
     damaged = ckpt.damaged if ckpt is not None else []
     if damaged:
         where = damaged[0].moved_to.parent
-        what = (f"damaged checkpoint(s) at step(s) {', '.join(str(d.step) for d in damaged)} ({damaged[0].reason}) "
-                f"moved to {where}")
+        what = (
+            f"damaged checkpoint(s) at step(s) {', '.join(str(d.step) for d in damaged)} ({damaged[0].reason}) "
+            f"moved to {where}"
+        )
         if restored is not None:
             notes.append(f"{what}; resuming from step {restored[0]}")
         else:
@@ -494,15 +582,18 @@ def _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs
         start, state = 0, trainer.init_state()
     total = cfg.train.steps
     stop = cfg.train.stop_after or total
-    logger = MetricsLogger(workdir, total, start_step=start, tensorboard=cfg.logging.tensorboard,
-                           progress=cfg.logging.progress)
+    logger = MetricsLogger(
+        workdir, total, start_step=start, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress
+    )
     for note in notes:
         if note:
             logger.write(note)
     previous = read_metrics(workdir / "metrics.jsonl") if restored is not None and start >= stop else []
     if restored is not None and not damaged:  # (a fallback was announced above with its step)
-        logger.write(f"resumed from checkpoint at step {start}" + (
-            f": the run is already at step {start} of {total}, nothing to train" if start >= stop else ""))
+        logger.write(
+            f"resumed from checkpoint at step {start}"
+            + (f": the run is already at step {start} of {total}, nothing to train" if start >= stop else "")
+        )
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     fpt = flops_per_token(mc, trainer.n_params, cfg.data.seq_len)
     peak = cfg.train.peak_flops_per_device or peak_flops_per_device()
@@ -535,9 +626,17 @@ def _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs
                 if step % cfg.train.log_every == 0 or step == stop:
                     dt = max(time.perf_counter() - window_t0, 1e-9)
                     tps = tokens_per_step * window_steps / dt if window_steps else float("nan")
-                    rec = {"step": step, "loss": loss, "nll": float(m["nll"]), "lr": float(m["lr"]), "grad_norm": gnorm,
-                           "tokens_per_s": tps, "loss_tokens": float(m["tokens"]),
-                           "tokens_seen": step * tokens_per_step, "step_time_s": dt / window_steps if window_steps else float("nan")}
+                    rec = {
+                        "step": step,
+                        "loss": loss,
+                        "nll": float(m["nll"]),
+                        "lr": float(m["lr"]),
+                        "grad_norm": gnorm,
+                        "tokens_per_s": tps,
+                        "loss_tokens": float(m["tokens"]),
+                        "tokens_seen": step * tokens_per_step,
+                        "step_time_s": dt / window_steps if window_steps else float("nan"),
+                    }
                     if peak and window_steps:
                         rec["mfu"] = tps * fpt / (n_dev * peak)
                     logger.log(rec)
@@ -559,7 +658,7 @@ def _train_in(trainer, cfg, cfg_dict, workdir, it, notes, data_factory, local_bs
             if not summary["preempted"] and step == total and cfg.eval.at_end:
                 if done_eval:
                     last_eval = done_eval
-                    logger.write("evaluation at step %d (recorded):\n%s" % (step, _eval_table(done_eval)))
+                    logger.write(f"evaluation at step {step} (recorded):\n{_eval_table(done_eval)}")
                 else:
                     last_eval = _evaluate(trainer, state["params"], cfg, step, logger, eval_iter_fn)
     finally:

@@ -11,6 +11,7 @@
   reported).
 * :func:`set_aside` — move a file or directory to a fresh name (never deleting anything).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,19 +22,29 @@ import time
 
 from canon_jax.train.config import ConfigError
 
-__all__ = ["check_workdir_path", "WorkdirLock", "WorkdirBusy", "recorded_config", "config_changes", "set_aside",
-           "format_change", "LOCK_NAME"]
+__all__ = [
+    "check_workdir_path",
+    "WorkdirLock",
+    "WorkdirBusy",
+    "recorded_config",
+    "config_changes",
+    "set_aside",
+    "format_change",
+    "LOCK_NAME",
+]
 
 LOCK_NAME = "train.lock"
 
 # Model fields that only choose how the same function is computed (numerics, memory, kernels): a resumed run may
 # change them. Every other model field changes the parameters' shapes or the function itself.
-RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "kernel_impl", "linear_chunk_size", "mamba_chunk_size",
-                                "max_seq_len"})
+RUNTIME_MODEL_KEYS = frozenset(
+    {"dtype", "remat", "kernel_impl", "linear_chunk_size", "mamba_chunk_size", "max_seq_len"}
+)
 # Data fields that do not change the training stream, and the text runs' file locations: the same documents may move
 # (another mount, another cluster), so a changed path is reported, not refused.
-RUNTIME_DATA_KEYS = frozenset({"num_workers", "text.eval_files", "text.eval_batches", "text.train_files",
-                               "text.tokenizer"})
+RUNTIME_DATA_KEYS = frozenset(
+    {"num_workers", "text.eval_files", "text.eval_batches", "text.train_files", "text.tokenizer"}
+)
 # Outside model/data: the init seed only acts at step 0, so a resumed run would silently ignore a new one.
 FIXED_KEYS = frozenset({"train.seed"})
 # Optimizer transforms that exist only for a positive value: switching them on or off changes the optimizer state's
@@ -77,8 +88,7 @@ class WorkdirLock:
 
     def __init__(self, workdir):
         self.path = pathlib.Path(workdir) / LOCK_NAME
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(),
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         self.held = False
 
     def _read(self):
@@ -94,7 +104,7 @@ class WorkdirLock:
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except FileExistsError as exists:
                 owner = self._read()
                 if owner is None:  # being written right now, or garbage: look again before judging it
                     time.sleep(0.2)
@@ -104,7 +114,8 @@ class WorkdirLock:
                     raise WorkdirBusy(
                         f"workdir {self.path.parent} is in use by PID {owner['pid']} on {where} (since "
                         f"{owner.get('started', '?')}); wait for that run to end or use another --workdir (if that "
-                        f"process is gone, delete {self.path})")
+                        f"process is gone, delete {self.path})"
+                    ) from exists
                 # stale: the owner died on this host (or left an unreadable file). Move it aside under a name only
                 # this process uses, so two runs taking over the same stale lock cannot both succeed.
                 grave = self.path.with_name(f"{LOCK_NAME}.stale-{self.me['pid']}")
@@ -116,8 +127,11 @@ class WorkdirLock:
                     os.replace(grave, self.path)
                     continue
                 grave.unlink()
-                note = (f"took over a stale lock of PID {owner['pid']} (no longer running) in {self.path.parent}"
-                        if owner else f"replaced an unreadable lock file {self.path}")
+                note = (
+                    f"took over a stale lock of PID {owner['pid']} (no longer running) in {self.path.parent}"
+                    if owner
+                    else f"replaced an unreadable lock file {self.path}"
+                )
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)

@@ -1,8 +1,8 @@
 """Public entry points: ``gla`` (vector gates) and ``ssd`` (Mamba2, scalar per-head gates) on one scan kernel."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax.numpy as jnp
 
@@ -11,8 +11,17 @@ from pallas_kernels.linear_scan.op import _Static, scan_op
 from pallas_kernels.linear_scan.tpu import ScanLayout
 
 
-def supports(op: str, *, dk: int, dv: int, t_len: int, chunk_size: int, backend: Optional[str] = None,
-             interpret=False, block_sizes: Optional[BlockSizes] = None) -> bool:
+def supports(
+    op: str,
+    *,
+    dk: int,
+    dv: int,
+    t_len: int,
+    chunk_size: int,
+    backend: str | None = None,
+    interpret=False,
+    block_sizes: BlockSizes | None = None,
+) -> bool:
     """Whether the kernel family of ``backend`` (default: the current device's) takes this call of ``op`` ("gla" or
     "ssd"; ``dk`` = key width (SSD's N), ``dv`` = value width (SSD's P)). The TPU kernel takes any shape; the Mosaic
     GPU kernels need Dk a multiple of 64, Dv a multiple of ``block_sizes.block_dv`` and a chunk that is a multiple of
@@ -54,7 +63,7 @@ def _gpu_chunk(t_len, chunk_size, bs: BlockSizes):
     return min(_requested_chunk(chunk_size, bs), round_up(t_len, 64))
 
 
-def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: Optional[BlockSizes] = None):
+def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: BlockSizes | None = None):
     """Scalar bool (traceable): whether the Mosaic GPU GLA kernels' exponent bound holds for these log-gates
     ``[batch, time, heads, Dk]``.
 
@@ -92,17 +101,28 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
         raise ValueError(f"linear_scan: Mosaic GPU interpret params need backend='gpu' (or None), got {backend!r}")
     if be == "gpu" and (not interpret or gpu_interp):
         if vector:
-            return _run_gpu_gla(q, k, v, g, st0, scale=scale, chunk_size=chunk_size, block_sizes=block_sizes,
-                                interpret=interpret if gpu_interp else None)
-        return _run_gpu(q, k, v, g, st0, chunk_size=chunk_size, block_sizes=block_sizes,
-                        interpret=interpret if gpu_interp else None)
+            return _run_gpu_gla(
+                q,
+                k,
+                v,
+                g,
+                st0,
+                scale=scale,
+                chunk_size=chunk_size,
+                block_sizes=block_sizes,
+                interpret=interpret if gpu_interp else None,
+            )
+        return _run_gpu(
+            q, k, v, g, st0, chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret if gpu_interp else None
+        )
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
     bsz, t_len, heads, dv = v.shape
     dk = q.shape[-1]
     chunk, sub = _plan(t_len, chunk_size, bs, vector)
     tp = round_up(t_len, chunk)
-    time_major = be == "tpu" and (bs.scan_layout == "time_major" or (
-        bs.scan_layout == "auto" and dk % 128 == 0 and dv % 128 == 0))
+    time_major = be == "tpu" and (
+        bs.scan_layout == "time_major" or (bs.scan_layout == "auto" and dk % 128 == 0 and dv % 128 == 0)
+    )
     if not time_major and rep > 1:
         q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
     # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
@@ -116,8 +136,15 @@ def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend,
         q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
         g = jnp.swapaxes(g, 1, 2) if vector else jnp.swapaxes(g, 1, 2)[..., None]
     layout = ScanLayout("time" if time_major else "head", heads, dk, dv, rep if time_major else 1)
-    st = _Static(scale=float(scale), chunk=chunk, sub_chunk=sub, backend=be, interpret=interpret,
-                 layout=layout, scalar=not vector)
+    st = _Static(
+        scale=float(scale),
+        chunk=chunk,
+        sub_chunk=sub,
+        backend=be,
+        interpret=interpret,
+        layout=layout,
+        scalar=not vector,
+    )
     o, sf = scan_op(q, k, v, g, st0, st)
     o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
     return o[:, :t_len], sf
@@ -138,8 +165,16 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
     chunk = gpu.ssd_chunk(chunk, q.shape[-1], bs.block_dv, fixed=bs.chunk is not None)
     tp = round_up(t_len, chunk)
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    o, s = gpu.scalar_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
-                           chunk, bs.block_dv, interpret)
+    o, s = gpu.scalar_scan(
+        pad_t(q),
+        pad_t(k),
+        pad_t(v),
+        pad_t(g.astype(jnp.float32)),
+        jnp.swapaxes(st0, 2, 3),
+        chunk,
+        bs.block_dv,
+        interpret,
+    )
     return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
 
 
@@ -157,13 +192,34 @@ def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
     tp = round_up(t_len, chunk)
     # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    o, s = gpu.vector_scan(pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32)), jnp.swapaxes(st0, 2, 3),
-                           float(scale), chunk, sub, bs.block_dv, interpret)
+    o, s = gpu.vector_scan(
+        pad_t(q),
+        pad_t(k),
+        pad_t(v),
+        pad_t(g.astype(jnp.float32)),
+        jnp.swapaxes(st0, 2, 3),
+        float(scale),
+        chunk,
+        sub,
+        bs.block_dv,
+        interpret,
+    )
     return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
 
 
-def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None, chunk_size: int = 64,
-        interpret: bool = False, block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+def gla(
+    q,
+    k,
+    v,
+    log_gate,
+    *,
+    scale: float | None = None,
+    initial_state=None,
+    chunk_size: int = 64,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+):
     """Gated linear attention with per-key-channel gates.
 
     ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``, ``o_t = (scale q_t)^T S_t`` per (batch, head).
@@ -183,25 +239,54 @@ def gla(q, k, v, log_gate, *, scale: Optional[float] = None, initial_state=None,
       ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.
     """
     if q.ndim != 4 or 0 in q.shape or k.shape != q.shape or log_gate.shape != q.shape:
-        raise ValueError(f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
-                         f"q {q.shape}, k {k.shape}, log_gate {log_gate.shape}")
+        raise ValueError(
+            f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
+            f"q {q.shape}, k {k.shape}, log_gate {log_gate.shape}"
+        )
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
     bsz, _, heads, dk = q.shape
     dv = v.shape[-1]
     if initial_state is not None and initial_state.shape != (bsz, heads, dk, dv):
-        raise ValueError(f"gla: initial_state must be [batch, heads, Dk, Dv]={(bsz, heads, dk, dv)}, "
-                         f"got {initial_state.shape}")
-    scale = dk ** -0.5 if scale is None else scale
-    st0 = (jnp.zeros((bsz, heads, dv, dk), jnp.float32) if initial_state is None
-           else jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3))
-    o, sf = _run(q, k, v, log_gate, st0, scale=scale, chunk_size=chunk_size, interpret=interpret,
-                 block_sizes=block_sizes, backend=backend, vector=True)
+        raise ValueError(
+            f"gla: initial_state must be [batch, heads, Dk, Dv]={(bsz, heads, dk, dv)}, got {initial_state.shape}"
+        )
+    scale = dk**-0.5 if scale is None else scale
+    st0 = (
+        jnp.zeros((bsz, heads, dv, dk), jnp.float32)
+        if initial_state is None
+        else jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3)
+    )
+    o, sf = _run(
+        q,
+        k,
+        v,
+        log_gate,
+        st0,
+        scale=scale,
+        chunk_size=chunk_size,
+        interpret=interpret,
+        block_sizes=block_sizes,
+        backend=backend,
+        vector=True,
+    )
     return o, jnp.swapaxes(sf, 2, 3)
 
 
-def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, interpret: bool = False,
-        block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None):
+def ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    *,
+    initial_state=None,
+    chunk_size: int = 64,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+):
     """Mamba2 state-space duality scan on the scalar-gate kernel.
 
     ``h_t = exp(dt_t A_h) h_{t-1} + (dt_t x_t) B_t^T``, ``y_t = h_t C_t + D_h x_t`` per (batch, head).
@@ -225,22 +310,38 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 64, int
     if A.shape != (heads,):
         raise ValueError(f"ssd: A must be [heads]=({heads},), got {A.shape}")
     if B.ndim != 4 or B.shape[:2] != (bsz, t_len) or C.shape != B.shape or heads % B.shape[2]:
-        raise ValueError(f"ssd: B and C must be [batch, time, groups, N] with heads % groups == 0, got B {B.shape}, "
-                         f"C {C.shape}, heads={heads}")
+        raise ValueError(
+            f"ssd: B and C must be [batch, time, groups, N] with heads % groups == 0, got B {B.shape}, "
+            f"C {C.shape}, heads={heads}"
+        )
     if D is not None and D.shape != (heads,):
         raise ValueError(f"ssd: D must be [heads]=({heads},), got {D.shape}")
     n = B.shape[-1]
     if initial_state is not None and initial_state.shape != (bsz, heads, p, n):
-        raise ValueError(f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, "
-                         f"got {initial_state.shape}")
+        raise ValueError(
+            f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, got {initial_state.shape}"
+        )
     rep = heads // B.shape[2]
     dtf = dt.astype(jnp.float32)
     v = (dtf[..., None] * x.astype(jnp.float32)).astype(x.dtype)
     g = dtf * A.astype(jnp.float32)  # scalar log-gate per (token, head)
-    st0 = (jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None
-           else initial_state.astype(jnp.float32))  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
-    y, sf = _run(C, B, v, g, st0, scale=1.0, chunk_size=chunk_size, interpret=interpret,
-                 block_sizes=block_sizes, backend=backend, vector=False, rep=rep)
+    st0 = (
+        jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    )  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
+    y, sf = _run(
+        C,
+        B,
+        v,
+        g,
+        st0,
+        scale=1.0,
+        chunk_size=chunk_size,
+        interpret=interpret,
+        block_sizes=block_sizes,
+        backend=backend,
+        vector=False,
+        rep=rep,
+    )
     if D is not None:
         y = (y.astype(jnp.float32) + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(x.dtype)
     return y, sf

@@ -54,6 +54,7 @@ does not lower. The backward (``gpu_bwd``) reuses ``qm``, ``km`` and the factor 
 ``tpu_body_scan_call`` keeps the earlier attempt (the TPU kernel body under Mosaic GPU compiler params), which does
 not lower (shared-memory overflow), so that the failure stays reproducible in ``tests/kernels/test_export.py``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -116,9 +117,11 @@ def _smem(shape, dtype):
 
 def _mm(a_ref, b_ref, shape):
     """``a @ b`` of two shared-memory refs by wgmma into a fresh float32 accumulator; returns the value."""
+
     def body(acc):
         plgpu.wgmma(acc, a_ref, b_ref)
         return acc[...]
+
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
@@ -131,6 +134,7 @@ def _mm_acc(acc0, a_ref, b_ref, interpret=None):
 
     def body(acc):
         plgpu.wgmma(acc, a_ref, b_ref)
+
     return pl.run_state(body)(plgpu.ACC.init(acc0))
 
 
@@ -151,15 +155,18 @@ def _scale_sub(x, idx, dim, vecs, ell):
 
 def _mm2(a_ref, b_ref, c_ref, d_ref, shape):
     """``a @ b + c @ d``: two wgmma into one fresh float32 accumulator."""
+
     def body(acc):
         plgpu.wgmma(acc, a_ref, b_ref)
         plgpu.wgmma(acc, c_ref, d_ref)
         return acc[...]
+
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, rep: int = 1, out_dtype=jnp.bfloat16,
-                 interpret=None):
+def ssd_scan_fwd(
+    q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, rep: int = 1, out_dtype=jnp.bfloat16, interpret=None
+):
     """Scalar-gate chunked scan, forward.
 
     Args:
@@ -184,11 +191,37 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
     # Register layouts are a lowering annotation with identity semantics; the Mosaic GPU interpreter of jax 0.10.2
     # has no rule for ``layout_cast`` (nor layout-annotated iotas), so interpret mode leaves them out.
     lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast
-    iota = ((lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)) if interpret is not None
-            else (lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=WG)))
+    iota = (
+        (lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d))
+        if interpret is not None
+        else (lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=WG))
+    )
 
-    def body(q_ref, kt_ref, v_ref, b_ref, eb_ref, ek_ref, sd_ref, s0_ref, o_ref, sf_ref,
-             q_s, kt_s, v_s, vd_s, p_s, s16_s, s32_s, o_s, b_s, eb_s, ek_s, sd_s, bars):
+    def body(
+        q_ref,
+        kt_ref,
+        v_ref,
+        b_ref,
+        eb_ref,
+        ek_ref,
+        sd_ref,
+        s0_ref,
+        o_ref,
+        sf_ref,
+        q_s,
+        kt_s,
+        v_s,
+        vd_s,
+        p_s,
+        s16_s,
+        s32_s,
+        o_s,
+        b_s,
+        eb_s,
+        ek_s,
+        sd_s,
+        bars,
+    ):
         bufs = (q_s, kt_s, v_s, b_s, eb_s, ek_s, sd_s)  # double-buffered: [2, ...]
         bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         gi = lax.div(hi, jnp.int32(rep))
@@ -199,10 +232,15 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
         def issue(ci, slot):
             """Starts the TMA copies of chunk ``ci`` into buffer ``slot`` (one barrier per operand and slot)."""
             rows = pl.ds(ci * c, c)
-            copies = ((q_ref.at[bi, rows, gi, :], q_s), (kt_ref.at[bi, gi, :, rows], kt_s),
-                      (v_ref.at[bi, rows, hi, cols], v_s), (b_ref.at[bi, hi, rows], b_s),
-                      (eb_ref.at[bi, hi, rows], eb_s), (ek_ref.at[bi, hi, rows], ek_s),
-                      (sd_ref.at[bi, hi, ci, :], sd_s))
+            copies = (
+                (q_ref.at[bi, rows, gi, :], q_s),
+                (kt_ref.at[bi, gi, :, rows], kt_s),
+                (v_ref.at[bi, rows, hi, cols], v_s),
+                (b_ref.at[bi, hi, rows], b_s),
+                (eb_ref.at[bi, hi, rows], eb_s),
+                (ek_ref.at[bi, hi, rows], ek_s),
+                (sd_ref.at[bi, hi, ci, :], sd_s),
+            )
             for i, (src, dst) in enumerate(copies):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + i])
 
@@ -267,13 +305,18 @@ def ssd_scan_fwd(q, kt, v, b, eb, ek, sdec, s0, *, chunk: int, block_dv: int, re
         _smem((dk, dvb), bf16),  # state, bf16 copy
         _smem((dk, dvb), f32),  # state, f32 (initial / final)
         _smem((c, dvb), out_dtype),  # output tile
-        plgpu.SMEM((2, c), f32), plgpu.SMEM((2, c), f32), plgpu.SMEM((2, c), f32), plgpu.SMEM((2, dk), f32),
+        plgpu.SMEM((2, c), f32),
+        plgpu.SMEM((2, c), f32),
+        plgpu.SMEM((2, c), f32),
+        plgpu.SMEM((2, dk), f32),
         plgpu.Barrier(num_barriers=2 * 7 + 1),
     ]
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
-                  jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
+        out_type=(
+            jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
+            jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32),
+        ),
         scratch_types=scratch,
         grid=(bsz, heads, nv),
         grid_names=("b", "h", "v"),
@@ -337,8 +380,7 @@ def _prep_vector_gates(q, k, g, *, scale, chunk, sub):
     return qm, kmt, fac
 
 
-def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, out_dtype=jnp.bfloat16,
-                 interpret=None):
+def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, out_dtype=jnp.bfloat16, interpret=None):
     """Vector-gate (GLA) chunked scan, forward, on the operands of ``_prep_vector_gates``.
 
     Args:
@@ -355,13 +397,32 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
     rows, nf = _gla_factor_rows(n_sub)
     bf16, f32 = jnp.bfloat16, jnp.float32
     lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast  # see ssd_scan_fwd
-    iota = ((lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d)) if interpret is not None
-            else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG)))
-    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
-             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
+    iota1 = (
+        (lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0))
+        if interpret is not None
+        else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout))
+    )
 
-    def body(qm_ref, kmt_ref, v_ref, f_ref, s0_ref, o_ref, sf_ref,
-             q_s, kt_s, v_s, f_s, qw_s, kw_s, p_s, s16_s, s32_s, o_s, bars):
+    def body(
+        qm_ref,
+        kmt_ref,
+        v_ref,
+        f_ref,
+        s0_ref,
+        o_ref,
+        sf_ref,
+        q_s,
+        kt_s,
+        v_s,
+        f_s,
+        qw_s,
+        kw_s,
+        p_s,
+        s16_s,
+        s32_s,
+        o_s,
+        bars,
+    ):
         bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         cols = pl.ds(vi * dvb, dvb)
         bufs = (q_s, kt_s, v_s, f_s)
@@ -369,8 +430,12 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
 
         def issue(ci, slot):
             rws = pl.ds(ci * c, c)
-            copies = ((qm_ref.at[bi, rws, hi, :], q_s), (kmt_ref.at[bi, hi, :, rws], kt_s),
-                      (v_ref.at[bi, rws, hi, cols], v_s), (f_ref.at[bi, hi, ci], f_s))
+            copies = (
+                (qm_ref.at[bi, rws, hi, :], q_s),
+                (kmt_ref.at[bi, hi, :, rws], kt_s),
+                (v_ref.at[bi, rws, hi, cols], v_s),
+                (f_ref.at[bi, hi, ci], f_s),
+            )
             for i, (src, dst) in enumerate(copies):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + i])
 
@@ -402,8 +467,8 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
             # started, the factors are applied one sub-chunk at a time (one vector live, not n_sub), and every
             # product that adds to a live value accumulates into it by wgmma (``pl.run_state`` on an initialised
             # accumulator) instead of materialising a second tile.
-            qside = lambda r: (lambda: colv(r))
-            kside = lambda r: (lambda: rowv(r))
+            qside = lambda r: lambda: colv(r)
+            kside = lambda r: lambda: rowv(r)
             s16_s[...] = st.astype(bf16)  # the state entering the chunk, rounded for the wgmma
             # diagonal blocks: qm km^T as it is (both referred to the same middle row), t >= s in one sub-chunk;
             # the entries dropped here (t < s, other sub-chunks) may be inf: where() selects, it never multiplies
@@ -457,8 +522,10 @@ def gla_scan_fwd(qm, kmt, v, fac, s0, *, chunk: int, sub: int, block_dv: int, ou
     ]
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
-                  jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32)),
+        out_type=(
+            jax.ShapeDtypeStruct((bsz, t_len, heads, dv), out_dtype),
+            jax.ShapeDtypeStruct((bsz, heads, dk, dv), f32),
+        ),
         scratch_types=scratch,
         grid=(bsz, heads, nv),
         grid_names=("b", "h", "v"),
@@ -480,8 +547,8 @@ def gla_max_exponent(g, *, sub: int):
     bsz, t_len, heads, dk = g.shape
     gs = g.astype(jnp.float32).reshape(bsz, t_len // sub, sub, heads, dk)
     mid = (sub - 1) // 2
-    head = -jnp.sum(gs[:, :, 1:mid + 1], axis=2)  # b_first - b_mid
-    tail = -jnp.sum(gs[:, :, mid + 1:], axis=2)  # b_mid - b_last
+    head = -jnp.sum(gs[:, :, 1 : mid + 1], axis=2)  # b_first - b_mid
+    tail = -jnp.sum(gs[:, :, mid + 1 :], axis=2)  # b_mid - b_last
     return jnp.max(jnp.maximum(head, tail))
 
 
@@ -489,8 +556,13 @@ def gla_smem_bytes(chunk, sub, dk, block_dv, out_dtype=jnp.bfloat16):
     """Shared memory the vector-gate kernel's scratch takes (bytes, without barriers)."""
     nf = _gla_factor_rows(chunk // sub)[1]
     c, o = chunk, jnp.dtype(out_dtype).itemsize
-    return (2 * (2 * c * dk * 2 + c * block_dv * 2 + nf * dk * 4) + 2 * c * dk * 2 + c * c * 2
-            + dk * block_dv * (2 + 4) + c * block_dv * o)
+    return (
+        2 * (2 * c * dk * 2 + c * block_dv * 2 + nf * dk * 4)
+        + 2 * c * dk * 2
+        + c * c * 2
+        + dk * block_dv * (2 + 4)
+        + c * block_dv * o
+    )
 
 
 def _vector_scan_xla(q, k, v, g, s0, scale, chunk, sub):
@@ -551,8 +623,18 @@ def vector_scan(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
     the saved inputs.
     """
     qm, kmt, fac = _prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
-    return gla_scan_fwd(qm, kmt, v.astype(jnp.bfloat16), fac, s0, chunk=chunk, sub=sub, block_dv=block_dv,
-                        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+    return gla_scan_fwd(
+        qm,
+        kmt,
+        v.astype(jnp.bfloat16),
+        fac,
+        s0,
+        chunk=chunk,
+        sub=sub,
+        block_dv=block_dv,
+        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16,
+        interpret=interpret,
+    )
 
 
 def _vector_scan_fwd(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
@@ -562,8 +644,9 @@ def _vector_scan_fwd(q, k, v, g, s0, scale, chunk, sub, block_dv, interpret):
 def _vector_scan_bwd(scale, chunk, sub, block_dv, interpret, res, cts):
     from pallas_kernels.linear_scan import gpu_bwd  # imports this module
 
-    grads = gpu_bwd.vector_scan_bwd(*res, *cts, scale=scale, chunk=chunk, sub=sub, block_dv=block_dv,
-                                    interpret=interpret)
+    grads = gpu_bwd.vector_scan_bwd(
+        *res, *cts, scale=scale, chunk=chunk, sub=sub, block_dv=block_dv, interpret=interpret
+    )
     return tuple(d.astype(a.dtype) for d, a in zip(grads, res))
 
 
@@ -574,8 +657,21 @@ def tpu_body_scan_call(q, k, v, b, brow, st0, *, layout, scale, chunk, sub_chunk
     """The TPU kernel body under Mosaic GPU compiler params (same contract as ``tpu.scan_call``). Does not lower in
     jax 0.10.2 (shared-memory overflow at the paper's shape); kept only to reproduce that failure."""
     params = plgpu.CompilerParams(dimension_semantics=("parallel", "parallel", "sequential"))
-    return tpu.scan_call(q, k, v, b, brow, st0, layout=layout, scale=scale, chunk=chunk, sub_chunk=sub_chunk,
-                         out_dtype=out_dtype, interpret=interpret, params=params)
+    return tpu.scan_call(
+        q,
+        k,
+        v,
+        b,
+        brow,
+        st0,
+        layout=layout,
+        scale=scale,
+        chunk=chunk,
+        sub_chunk=sub_chunk,
+        out_dtype=out_dtype,
+        interpret=interpret,
+        params=params,
+    )
 
 
 scan_call = tpu_body_scan_call  # the name op.py used for the GPU family (interpret-mode runs of the TPU body)
@@ -596,8 +692,16 @@ def _scalar_scan_xla(q, k, v, g, s0, chunk):
     rep = v.shape[2] // q.shape[2]
     hm = lambda a: jnp.swapaxes(jnp.repeat(a, rep, axis=2) if a.shape[2] != v.shape[2] else a, 1, 2)
     b = reference.chunk_cumsum(jnp.swapaxes(g, 1, 2)[..., None], chunk)
-    o, st = reference.scan_xla(hm(q.astype(jnp.float32)), hm(k.astype(jnp.float32)), hm(v.astype(jnp.float32)), b,
-                               jnp.swapaxes(s0, 2, 3), scale=1.0, chunk=chunk, sub_chunk=chunk)
+    o, st = reference.scan_xla(
+        hm(q.astype(jnp.float32)),
+        hm(k.astype(jnp.float32)),
+        hm(v.astype(jnp.float32)),
+        b,
+        jnp.swapaxes(s0, 2, 3),
+        scale=1.0,
+        chunk=chunk,
+        sub_chunk=chunk,
+    )
     return jnp.swapaxes(o, 1, 2), jnp.swapaxes(st, 2, 3)
 
 
@@ -614,9 +718,21 @@ def scalar_scan(q, k, v, g, s0, chunk, block_dv, interpret):
     bsz, heads, n = last.shape[:3]
     sdec = jnp.broadcast_to(last, (bsz, heads, n, q.shape[-1]))
     kt = jnp.swapaxes(jnp.swapaxes(k.astype(jnp.bfloat16), 1, 2), 2, 3)  # [B, G, Dk, T]
-    return ssd_scan_fwd(q.astype(jnp.bfloat16), kt, v.astype(jnp.bfloat16), b, eb, ek, sdec, s0, chunk=chunk,
-                        block_dv=block_dv, rep=v.shape[2] // q.shape[2],
-                        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+    return ssd_scan_fwd(
+        q.astype(jnp.bfloat16),
+        kt,
+        v.astype(jnp.bfloat16),
+        b,
+        eb,
+        ek,
+        sdec,
+        s0,
+        chunk=chunk,
+        block_dv=block_dv,
+        rep=v.shape[2] // q.shape[2],
+        out_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16,
+        interpret=interpret,
+    )
 
 
 def _scalar_scan_fwd(q, k, v, g, s0, chunk, block_dv, interpret):
@@ -636,9 +752,21 @@ scalar_scan.defvjp(_scalar_scan_fwd, _scalar_scan_bwd)
 def ssd_fwd_smem_bytes(chunk, dk, block_dv, out_dtype=jnp.bfloat16):
     """Shared memory of ``ssd_scan_fwd`` (bytes, barriers included, as Mosaic GPU allocates it)."""
     c, dvb, bf16, f32 = chunk, block_dv, jnp.bfloat16, jnp.float32
-    return _bytes(((2, c, dk), bf16), ((2, dk, c), bf16), ((2, c, dvb), bf16), ((c, dvb), bf16), ((c, c), bf16),
-                  ((dk, dvb), bf16), ((dk, dvb), f32), ((c, dvb), out_dtype), ((2, c), f32), ((2, c), f32),
-                  ((2, c), f32), ((2, dk), f32), 2 * 7 + 1)
+    return _bytes(
+        ((2, c, dk), bf16),
+        ((2, dk, c), bf16),
+        ((2, c, dvb), bf16),
+        ((c, dvb), bf16),
+        ((c, c), bf16),
+        ((dk, dvb), bf16),
+        ((dk, dvb), f32),
+        ((c, dvb), out_dtype),
+        ((2, c), f32),
+        ((2, c), f32),
+        ((2, c), f32),
+        ((2, dk), f32),
+        2 * 7 + 1,
+    )
 
 
 def ssd_smem_bytes(chunk, dk, block_dv):
@@ -646,10 +774,12 @@ def ssd_smem_bytes(chunk, dk, block_dv):
     the backward's state pass, dq/dk and dv kernels): what the chunk plan holds against ``SMEM_LIMIT``."""
     from pallas_kernels.linear_scan import gpu_bwd  # imports this module
 
-    return max(ssd_fwd_smem_bytes(chunk, dk, block_dv, jnp.float32),
-               gpu_bwd.state_pass_smem_bytes(chunk, dk, block_dv),
-               gpu_bwd.ssd_grads_dqk_smem_bytes(chunk, dk, block_dv),
-               gpu_bwd.ssd_grads_dv_smem_bytes(chunk, dk, block_dv))
+    return max(
+        ssd_fwd_smem_bytes(chunk, dk, block_dv, jnp.float32),
+        gpu_bwd.state_pass_smem_bytes(chunk, dk, block_dv),
+        gpu_bwd.ssd_grads_dqk_smem_bytes(chunk, dk, block_dv),
+        gpu_bwd.ssd_grads_dv_smem_bytes(chunk, dk, block_dv),
+    )
 
 
 def ssd_chunk(chunk, dk, block_dv, *, limit=SMEM_LIMIT, fixed=False):
@@ -661,23 +791,27 @@ def ssd_chunk(chunk, dk, block_dv, *, limit=SMEM_LIMIT, fixed=False):
     per-chunk operands.
     ``fixed``: the chunk was set explicitly (``BlockSizes.chunk``) and is not shrunk.
     Raises ``NotImplementedError`` naming the need and the limit when no chunk fits."""
-    for c in ([chunk] if fixed else range(chunk - chunk % 64, 63, -64)):
+    for c in [chunk] if fixed else range(chunk - chunk % 64, 63, -64):
         if ssd_smem_bytes(c, dk, block_dv) <= limit:
             return c
     c = chunk if fixed else 64
-    raise NotImplementedError(f"Mosaic GPU SSD scan: its kernels need {ssd_smem_bytes(c, dk, block_dv)} bytes of "
-                              f"shared memory at chunk={c}, Dk (SSD's N)={dk}, block_dv={block_dv}; an sm_90 block "
-                              f"may use {limit}")
+    raise NotImplementedError(
+        f"Mosaic GPU SSD scan: its kernels need {ssd_smem_bytes(c, dk, block_dv)} bytes of "
+        f"shared memory at chunk={c}, Dk (SSD's N)={dk}, block_dv={block_dv}; an sm_90 block "
+        f"may use {limit}"
+    )
 
 
 def check_supported(chunk, dk, dv, block_dv):
     """Raises ``NotImplementedError`` naming the constraint when the wgmma kernel cannot take these sizes."""
     if chunk % 64 or chunk < 64:
-        raise NotImplementedError(f"Mosaic GPU scan: chunk_size must be a positive multiple of 64 (the wgmma M "
-                                  f"tile), got {chunk}")
+        raise NotImplementedError(
+            f"Mosaic GPU scan: chunk_size must be a positive multiple of 64 (the wgmma M tile), got {chunk}"
+        )
     if dk % 64:
         raise NotImplementedError(f"Mosaic GPU scan: Dk (SSD's N) must be a multiple of 64, got {dk}")
     if block_dv % 64 or dv % block_dv:
-        raise NotImplementedError(f"Mosaic GPU scan: Dv (SSD's P) must be a multiple of block_dv={block_dv} "
-                                  f"(itself a multiple of 64), got {dv}")
-
+        raise NotImplementedError(
+            f"Mosaic GPU scan: Dv (SSD's P) must be a multiple of block_dv={block_dv} "
+            f"(itself a multiple of 64), got {dv}"
+        )

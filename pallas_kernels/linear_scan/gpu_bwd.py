@@ -67,6 +67,7 @@ float64 references; lowers with ``jax.export(..., platforms=["cuda"])`` at the p
 ptxas nor run on a GPU; untuned** (one warpgroup per CTA, synchronous wgmma, kernels B/C load each operand once
 and wait, partial sums over Dv blocks in HBM).
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,11 @@ def _helpers(interpret):
     """``lc`` (layout_cast) and ``iota(shape, dim)``: the interpreter of jax 0.10.2 has no rule for layout casts or
     layout-annotated iotas, so interpret mode leaves the annotations (identity semantics) out (see ``ssd_scan_fwd``)."""
     lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast
-    iota = ((lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d)) if interpret is not None
-            else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG)))
+    iota = (
+        (lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d))
+        if interpret is not None
+        else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG))
+    )
     return lc, iota
 
 
@@ -109,6 +113,7 @@ def _store(val, o_s, dst):
 
 
 # --- A: the state pass ---------------------------------------------------------------------------------------------
+
 
 def state_pass(lt, r, dec, s0, *, chunk: int, block_dv: int, reverse: bool, interpret=None):
     """``X <- dec_c ⊙ X + L_c^T R_c`` over the chunks (forward, or last to first with ``reverse``).
@@ -136,8 +141,11 @@ def state_pass(lt, r, dec, s0, *, chunk: int, block_dv: int, reverse: bool, inte
         def issue(i, slot):
             ci = chunk_of(i)
             rows = pl.ds(ci * c, c)
-            copies = ((lt_ref.at[bi, hi, :, rows], lt_s), (r_ref.at[bi, rows, hi, cols], r_s),
-                      (dec_ref.at[bi, hi, ci, :], dec_s))
+            copies = (
+                (lt_ref.at[bi, hi, :, rows], lt_s),
+                (r_ref.at[bi, rows, hi, cols], r_s),
+                (dec_ref.at[bi, hi, ci, :], dec_s),
+            )
             for j, (src, dst) in enumerate(copies):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + j])
 
@@ -197,8 +205,8 @@ def state_pass_smem_bytes(chunk, dk, block_dv):
 
 # --- B and C, scalar gates -----------------------------------------------------------------------------------------
 
-def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_dv: int, rep: int = 1,
-                  interpret=None):
+
+def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_dv: int, rep: int = 1, interpret=None):
     """dq̂ and dk of the scalar-gate scan, one chunk and Dv block per CTA.
 
     Args:
@@ -215,20 +223,60 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
     n, nv, c, dvb = t_len // chunk, dv // block_dv, chunk, block_dv
     lc, iota = _helpers(interpret)
 
-    def body(q_ref, k_ref, v_ref, vt_ref, do_ref, dot_ref, st_ref, xt_ref, b_ref, eb_ref, ek_ref, dq_ref, dk_ref,
-             q_s, k_s, v_s, vt_s, do_s, dot_s, st_s, xt_s, b_s, eb_s, ek_s, p_s, pt_s, o_s, bars):
+    def body(
+        q_ref,
+        k_ref,
+        v_ref,
+        vt_ref,
+        do_ref,
+        dot_ref,
+        st_ref,
+        xt_ref,
+        b_ref,
+        eb_ref,
+        ek_ref,
+        dq_ref,
+        dk_ref,
+        q_s,
+        k_s,
+        v_s,
+        vt_s,
+        do_s,
+        dot_s,
+        st_s,
+        xt_s,
+        b_s,
+        eb_s,
+        ek_s,
+        p_s,
+        pt_s,
+        o_s,
+        bars,
+    ):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         gi = lax.div(hi, jnp.int32(rep))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(((q_ref.at[bi, rows, gi, :], q_s), (k_ref.at[bi, rows, gi, :], k_s),
-               (v_ref.at[bi, rows, hi, cols], v_s), (vt_ref.at[bi, hi, cols, rows], vt_s),
-               (do_ref.at[bi, rows, hi, cols], do_s), (dot_ref.at[bi, hi, cols, rows], dot_s),
-               (st_ref.at[bi, hi, ci, cols, :], st_s), (xt_ref.at[bi, hi, ci, cols, :], xt_s),
-               (b_ref.at[bi, hi, rows], b_s), (eb_ref.at[bi, hi, rows], eb_s), (ek_ref.at[bi, hi, rows], ek_s)), bars)
+        _load(
+            (
+                (q_ref.at[bi, rows, gi, :], q_s),
+                (k_ref.at[bi, rows, gi, :], k_s),
+                (v_ref.at[bi, rows, hi, cols], v_s),
+                (vt_ref.at[bi, hi, cols, rows], vt_s),
+                (do_ref.at[bi, rows, hi, cols], do_s),
+                (dot_ref.at[bi, hi, cols, rows], dot_s),
+                (st_ref.at[bi, hi, ci, cols, :], st_s),
+                (xt_ref.at[bi, hi, ci, cols, :], xt_s),
+                (b_ref.at[bi, hi, rows], b_s),
+                (eb_ref.at[bi, hi, rows], eb_s),
+                (ek_ref.at[bi, hi, rows], ek_s),
+            ),
+            bars,
+        )
         da = _mm(do_s, vt_s, (c, c))  # dA[t, s] = dO_t . v_s
         dat = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
-        diff = (lax.broadcast_in_dim(lc(b_s[...], ROW), (c, c), [0])
-                - lax.broadcast_in_dim(lc(b_s[...], COL), (c, c), [1]))  # b_row - b_col
+        diff = lax.broadcast_in_dim(lc(b_s[...], ROW), (c, c), [0]) - lax.broadcast_in_dim(
+            lc(b_s[...], COL), (c, c), [1]
+        )  # b_row - b_col
         r_id, c_id = iota((c, c), 0), iota((c, c), 1)
         # the kept entries have a non-positive exponent; minimum() keeps the dropped ones finite before where()
         p_s[...] = jnp.where(r_id >= c_id, da * jnp.exp(jnp.minimum(diff, 0.0)), 0.0).astype(BF16)
@@ -240,25 +288,55 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
         dkv = _mm(v_s, xt_s, (c, dk)) * row(ek_s) + _mm(pt_s, q_s, (c, dk))
         _store(dkv, o_s, dk_ref.at[vi, bi, rows, hi, :])
 
-    scratch = [_smem((c, dk), BF16), _smem((c, dk), BF16),  # q̂, k
-               _smem((c, dvb), BF16), _smem((dvb, c), BF16),  # v, v^T
-               _smem((c, dvb), BF16), _smem((dvb, c), BF16),  # dO, dO^T
-               _smem((dvb, dk), BF16), _smem((dvb, dk), BF16),  # S^T, X^T
-               plgpu.SMEM((c,), F32), plgpu.SMEM((c,), F32), plgpu.SMEM((c,), F32),  # b, e^b, e^{b_C - b}
-               _smem((c, c), BF16), _smem((c, c), BF16),  # masked dA, dA^T
-               _smem((c, dk), F32),  # output tile (dq̂, then dk)
-               plgpu.Barrier(num_barriers=11)]
+    scratch = [
+        _smem((c, dk), BF16),
+        _smem((c, dk), BF16),  # q̂, k
+        _smem((c, dvb), BF16),
+        _smem((dvb, c), BF16),  # v, v^T
+        _smem((c, dvb), BF16),
+        _smem((dvb, c), BF16),  # dO, dO^T
+        _smem((dvb, dk), BF16),
+        _smem((dvb, dk), BF16),  # S^T, X^T
+        plgpu.SMEM((c,), F32),
+        plgpu.SMEM((c,), F32),
+        plgpu.SMEM((c,), F32),  # b, e^b, e^{b_C - b}
+        _smem((c, c), BF16),
+        _smem((c, c), BF16),  # masked dA, dA^T
+        _smem((c, dk), F32),  # output tile (dq̂, then dk)
+        plgpu.Barrier(num_barriers=11),
+    ]
     out = jax.ShapeDtypeStruct((nv, bsz, t_len, heads, dk), F32)
-    kernel = plgpu.kernel(body, out_type=(out, out), scratch_types=scratch, grid=(bsz, heads, n, nv),
-                          grid_names=("b", "h", "c", "v"), interpret=interpret, kernel_name="ssd_scan_bwd_dqk")
+    kernel = plgpu.kernel(
+        body,
+        out_type=(out, out),
+        scratch_types=scratch,
+        grid=(bsz, heads, n, nv),
+        grid_names=("b", "h", "c", "v"),
+        interpret=interpret,
+        kernel_name="ssd_scan_bwd_dqk",
+    )
     return kernel(q, k, v, vt, do, dot, st, xt, b, eb, ek)
 
 
 def ssd_grads_dqk_smem_bytes(chunk, dk, block_dv):
     c, dvb = chunk, block_dv
-    return _bytes(((c, dk), BF16), ((c, dk), BF16), ((c, dvb), BF16), ((dvb, c), BF16), ((c, dvb), BF16),
-                  ((dvb, c), BF16), ((dvb, dk), BF16), ((dvb, dk), BF16), ((c,), F32), ((c,), F32), ((c,), F32),
-                  ((c, c), BF16), ((c, c), BF16), ((c, dk), F32), 11)
+    return _bytes(
+        ((c, dk), BF16),
+        ((c, dk), BF16),
+        ((c, dvb), BF16),
+        ((dvb, c), BF16),
+        ((c, dvb), BF16),
+        ((dvb, c), BF16),
+        ((dvb, dk), BF16),
+        ((dvb, dk), BF16),
+        ((c,), F32),
+        ((c,), F32),
+        ((c,), F32),
+        ((c, c), BF16),
+        ((c, c), BF16),
+        ((c, dk), F32),
+        11,
+    )
 
 
 def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1, interpret=None):
@@ -279,12 +357,21 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         gi = lax.div(hi, jnp.int32(rep))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(((k_ref.at[bi, rows, gi, :], k_s), (qt_ref.at[bi, gi, :, rows], qt_s),
-               (do_ref.at[bi, rows, hi, cols], do_s), (x_ref.at[bi, hi, ci, :, cols], x_s),
-               (b_ref.at[bi, hi, rows], b_s), (ek_ref.at[bi, hi, rows], ek_s)), bars)
+        _load(
+            (
+                (k_ref.at[bi, rows, gi, :], k_s),
+                (qt_ref.at[bi, gi, :, rows], qt_s),
+                (do_ref.at[bi, rows, hi, cols], do_s),
+                (x_ref.at[bi, hi, ci, :, cols], x_s),
+                (b_ref.at[bi, hi, rows], b_s),
+                (ek_ref.at[bi, hi, rows], ek_s),
+            ),
+            bars,
+        )
         scores = _mm(k_s, qt_s, (c, c))  # [s, t] = k_s . q̂_t
-        diff = (lax.broadcast_in_dim(lc(b_s[...], COL), (c, c), [1])
-                - lax.broadcast_in_dim(lc(b_s[...], ROW), (c, c), [0]))  # b_t - b_s
+        diff = lax.broadcast_in_dim(lc(b_s[...], COL), (c, c), [1]) - lax.broadcast_in_dim(
+            lc(b_s[...], ROW), (c, c), [0]
+        )  # b_t - b_s
         r_id, c_id = iota((c, c), 0), iota((c, c), 1)
         at_s[...] = jnp.where(c_id >= r_id, scores * jnp.exp(jnp.minimum(diff, 0.0)), 0.0).astype(BF16)
         plgpu.commit_smem()
@@ -292,22 +379,46 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
         dvv = _mm(at_s, do_s, (c, dvb)) + _mm(k_s, x_s, (c, dvb)) * ekv
         _store(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
 
-    scratch = [_smem((c, dk), BF16), _smem((dk, c), BF16), _smem((c, dvb), BF16), _smem((dk, dvb), BF16),
-               plgpu.SMEM((c,), F32), plgpu.SMEM((c,), F32), _smem((c, c), BF16), _smem((c, dvb), F32),
-               plgpu.Barrier(num_barriers=6)]
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((bsz, t_len, heads, dv), F32), scratch_types=scratch,
-                          grid=(bsz, heads, n, nv), grid_names=("b", "h", "c", "v"), interpret=interpret,
-                          kernel_name="ssd_scan_bwd_dv")
+    scratch = [
+        _smem((c, dk), BF16),
+        _smem((dk, c), BF16),
+        _smem((c, dvb), BF16),
+        _smem((dk, dvb), BF16),
+        plgpu.SMEM((c,), F32),
+        plgpu.SMEM((c,), F32),
+        _smem((c, c), BF16),
+        _smem((c, dvb), F32),
+        plgpu.Barrier(num_barriers=6),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((bsz, t_len, heads, dv), F32),
+        scratch_types=scratch,
+        grid=(bsz, heads, n, nv),
+        grid_names=("b", "h", "c", "v"),
+        interpret=interpret,
+        kernel_name="ssd_scan_bwd_dv",
+    )
     return kernel(k, qt, do, x, b, ek)
 
 
 def ssd_grads_dv_smem_bytes(chunk, dk, block_dv):
     c, dvb = chunk, block_dv
-    return _bytes(((c, dk), BF16), ((dk, c), BF16), ((c, dvb), BF16), ((dk, dvb), BF16), ((c,), F32), ((c,), F32),
-                  ((c, c), BF16), ((c, dvb), F32), 6)
+    return _bytes(
+        ((c, dk), BF16),
+        ((dk, c), BF16),
+        ((c, dvb), BF16),
+        ((dk, dvb), BF16),
+        ((c,), F32),
+        ((c,), F32),
+        ((c, c), BF16),
+        ((c, dvb), F32),
+        6,
+    )
 
 
 # --- B and C, vector gates -----------------------------------------------------------------------------------------
+
 
 def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, block_dv: int, interpret=None):
     """dqm and dkm of the vector-gate scan (gradients with respect to the kernel's ``qm`` / ``km``).
@@ -324,19 +435,56 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
     lc, _ = _helpers(interpret)
-    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
-             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
+    iota1 = (
+        (lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0))
+        if interpret is not None
+        else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout))
+    )
 
-    def body(qm_ref, km_ref, v_ref, vt_ref, do_ref, dot_ref, st_ref, xt_ref, f_ref, dq_ref, dk_ref,
-             qm_s, km_s, v_s, vt_s, do_s, dot_s, st_s, xt_s, f_s, p_s, w_s, a_s, o_s, bars):
+    def body(
+        qm_ref,
+        km_ref,
+        v_ref,
+        vt_ref,
+        do_ref,
+        dot_ref,
+        st_ref,
+        xt_ref,
+        f_ref,
+        dq_ref,
+        dk_ref,
+        qm_s,
+        km_s,
+        v_s,
+        vt_s,
+        do_s,
+        dot_s,
+        st_s,
+        xt_s,
+        f_s,
+        p_s,
+        w_s,
+        a_s,
+        o_s,
+        bars,
+    ):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(((qm_ref.at[bi, rows, hi, :], qm_s), (km_ref.at[bi, rows, hi, :], km_s),
-               (v_ref.at[bi, rows, hi, cols], v_s), (vt_ref.at[bi, hi, cols, rows], vt_s),
-               (do_ref.at[bi, rows, hi, cols], do_s), (dot_ref.at[bi, hi, cols, rows], dot_s),
-               (st_ref.at[bi, hi, ci, cols, :], st_s), (xt_ref.at[bi, hi, ci, cols, :], xt_s),
-               (f_ref.at[bi, hi, ci], f_s)), bars)
-        colv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1]))  # factor per key column
+        _load(
+            (
+                (qm_ref.at[bi, rows, hi, :], qm_s),
+                (km_ref.at[bi, rows, hi, :], km_s),
+                (v_ref.at[bi, rows, hi, cols], v_s),
+                (vt_ref.at[bi, hi, cols, rows], vt_s),
+                (do_ref.at[bi, rows, hi, cols], do_s),
+                (dot_ref.at[bi, hi, cols, rows], dot_s),
+                (st_ref.at[bi, hi, ci, cols, :], st_s),
+                (xt_ref.at[bi, hi, ci, cols, :], xt_s),
+                (f_ref.at[bi, hi, ci], f_s),
+            ),
+            bars,
+        )
+        colv = lambda r: lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1])  # factor per key column
         # Register budget (one warpgroup, 255 per thread; a [C, Dk] float32 tile is 64): dA / dA^T wait in shared
         # memory (float32) instead of registers, the factors are applied one sub-chunk at a time (``scale_sub``:
         # one vector live, masks on 1-D token indices), and products without a factor accumulate into the running
@@ -374,8 +522,9 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         dkm = None
         for j in range(n_sub - 1):
             p_s[...] = jnp.where((c_sub > r_sub) & (r_sub == j), a_s[...], 0.0).astype(BF16)
-            w_s[...] = scale(qm_s[...].astype(F32),
-                             [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]).astype(BF16)
+            w_s[...] = scale(
+                qm_s[...].astype(F32), [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]
+            ).astype(BF16)
             plgpu.commit_smem()
             dkm = _mm(p_s, w_s, (c, dk)) if dkm is None else _mm_acc(dkm, p_s, w_s, interpret)
         if dkm is not None:
@@ -386,27 +535,53 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         dkm = dkm + scale(_mm(v_s, xt_s, (c, dk)), [colv(r) for r in frows["kstate"]])
         _store(dkm, o_s, dk_ref.at[vi, bi, rows, hi, :])
 
-    scratch = [_smem((c, dk), BF16), _smem((c, dk), BF16),  # qm, km
-               _smem((c, dvb), BF16), _smem((dvb, c), BF16),  # v, v^T
-               _smem((c, dvb), BF16), _smem((dvb, c), BF16),  # dO, dO^T
-               _smem((dvb, dk), BF16), _smem((dvb, dk), BF16),  # S^T, X^T
-               plgpu.SMEM((nf, dk), F32),  # gate-factor table
-               _smem((c, c), BF16),  # masked dA / dA^T (rewritten per wgmma)
-               _smem((c, dk), BF16),  # km ⊙ koff, then qm ⊙ qoff (rewritten per wgmma)
-               _smem((c, c), F32),  # dA, then dA^T
-               _smem((c, dk), F32),  # output tile (dqm, then dkm)
-               plgpu.Barrier(num_barriers=9)]
+    scratch = [
+        _smem((c, dk), BF16),
+        _smem((c, dk), BF16),  # qm, km
+        _smem((c, dvb), BF16),
+        _smem((dvb, c), BF16),  # v, v^T
+        _smem((c, dvb), BF16),
+        _smem((dvb, c), BF16),  # dO, dO^T
+        _smem((dvb, dk), BF16),
+        _smem((dvb, dk), BF16),  # S^T, X^T
+        plgpu.SMEM((nf, dk), F32),  # gate-factor table
+        _smem((c, c), BF16),  # masked dA / dA^T (rewritten per wgmma)
+        _smem((c, dk), BF16),  # km ⊙ koff, then qm ⊙ qoff (rewritten per wgmma)
+        _smem((c, c), F32),  # dA, then dA^T
+        _smem((c, dk), F32),  # output tile (dqm, then dkm)
+        plgpu.Barrier(num_barriers=9),
+    ]
     out = jax.ShapeDtypeStruct((nv, bsz, t_len, heads, dk), F32)
-    kernel = plgpu.kernel(body, out_type=(out, out), scratch_types=scratch, grid=(bsz, heads, n, nv),
-                          grid_names=("b", "h", "c", "v"), interpret=interpret, kernel_name="gla_scan_bwd_dqk")
+    kernel = plgpu.kernel(
+        body,
+        out_type=(out, out),
+        scratch_types=scratch,
+        grid=(bsz, heads, n, nv),
+        grid_names=("b", "h", "c", "v"),
+        interpret=interpret,
+        kernel_name="gla_scan_bwd_dqk",
+    )
     return kernel(qm, km, v, vt, do, dot, st, xt, fac)
 
 
 def gla_grads_dqk_smem_bytes(chunk, sub, dk, block_dv):
     c, dvb, nf = chunk, block_dv, gpu._gla_factor_rows(chunk // sub)[1]
-    return _bytes(((c, dk), BF16), ((c, dk), BF16), ((c, dvb), BF16), ((dvb, c), BF16), ((c, dvb), BF16),
-                  ((dvb, c), BF16), ((dvb, dk), BF16), ((dvb, dk), BF16), ((nf, dk), F32), ((c, c), BF16),
-                  ((c, dk), BF16), ((c, c), F32), ((c, dk), F32), 9)
+    return _bytes(
+        ((c, dk), BF16),
+        ((c, dk), BF16),
+        ((c, dvb), BF16),
+        ((dvb, c), BF16),
+        ((c, dvb), BF16),
+        ((dvb, c), BF16),
+        ((dvb, dk), BF16),
+        ((dvb, dk), BF16),
+        ((nf, dk), F32),
+        ((c, c), BF16),
+        ((c, dk), BF16),
+        ((c, c), F32),
+        ((c, dk), F32),
+        9,
+    )
 
 
 def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, interpret=None):
@@ -424,17 +599,27 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
     c, dvb, ell = chunk, block_dv, sub
     frows, nf = gpu._gla_factor_rows(n_sub)
     lc, _ = _helpers(interpret)
-    iota1 = ((lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0)) if interpret is not None
-             else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout)))
+    iota1 = (
+        (lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0))
+        if interpret is not None
+        else (lambda layout: plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=layout))
+    )
 
     def body(km_ref, qmt_ref, do_ref, x_ref, f_ref, dv_ref, km_s, qmt_s, do_s, x_s, f_s, kw_s, qw_s, at_s, o_s, bars):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(((km_ref.at[bi, rows, hi, :], km_s), (qmt_ref.at[bi, hi, :, rows], qmt_s),
-               (do_ref.at[bi, rows, hi, cols], do_s), (x_ref.at[bi, hi, ci, :, cols], x_s),
-               (f_ref.at[bi, hi, ci], f_s)), bars)
-        colv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1]))  # per key column, [C, Dk]
-        rowv = lambda r: (lambda: lax.broadcast_in_dim(lc(f_s[r], ROW), (dk, c), [0]))  # per key row, [Dk, C]
+        _load(
+            (
+                (km_ref.at[bi, rows, hi, :], km_s),
+                (qmt_ref.at[bi, hi, :, rows], qmt_s),
+                (do_ref.at[bi, rows, hi, cols], do_s),
+                (x_ref.at[bi, hi, ci, :, cols], x_s),
+                (f_ref.at[bi, hi, ci], f_s),
+            ),
+            bars,
+        )
+        colv = lambda r: lambda: lax.broadcast_in_dim(lc(f_s[r], COL), (c, dk), [1])  # per key column, [C, Dk]
+        rowv = lambda r: lambda: lax.broadcast_in_dim(lc(f_s[r], ROW), (dk, c), [0])  # per key row, [Dk, C]
         # Registers: as in ``gla_grads_dqk`` (1-D token indices, one factor at a time, products accumulated by wgmma).
         s_rows, t_cols = iota1(ROW), iota1(COL)  # token of each km row / qm^T column
         r_id = lax.broadcast_in_dim(s_rows, (c, c), [0])
@@ -457,26 +642,48 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
         dvv = gpu._mm2(at_s, do_s, kw_s, x_s, (c, dvb))
         _store(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
 
-    scratch = [_smem((c, dk), BF16), _smem((dk, c), BF16), _smem((c, dvb), BF16), _smem((dk, dvb), BF16),
-               plgpu.SMEM((nf, dk), F32),
-               _smem((c, dk), BF16),  # km ⊙ koff, then km ⊙ kstate
-               _smem((dk, c), BF16),  # qm^T ⊙ qoff (rewritten per wgmma)
-               _smem((c, c), BF16),  # A^T
-               _smem((c, dvb), F32),  # output tile
-               plgpu.Barrier(num_barriers=5)]
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((bsz, t_len, heads, dv), F32), scratch_types=scratch,
-                          grid=(bsz, heads, n, nv), grid_names=("b", "h", "c", "v"), interpret=interpret,
-                          kernel_name="gla_scan_bwd_dv")
+    scratch = [
+        _smem((c, dk), BF16),
+        _smem((dk, c), BF16),
+        _smem((c, dvb), BF16),
+        _smem((dk, dvb), BF16),
+        plgpu.SMEM((nf, dk), F32),
+        _smem((c, dk), BF16),  # km ⊙ koff, then km ⊙ kstate
+        _smem((dk, c), BF16),  # qm^T ⊙ qoff (rewritten per wgmma)
+        _smem((c, c), BF16),  # A^T
+        _smem((c, dvb), F32),  # output tile
+        plgpu.Barrier(num_barriers=5),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((bsz, t_len, heads, dv), F32),
+        scratch_types=scratch,
+        grid=(bsz, heads, n, nv),
+        grid_names=("b", "h", "c", "v"),
+        interpret=interpret,
+        kernel_name="gla_scan_bwd_dv",
+    )
     return kernel(km, qmt, do, x, fac)
 
 
 def gla_grads_dv_smem_bytes(chunk, sub, dk, block_dv):
     c, dvb, nf = chunk, block_dv, gpu._gla_factor_rows(chunk // sub)[1]
-    return _bytes(((c, dk), BF16), ((dk, c), BF16), ((c, dvb), BF16), ((dk, dvb), BF16), ((nf, dk), F32),
-                  ((c, dk), BF16), ((dk, c), BF16), ((c, c), BF16), ((c, dvb), F32), 5)
+    return _bytes(
+        ((c, dk), BF16),
+        ((dk, c), BF16),
+        ((c, dvb), BF16),
+        ((dk, dvb), BF16),
+        ((nf, dk), F32),
+        ((c, dk), BF16),
+        ((dk, c), BF16),
+        ((c, c), BF16),
+        ((c, dvb), F32),
+        5,
+    )
 
 
 # --- XLA glue ------------------------------------------------------------------------------------------------------
+
 
 def _tr(a):
     """``[B, T, H, D]`` -> ``[B, H, D, T]``."""
@@ -520,8 +727,21 @@ def vector_scan_bwd(q, k, v, g, s0, do, dsf, *, scale, chunk, sub, block_dv, int
     lt_r = _tr(qh * jnp.exp(bflat)).astype(BF16)
     x_states, ds0 = run(lt_r, do16, dec, dsf.astype(F32), reverse=True)
     st, xt = jnp.swapaxes(s_states, 3, 4), jnp.swapaxes(x_states, 3, 4)
-    dqm, dkm = gla_grads_dqk(qm, km, v16, _tr(v16), do16, _tr(do16), st, xt, fac, chunk=chunk, sub=sub,
-                             block_dv=block_dv, interpret=interpret)
+    dqm, dkm = gla_grads_dqk(
+        qm,
+        km,
+        v16,
+        _tr(v16),
+        do16,
+        _tr(do16),
+        st,
+        xt,
+        fac,
+        chunk=chunk,
+        sub=sub,
+        block_dv=block_dv,
+        interpret=interpret,
+    )
     dqm, dkm = jnp.sum(dqm, axis=0), jnp.sum(dkm, axis=0)
     dv = gla_grads_dv(km, _tr(qm), do16, x_states, fac, chunk=chunk, sub=sub, block_dv=block_dv, interpret=interpret)
     # q̂ ⊙ dq̂ = qm ⊙ dqm and k ⊙ dk = km ⊙ dkm, with the bfloat16 qm / km the kernels multiplied with
@@ -548,11 +768,27 @@ def scalar_scan_bwd(q, k, v, g, s0, do, dsf, *, chunk, block_dv, interpret):
     s_states, s_final = run((_tr(kh) * ek[:, :, None, :]).astype(BF16), v16, dec, s0, reverse=False)
     x_states, ds0 = run((_tr(qh) * eb[:, :, None, :]).astype(BF16), do16, dec, dsf.astype(F32), reverse=True)
     st, xt = jnp.swapaxes(s_states, 3, 4), jnp.swapaxes(x_states, 3, 4)
-    dqh, dkh = ssd_grads_dqk(q16, k16, v16, _tr(v16), do16, _tr(do16), st, xt, b, eb, ek, chunk=chunk,
-                             block_dv=block_dv, rep=rep, interpret=interpret)
+    dqh, dkh = ssd_grads_dqk(
+        q16,
+        k16,
+        v16,
+        _tr(v16),
+        do16,
+        _tr(do16),
+        st,
+        xt,
+        b,
+        eb,
+        ek,
+        chunk=chunk,
+        block_dv=block_dv,
+        rep=rep,
+        interpret=interpret,
+    )
     dqh, dkh = jnp.sum(dqh, axis=0), jnp.sum(dkh, axis=0)  # [B, T, H, Dk] per head
-    dv = ssd_grads_dv(k16, _tr(q16), do16, x_states, b, ek, chunk=chunk, block_dv=block_dv, rep=rep,
-                      interpret=interpret)
+    dv = ssd_grads_dv(
+        k16, _tr(q16), do16, x_states, b, ek, chunk=chunk, block_dv=block_dv, rep=rep, interpret=interpret
+    )
     db = jnp.sum(per_head(q16.astype(F32)) * dqh - per_head(k16.astype(F32)) * dkh, axis=-1, keepdims=True)
     dg = _gate_grad(db, s_states, s_final, x_states, chunk)[..., 0]  # [B, T, H]
     group_sum = lambda a: a.reshape(bsz, t_len, groups, rep, dk).sum(axis=3)

@@ -14,6 +14,7 @@ only) is a different kernel with its own custom VJP, ``gpu.scalar_scan`` (docs/k
 backward is ``jax.vjp`` of ``reference.scan_xla`` (the same chunk math with ``lax.scan``, head-major layout), so
 interpret-mode runs stay exact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,7 @@ def _cumsum(g, chunk):
 def _rev_cumsum(db, chunk):
     time_axis = 2 if db.ndim == 4 else 1
     shape = db.shape
-    split = shape[:time_axis] + (shape[time_axis] // chunk, chunk) + shape[time_axis + 1:]
+    split = shape[:time_axis] + (shape[time_axis] // chunk, chunk) + shape[time_axis + 1 :]
     dbc = db.reshape(split)
     return jnp.flip(jnp.cumsum(jnp.flip(dbc, time_axis + 1), axis=time_axis + 1), time_axis + 1).reshape(shape)
 
@@ -64,8 +65,20 @@ def _kernel_call(q, k, v, g, st0, st: _Static):
     b = _cumsum(g, st.chunk)
     scalar = st.scalar
     mod = tpu if st.backend == "tpu" else gpu
-    return mod.scan_call(q, k, v, b, _brow(b, st.chunk) if scalar else None, st0, layout=st.layout, scale=st.scale,
-                         chunk=st.chunk, sub_chunk=st.sub_chunk, out_dtype=v.dtype, interpret=st.interpret)
+    return mod.scan_call(
+        q,
+        k,
+        v,
+        b,
+        _brow(b, st.chunk) if scalar else None,
+        st0,
+        layout=st.layout,
+        scale=st.scale,
+        chunk=st.chunk,
+        sub_chunk=st.sub_chunk,
+        out_dtype=v.dtype,
+        interpret=st.interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -5,6 +5,7 @@ GLA (per batch b, head h): ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t =
 ``S`` is ``[Dk, Dv]``. SSD: ``h_t = exp(dt_t A_h) h_{t-1} + (dt_t x_t) B_t^T``, ``y_t = h_t C_t + D_h x_t``; ``h`` is
 ``[P, N]``. SSD is GLA with ``q <- C``, ``k <- B``, ``v <- dt x``, a scalar gate ``dt A`` and ``S = h^T``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,7 +17,7 @@ def gla_reference(q, k, v, log_gate, scale=None, initial_state=None):
     """float64 loop. q, k, log_gate: [B, T, H, Dk]; v: [B, T, H, Dv] -> (o [B, T, H, Dv], S [B, H, Dk, Dv])."""
     q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, log_gate))
     bsz, t_len, heads, dk = q.shape
-    scale = dk ** -0.5 if scale is None else scale
+    scale = dk**-0.5 if scale is None else scale
     s = np.zeros((bsz, heads, dk, v.shape[-1])) if initial_state is None else np.array(initial_state, np.float64)
     o = np.zeros(v.shape)
     for t in range(t_len):
@@ -44,6 +45,7 @@ def ssd_reference(x, dt, a, b, c, d=None, initial_state=None):
 
 
 # --- chunk math (float32), shared by the kernel body and the XLA chunked path -------------------------------------
+
 
 def _dot_nt(a, b):
     """``a @ b^T`` for a: [m, k], b: [n, k]."""
@@ -77,7 +79,7 @@ def chunk_step(st, q, k, v, b, brow=None, *, scale, sub_chunk):
     qf = q.astype(jnp.float32) * scale
     kf = k.astype(jnp.float32)
     vf = v.astype(jnp.float32)
-    b_last = b[c_len - 1:c_len]  # [1, Dk] or [1, 1]
+    b_last = b[c_len - 1 : c_len]  # [1, Dk] or [1, 1]
     decay_last = jnp.exp(b_last)
     if brow is not None:  # scalar gate: one [C, C] decay matrix, one matmul for the intra-chunk part
         o_inter = _dot_nt(qf * jnp.exp(b), st)
@@ -90,19 +92,21 @@ def chunk_step(st, q, k, v, b, brow=None, *, scale, sub_chunk):
         parts = []
         for i in range(n_sub):
             lo = i * sub_chunk
-            q_i, b_i = qf[lo:lo + sub_chunk], b[lo:lo + sub_chunk]
+            q_i, b_i = qf[lo : lo + sub_chunk], b[lo : lo + sub_chunk]
             o_i = _dot_nt(q_i * jnp.exp(b_i), st)
             for j in range(i):  # earlier sub-chunks: decay split at the end of sub-chunk j
                 jl = j * sub_chunk
-                ref = b[jl + sub_chunk - 1:jl + sub_chunk]
-                a_ij = _dot_nt(q_i * jnp.exp(b_i - ref), kf[jl:jl + sub_chunk] * jnp.exp(ref - b[jl:jl + sub_chunk]))
-                o_i = o_i + _dot(a_ij, vf[jl:jl + sub_chunk])
+                ref = b[jl + sub_chunk - 1 : jl + sub_chunk]
+                a_ij = _dot_nt(
+                    q_i * jnp.exp(b_i - ref), kf[jl : jl + sub_chunk] * jnp.exp(ref - b[jl : jl + sub_chunk])
+                )
+                o_i = o_i + _dot(a_ij, vf[jl : jl + sub_chunk])
             tri = jax.lax.broadcasted_iota(jnp.int32, (sub_chunk, 1), 0)
             for s in range(sub_chunk):  # diagonal sub-chunk: column s of the masked score matrix at a time
                 idx = lo + s
-                e = jnp.exp(jnp.where(tri >= s, b_i - b[idx:idx + 1], -jnp.inf))
-                a_col = jnp.sum(q_i * e * kf[idx:idx + 1], axis=1, keepdims=True)  # [c, 1]
-                o_i = o_i + a_col * vf[idx:idx + 1]
+                e = jnp.exp(jnp.where(tri >= s, b_i - b[idx : idx + 1], -jnp.inf))
+                a_col = jnp.sum(q_i * e * kf[idx : idx + 1], axis=1, keepdims=True)  # [c, 1]
+                o_i = o_i + a_col * vf[idx : idx + 1]
             parts.append(o_i)
     st_new = st * decay_last + _dot_tn(vf, kf * jnp.exp(b_last - b))
     return parts, st_new
@@ -159,7 +163,7 @@ def chunk_step_bwd(st, dst, q, k, v, b, do, brow=None, *, scale, sub_chunk, scal
     kf = k.astype(jnp.float32)
     vf = v.astype(jnp.float32)
     dof = do.astype(jnp.float32)
-    b_last = b[c_len - 1:c_len]
+    b_last = b[c_len - 1 : c_len]
     eb = jnp.exp(b)
     e_last = jnp.exp(b_last - b)  # [C, Dk or 1]
     # inter-chunk term o += (q e^b) S0 and the state update S_C = e^{b_C} S0 + sum_s (k_s e^{b_C - b_s}) v_s^T
@@ -180,31 +184,31 @@ def chunk_step_bwd(st, dst, q, k, v, b, do, brow=None, *, scale, sub_chunk, scal
     else:
         n_sub = c_len // sub_chunk
         dq_parts, dk_parts, dv_parts = [], [], []
-        for i in range(n_sub):
+        for _ in range(n_sub):
             dq_parts.append(jnp.zeros((sub_chunk, qf.shape[1]), jnp.float32))
             dk_parts.append(jnp.zeros((sub_chunk, kf.shape[1]), jnp.float32))
             dv_parts.append(jnp.zeros((sub_chunk, vf.shape[1]), jnp.float32))
         tri = jax.lax.broadcasted_iota(jnp.int32, (sub_chunk, 1), 0)
         for i in range(n_sub):
             lo = i * sub_chunk
-            q_i, b_i, do_i = qf[lo:lo + sub_chunk], b[lo:lo + sub_chunk], dof[lo:lo + sub_chunk]
+            q_i, b_i, do_i = qf[lo : lo + sub_chunk], b[lo : lo + sub_chunk], dof[lo : lo + sub_chunk]
             for j in range(i):
                 jl = j * sub_chunk
-                ref = b[jl + sub_chunk - 1:jl + sub_chunk]
+                ref = b[jl + sub_chunk - 1 : jl + sub_chunk]
                 eq = jnp.exp(b_i - ref)
-                ek = jnp.exp(ref - b[jl:jl + sub_chunk])
-                qi, kj = q_i * eq, kf[jl:jl + sub_chunk] * ek
-                da = _dot_nt(do_i, vf[jl:jl + sub_chunk])  # [c, c]
+                ek = jnp.exp(ref - b[jl : jl + sub_chunk])
+                qi, kj = q_i * eq, kf[jl : jl + sub_chunk] * ek
+                da = _dot_nt(do_i, vf[jl : jl + sub_chunk])  # [c, c]
                 dq_parts[i] = dq_parts[i] + _dot(da, kj) * eq
                 dk_parts[j] = dk_parts[j] + _dot_tn(da, qi) * ek
                 dv_parts[j] = dv_parts[j] + _dot_tn(_dot_nt(qi, kj), do_i)
             for s in range(sub_chunk):
                 idx = lo + s
-                e = jnp.exp(jnp.where(tri >= s, b_i - b[idx:idx + 1], -jnp.inf))  # [c, Dk]
+                e = jnp.exp(jnp.where(tri >= s, b_i - b[idx : idx + 1], -jnp.inf))  # [c, Dk]
                 qe = q_i * e
-                a_col = jnp.sum(qe * kf[idx:idx + 1], axis=1, keepdims=True)  # [c, 1]
-                da_col = jnp.sum(do_i * vf[idx:idx + 1], axis=1, keepdims=True)  # [c, 1]
-                dq_parts[i] = dq_parts[i] + da_col * e * kf[idx:idx + 1]
+                a_col = jnp.sum(qe * kf[idx : idx + 1], axis=1, keepdims=True)  # [c, 1]
+                da_col = jnp.sum(do_i * vf[idx : idx + 1], axis=1, keepdims=True)  # [c, 1]
+                dq_parts[i] = dq_parts[i] + da_col * e * kf[idx : idx + 1]
                 hit = tri == s
                 dk_parts[i] = dk_parts[i] + jnp.where(hit, jnp.sum(da_col * qe, axis=0, keepdims=True), 0.0)
                 dv_parts[i] = dv_parts[i] + jnp.where(hit, jnp.sum(a_col * do_i, axis=0, keepdims=True), 0.0)

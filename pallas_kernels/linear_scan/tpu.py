@@ -5,6 +5,7 @@ Grid ``(batch, heads, chunks)``; the chunk axis is "arbitrary" (sequential) and 
 (inter-chunk term and state update as matmuls, intra-chunk term as matmuls between sub-chunks plus a masked
 diagonal part). Inputs arrive head-major ``[B, H, T, D]`` so a chunk is one ``[C, D]`` tile.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,13 +38,22 @@ def _kernel(*refs, scale, sub_chunk, scalar, has_s0, n_chunks, states_only=False
         st = st_ref[...]
         o_ref[...] = st
         b = b_ref[...]
-        b_last = b[b.shape[0] - 1:]
+        b_last = b[b.shape[0] - 1 :]
         kd = k_ref[...].astype(jnp.float32) * jnp.exp(b_last - b)
         st_new = st * jnp.exp(b_last) + jax.lax.dot_general(
-            v_ref[...].astype(jnp.float32), kd, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            v_ref[...].astype(jnp.float32), kd, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
     else:
-        parts, st_new = chunk_step(st_ref[...], q_ref[...], k_ref[...], v_ref[...], b_ref[...],
-                                   brow_ref[...] if scalar else None, scale=scale, sub_chunk=sub_chunk)
+        parts, st_new = chunk_step(
+            st_ref[...],
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            b_ref[...],
+            brow_ref[...] if scalar else None,
+            scale=scale,
+            sub_chunk=sub_chunk,
+        )
         rows = parts[0].shape[0]
         for i, part in enumerate(parts):
             o_ref[pl.ds(i * rows, rows), :] = part.astype(o_ref.dtype)
@@ -86,8 +96,23 @@ class ScanLayout:
         return jax.ShapeDtypeStruct((bsz, t_len, self.heads * width), dtype)
 
 
-def scan_call(q, k, v, b, brow, st0, *, layout: ScanLayout, scale, chunk, sub_chunk, out_dtype, interpret,
-              params=None, states_only=False):
+def scan_call(
+    q,
+    k,
+    v,
+    b,
+    brow,
+    st0,
+    *,
+    layout: ScanLayout,
+    scale,
+    chunk,
+    sub_chunk,
+    out_dtype,
+    interpret,
+    params=None,
+    states_only=False,
+):
     """Forward scan kernel.
 
     Args:
@@ -103,8 +128,12 @@ def scan_call(q, k, v, b, brow, st0, *, layout: ScanLayout, scale, chunk, sub_ch
     n = t_len // chunk
     scalar = brow is not None
     state = pl.BlockSpec((None, None, dv, dk), lambda b_, h, c: (b_, h, 0, 0))
-    in_specs = [layout.spec("qk", chunk, n), layout.spec("qk", chunk, n), layout.spec("v", chunk, n),
-                layout.spec("b1" if scalar else "b", chunk, n)]
+    in_specs = [
+        layout.spec("qk", chunk, n),
+        layout.spec("qk", chunk, n),
+        layout.spec("v", chunk, n),
+        layout.spec("b1" if scalar else "b", chunk, n),
+    ]
     args = [q, k, v, b]
     if scalar:
         in_specs.append(pl.BlockSpec((None, None, None, 1, chunk), lambda b_, h, c: (b_, h, c, 0, 0)))
@@ -112,17 +141,38 @@ def scan_call(q, k, v, b, brow, st0, *, layout: ScanLayout, scale, chunk, sub_ch
     if st0 is not None:
         in_specs.append(state)
         args.append(st0)
-    kernel = functools.partial(_kernel, scale=scale, sub_chunk=sub_chunk, scalar=scalar,
-                               has_s0=st0 is not None, n_chunks=n, states_only=states_only)
+    kernel = functools.partial(
+        _kernel,
+        scale=scale,
+        sub_chunk=sub_chunk,
+        scalar=scalar,
+        has_s0=st0 is not None,
+        n_chunks=n,
+        states_only=states_only,
+    )
     if states_only:
-        first = (jax.ShapeDtypeStruct((bsz, heads, n, dv, dk), jnp.float32),
-                 pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, c, 0, 0)))
+        first = (
+            jax.ShapeDtypeStruct((bsz, heads, n, dv, dk), jnp.float32),
+            pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, c, 0, 0)),
+        )
     else:
         first = (layout.out_shape("v", bsz, t_len, out_dtype), layout.spec("v", chunk, n))
     out_shape = (first[0], jax.ShapeDtypeStruct((bsz, heads, dv, dk), jnp.float32))
     # states_only reads no q (its block is still fetched: counted) and computes only the state update.
-    cost = scan_cost(bsz, heads, n, chunk, dk, dv, scalar=scalar, sub=sub_chunk, operands=args, outputs=out_shape,
-                     rep=layout.rep if layout.kind == "time" else 1, states_only=states_only)
+    cost = scan_cost(
+        bsz,
+        heads,
+        n,
+        chunk,
+        dk,
+        dv,
+        scalar=scalar,
+        sub=sub_chunk,
+        operands=args,
+        outputs=out_shape,
+        rep=layout.rep if layout.kind == "time" else 1,
+        states_only=states_only,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -150,8 +200,18 @@ def _bwd_kernel(*refs, scale, sub_chunk, scalar, n_chunks):
         dst_ref[...] = dsf_ref[...].astype(jnp.float32)
 
     dq, dk, dv, db, dst_in = chunk_step_bwd(
-        st_ref[...], dst_ref[...], q_ref[...], k_ref[...], v_ref[...], b_ref[...], do_ref[...],
-        brow_ref[...] if scalar else None, scale=scale, sub_chunk=sub_chunk, scalar=scalar)
+        st_ref[...],
+        dst_ref[...],
+        q_ref[...],
+        k_ref[...],
+        v_ref[...],
+        b_ref[...],
+        do_ref[...],
+        brow_ref[...] if scalar else None,
+        scale=scale,
+        sub_chunk=sub_chunk,
+        scalar=scalar,
+    )
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = dv
@@ -163,8 +223,9 @@ def _bwd_kernel(*refs, scale, sub_chunk, scalar, n_chunks):
         ds0_ref[...] = dst_in
 
 
-def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scale, chunk, sub_chunk, interpret,
-                  params=None):
+def scan_bwd_call(
+    q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scale, chunk, sub_chunk, interpret, params=None
+):
     """Reverse-time backward kernel: the chunk axis runs from the last chunk to the first with the state gradient
     ``dS^T [Dv, Dk]`` in a float32 VMEM scratch.
 
@@ -185,16 +246,31 @@ def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scal
     if scalar:
         in_specs.append(pl.BlockSpec((None, None, None, 1, chunk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)))
         args.append(brow)
-    in_specs += [spec("v"), pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)),
-                 state]
+    in_specs += [spec("v"), pl.BlockSpec((None, None, None, dv, dk), lambda b_, h, c: (b_, h, n - 1 - c, 0, 0)), state]
     args += [do, states, dsf]
     f32 = jnp.float32
     kernel = functools.partial(_bwd_kernel, scale=scale, sub_chunk=sub_chunk, scalar=scalar, n_chunks=n)
-    out_shape = (layout.out_shape("k_out", bsz, t_len, f32), layout.out_shape("k_out", bsz, t_len, f32),
-                 layout.out_shape("v", bsz, t_len, f32), layout.out_shape(bkind, bsz, t_len, f32),
-                 jax.ShapeDtypeStruct((bsz, heads, dv, dk), f32))
-    cost = scan_cost(bsz, heads, n, chunk, dk, dv, scalar=scalar, sub=sub_chunk, operands=args, outputs=out_shape,
-                     rep=layout.rep if layout.kind == "time" else 1, backward=True)
+    out_shape = (
+        layout.out_shape("k_out", bsz, t_len, f32),
+        layout.out_shape("k_out", bsz, t_len, f32),
+        layout.out_shape("v", bsz, t_len, f32),
+        layout.out_shape(bkind, bsz, t_len, f32),
+        jax.ShapeDtypeStruct((bsz, heads, dv, dk), f32),
+    )
+    cost = scan_cost(
+        bsz,
+        heads,
+        n,
+        chunk,
+        dk,
+        dv,
+        scalar=scalar,
+        sub=sub_chunk,
+        operands=args,
+        outputs=out_shape,
+        rep=layout.rep if layout.kind == "time" else 1,
+        backward=True,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

@@ -1,7 +1,6 @@
 """Public entry point of the short-conv kernel."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from pallas_kernels.common import BlockSizes, resolve_backend
 from pallas_kernels.short_conv.op import _Static, short_conv_op
@@ -9,19 +8,29 @@ from pallas_kernels.short_conv.op import _Static, short_conv_op
 _ACTIVATIONS = (None, "silu")
 
 
-def supports(*, backend: Optional[str] = None, interpret: bool = False, segment_ids=None) -> bool:
+def supports(*, backend: str | None = None, interpret: bool = False, segment_ids=None) -> bool:
     """Whether the kernel of ``backend`` (default: the current device's) handles this call."""
     try:
-        be = resolve_backend(backend, interpret)
+        resolve_backend(backend, interpret)
     except NotImplementedError:
         return False
     del segment_ids  # both kernel families handle segment ids
     return True
 
 
-def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segment_ids=None, initial_state=None,
-               residual: bool = False, interpret: bool = False, block_sizes: Optional[BlockSizes] = None,
-               backend: Optional[str] = None):
+def short_conv(
+    x,
+    weight,
+    *,
+    bias=None,
+    activation: str | None = None,
+    segment_ids=None,
+    initial_state=None,
+    residual: bool = False,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+):
     """Depthwise causal conv, fused bias/SiLU/residual, as a Pallas kernel with a custom VJP.
 
     ``y[b, t, c] = act(sum_j weight[j, c] * x[b, t - (K - 1) + j, c] + bias[c]) (+ x[b, t, c])`` with
@@ -57,12 +66,13 @@ def short_conv(x, weight, *, bias=None, activation: Optional[str] = None, segmen
     if segment_ids is not None and segment_ids.shape != x.shape[:2]:
         raise ValueError(f"short_conv: segment_ids must be [batch, time]={x.shape[:2]}, got {segment_ids.shape}")
     if initial_state is not None and initial_state.shape != (x.shape[0], x.shape[2], k):
-        raise ValueError(f"short_conv: initial_state must be [batch, channels, K]={(x.shape[0], x.shape[2], k)}, "
-                         f"got {initial_state.shape}")
+        raise ValueError(
+            f"short_conv: initial_state must be [batch, channels, K]={(x.shape[0], x.shape[2], k)}, "
+            f"got {initial_state.shape}"
+        )
     be = resolve_backend(backend, interpret)
     if be == "gpu" and not isinstance(interpret, bool):
         raise ValueError("short_conv: interpret must be a bool for the GPU kernel family (InterpretParams is TPU's)")
     bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
-    st = _Static(activation=activation, residual=bool(residual), backend=be, interpret=interpret,
-                 block_sizes=bs)
+    st = _Static(activation=activation, residual=bool(residual), backend=be, interpret=interpret, block_sizes=bs)
     return short_conv_op(x, weight, bias, segment_ids, initial_state, st)

@@ -28,6 +28,7 @@ Mosaic GPU lowering in jax 0.10.2 (each found by ``jax.export(..., platforms=["c
 * ``commit_smem`` (fence + warpgroup barrier) separates the staging writes from the shifted reads; it has no CPU
   rule, so interpret mode skips it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,13 +38,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import gpu_params
 from pallas_kernels.cost import conv_cost
+from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 
 
-def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_mask, has_extra, activation, residual_x,
-            interpret):
+def _kernel(
+    *refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_mask, has_extra, activation, residual_x, interpret
+):
     it = iter(refs)
     x_ref, halo_ref = next(it), next(it)
     halo0_ref = next(it) if has_halo0 else None
@@ -134,8 +136,9 @@ def tap_masks_lanes(bits, k, bd):
     return jnp.broadcast_to(m, m.shape[:3] + (bd,))
 
 
-def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual_x, out_dtype, bt, bd, hrows,
-              interpret):
+def conv_call(
+    x, w, *, halo0, bias, bits, extra, direction, activation, residual_x, out_dtype, bt, bd, hrows, interpret
+):
     """Same contract as ``tpu.conv_call`` (without the fused weight gradient). ``bits`` (the packed tap bits of
     ``op._bits``) is expanded here by XLA into ``tap_masks_lanes``: ``(K-1) * bd`` float32 per token, read once per
     tile and channel block."""
@@ -143,13 +146,24 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
     k = w.shape[0]
     has_mask = bits is not None and k > 1
     need = functools.partial(
-        smem_bytes, bd=bd, hrows=hrows, k=k, x_dtype=x.dtype, out_dtype=out_dtype, has_halo0=halo0 is not None,
-        has_bias=bias is not None, has_mask=has_mask, extra_dtype=None if extra is None else extra.dtype)
+        smem_bytes,
+        bd=bd,
+        hrows=hrows,
+        k=k,
+        x_dtype=x.dtype,
+        out_dtype=out_dtype,
+        has_halo0=halo0 is not None,
+        has_bias=bias is not None,
+        has_mask=has_mask,
+        extra_dtype=None if extra is None else extra.dtype,
+    )
     # The pre-broadcast weights and masks grow with K * block_t: shrink the tile height rather than fail to lower.
     bt_fit = fit_block_t(bt, hrows, lambda b: need(b) <= SMEM_BYTES)
     if bt_fit is None:
-        raise ValueError(f"short_conv (Mosaic GPU): K={k}, block_d={bd} needs {need(hrows)} bytes of shared memory "
-                         f"even at block_t={hrows} (limit {SMEM_BYTES}); use a smaller BlockSizes.block_d")
+        raise ValueError(
+            f"short_conv (Mosaic GPU): K={k}, block_d={bd} needs {need(hrows)} bytes of shared memory "
+            f"even at block_t={hrows} (limit {SMEM_BYTES}); use a smaller BlockSizes.block_d"
+        )
     bt = bt_fit
     in_specs, args, tile, nt, nd, r = tile_and_halo_specs(x, bt, bd, hrows, direction, halo0)
     in_specs.append(pl.BlockSpec((k, bt, bd), lambda b, d, t: (0, 0, d)))
@@ -164,12 +178,35 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
         in_specs.append(tile)
         args.append(extra)
     kernel = functools.partial(
-        _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
-        has_bias=bias is not None, has_mask=has_mask, has_extra=extra is not None, activation=activation,
-        residual_x=residual_x, interpret=interpret)
-    cost = conv_cost(x, k, bt=bt, bd=bd, hrows=hrows, out_dtype=out_dtype, has_halo0=halo0 is not None,
-                     has_bias=bias is not None, bits_lanes=(k - 1) * bd if has_mask else 0, extra=extra,
-                     activation=activation, residual=residual_x, weights_per_step=True)
+        _kernel,
+        k=k,
+        hrows=hrows,
+        bt=bt,
+        direction=direction,
+        nt=nt,
+        has_halo0=halo0 is not None,
+        has_bias=bias is not None,
+        has_mask=has_mask,
+        has_extra=extra is not None,
+        activation=activation,
+        residual_x=residual_x,
+        interpret=interpret,
+    )
+    cost = conv_cost(
+        x,
+        k,
+        bt=bt,
+        bd=bd,
+        hrows=hrows,
+        out_dtype=out_dtype,
+        has_halo0=halo0 is not None,
+        has_bias=bias is not None,
+        bits_lanes=(k - 1) * bd if has_mask else 0,
+        extra=extra,
+        activation=activation,
+        residual=residual_x,
+        weights_per_step=True,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, tp, dp), out_dtype),

@@ -11,6 +11,7 @@ Forward saves only the inputs (x, weight, bias, segment ids, initial state); the
   reductions (``reference.dweight_xla``). ``d initial_state`` touches only the first K-1 outputs: XLA
   (``reference.dhistory_xla``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,7 @@ def _bits(segment_ids, k, tp, direction):
         bsz, t_len = segment_ids.shape
         pad = jnp.full((bsz, k - 1), -1, segment_ids.dtype)
         seg_f = jnp.concatenate([segment_ids, pad], axis=1)
-        m = jnp.stack([seg_f[:, s:s + t_len] == segment_ids for s in range(k)], axis=-1)
+        m = jnp.stack([seg_f[:, s : s + t_len] == segment_ids for s in range(k)], axis=-1)
     bits = jnp.sum(m.astype(jnp.int32) << jnp.arange(k, dtype=jnp.int32), axis=-1)
     return jnp.pad(bits, ((0, 0), (0, tp - bits.shape[1])))[..., None]
 
@@ -87,15 +88,37 @@ def _forward(x, weight, bias, segment_ids, initial_state, st: _Static, *, activa
     h0 = None if initial_state is None else _halo0(initial_state, hrows, dp, x.dtype)
     bits = None if segment_ids is None else _bits(segment_ids, k, tp, "causal")
     y = _kernels(st.backend).conv_call(
-        _pad(x, tp, dp), wp, halo0=h0, bias=bp, bits=bits, extra=None, direction="causal", activation=activation,
-        residual_x=residual, out_dtype=out_dtype, bt=bt, bd=bd, hrows=hrows, interpret=st.interpret)
-    return y[:, :x.shape[1], :x.shape[2]]
+        _pad(x, tp, dp),
+        wp,
+        halo0=h0,
+        bias=bp,
+        bits=bits,
+        extra=None,
+        direction="causal",
+        activation=activation,
+        residual_x=residual,
+        out_dtype=out_dtype,
+        bt=bt,
+        bd=bd,
+        hrows=hrows,
+        interpret=st.interpret,
+    )
+    return y[:, : x.shape[1], : x.shape[2]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def short_conv_op(x, weight, bias, segment_ids, initial_state, st: _Static):
-    return _forward(x, weight, bias, segment_ids, initial_state, st, activation=st.activation,
-                    residual=st.residual, out_dtype=x.dtype)
+    return _forward(
+        x,
+        weight,
+        bias,
+        segment_ids,
+        initial_state,
+        st,
+        activation=st.activation,
+        residual=st.residual,
+        out_dtype=x.dtype,
+    )
 
 
 def _fwd(x, weight, bias, segment_ids, initial_state, st):
@@ -108,23 +131,39 @@ def _bwd(st, res, dy):
     k = weight.shape[0]
     t_len, d = x.shape[1], x.shape[2]
     if st.activation == "silu":
-        pre = _forward(x, weight, bias, segment_ids, initial_state, st, activation=None, residual=False,
-                       out_dtype=jnp.float32)
+        pre = _forward(
+            x, weight, bias, segment_ids, initial_state, st, activation=None, residual=False, out_dtype=jnp.float32
+        )
         g = dy.astype(jnp.float32) * reference.silu_grad(pre)
     else:
         g = dy
     bt, bd, hrows, tp, dp = _plan(x, k, st.block_sizes, st.backend)
     wp = jnp.pad(weight.astype(jnp.float32), ((0, 0), (0, dp - d)))
     bits = None if segment_ids is None else _bits(segment_ids, k, tp, "anticausal")
-    kw = dict(halo0=None, bias=None, bits=bits, extra=_pad(dy, tp, dp) if st.residual else None,
-              direction="anticausal", activation=None, residual_x=False, out_dtype=x.dtype, bt=bt, bd=bd,
-              hrows=hrows, interpret=st.interpret)
+    kw = dict(
+        halo0=None,
+        bias=None,
+        bits=bits,
+        extra=_pad(dy, tp, dp) if st.residual else None,
+        direction="anticausal",
+        activation=None,
+        residual_x=False,
+        out_dtype=x.dtype,
+        bt=bt,
+        bd=bd,
+        hrows=hrows,
+        interpret=st.interpret,
+    )
     g32 = g.astype(jnp.float32)
     if st.backend == "tpu":  # dw and dbias as per-tile partial sums from the dx kernel, reduced here
         dx, partial = tpu.conv_call(
-            _pad(g, tp, dp), wp, dw_x=_pad(x, tp, dp),
+            _pad(g, tp, dp),
+            wp,
+            dw_x=_pad(x, tp, dp),
             dw_halo0=None if initial_state is None else _halo0(initial_state, hrows, dp, x.dtype),
-            dw_bits=None if segment_ids is None else _bits(segment_ids, k, tp, "causal"), **kw)
+            dw_bits=None if segment_ids is None else _bits(segment_ids, k, tp, "causal"),
+            **kw,
+        )
         sums = jnp.sum(partial, axis=(0, 1))[:, :d]
         dw, dbias = sums[:k].astype(weight.dtype), sums[k]
     else:  # Mosaic GPU: XLA reductions (see docs/kernels.md)

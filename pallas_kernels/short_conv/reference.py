@@ -5,15 +5,15 @@ sequence come from ``initial_state`` ``[B, C, K]`` (the last K raw inputs, oldes
 zero; with ``segment_ids`` a tap only reads tokens of the same segment, and the initial state continues the first
 token's segment.
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def short_conv_reference(x, weight, bias=None, activation=None, segment_ids=None, initial_state=None,
-                         residual=False):
+def short_conv_reference(x, weight, bias=None, activation=None, segment_ids=None, initial_state=None, residual=False):
     """float64 token loop. x: [B, T, C], weight: [K, C] -> y: [B, T, C] (numpy float64)."""
     x = np.asarray(x, np.float64)
     w = np.asarray(weight, np.float64)
@@ -45,7 +45,7 @@ def tap_masks(segment_ids, k: int):
     Positions before the sequence (the initial state) count as the first token's segment."""
     bsz, t_len = segment_ids.shape
     seg_h = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (bsz, k - 1)), segment_ids], axis=1)
-    return jnp.stack([seg_h[:, k - 1 - s:k - 1 - s + t_len] == segment_ids for s in range(k)], axis=-1)
+    return jnp.stack([seg_h[:, k - 1 - s : k - 1 - s + t_len] == segment_ids for s in range(k)], axis=-1)
 
 
 def history(x, initial_state, k: int):
@@ -66,9 +66,9 @@ def conv_pre_xla(x, weight, bias, segment_ids, initial_state):
     acc = jnp.zeros(x.shape, jnp.float32)
     for j in range(k):
         s = k - 1 - j
-        tap = xh[:, j:j + t_len]
+        tap = xh[:, j : j + t_len]
         if masks is not None:
-            tap = jnp.where(masks[..., s:s + 1], tap, 0.0)
+            tap = jnp.where(masks[..., s : s + 1], tap, 0.0)
         acc = acc + tap * weight[j].astype(jnp.float32)
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
@@ -85,9 +85,9 @@ def dweight_xla(g, x, k, segment_ids, initial_state):
     rows = []
     for j in range(k):
         s = k - 1 - j
-        prod = g * xh[:, j:j + t_len]
+        prod = g * xh[:, j : j + t_len]
         if masks is not None:
-            prod = jnp.where(masks[..., s:s + 1], prod, 0.0)
+            prod = jnp.where(masks[..., s : s + 1], prod, 0.0)
         rows.append(jnp.sum(prod, axis=(0, 1)))
     return jnp.stack(rows)
 
@@ -105,8 +105,8 @@ def dhistory_xla(g, weight, segment_ids):
         n = min(s, t_len)  # outputs t = 0..n-1 reach back before the sequence through tap s
         contrib = g[:, :n] * weight[k - 1 - s].astype(jnp.float32)
         if masks is not None:
-            contrib = jnp.where(masks[:, :n, s:s + 1], contrib, 0.0)
-        dh = dh.at[:, k - 1 - s:k - 1 - s + n].add(contrib)
+            contrib = jnp.where(masks[:, :n, s : s + 1], contrib, 0.0)
+        dh = dh.at[:, k - 1 - s : k - 1 - s + n].add(contrib)
     return dh
 
 
@@ -118,9 +118,9 @@ def dx_xla(g, weight, segment_ids):
     gp = jnp.concatenate([g, jnp.zeros((g.shape[0], k - 1, g.shape[2]), g.dtype)], axis=1)
     acc = jnp.zeros(g.shape, jnp.float32)
     for s in range(k):
-        src = gp[:, s:s + t_len]
+        src = gp[:, s : s + t_len]
         if masks is not None:
-            mp = jnp.concatenate([masks[..., s], jnp.zeros((g.shape[0], k - 1), bool)], axis=1)[:, s:s + t_len]
+            mp = jnp.concatenate([masks[..., s], jnp.zeros((g.shape[0], k - 1), bool)], axis=1)[:, s : s + t_len]
             src = jnp.where(mp[..., None], src, 0.0)
         acc = acc + src * weight[k - 1 - s].astype(jnp.float32)
     return acc

@@ -4,6 +4,7 @@ Grid ``(batch, channel_block, time_block)``: each step reads its ``[bt, bd]`` ti
 block of the same array, just before the tile (causal forward) or just after it (anti-causal backward), and the first
 tile optionally its halo from ``halo0`` (the initial state).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -11,7 +12,9 @@ from jax.experimental import pallas as pl
 
 
 def tile_and_halo_specs(x, bt: int, bd: int, hrows: int, direction: str, halo0=None):
-    """Returns ``(in_specs, args, tile, nt, nd, r)`` (``tile`` the tile spec, ``r = bt // hrows`` halo blocks per tile) for ``x: [B, Tp, Dp]`` (Tp, Dp multiples of ``bt``, ``bd``)."""
+    """Returns ``(in_specs, args, tile, nt, nd, r)`` for ``x: [B, Tp, Dp]`` (Tp, Dp multiples of ``bt``, ``bd``).
+
+    ``tile`` is the tile spec and ``r = bt // hrows`` the number of halo blocks per tile."""
     _, tp, dp = x.shape
     nt, nd = tp // bt, dp // bd
     r = bt // hrows

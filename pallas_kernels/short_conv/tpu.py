@@ -6,6 +6,7 @@ the K-1 history across a sequential time axis, each step also DMAs the ``hrows``
 tile (8 rows for 32-bit, 16 for 16-bit), so the halo costs ``hrows / block_t`` extra reads (3 % at the defaults).
 The tile and its halo are written into one float32 VMEM buffer; tap ``s`` is a (sublane-unaligned) window of it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,13 +16,28 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 from pallas_kernels.common import tpu_params
 from pallas_kernels.cost import conv_cost
+from pallas_kernels.short_conv.tiling import tile_and_halo_specs
 
 
-def _kernel(*refs, k, hrows, bt, direction, nt, has_halo0, has_bias, has_bits, has_extra, activation, residual_x,
-            with_dw=False, dw_has_halo0=False, dw_has_bits=False):
+def _kernel(
+    *refs,
+    k,
+    hrows,
+    bt,
+    direction,
+    nt,
+    has_halo0,
+    has_bias,
+    has_bits,
+    has_extra,
+    activation,
+    residual_x,
+    with_dw=False,
+    dw_has_halo0=False,
+    dw_has_bits=False,
+):
     it = iter(refs)
     x_ref, halo_ref = next(it), next(it)
     halo0_ref = next(it) if has_halo0 else None
@@ -105,8 +121,26 @@ def _partial_weight_grad(g, x_ref, halo_ref, halo0_ref, bits_ref, dw_ref, xbuf, 
     dw_ref[pl.ds(k, 1), :] = jnp.sum(g, axis=0, keepdims=True)
 
 
-def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual_x, out_dtype, bt, bd, hrows,
-              interpret, dw_x=None, dw_halo0=None, dw_bits=None):
+def conv_call(
+    x,
+    w,
+    *,
+    halo0,
+    bias,
+    bits,
+    extra,
+    direction,
+    activation,
+    residual_x,
+    out_dtype,
+    bt,
+    bd,
+    hrows,
+    interpret,
+    dw_x=None,
+    dw_halo0=None,
+    dw_bits=None,
+):
     """Tiled short conv on padded inputs.
 
     Args:
@@ -154,12 +188,39 @@ def conv_call(x, w, *, halo0, bias, bits, extra, direction, activation, residual
         out_specs = (tile, pl.BlockSpec((None, None, k + 1, bd), lambda b, d, t: (b, t, 0, d)))
         scratch.append(pltpu.VMEM((bt + hrows, bd), jnp.float32))
     kernel = functools.partial(
-        _kernel, k=k, hrows=hrows, bt=bt, direction=direction, nt=nt, has_halo0=halo0 is not None,
-        has_bias=bias is not None, has_bits=bits is not None, has_extra=extra is not None, activation=activation,
-        residual_x=residual_x, with_dw=with_dw, dw_has_halo0=dw_halo0 is not None, dw_has_bits=dw_bits is not None)
-    cost = conv_cost(x, k, bt=bt, bd=bd, hrows=hrows, out_dtype=out_dtype, has_halo0=halo0 is not None,
-                     has_bias=bias is not None, bits_lanes=int(bits is not None), extra=extra, activation=activation,
-                     residual=residual_x, dw_x=dw_x, dw_halo0=dw_halo0 is not None, dw_bits=dw_bits is not None)
+        _kernel,
+        k=k,
+        hrows=hrows,
+        bt=bt,
+        direction=direction,
+        nt=nt,
+        has_halo0=halo0 is not None,
+        has_bias=bias is not None,
+        has_bits=bits is not None,
+        has_extra=extra is not None,
+        activation=activation,
+        residual_x=residual_x,
+        with_dw=with_dw,
+        dw_has_halo0=dw_halo0 is not None,
+        dw_has_bits=dw_bits is not None,
+    )
+    cost = conv_cost(
+        x,
+        k,
+        bt=bt,
+        bd=bd,
+        hrows=hrows,
+        out_dtype=out_dtype,
+        has_halo0=halo0 is not None,
+        has_bias=bias is not None,
+        bits_lanes=int(bits is not None),
+        extra=extra,
+        activation=activation,
+        residual=residual_x,
+        dw_x=dw_x,
+        dw_halo0=dw_halo0 is not None,
+        dw_bits=dw_bits is not None,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

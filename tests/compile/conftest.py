@@ -3,6 +3,7 @@
 Every test here is marked ``compile``. Without the ``aot`` extra (libtpu, the CUDA plugin, nvcc) they are skipped,
 except under CI (``CI=true``), where a missing extra is an error: the tier must not silently vanish.
 """
+
 import importlib.util
 import os
 
@@ -32,8 +33,9 @@ def pytest_collection_modifyitems(config, items):
     if not missing or not mine:
         return
     if os.environ.get("CI", "").lower() == "true":
-        raise pytest.UsageError(f"CI=true but the aot extra is missing ({', '.join(missing)}): "
-                                "pip install -e '.[test,aot]'")
+        raise pytest.UsageError(
+            f"CI=true but the aot extra is missing ({', '.join(missing)}): pip install -e '.[test,aot]'"
+        )
     skip = pytest.mark.skip(reason=f"aot extra not installed ({', '.join(missing)}): pip install -e '.[aot]'")
     for it in mine:
         it.add_marker(skip)

@@ -1,4 +1,5 @@
 """``canon_jax.aot``: topology names -> abstract devices, per-device HBM, meshes, and clear errors."""
+
 import pytest
 
 from canon_jax import aot

@@ -1,6 +1,7 @@
 """Deviceless TPU compile: a tiny Llama train step on a v5e:2x2 mesh (FSDP 2 x tensor 2) with attention_impl="auto"
 runs JAX's splash attention kernels (forward, dq and dkv backward, with segment ids) under shard_map. (At this size
 splash needs slightly more temporary memory than XLA; the saving at the 1B scale is in docs/kernels.md.)"""
+
 import pathlib
 
 import pytest
@@ -29,19 +30,32 @@ def _compile(attention_impl):
     from canon_jax.train.trainer import Trainer
 
     target = aot.get_target("v5e:2x2")
-    cfg = load_config(ROOT / "configs/experiments/llama_canon_1b.yaml", [
-        "model.hidden_size=256", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.vocab_size=512", "model.segment_aware=true", f"model.attention_impl={attention_impl}",
-        "model.kernel_impl=xla", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}",
-        "mesh.fsdp=2", "mesh.tensor=2"])
+    cfg = load_config(
+        ROOT / "configs/experiments/llama_canon_1b.yaml",
+        [
+            "model.hidden_size=256",
+            "model.num_layers=2",
+            "model.num_heads=4",
+            "model.num_kv_heads=2",
+            "model.vocab_size=512",
+            "model.segment_aware=true",
+            f"model.attention_impl={attention_impl}",
+            "model.kernel_impl=xla",
+            f"model.max_seq_len={SEQ}",
+            f"data.seq_len={SEQ}",
+            f"train.batch_size={BATCH}",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+        ],
+    )
     tr = Trainer(cfg, devices=target.devices)
     return tr.lower_step().compile()
 
 
 def test_auto_attention_is_splash_on_tpu():
+    from canon_jax import aot
     from canon_jax.ops.attention import resolve
     from canon_jax.ops.sharded import target_platform
-    from canon_jax import aot
     from canon_jax.train.sharding import MESH_AXES
 
     mesh = aot.make_mesh(aot.get_target("v5e:2x2"), (1, 2, 2), MESH_AXES)

@@ -1,13 +1,21 @@
 """``python -m experiments.compile`` against the real compilers: result fields, a program over HBM reported as
 "does not fit", and the batch-vs-mesh config error on a 256-chip slice (raised before anything is compiled)."""
+
 import json
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[2]
-TINY = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.canon_set=",
-        "model.max_seq_len=256", "data.seq_len=256", "model.dtype=float32"]
+TINY = [
+    "model.hidden_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.canon_set=",
+    "model.max_seq_len=256",
+    "data.seq_len=256",
+    "model.dtype=float32",
+]
 
 
 def _run(args, capsys):
@@ -20,8 +28,18 @@ def _run(args, capsys):
 
 def test_result_fields_and_flops(tmp_path, capsys):
     js = tmp_path / "r.json"
-    rc, out, _ = _run(["--config", str(ROOT / "configs/experiments/llama_1b.yaml"), "--target", "v5e:2x2",
-                       "--json", str(js), *sum((["--set", s] for s in TINY + ["train.batch_size=8"]), [])], capsys)
+    rc, out, _ = _run(
+        [
+            "--config",
+            str(ROOT / "configs/experiments/llama_1b.yaml"),
+            "--target",
+            "v5e:2x2",
+            "--json",
+            str(js),
+            *sum((["--set", s] for s in TINY + ["train.batch_size=8"]), []),
+        ],
+        capsys,
+    )
     assert rc == 0, out
     r = json.loads(js.read_text())
     assert r["compiled"] and r["fits"] and "FITS" in out
@@ -42,16 +60,27 @@ def test_over_hbm_is_reported_not_raised(capsys):
     # float32 params + two Adam moments of a 69 B-parameter model (a 4M-token vocabulary at width 8192, untied) are
     # 96 GiB per GPU over 8-way FSDP, more than an H100 holds, whatever the step does with its activations.
     big = ["model.hidden_size=8192", "model.num_heads=64", "model.vocab_size=4194304", "train.batch_size=8"]
-    rc, out, _ = _run(["--config", str(ROOT / "configs/experiments/llama_1b.yaml"), "--target", "h100:1x1x8",
-                       *sum((["--set", s] for s in TINY + big), [])], capsys)
+    rc, out, _ = _run(
+        [
+            "--config",
+            str(ROOT / "configs/experiments/llama_1b.yaml"),
+            "--target",
+            "h100:1x1x8",
+            *sum((["--set", s] for s in TINY + big), []),
+        ],
+        capsys,
+    )
     assert rc == 1, out
     assert "DOES NOT FIT" in out and "of HBM 79.11 GiB" in out
 
 
 def test_batch_not_dividing_the_mesh_is_a_config_error(capsys):
-    rc, _, err = _run(["--config", str(ROOT / "configs/experiments/gla5_conv_1b.yaml"), "--target", "v5e:16x16"],
-                      capsys)
+    rc, _, err = _run(
+        ["--config", str(ROOT / "configs/experiments/gla5_conv_1b.yaml"), "--target", "v5e:16x16"], capsys
+    )
     assert rc == 2
-    assert err.strip() == ("config error: train.batch_size: 128 is not divisible by the data-parallel size "
-                           "mesh.data*mesh.fsdp = 1*256 = 256 (on 256 devices); set train.batch_size=256, "
-                           "or mesh.data=1 mesh.fsdp=128 mesh.tensor=2")
+    assert err.strip() == (
+        "config error: train.batch_size: 128 is not divisible by the data-parallel size "
+        "mesh.data*mesh.fsdp = 1*256 = 256 (on 256 devices); set train.batch_size=256, "
+        "or mesh.data=1 mesh.fsdp=128 mesh.tensor=2"
+    )

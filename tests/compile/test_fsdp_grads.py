@@ -4,6 +4,7 @@ Every parameter is sharded over ``fsdp``; its gradient must reach each device as
 reduce-scatter, not as a full all-reduced copy on every device (which is what the step compiled to before the
 gradients were constrained to the parameters' shardings).
 """
+
 import pytest
 
 pytest.importorskip("libtpu")
@@ -16,10 +17,21 @@ def _compile(**model):
     from experiments.aot_step_memory import compile_step
     from tests.train._util import tiny_config
 
-    raw = tiny_config({"train": "unused.jsonl", "eval": "unused.txt"},
-                      model={"hidden_size": 256, "num_heads": 4, "multiple_of": 256, "vocab_size": 512,
-                             "max_seq_len": 128, "dtype": "bfloat16", "kernel_impl": "xla", **model},
-                      data={"seq_len": 128}, mesh={"data": 1, "fsdp": -1, "tensor": 1})
+    raw = tiny_config(
+        {"train": "unused.jsonl", "eval": "unused.txt"},
+        model={
+            "hidden_size": 256,
+            "num_heads": 4,
+            "multiple_of": 256,
+            "vocab_size": 512,
+            "max_seq_len": 128,
+            "dtype": "bfloat16",
+            "kernel_impl": "xla",
+            **model,
+        },
+        data={"seq_len": 128},
+        mesh={"data": 1, "fsdp": -1, "tensor": 1},
+    )
     return compile_step(config_from_dict(raw), "v5e:2x2", per_device_batch=2)
 
 

@@ -2,6 +2,7 @@
 without segment ids / initial state, GLA and SSD forward and backward (``value_and_grad`` through the custom VJPs),
 bf16 and f32, at the paper's shapes and odd small ones (``experiments.compile_kernels.CASES``). Asserts that the
 compiled program holds each expected kernel, and that every kernel carries its ``pl.CostEstimate``."""
+
 import pytest
 
 pytest.importorskip("libtpu")
@@ -37,7 +38,7 @@ def test_kernels_compile_for_tpu(case, target):
     assert sorted(k.name for k in r.kernels) == sorted(c.kernels["tpu"])
     for k in r.kernels:
         assert k.flops is not None and k.flops >= _lower_bound(c, k.name) > 0, (k.name, k.flops)
-        assert 0 < k.scratch_bytes < 16 * 2 ** 20, (k.name, k.scratch_bytes)  # the default scoped VMEM limit
+        assert 0 < k.scratch_bytes < 16 * 2**20, (k.name, k.scratch_bytes)  # the default scoped VMEM limit
     if c.tpu_flops is not None:  # the estimates in the compiled program are exactly the formulas
         assert sorted((k.name, k.flops) for k in r.kernels) == sorted(c.tpu_flops)
 

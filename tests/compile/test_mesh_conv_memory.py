@@ -1,6 +1,7 @@
 """The XLA Canon conv (the kernel-off path) compiled by the real TPU compiler for one v5e chip: its forward and
 backward keep activations in the input dtype, so the program's temporaries stay below one float32 copy of the padded
 input (bf16 ``[4, 4096, 2048]``: 128 MiB; before this was enforced the same program needed 512 MiB)."""
+
 import pytest
 
 pytest.importorskip("libtpu")
@@ -22,15 +23,18 @@ def _temp_bytes(activation, with_segments):
     sh = jax.sharding.SingleDeviceSharding(dev)
 
     def fwd_bwd(x, w, dy, seg):
-        f = lambda x, w: causal_conv1d(x, w, residual=True, activation=activation,
-                                       segment_ids=seg if with_segments else None, impl="xla")
+        f = lambda x, w: causal_conv1d(
+            x, w, residual=True, activation=activation, segment_ids=seg if with_segments else None, impl="xla"
+        )
         y, vjp = jax.vjp(f, x, w)
         return y, *vjp(dy)
 
-    args = (jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16, sharding=sh),
-            jax.ShapeDtypeStruct((K, C), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16, sharding=sh),
-            jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh))
+    args = (
+        jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16, sharding=sh),
+        jax.ShapeDtypeStruct((K, C), jnp.float32, sharding=sh),
+        jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16, sharding=sh),
+        jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh),
+    )
     return jax.jit(fwd_bwd).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 

@@ -2,6 +2,7 @@
 ptxas) while this process's default backend is the CPU: ``impl="auto"`` picks the Pallas kernels from the mesh's
 devices and runs them under ``shard_map``, so the ops and tiny train steps compile and the compiled programs contain
 the Mosaic kernels."""
+
 import importlib.util
 import os
 import re
@@ -13,7 +14,8 @@ pytest.importorskip("libtpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from canon_jax import aot  # noqa: E402
 from canon_jax.ops import dispatch  # noqa: E402
@@ -30,8 +32,9 @@ _KERNEL_CALL = {"tpu": r'custom_call_target="tpu_custom_call"', "gpu": r'custom_
 
 
 def _mesh(shape, target="v5e:2x4"):
-    return make_mesh(types.SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
-                     devices=aot.get_target(target).devices)
+    return make_mesh(
+        types.SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices=aot.get_target(target).devices
+    )
 
 
 def _mosaic_calls(compiled, platform="tpu") -> int:
@@ -39,7 +42,10 @@ def _mosaic_calls(compiled, platform="tpu") -> int:
 
 
 def _gpu_compiler_or_skip():
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None or importlib.util.find_spec("nvidia.cuda_nvcc") is None:
+    if (
+        importlib.util.find_spec("jax_plugins.xla_cuda12") is None
+        or importlib.util.find_spec("nvidia.cuda_nvcc") is None
+    ):
         pytest.skip("the CUDA plugin and nvcc wheels (aot extra) are not installed")
     if os.environ.get("JAX_PLATFORMS") != "cpu":
         pytest.skip("GPU targets compile only with JAX_PLATFORMS=cpu (else the CUDA plugin looks for a driver)")
@@ -49,8 +55,9 @@ def _arg(mesh, shape, dtype, spec):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
 
 
-@pytest.mark.parametrize("target,mesh_name", [("v5e:2x4", "fsdp8"), ("v5e:2x4", "data2_fsdp2_tensor2"),
-                                              ("h100:1x1x8", "fsdp8")])
+@pytest.mark.parametrize(
+    "target,mesh_name", [("v5e:2x4", "fsdp8"), ("v5e:2x4", "data2_fsdp2_tensor2"), ("h100:1x1x8", "fsdp8")]
+)
 def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_mesh(target, mesh_name):
     platform = "gpu" if target.startswith("h100") else "tpu"
     if platform == "gpu":
@@ -70,12 +77,19 @@ def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_mesh(target, mesh_na
         return jax.value_and_grad(loss, argnums=tuple(range(10)))(x, w, s0, q, k, v, g, xs, bm, cm)
 
     bt, bth = ("data", "fsdp"), (("data", "fsdp"), None, "tensor", None)
-    args = (_arg(mesh, (b, t, 512), bf, (bt, None, "tensor")), _arg(mesh, (4, 512), jnp.float32, ()),
-            _arg(mesh, (b, t), jnp.int32, (bt, None)), _arg(mesh, (b, 512, 4), bf, (bt, "tensor", None)),
-            *(_arg(mesh, (b, t, 4, 128), bf, bth) for _ in range(3)), _arg(mesh, (b, t, 4, 128), jnp.float32, bth),
-            _arg(mesh, (b, t, 4, 64), bf, bth), _arg(mesh, (b, t, 4), jnp.float32, (bt, None, "tensor")),
-            _arg(mesh, (4,), jnp.float32, ()), _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)),
-            _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)))
+    args = (
+        _arg(mesh, (b, t, 512), bf, (bt, None, "tensor")),
+        _arg(mesh, (4, 512), jnp.float32, ()),
+        _arg(mesh, (b, t), jnp.int32, (bt, None)),
+        _arg(mesh, (b, 512, 4), bf, (bt, "tensor", None)),
+        *(_arg(mesh, (b, t, 4, 128), bf, bth) for _ in range(3)),
+        _arg(mesh, (b, t, 4, 128), jnp.float32, bth),
+        _arg(mesh, (b, t, 4, 64), bf, bth),
+        _arg(mesh, (b, t, 4), jnp.float32, (bt, None, "tensor")),
+        _arg(mesh, (4,), jnp.float32, ()),
+        _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)),
+        _arg(mesh, (b, t, 1, 128), bf, (bt, None, None, None)),
+    )
     with jax.set_mesh(mesh):
         # from the mesh, although the default backend is the CPU
         assert dispatch.accelerator_backend() == platform
@@ -98,10 +112,20 @@ def test_tiny_train_step_compiles_with_kernels_on_a_tpu_mesh(name, tmp_path):
     from canon_jax.train.trainer import BATCH_KEYS, Trainer
     from tests.train._util import tiny_config, write_corpus
 
-    raw = tiny_config(write_corpus(tmp_path, docs=4),
-                      model={"hidden_size": 256, "num_heads": 2, "num_layers": 1, "multiple_of": 128,
-                             "dtype": "bfloat16", "max_seq_len": 256, **MODELS[name]},
-                      data={"seq_len": 256}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    raw = tiny_config(
+        write_corpus(tmp_path, docs=4),
+        model={
+            "hidden_size": 256,
+            "num_heads": 2,
+            "num_layers": 1,
+            "multiple_of": 128,
+            "dtype": "bfloat16",
+            "max_seq_len": 256,
+            **MODELS[name],
+        },
+        data={"seq_len": 256},
+        mesh={"data": 2, "fsdp": 2, "tensor": 2},
+    )
     tr = Trainer(config_from_dict(raw), devices=aot.get_target("v5e:2x4").devices)
     batch = {k: jax.ShapeDtypeStruct((8, 256), jnp.int32) for k in BATCH_KEYS}
     compiled = tr._step.lower(tr.abstract_state, batch).compile()  # no mesh context needed: the step sets its own

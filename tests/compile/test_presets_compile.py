@@ -2,6 +2,7 @@
 device), compiled by the real compilers for an 8-chip TPU slice and an 8-GPU H100 host: the training step of
 ``experiments.train`` compiles, its state is sharded as the FSDP mesh says, and the Canon convs (and the GLA / SSD
 scans) run as Pallas kernels."""
+
 import math
 import pathlib
 
@@ -44,8 +45,9 @@ def test_reduced_preset_compiles_with_kernels(preset, target):
     # positions unless the model is segment-aware), split over the batch. The state is donated: the new state reuses
     # its buffers. Layout padding of small leaves is allowed for (0.1 %).
     tr = Trainer(cfg, devices=tgt.devices)
-    shard_bytes = jax.tree.map(lambda a, sh: math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize,
-                               tr.abstract_state, tr.state_shardings)
+    shard_bytes = jax.tree.map(
+        lambda a, sh: math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize, tr.abstract_state, tr.state_shardings
+    )
     state = sum(jax.tree.leaves(shard_bytes))
     t = cfg.data.seq_len
     n_batch = 5 if cfg.model.segment_aware else 3

@@ -1,10 +1,9 @@
 """`python -m canon_jax.data dump|show|vocab`."""
+
 import json
 import re
 import subprocess
 import sys
-
-import pytest
 
 from canon_jax.data import get_task
 from canon_jax.data.cli import main
@@ -23,15 +22,40 @@ def test_dump_canon_and_official_ids(tmp_path):
         s = task.sample(i, "test", 4)
         assert row["tokens"] == s.tokens.tolist() and row["loss_mask"] == s.labels.tolist()
         assert row["meta"]["n"] == 30 and row["meta"]["ks"] == s.meta["ks"]
-    off = _dump(tmp_path, "depo1", "--split", "test", "--num", "2", "--seed", "4", "--set", "N=30",
-                "--id-convention", "official")
+    off = _dump(
+        tmp_path,
+        "depo1",
+        "--split",
+        "test",
+        "--num",
+        "2",
+        "--seed",
+        "4",
+        "--set",
+        "N=30",
+        "--id-convention",
+        "official",
+    )
     toks = off[0]["tokens"]
-    assert toks[0] == 9999 and 9500 in toks and all(1 <= t <= 100 or 9001 <= t <= 9008 or t in (9500, 9999)
-                                                      for t in toks)
+    assert (
+        toks[0] == 9999 and 9500 in toks and all(1 <= t <= 100 or 9001 <= t <= 9008 or t in (9500, 9999) for t in toks)
+    )
     br = _dump(tmp_path, "brevo1", "--num", "1", "--id-convention", "official", "--set", "N=20")[0]["tokens"]
     assert br[0] == 9999 and 9997 in br and br[-1] == 9998 and br[br.index(9997) + 2] == 9998
-    mano = _dump(tmp_path, "mano", "--split", "test", "--num", "3", "--id-convention", "official",
-                 "--set", "L=3", "--set", "knowledge_augment=false")
+    mano = _dump(
+        tmp_path,
+        "mano",
+        "--split",
+        "test",
+        "--num",
+        "3",
+        "--id-convention",
+        "official",
+        "--set",
+        "L=3",
+        "--set",
+        "knowledge_augment=false",
+    )
     for row in mano:
         t = row["tokens"]
         assert t[0] == 9999 and t[1] == 30 and t[-2] == 34 and t[-1] == 5000 + row["meta"]["answer"]
@@ -46,6 +70,7 @@ def test_show_and_errors(capsys, tmp_path):
     assert "edges:" in out and "answer:" in out and "n=10" in out
     assert main(["show", "mano", "--set", "L=2", "--num", "2"]) == 0
     assert "(mod 23)" in capsys.readouterr().out
+
     def refused(args, pattern):  # one line "config error: ..." on stderr, status 2
         capsys.readouterr()
         assert main(args) == 2
@@ -69,6 +94,10 @@ def test_show_and_errors(capsys, tmp_path):
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "canon_jax.data", "show", "depo2", "--set", "N=8", "--set", "K=4"],
-                       capture_output=True, text=True, env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "canon_jax.data", "show", "depo2", "--set", "N=8", "--set", "K=4"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0 and "-hop(" in r.stdout and "edges:" in r.stdout, r.stderr

@@ -4,6 +4,7 @@ Independent references written here: a dictionary-based CYK over (start -> ends)
 algorithm over the same dictionaries (plain Python), an exhaustive enumeration of every derivation of small
 hand-made grammars, and the exact first-token distribution from the grammar's leftmost paths.
 """
+
 import itertools
 import json
 import math
@@ -21,19 +22,29 @@ METHODS = ("auto", "sparse", "bitset")
 def make_cfg(levels, num_sym):
     """A grammar in the official JSON structure: ``levels[l][s]`` = rules of symbol ``s`` of level ``l``."""
     sizes = [len(level) for level in levels] + [num_sym]
-    return CFG.from_dict({
-        "depth": len(levels), "num_sym": num_sym, "eos_token": num_sym + 1, "sizes": sizes,
-        "all": [[{"children": rules} for rules in level] for level in levels] + [[{"children": None}] * num_sym],
-    }, name="tiny")
+    return CFG.from_dict(
+        {
+            "depth": len(levels),
+            "num_sym": num_sym,
+            "eos_token": num_sym + 1,
+            "sizes": sizes,
+            "all": [[{"children": rules} for rules in level] for level in levels] + [[{"children": None}] * num_sym],
+        },
+        name="tiny",
+    )
 
 
 # Depth 2, two terminals, a length-1 rule and ambiguity (11 sentences).
-TINY2 = make_cfg([[[[0, 1], [1, 0, 1], [2]]],
-                  [[[0, 1], [1]], [[1, 1, 0], [0]], [[0, 0]]]], 2)
+TINY2 = make_cfg([[[[0, 1], [1, 0, 1], [2]]], [[[0, 1], [1]], [[1, 1, 0], [0]], [[0, 0]]]], 2)
 # Depth 3, three terminals, rule lengths 1..4, ambiguous (thousands of sentences up to length 21).
-TINY3 = make_cfg([[[[0, 1, 2], [1, 0], [2, 2, 2, 1]]],
-                  [[[0, 1], [1, 0, 1], [2]], [[1, 1], [0, 2, 0]], [[2], [0, 1]]],
-                  [[[0, 1], [1]], [[1, 1, 0], [0]], [[0, 0], [2, 1]]]], 3)
+TINY3 = make_cfg(
+    [
+        [[[0, 1, 2], [1, 0], [2, 2, 2, 1]]],
+        [[[0, 1], [1, 0, 1], [2]], [[1, 1], [0, 2, 0]], [[2], [0, 1]]],
+        [[[0, 1], [1]], [[1, 1, 0], [0]], [[0, 0], [2, 1]]],
+    ],
+    3,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- references
@@ -73,9 +84,11 @@ def ref_accepts(g, seq):
 
 def ref_log_prob(g, seq):
     """log P(root =>* seq) by a plain-Python log-space inside pass over span dictionaries."""
+
     def lse(vals):
         m = max(vals)
         return m + math.log(sum(math.exp(v - m) for v in vals))
+
     tabs = [{(i, i + 1): 0.0 for i, t in enumerate(seq) if t == a + 1} for a in range(g.num_sym)]
     for lvl in range(g.depth - 1, -1, -1):
         new = []
@@ -101,6 +114,7 @@ def ref_log_prob(g, seq):
 
 def enumerate_sentences(g):
     """Every sentence of a small grammar with its probability (sum over all its derivations)."""
+
     def expand(lvl, sym):
         if lvl == g.depth:
             return {(sym + 1,): 1.0}
@@ -111,6 +125,7 @@ def enumerate_sentences(g):
                 sentence = sum((c[0] for c in combo), ())
                 out[sentence] += math.prod(c[1] for c in combo) / len(rules)
         return out
+
     return dict(expand(0, 0))
 
 
@@ -146,7 +161,7 @@ def corruptions(g, rng, seq):
     return [
         sub,
         seq[:i] + [int(rng.integers(1, g.num_sym + 1))] + seq[i:],
-        seq[:i] + seq[i + 1:],
+        seq[:i] + seq[i + 1 :],
         seq[: int(rng.integers(1, n))],
         swap,
         [int(v) for v in rng.integers(1, g.num_sym + 1, n)],
@@ -159,8 +174,10 @@ def corruptions(g, rng, seq):
 @pytest.mark.parametrize("name", CFG.names())
 def test_load_matches_json(name):
     import importlib.resources
-    raw = json.loads(importlib.resources.files("canon_jax.data").joinpath(
-        "assets", "lano_cfgs", f"{name}.json").read_text())
+
+    raw = json.loads(
+        importlib.resources.files("canon_jax.data").joinpath("assets", "lano_cfgs", f"{name}.json").read_text()
+    )
     g = CFG.load(name)
     assert g is CFG.load(name)  # cached
     assert (g.depth, g.num_sym, g.eos_id) == (raw["depth"], raw["num_sym"], raw["eos_token"])
@@ -177,8 +194,13 @@ def test_names_and_bad_inputs():
     assert CFG.names() == ("cfg3b", "cfg3e1", "cfg3e2", "cfg3f", "cfg3g", "cfg3h", "cfg3i", "cfg3j", "cfg3k")
     with pytest.raises(ValueError, match="unknown grammar 'cfg9'.*cfg3f"):
         CFG.load("cfg9")
-    good = {"depth": 1, "num_sym": 2, "eos_token": 3, "sizes": [1, 2],
-            "all": [[{"children": [[0, 1]]}], [{"children": None}] * 2]}
+    good = {
+        "depth": 1,
+        "num_sym": 2,
+        "eos_token": 3,
+        "sizes": [1, 2],
+        "all": [[{"children": [[0, 1]]}], [{"children": None}] * 2],
+    }
     CFG.from_dict(good)
     with pytest.raises(ValueError, match="missing field 'sizes'"):
         CFG.from_dict({k: v for k, v in good.items() if k != "sizes"})
@@ -288,8 +310,18 @@ def test_tiny_grammars_exhaustive(g):
 def test_accepts_malformed_inputs():
     g = CFG.load("cfg3f")
     good = g.sample(np.random.default_rng(2))
-    bad = [[], [0] + good[1:], good[:-1] + [g.eos_id], good + [g.eos_id], [-1] * len(good), [99], "abc",
-           [[1, 2], [3]], [1.5] * 80, None]
+    bad = [
+        [],
+        [0] + good[1:],
+        good[:-1] + [g.eos_id],
+        good + [g.eos_id],
+        [-1] * len(good),
+        [99],
+        "abc",
+        [[1, 2], [3]],
+        [1.5] * 80,
+        None,
+    ]
     got = g.accepts([good, np.array(good, np.int32), np.array(good, np.float64)] + bad)
     np.testing.assert_array_equal(got, [True, True, True] + [False] * len(bad))
     chex.assert_shape(g.accepts([]), (0,))
@@ -301,6 +333,7 @@ def test_accepts_malformed_inputs():
 
 def test_accepts_many_strings_in_chunks(monkeypatch):
     import canon_jax.data.lano_grammar as lg
+
     monkeypatch.setattr(lg, "_ACCEPT_CHUNK_POSITIONS", 500)  # force several chunks
     g = CFG.load("cfg3g")
     rng = np.random.default_rng(4)
@@ -345,11 +378,13 @@ def test_next_token_real_grammars(name):
     # Chain rule: prod_t P(s_t | s_<t) * P(EOS | s) = P(s), with P(s) from the independent inside pass.
     chain = lp[np.arange(len(s)), s].sum() + lp[len(s), 0]
     assert chain == pytest.approx(ref_log_prob(g, s), abs=1e-9)
+
     # Row 0 = distribution of the first token: average over rules along the leftmost path.
     def first(lvl, sym):
         if lvl == g.depth:
             return np.eye(g.num_sym)[sym]
         return np.mean([first(lvl + 1, r[0]) for r in g.rules[lvl][sym]], axis=0)
+
     np.testing.assert_allclose(np.exp(lp[0, 1:]), first(0, 0), rtol=1e-12, atol=1e-15)
     assert lp[0, 0] == -np.inf  # the empty string is not a sentence
     # A corrupted string: rows after the first impossible prefix are NaN, earlier rows stay distributions.

@@ -1,4 +1,5 @@
 """Packing invariants and the grain pipeline: shapes, masks, sharding, mixing, exact resume, worker determinism."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from canon_jax.data import (DataConfig, SampleTooLongError, TaskSpec, make_dataset, make_sample_dataset,
-                            pack_samples)
+from canon_jax.data import DataConfig, SampleTooLongError, TaskSpec, make_dataset, make_sample_dataset, pack_samples
 from canon_jax.data.base import PAD
 
 
@@ -81,8 +81,16 @@ def test_too_long_sample_error_and_split():
 
 
 def _cfg(**kw):
-    base = dict(tasks=[TaskSpec("depo1", 1.0, {"N": 20, "K": 4}), TaskSpec("mano", 2.0, {"L": 4}),
-                       TaskSpec("brevo1", 1.0, {"N": 12})], seq_len=256, seed=3, shuffle_buffer=64)
+    base = dict(
+        tasks=[
+            TaskSpec("depo1", 1.0, {"N": 20, "K": 4}),
+            TaskSpec("mano", 2.0, {"L": 4}),
+            TaskSpec("brevo1", 1.0, {"N": 12}),
+        ],
+        seq_len=256,
+        seed=3,
+        shuffle_buffer=64,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -131,10 +139,16 @@ def test_read_chunk_does_not_change_batches_and_getitems_matches_getitem():
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
     # the batched read (vectorised Mano, blocked Lano) equals element-wise reads, in any index order
-    cfg = _cfg(tasks=[TaskSpec("mano", 2.0, {"L": 5}), TaskSpec("lano", 1.0, {"cfg": "cfg3b"}),
-                      TaskSpec("depo1", 1.0, {"N": 10, "K": 4})], shuffle_buffer=0)
+    cfg = _cfg(
+        tasks=[
+            TaskSpec("mano", 2.0, {"L": 5}),
+            TaskSpec("lano", 1.0, {"cfg": "cfg3b"}),
+            TaskSpec("depo1", 1.0, {"N": 10, "K": 4}),
+        ],
+        shuffle_buffer=0,
+    )
     ds = make_sample_dataset(cfg, split="train")
-    idx = [40, 3, 2 ** 40 + 1, 0, 17, 3] + list(range(1000, 1400, 2))  # > 128 Mano indices: vectorised call
+    idx = [40, 3, 2**40 + 1, 0, 17, 3] + list(range(1000, 1400, 2))  # > 128 Mano indices: vectorised call
     got = ds._getitems(idx)
     fresh = make_sample_dataset(cfg, split="train")
     for j, g in zip(idx, got):
@@ -160,8 +174,8 @@ def test_task_stream_is_index_addressable():
 
     t = get_task("brevo2", N=10)
     ds = t.dataset("test", seed=4)
-    assert len(ds) >= 2 ** 62
-    for i in (0, 17, 10 ** 12):
+    assert len(ds) >= 2**62
+    for i in (0, 17, 10**12):
         np.testing.assert_array_equal(ds[i]["tokens"], t.sample(i, "test", 4).tokens)
         np.testing.assert_array_equal(ds[i]["labels"], t.sample(i, "test", 4).labels)
 
@@ -187,8 +201,9 @@ def test_config_validation():
         DataConfig.from_dict({"seq_length": 5})
     with pytest.raises(ValueError, match="valid parameters"):
         make_dataset(DataConfig(tasks=[{"name": "mano", "params": {"LL": 3}}]), split="train", batch_size=1)
-    ds = make_dataset(_cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})], read_chunk=4), split="test",
-                      batch_size=1)
+    ds = make_dataset(
+        _cfg(seq_len=64, tasks=[TaskSpec("depo1", 1.0, {"N": 375})], read_chunk=4), split="test", batch_size=1
+    )
     with pytest.raises(SampleTooLongError, match="does not fit"):
         next(iter(ds))
 
@@ -232,8 +247,13 @@ _WORKERS_SCRIPT = textwrap.dedent("""
 def test_worker_count_does_not_change_batches(tmp_path):
     script = tmp_path / "workers.py"
     script.write_text(_WORKERS_SCRIPT)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == '{"same": true, "resumed": true}'
 

@@ -1,4 +1,5 @@
 """Pre-tokenised token directories: tokenize (readers, BOS/EOS, dtype, index, parallel, resume) and random access."""
+
 import gzip
 import json
 import pathlib
@@ -64,8 +65,9 @@ def test_no_bos_eos_and_uint32(tmp_path):
     ins = _inputs(tmp_path / "in")
     tokenize_corpus(ins, tmp_path / "t", add_bos=False, add_eos=False, progress=False, log=lambda *_: None)
     ts = TokenShards(tmp_path / "t")
-    np.testing.assert_array_equal(ts.read(0, len(ts)),
-                                  [3 + b for d in _expected_docs("file") for b in d.encode("utf-8")])
+    np.testing.assert_array_equal(
+        ts.read(0, len(ts)), [3 + b for d in _expected_docs("file") for b in d.encode("utf-8")]
+    )
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     words = [f"w{i}" for i in range(70000)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}, unk_token="<unk>"))
@@ -111,16 +113,19 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     tokenize_corpus(ins, out, progress=False, log=logs.append)
     assert calls == [1, 2] and "1 of 3" in logs[0]
     tokenize_corpus(ins, tmp_path / "fresh", progress=False, log=lambda *_: None)
-    np.testing.assert_array_equal(TokenShards(out).read(0, len(TokenShards(out))),
-                                  TokenShards(tmp_path / "fresh").read(0, len(TokenShards(tmp_path / "fresh"))))
+    np.testing.assert_array_equal(
+        TokenShards(out).read(0, len(TokenShards(out))),
+        TokenShards(tmp_path / "fresh").read(0, len(TokenShards(tmp_path / "fresh"))),
+    )
     # a changed input is re-tokenised; nothing else is
     (tmp_path / "in" / "c.txt").write_text("changed text")
     calls.clear()
     tokenize_corpus(ins, out, progress=False, log=lambda *_: None)
     assert calls == [2]
     ts = TokenShards(out)
-    np.testing.assert_array_equal(ts.read(ts.starts[2], ts.starts[3] - ts.starts[2]),
-                                  _reference_stream(["changed text"])[0])
+    np.testing.assert_array_equal(
+        ts.read(ts.starts[2], ts.starts[3] - ts.starts[2]), _reference_stream(["changed text"])[0]
+    )
     with pytest.raises(ValueError, match="other settings.*eos_id"):
         tokenize_corpus(ins, out, add_eos=False, progress=False, log=lambda *_: None)
 
@@ -157,9 +162,23 @@ def test_cli_tokenize_and_random_access(tmp_path):
     rng = np.random.default_rng(0)
     docs = ["".join(rng.choice(list("abcdef ")) for _ in range(rng.integers(0, 40))) for _ in range(60)]
     for k in range(3):
-        (tmp_path / f"part{k}.jsonl").write_text("".join(json.dumps({"t": d}) + "\n" for d in docs[20 * k:20 * k + 20]))
-    assert cli.main(["tokenize", str(tmp_path / "part*.jsonl"), "--out", str(tmp_path / "tok"), "--text-field", "t",
-                     "--no-progress"]) == 0
+        (tmp_path / f"part{k}.jsonl").write_text(
+            "".join(json.dumps({"t": d}) + "\n" for d in docs[20 * k : 20 * k + 20])
+        )
+    assert (
+        cli.main(
+            [
+                "tokenize",
+                str(tmp_path / "part*.jsonl"),
+                "--out",
+                str(tmp_path / "tok"),
+                "--text-field",
+                "t",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ts = TokenShards(tmp_path / "tok")
     stream, offsets = _reference_stream(docs)
     doc_of = np.repeat(np.arange(len(docs)), np.diff(offsets))

@@ -1,4 +1,5 @@
 """Generators vs independent checkers, distributions, determinism and parameter validation."""
+
 import json
 import math
 import subprocess
@@ -10,10 +11,17 @@ import pytest
 import scipy.stats
 
 from canon_jax.data import BOS, EOS, NUM_SPECIAL, PAD, TASK_NAMES, get_task, task_defaults
-from canon_jax.data.capo import (NUM_TEMPLATES, SENTENCE_KINDS, attribute_values, people_table, templates, tokenize,
-                                 word_vocabulary)
-from canon_jax.eval.brevo import check_answer, prompt_of
+from canon_jax.data.capo import (
+    NUM_TEMPLATES,
+    SENTENCE_KINDS,
+    attribute_values,
+    people_table,
+    templates,
+    tokenize,
+    word_vocabulary,
+)
 from canon_jax.data.rng import SplitMixRng, mix_key_continue, mix_keys_np, splitmix_uniform, splitmix_uniform_np
+from canon_jax.eval.brevo import check_answer, prompt_of
 from canon_jax.eval.mano import evaluate_prefix
 
 
@@ -61,12 +69,16 @@ def _depo_official_check(task, sample, split):
         i += 1
         q = []
         while off[i] != 9500:
-            q.append(off[i]); assert lab[i] == 0; i += 1
+            q.append(off[i])
+            assert lab[i] == 0
+            i += 1
         assert lab[i] == 1  # the answer marker is supervised
         i += 1
         a = []
         while i < len(off) and not 9000 < off[i] <= 9000 + K:
-            a.append(off[i]); assert lab[i] == 1; i += 1
+            a.append(off[i])
+            assert lab[i] == 1
+            i += 1
         truth = tuple(q)
         for _ in range(k):
             truth = succ[truth]
@@ -78,8 +90,10 @@ def _depo_official_check(task, sample, split):
     return n, ks
 
 
-@pytest.mark.parametrize("name,params", [("depo1", {}), ("depo2", {}), ("depo1", {"N": 20, "separator": True}),
-                                         ("depo1", {"N": 12, "K": 11})])
+@pytest.mark.parametrize(
+    "name,params",
+    [("depo1", {}), ("depo2", {}), ("depo1", {"N": 20, "separator": True}), ("depo1", {"N": 12, "K": 11})],
+)
 def test_depo_answers_are_kth_successors(name, params):
     task = get_task(name, **params)
     n_train = 6 if not params else 40
@@ -90,12 +104,13 @@ def test_depo_answers_are_kth_successors(name, params):
         _, ks = _depo_official_check(task, task.sample(i, "test", 3), "test")
         test_ks.update(ks)
     K = task.params["K"]
-    allowed = {2 ** j for j in range(8) if 2 ** j <= K} | {K}
+    allowed = {2**j for j in range(8) if 2**j <= K} | {K}
     assert test_ks <= allowed
 
 
 def test_depo_test_k_set():
     from canon_jax.data.depo import test_hops
+
     assert test_hops(8) == [1, 2, 4, 8] and test_hops(16) == [1, 2, 4, 8, 16] and test_hops(11) == [1, 2, 4, 8, 11]
 
 
@@ -135,9 +150,9 @@ def test_brevo_answers_valid_and_dag_shape(name, params):
             toks = s.tokens
             assert toks[0] == BOS and toks[-1] == EOS
             prompt = prompt_of(s)
-            assert check_answer(task, prompt, toks[len(prompt):])  # independent validity checker
+            assert check_answer(task, prompt, toks[len(prompt) :])  # independent validity checker
             lab = s.labels
-            assert lab[:len(prompt) - 1].sum() == 0 and lab[len(prompt) - 1:].all()  # marker..EOS supervised
+            assert lab[: len(prompt) - 1].sum() == 0 and lab[len(prompt) - 1 :].all()  # marker..EOS supervised
             if split == "test":
                 assert s.meta["n"] == task.params["N"]
             if not task.params["multi_token"]:
@@ -158,7 +173,7 @@ def test_brevo_checker_rejects_bad_answers():
     task = get_task("brevo1", N=30)
     s = next(s for s in (task.sample(i, "test", 0) for i in range(50)) if s.meta["num_answer_nodes"] >= 3)
     p = prompt_of(s)
-    ans = list(s.tokens[len(p):])
+    ans = list(s.tokens[len(p) :])
     assert check_answer(task, p, ans)
     assert not check_answer(task, p, ans[:-1])  # no EOS
     assert not check_answer(task, p, ans[1:])  # missing node
@@ -195,30 +210,37 @@ def test_mano_answers_match_independent_evaluation(params):
 def test_splitmix_stream_matches_published_reference():
     """The counter-based stream is SplitMix64: its first outputs for seed 1234567 are the published reference values
     (Rosetta Code "Pseudo-random numbers/Splitmix64"), so Mano's samples are the same on every machine."""
-    ref = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
-           16408922859458223821]
-    want = [(r >> 11) * 2.0 ** -53 for r in ref]
+    ref = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+    want = [(r >> 11) * 2.0**-53 for r in ref]
     assert [splitmix_uniform(1234567, j) for j in range(5)] == want
     rng = SplitMixRng(1234567)
     assert [rng.random() for _ in range(5)] == want
-    keys = np.array([1234567, 0, 2 ** 64 - 1], dtype=np.uint64)
+    keys = np.array([1234567, 0, 2**64 - 1], dtype=np.uint64)
     u = splitmix_uniform_np(keys, 5)
     chex.assert_shape(u, (3, 5))
     assert u[0].tolist() == want
     assert u[1:].tolist() == [[splitmix_uniform(int(k), j) for j in range(5)] for k in keys[1:]]
-    idx = np.array([0, 7, 2 ** 40 + 3])
+    idx = np.array([0, 7, 2**40 + 3])
     assert mix_keys_np(99, idx).tolist() == [mix_key_continue(99, int(i)) for i in idx]
 
 
-@pytest.mark.parametrize("params", [{}, {"L": 3, "ops": "m", "knowledge_augment": False}, {"L": 1, "ops": "as"},
-                                    {"ops": "asmd"}, {"L": 6, "ops": "dm", "mod": 5}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"L": 3, "ops": "m", "knowledge_augment": False},
+        {"L": 1, "ops": "as"},
+        {"ops": "asmd"},
+        {"L": 6, "ops": "dm", "mod": 5},
+    ],
+)
 def test_mano_vectorised_equals_scalar_path(params):
     """The block generator reproduces the one-sample reference path exactly (any index, split, seed, offset;
     with division, rows with zero-divisor redraws included)."""
     for offset in (None, 300):
         task = get_task("mano", offset=offset, **params)
         task.block_size = 64
-        idx = list(range(0, 150)) + [1000, 10 ** 12 + 5, 63, 64, 65]
+        idx = list(range(0, 150)) + [1000, 10**12 + 5, 63, 64, 65]
         for split in ("train", "test"):
             for i in idx:
                 a, b = task.sample(i, split, 3), task.sample_scalar(i, split, 3)
@@ -227,8 +249,8 @@ def test_mano_vectorised_equals_scalar_path(params):
         toks, lengths, ells, answers = task.generate_many(np.array([5, 1, 5]), "train", 3)
         chex.assert_shape(toks, (3, 2 * task.params["L"] + 5))
         chex.assert_shape([lengths, ells, answers], [(3,)] * 3)
-        assert np.array_equal(toks[0], toks[2]) and (toks[0, lengths[0]:] == PAD).all()
-        assert toks[1, :lengths[1]].tolist() == task.sample_scalar(1, "train", 3).tokens.tolist()
+        assert np.array_equal(toks[0], toks[2]) and (toks[0, lengths[0] :] == PAD).all()
+        assert toks[1, : lengths[1]].tolist() == task.sample_scalar(1, "train", 3).tokens.tolist()
     if "d" in params.get("ops", ""):  # the zero-divisor redraw case is among the compared indices
         redrawn = 0
         for i in range(150):
@@ -244,8 +266,12 @@ def test_mano_vectorised_equals_scalar_path(params):
 def test_capo_bios_state_exactly_the_attributes():
     task = get_task("capo", num_people=300, people_seed=4)
     words = word_vocabulary()
-    template_words = {w for kind in SENTENCE_KINDS for t in templates(kind)
-                      for w in tokenize(t.replace("{S}", " ").replace("{s}", " ").replace("{X}", " "))} | {"of"}
+    template_words = {
+        w
+        for kind in SENTENCE_KINDS
+        for t in templates(kind)
+        for w in tokenize(t.replace("{S}", " ").replace("{s}", " ").replace("{X}", " "))
+    } | {"of"}
     for split in ("train", "test"):
         for i in range(40):
             s = task.sample(i, split, 0)
@@ -275,6 +301,7 @@ def test_capo_bios_state_exactly_the_attributes():
             assert set(rest) <= allowed, set(rest) - allowed
     # the company's city is its HQ city
     from canon_jax.data.capo import field_lists
+
     f = field_lists()
     s = task.sample(0, "test", 0)
     j = f["company"].index(s.meta["attributes"]["company1name"])
@@ -290,7 +317,7 @@ def test_capo_people_unique_and_exposures():
     # N*exposures consecutive train samples show every person exactly `exposures` times
     persons = [task.person_of(i, "train", 7) for i in range(N * 3)]
     assert np.bincount(persons, minlength=N).tolist() == [3] * N
-    assert persons[:N] != persons[N:2 * N]  # a fresh order per exposure
+    assert persons[:N] != persons[N : 2 * N]  # a fresh order per exposure
     assert [task.person_of(i, "test", 7) for i in range(N)] == list(range(N))
     assert all(v == 50 for v in NUM_TEMPLATES.values())
     # attributes are uniform over their value lists (SPEC 0.5): chi-square on a larger table
@@ -329,7 +356,7 @@ def test_lano_blocks_keep_samples_pure_functions_of_index():
 
     B = lano_mod.BLOCK
     task = get_task("lano", cfg="cfg3b")
-    idx = [0, 1, B - 1, B, 3 * B + 5, 10 ** 9 + 7]
+    idx = [0, 1, B - 1, B, 3 * B + 5, 10**9 + 7]
     fwd = [task.sample(i, "train", 4) for i in idx]
     fresh = get_task("lano", cfg="cfg3b", offset=50)
     fresh.cache_blocks = 1  # every call regenerates its block
@@ -370,19 +397,35 @@ def test_samples_are_pure_functions_of_index():
     assert not np.array_equal(t.sample(0, "train", 9).tokens, t.sample(0, "train", 10).tokens)
     assert not np.array_equal(t.sample(0, "train", 9).tokens, t.sample(1, "train", 9).tokens)
     # same digest in two fresh interpreters with different hash seeds (no dependence on hash() or process state)
-    outs = [subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": str(s), "PATH": "/usr/bin:/bin", "PYTHONPATH": "."}).stdout
-            for s in (1, 2)]
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", _DIGEST_SCRIPT],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(s), "PATH": "/usr/bin:/bin", "PYTHONPATH": "."},
+        ).stdout
+        for s in (1, 2)
+    ]
     assert outs[0] == outs[1] and len(outs[0].strip()) == 64
 
 
-@pytest.mark.parametrize("name,params,msg", [
-    ("depo1", {"N": 2}, "N must be >= 3"), ("depo1", {"K": 375}, "K must satisfy"),
-    ("depo2", {"N": 300, "mini_vocab": 1}, "cannot form"), ("brevo1", {"N": 1}, "N must be >= 3"),
-    ("mano", {"L": 0}, "L (number of operations) must be >= 1"), ("mano", {"ops": "asx"}, "ops must be"),
-    ("mano", {"ops": "d", "mod": 10}, "prime"), ("depo1", {"bogus": 1}, "valid parameters"),
-    ("capo", {"num_people": 0}, "num_people"), ("brevo1", {"mini_vocab": 9}, "only apply with multi_token"), ("mano", {"L": "abc"}, "expects int"),
-])
+@pytest.mark.parametrize(
+    "name,params,msg",
+    [
+        ("depo1", {"N": 2}, "N must be >= 3"),
+        ("depo1", {"K": 375}, "K must satisfy"),
+        ("depo2", {"N": 300, "mini_vocab": 1}, "cannot form"),
+        ("brevo1", {"N": 1}, "N must be >= 3"),
+        ("mano", {"L": 0}, "L (number of operations) must be >= 1"),
+        ("mano", {"ops": "asx"}, "ops must be"),
+        ("mano", {"ops": "d", "mod": 10}, "prime"),
+        ("depo1", {"bogus": 1}, "valid parameters"),
+        ("capo", {"num_people": 0}, "num_people"),
+        ("brevo1", {"mini_vocab": 9}, "only apply with multi_token"),
+        ("mano", {"L": "abc"}, "expects int"),
+    ],
+)
 def test_bad_params_raise_clear_errors(name, params, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         get_task(name, **params)
@@ -397,6 +440,7 @@ def test_unknown_task_lists_valid_ones():
 
 def test_vocabulary_blocks_are_disjoint():
     from canon_jax.data import Vocabulary
+
     v = Vocabulary(["depo1", ("mano", {"L": 4}), {"name": "brevo1", "params": {"N": 20}}, "depo1", "capo"])
     ranges = [(t.offset, t.vocab_end) for t in v._by_key.values()]
     assert ranges[0][0] == NUM_SPECIAL and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -407,7 +451,8 @@ def test_vocabulary_blocks_are_disjoint():
         assert own.min() >= t.offset and own.max() < t.vocab_end and PAD not in toks
     m = v.task("mano", L=4)
     assert m.to_official(m.sample(0, "test", 0).tokens) == get_task("mano", L=4).to_official(
-        get_task("mano", L=4).sample(0, "test", 0).tokens)  # placement does not change the sample
+        get_task("mano", L=4).sample(0, "test", 0).tokens
+    )  # placement does not change the sample
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)

@@ -1,4 +1,5 @@
 """Evaluators with a perfect oracle (accuracy 1), wrong models (accuracy ~0) and malformed outputs (scored wrong)."""
+
 import math
 
 import numpy as np
@@ -26,8 +27,9 @@ def test_depo_oracle_and_wrong(name, params):
     assert sum(good[f"count_k{k}"] for k in ks) == 60
     bad = evaluate(name, params, logits_fn=lambda x: _onehot_next(x, V, shift=1), num_samples=6, batch_size=4)
     assert bad["accuracy"] == 0.0
-    nan = evaluate(name, params, logits_fn=lambda x: np.full(x.shape + (V,), np.nan, np.float32), num_samples=2,
-                   batch_size=2)
+    nan = evaluate(
+        name, params, logits_fn=lambda x: np.full(x.shape + (V,), np.nan, np.float32), num_samples=2, batch_size=2
+    )
     assert nan["accuracy"] == 0.0
 
 
@@ -48,11 +50,11 @@ def test_depo_one_wrong_answer_token_fails_the_query():
 def test_mano_oracle_wrong_and_mix_vocab():
     cfg = DataConfig(tasks=[{"name": "depo1", "params": {"N": 20}}, {"name": "mano", "params": {"L": 5}}])
     V = cfg.vocab_size()
-    good = evaluate("mano", {"L": 5}, logits_fn=lambda x: _onehot_next(x, V), num_samples=10, batch_size=4,
-                    vocab=cfg)
+    good = evaluate("mano", {"L": 5}, logits_fn=lambda x: _onehot_next(x, V), num_samples=10, batch_size=4, vocab=cfg)
     assert good["accuracy"] == 1.0 and good["count"] == 10
-    bad = evaluate("mano", {"L": 5}, logits_fn=lambda x: _onehot_next(x, V, shift=3), num_samples=10, batch_size=4,
-                   vocab=cfg)
+    bad = evaluate(
+        "mano", {"L": 5}, logits_fn=lambda x: _onehot_next(x, V, shift=3), num_samples=10, batch_size=4, vocab=cfg
+    )
     assert bad["accuracy"] == 0.0
     with pytest.raises(ValueError, match="not part of this vocabulary"):
         evaluate("mano", {"L": 6}, logits_fn=lambda x: _onehot_next(x, V), num_samples=1, batch_size=1, vocab=cfg)
@@ -86,12 +88,15 @@ def _brevo_oracle(task, *, garbage_after_eos=True, drop_eos=False, out_offset=No
 
     def gen(prompts, mask, max_new, rng):
         assert prompts.dtype == np.int32 and mask.dtype == bool and prompts.shape == mask.shape
-        out = np.full((prompts.shape[0], max_new), 7, np.int32) if garbage_after_eos else \
-            np.zeros((prompts.shape[0], max_new), np.int32)
+        out = (
+            np.full((prompts.shape[0], max_new), 7, np.int32)
+            if garbage_after_eos
+            else np.zeros((prompts.shape[0], max_new), np.int32)
+        )
         for r in range(prompts.shape[0]):
             parents, q = parse_prompt(task, prompts[r][mask[r]])
             seq = [c for v in _alt_topo(parents, q) for c in words_code(v)] + ([] if drop_eos else [EOS])
-            out[r, :len(seq)] = seq
+            out[r, : len(seq)] = seq
             diffs.append(seq)
         return out
 
@@ -106,7 +111,7 @@ def test_brevo_oracle_accepts_other_valid_orders(name, params):
     assert r["accuracy"] == 1.0 and r["count"] == 6
     # at least one oracle answer differs from the generator's own order: exact match would have failed it
     refs = [list(task.sample(i, "test", 0).tokens) for i in range(6)]
-    assert any(not any(ref[-len(p):] == p for ref in refs) for p in produced)
+    assert any(not any(ref[-len(p) :] == p for ref in refs) for p in produced)
 
 
 def test_brevo_in_a_task_mix_uses_the_mix_ids():
@@ -139,17 +144,20 @@ def test_brevo_wrong_and_malformed_outputs_score_zero():
 @pytest.mark.parametrize("name,params", [("depo1", {"N": 20}), ("mano", {"L": 4}), ("capo", {"num_people": 10})])
 def test_malformed_logits_are_scored_wrong_not_errors(name, params):
     V = get_task(name, **params).vocab_end
-    for bad in (lambda x: np.zeros((x.shape[0], 3, V), np.float32),   # wrong length
-                lambda x: np.zeros(x.shape, np.float32),                # no vocabulary axis
-                lambda x: np.full(x.shape + (V,), "a"),                 # not numbers
-                lambda x: [[1.0], [2.0, 3.0]]):                          # ragged
+    for bad in (
+        lambda x: np.zeros((x.shape[0], 3, V), np.float32),  # wrong length
+        lambda x: np.zeros(x.shape, np.float32),  # no vocabulary axis
+        lambda x: np.full(x.shape + (V,), "a"),  # not numbers
+        lambda x: [[1.0], [2.0, 3.0]],
+    ):  # ragged
         with pytest.warns(RuntimeWarning, match="scored wrong"):
             out = evaluate(name, params, logits_fn=bad, num_samples=3, batch_size=2)
         acc = out["value_accuracy"] if name == "capo" else out["accuracy"]
         assert acc == 0.0, (name, out)
     # a vocabulary axis too small to hold the answer ids: wrong, no error
-    small = evaluate(name, params, logits_fn=lambda x: np.zeros(x.shape + (2,), np.float32), num_samples=2,
-                     batch_size=2)
+    small = evaluate(
+        name, params, logits_fn=lambda x: np.zeros(x.shape + (2,), np.float32), num_samples=2, batch_size=2
+    )
     assert (small["value_accuracy"] if name == "capo" else small["accuracy"]) == 0.0
 
 
@@ -157,8 +165,9 @@ def test_capo_oracle_wrong_and_bits():
     params = {"num_people": 40}
     task = get_task("capo", **params)
     V = task.vocab_end
-    good = evaluate("capo", params, logits_fn=lambda x: _onehot_next(x, V), num_samples=12, batch_size=4,
-                    num_params=1000)
+    good = evaluate(
+        "capo", params, logits_fn=lambda x: _onehot_next(x, V), num_samples=12, batch_size=4, num_params=1000
+    )
     assert good["value_accuracy"] == 1.0 and good["first_token_accuracy"] == 1.0
     assert good["bits_accuracy"] == pytest.approx(good["bits_max"])
     assert good["bits_loss"] == pytest.approx(good["bits_max"], rel=1e-6)
@@ -168,8 +177,9 @@ def test_capo_oracle_wrong_and_bits():
     assert good["bits_max"] == pytest.approx(expect)
     bad = evaluate("capo", params, logits_fn=lambda x: _onehot_next(x, V, shift=1), num_samples=12, batch_size=4)
     assert bad["value_accuracy"] == 0.0 and bad["bits_loss"] == 0.0 and bad["bits_accuracy"] == 0.0
-    uni = evaluate("capo", params, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32), num_samples=4,
-                   batch_size=4)
+    uni = evaluate(
+        "capo", params, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32), num_samples=4, batch_size=4
+    )
     assert uni["loss_bits/birthyear"] == pytest.approx(math.log2(V)) and uni["bits_loss"] == 0.0
 
 
@@ -188,7 +198,7 @@ def test_capo_per_attribute_scores_match_reference_checker():
     def model(x):
         out = _onehot_next(x, V)
         for r, row in enumerate(x):
-            key = next((k for k in spans if list(k) == row[:len(k)].tolist()), None)
+            key = next((k for k in spans if list(k) == row[: len(k)].tolist()), None)
             if key is None:
                 continue
             for a, j in broken.items():
@@ -203,13 +213,15 @@ def test_capo_per_attribute_scores_match_reference_checker():
         for s in samples:
             b, e = s.meta["spans"][a]
             am = np.argmax(model(s.tokens[None])[0], -1)
-            words = [task.code_name(int(c)) for c in task.to_codes(am[b - 1:e - 1])]
+            words = [task.code_name(int(c)) for c in task.to_codes(am[b - 1 : e - 1])]
             ref.append(check_attribute(task, s.meta["person"], a, words))
         assert res[f"value_accuracy/{a}"] == pytest.approx(np.mean(ref)), a
     assert res["value_accuracy/birthcity"] == 0.0 and res["value_accuracy/field"] == 1.0
     p0 = task.person(3)
     assert check_attribute(task, 3, "birthcity", p0["birthcity"]) and not check_attribute(task, 3, "birthcity", "x")
-    assert not check_attribute(task, 3, "birthyear", [p0["birthyear"], "1"]) and not check_attribute(task, 3, "field", [])
+    assert not check_attribute(task, 3, "birthyear", [p0["birthyear"], "1"]) and not check_attribute(
+        task, 3, "field", []
+    )
     with pytest.raises(ValueError, match="valid attributes"):
         check_attribute(task, 3, "shoe_size", "9")
 
@@ -224,7 +236,7 @@ def test_lano_registry_calls_lano_evaluator():
         for r in range(prompts.shape[0]):
             s = task.sample(count[0], "test", 99).tokens[1:]
             count[0] += 1
-            out[r, :len(s)] = s
+            out[r, : len(s)] = s
         return out
 
     good = evaluate("lano", {"cfg": "cfg3b"}, generate_fn=oracle, num_samples=4, batch_size=2)
@@ -245,12 +257,13 @@ def test_lano_registry_calls_lano_evaluator():
                     break
                 w.append(int(np.nonzero(term == tok)[0][0]) + 1)
             lp = task.cfg.next_token_logprobs(w)
-            blk = out[r, :len(w) + 1]
+            blk = out[r, : len(w) + 1]
             blk[:, EOS] = lp[:, 0]
             blk[:, term] = lp[:, 1:]
         return out
 
     kl_true = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=true_logits, num_samples=2, batch_size=2)["kl"]
-    kl_flat = evaluate("lano", {"cfg": "cfg3b"}, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32),
-                       num_samples=2, batch_size=2)["kl"]
+    kl_flat = evaluate(
+        "lano", {"cfg": "cfg3b"}, logits_fn=lambda x: np.zeros(x.shape + (V,), np.float32), num_samples=2, batch_size=2
+    )["kl"]
     assert abs(kl_true) < 1e-9 and kl_flat > 0.05

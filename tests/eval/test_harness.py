@@ -1,5 +1,6 @@
 """Benchmark scoring (canon_jax.eval.harness) vs a float64 numpy LlamaCanon on the official tiny checkpoint, batching
 consistency for every architecture, generation, and the lm-evaluation-harness model ``canon-jax``."""
+
 import json
 import pathlib
 import shutil
@@ -52,8 +53,14 @@ def ref_logprobs(official, seq):
     return logp[np.arange(len(seq) - 1), seq[1:]], logits.argmax(-1) == np.asarray(seq[1:])
 
 
-REQUESTS = [("The cat", " sat on the mat."), ("Q: 2+2=", " 4"), ("", "hello"), ("abc  ", "def"),
-            ("A long context that goes on for a while, " * 2, " end"), ("x", "y")]
+REQUESTS = [
+    ("The cat", " sat on the mat."),
+    ("Q: 2+2=", " 4"),
+    ("", "hello"),
+    ("abc  ", "def"),
+    ("A long context that goes on for a while, " * 2, " end"),
+    ("x", "y"),
+]
 
 
 def test_loglikelihood_matches_float64_reference(official):
@@ -63,12 +70,11 @@ def test_loglikelihood_matches_float64_reference(official):
         if not ctx:
             c, x = [1], ids(cont)
         else:
-            n_sp = len(ctx) - len(ctx.rstrip())
-            c, x = ids(ctx.rstrip()), ids(ctx[len(ctx.rstrip()):] + cont)
+            c, x = ids(ctx.rstrip()), ids(ctx[len(ctx.rstrip()) :] + cont)
         seq = c + x
         ref, ref_greedy = ref_logprobs(official, seq)
-        assert abs(lp - ref[-len(x):].sum()) < 1e-4, (ctx, cont)
-        assert greedy == bool(ref_greedy[-len(x):].all())
+        assert abs(lp - ref[-len(x) :].sum()) < 1e-4, (ctx, cont)
+        assert greedy == bool(ref_greedy[-len(x) :].all())
 
 
 def test_rolling_loglikelihood(official):
@@ -84,7 +90,7 @@ def test_rolling_loglikelihood(official):
     for ctx, cont in wins:
         seq = ctx + cont
         assert len(seq) - 1 <= 8 and (len(seq) - 1 == 8 or ctx[0] == 1)
-        want += ref_logprobs(official, seq)[0][-len(cont):].sum()
+        want += ref_logprobs(official, seq)[0][-len(cont) :].sum()
     assert abs(small.rolling_loglikelihood_tokens([ids(text)])[0] - want) < 1e-4
 
 
@@ -97,8 +103,8 @@ def test_generate_until_matches_reference_greedy(official):
         for _ in range(6):  # greedy decoding with a full float64 forward per step
             logits = np_llama.forward(official["cfg"], official["sd"], np.asarray([seq]))[0, -1]
             seq.append(int(logits.argmax()))
-        new = [t for t in seq[len(ids(p)):]]
-        want = "".join(CHARS[t - 3] if t >= 3 else "" for t in (new[:new.index(2)] if 2 in new else new))
+        new = [t for t in seq[len(ids(p)) :]]
+        want = "".join(CHARS[t - 3] if t >= 3 else "" for t in (new[: new.index(2)] if 2 in new else new))
         assert text == want
         stop = want[2:4]
         if stop and want.find(stop) == 2:
@@ -120,19 +126,26 @@ def test_every_architecture_batches_consistently(arch):
     params = random_params(model, 0, scale=0.2)
     lm = CanonLM(model, params, char_tokenizer(), batch_size=3)
     # 12 tokens each (one reference compilation), split differently; the batch pads them to 16 and mixes splits
-    reqs = [(ids("hello"), ids(" world!")), (ids("a"), ids("bcdefghijkl")), (ids("longer cont"), ids("!")),
-            ([1], ids("xyz and mor"))]
+    reqs = [
+        (ids("hello"), ids(" world!")),
+        (ids("a"), ids("bcdefghijkl")),
+        (ids("longer cont"), ids("!")),
+        ([1], ids("xyz and mor")),
+    ]
     got = lm.loglikelihood_tokens(reqs)
     apply = jax.jit(model.apply)
     for (c, x), (lp, greedy) in zip(reqs, got):
         seq = np.asarray([c + x])  # alone, unpadded, float32
         logits = np.asarray(apply({"params": params}, jnp.asarray(seq[:, :-1])), np.float64)[0]
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True)
+        )
         t = seq[0, 1:]
-        want = logp[np.arange(len(t)), t][-len(x):].sum()
+        want = logp[np.arange(len(t)), t][-len(x) :].sum()
         assert abs(lp - want) < 1e-4
-        assert greedy == bool((logits.argmax(-1) == t)[-len(x):].all())
+        assert greedy == bool((logits.argmax(-1) == t)[-len(x) :].all())
     prompts = ["hi", "a longer prompt", "xyz"]
     batched = lm.generate_until(prompts, max_gen_toks=3)
     single = CanonLM(model, params, char_tokenizer(), batch_size=1).generate_until(prompts, max_gen_toks=3)
@@ -148,7 +161,7 @@ def test_bad_requests(official):
     with pytest.raises(ValueError, match="max_gen_toks"):
         lm.generate_until(["a"], max_gen_toks=16)
     with pytest.raises(ValueError, match="max_length must be in"):
-        CanonLM.from_hf_dir(official["dir"], max_length=10 ** 6)
+        CanonLM.from_hf_dir(official["dir"], max_length=10**6)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         CanonLM.from_hf_dir(pathlib.Path(official["dir"]).parent / "missing")
 
@@ -194,14 +207,17 @@ def test_lm_eval_multiple_choice_task(official, tmp_path, monkeypatch):
     tasks.mkdir()
     (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
     lm = CanonJaxLM.create_from_arg_string(f"hf_dir={official['dir']},batch_size=4")
-    res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tasks)),
-                                  log_samples=True)
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True
+    )
     # expected accuracy from the float64 reference: the choice (after the task's " " delimiter) with the highest
     # log-likelihood
     correct = []
     for row in MC:
-        scores = [ref_logprobs(official, ids(row["question"]) + ids(" " + ch))[0][-len(ch) - 1:].sum()
-                  for ch in row["choices"]]
+        scores = [
+            ref_logprobs(official, ids(row["question"]) + ids(" " + ch))[0][-len(ch) - 1 :].sum()
+            for ch in row["choices"]
+        ]
         correct.append(int(np.argmax(scores)) == row["answer"])
     assert res["results"]["tiny_mc"]["acc,none"] == pytest.approx(np.mean(correct))
     samples = res["samples"]["tiny_mc"]
@@ -209,7 +225,7 @@ def test_lm_eval_multiple_choice_task(official, tmp_path, monkeypatch):
     for s in samples:  # per-example log-likelihoods of the exact requests lm_eval made
         for (ctx, cont), resp in zip(s["arguments"], s["resps"]):
             lp = resp[0][0]  # one (logprob, is_greedy) response per request
-            want = ref_logprobs(official, ids(ctx) + ids(cont))[0][-len(cont):].sum()
+            want = ref_logprobs(official, ids(ctx) + ids(cont))[0][-len(cont) :].sum()
             assert abs(float(lp) - want) < 1e-4
     with pytest.raises(ValueError, match="exactly one of"):
         CanonJaxLM.create_from_arg_string("batch_size=2")
@@ -221,15 +237,16 @@ def test_from_workdir_scores_with_the_checkpointed_params(tmp_path):
     from canon_jax.train.trainer import train
     from tests.train._util import tiny_config, write_corpus
 
-    raw = tiny_config(write_corpus(tmp_path / "corpus", docs=40), train={"steps": 2, "batch_size": 2},
-                      checkpoint={"every": 1})
+    raw = tiny_config(
+        write_corpus(tmp_path / "corpus", docs=40), train={"steps": 2, "batch_size": 2}, checkpoint={"every": 1}
+    )
     raw["model"]["max_seq_len"] = raw["data"]["seq_len"] = 32
     summary = train(config_from_dict(raw), tmp_path / "run")
     lm = CanonLM.from_workdir(tmp_path / "run", batch_size=2)
     assert lm.bos_id == 1 and lm.eos_id == 2 and lm.max_length == 32
     tok = byte_level_tokenizer()
     c, x = tok.encode("the cat", add_special_tokens=False).ids, tok.encode(" sat", add_special_tokens=False).ids
-    (lp, _), = lm.loglikelihood_tokens([(c, x)])
+    ((lp, _),) = lm.loglikelihood_tokens([(c, x)])
     params = jax.device_get(summary["state"]["params"])
     logits = np.asarray(lm.model.apply({"params": params}, jnp.asarray([c + x[:-1]])), np.float64)[0]
     logp = logits - logits.max(-1, keepdims=True)

@@ -1,5 +1,6 @@
 """Lano evaluator: a perfect model (the grammar itself) scores accuracy 1 and KL ~ 0, a uniform model scores low
 accuracy and the KL computed independently here; malformed generations are scored invalid without crashing."""
+
 import math
 
 import chex
@@ -46,8 +47,16 @@ def perfect_fns(cfg, tmap):
 def test_perfect_model_scores_one_and_zero_kl():
     cfg = CFG.load("cfg3f")
     gen, logits = perfect_fns(cfg, TMAP)
-    out = evaluate_lano("cfg3f", token_map=TMAP, generate_fn=gen, logits_fn=logits, num_samples=6, batch_size=4,
-                        max_new_tokens=cfg.max_len + 1, seed=3)
+    out = evaluate_lano(
+        "cfg3f",
+        token_map=TMAP,
+        generate_fn=gen,
+        logits_fn=logits,
+        num_samples=6,
+        batch_size=4,
+        max_new_tokens=cfg.max_len + 1,
+        seed=3,
+    )
     assert out["gen_accuracy"] == 1.0 and out["num_generated"] == 6 and out["num_accepted"] == 6
     assert out["num_no_eos"] == 0 and out["num_foreign"] == 0
     assert out["num_kl_strings"] == 6 and out["num_kl_generated_strings"] == 6
@@ -55,14 +64,29 @@ def test_perfect_model_scores_one_and_zero_kl():
     for key in ("kl", "kl_pooled", "kl_max", "kl_generated", "kl_generated_pooled", "kl_generated_max"):
         assert abs(out[key]) < 1e-12, key
     # KL on fresh grammar strings (logits only), with the official smoothing: still zero for a perfect model.
-    out2 = evaluate_lano("cfg3f", token_map=dict(bos_id=1, eos_id=2, terminal_ids=[3, 4, 5]), logits_fn=logits,
-                         num_samples=3, batch_size=2, max_new_tokens=8, kl_epsilon=1e-5)
+    out2 = evaluate_lano(
+        "cfg3f",
+        token_map=dict(bos_id=1, eos_id=2, terminal_ids=[3, 4, 5]),
+        logits_fn=logits,
+        num_samples=3,
+        batch_size=2,
+        max_new_tokens=8,
+        kl_epsilon=1e-5,
+    )
     assert out2["num_kl_strings"] == 3 and "gen_accuracy" not in out2 and "kl_generated" not in out2
     assert abs(out2["kl"]) < 1e-12
     # A model with a 64-token context: strings are scored on their first 64 positions, still exactly.
     seen = []
-    out3 = evaluate_lano("cfg3f", token_map=TMAP, logits_fn=lambda t: seen.append(t.shape) or logits(t),
-                         num_samples=3, batch_size=3, max_new_tokens=8, max_length=64, seed=5)
+    out3 = evaluate_lano(
+        "cfg3f",
+        token_map=TMAP,
+        logits_fn=lambda t: seen.append(t.shape) or logits(t),
+        num_samples=3,
+        batch_size=3,
+        max_new_tokens=8,
+        max_length=64,
+        seed=5,
+    )
     assert seen == [(3, 64)] and out3["num_kl_positions"] == 3 * 64 and abs(out3["kl"]) < 1e-12
 
 
@@ -75,8 +99,17 @@ def test_uniform_model_low_accuracy_and_exact_kl():
     def flat(tokens):
         return np.zeros(tokens.shape + (VOCAB,), np.float32)
 
-    out = evaluate_lano(g, token_map=TMAP, generate_fn=gen, logits_fn=flat, num_samples=16, batch_size=8,
-                        max_new_tokens=64, kl_on="grammar", seed=1)
+    out = evaluate_lano(
+        g,
+        token_map=TMAP,
+        generate_fn=gen,
+        logits_fn=flat,
+        num_samples=16,
+        batch_size=8,
+        max_new_tokens=64,
+        kl_on="grammar",
+        seed=1,
+    )
     assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 16
     assert out["num_accepted"] == 0 and out["num_no_eos"] + out["num_foreign"] > 0
     # Independent KL: the model is uniform over the 4 columns, so KL_t = sum_c p log(4 p) = log 4 - H(p_t).
@@ -93,10 +126,10 @@ def test_malformed_generations_are_invalid_not_errors():
     cfg = CFG.load("cfg3b")
     s = TMAP.encode(cfg.sample(np.random.default_rng(0)))
     rows = [
-        list(s) + [TMAP.eos_id, 0, 0],                 # valid
-        list(s) + [0, 0, 0],                            # no EOS
+        list(s) + [TMAP.eos_id, 0, 0],  # valid
+        list(s) + [0, 0, 0],  # no EOS
         list(s[:5]) + [7] + list(s[5:]) + [TMAP.eos_id],  # foreign token (another task's id)
-        [TMAP.eos_id] + [0] * (len(s) + 2),             # empty string
+        [TMAP.eos_id] + [0] * (len(s) + 2),  # empty string
         list(s[:-1]) + [TMAP.bos_id, TMAP.eos_id, 0, 0],  # BOS inside
     ]
     n = len(s) + 3
@@ -115,12 +148,21 @@ def test_malformed_generations_are_invalid_not_errors():
     assert "kl" not in out
     # KL on the one accepted generation; with no accepted generation the keys are present and NaN.
     flat = lambda t: np.zeros(t.shape + (VOCAB,))  # noqa: E731
-    out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=gen, num_samples=5, batch_size=5, max_new_tokens=n,
-                        logits_fn=flat)
+    out = evaluate_lano(
+        "cfg3b", token_map=TMAP, generate_fn=gen, num_samples=5, batch_size=5, max_new_tokens=n, logits_fn=flat
+    )
     assert out["num_kl_generated_strings"] == 1 and out["num_kl_generated_positions"] == len(s) + 1
     assert out["num_kl_strings"] == 5 and np.isfinite(out["kl"]) and np.isfinite(out["kl_generated"])
-    floats = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, k, r: tokens.astype(np.float32),
-                           num_samples=5, batch_size=5, max_new_tokens=n, logits_fn=flat, kl_on="generated")
+    floats = evaluate_lano(
+        "cfg3b",
+        token_map=TMAP,
+        generate_fn=lambda p, m, k, r: tokens.astype(np.float32),
+        num_samples=5,
+        batch_size=5,
+        max_new_tokens=n,
+        logits_fn=flat,
+        kl_on="generated",
+    )
     assert floats["gen_accuracy"] == 0.0 and floats["num_kl_generated_strings"] == 0
     assert math.isnan(floats["kl_generated"]) and "kl" not in floats
 
@@ -141,8 +183,9 @@ def test_kl_true_vs_model_matches_loop():
         assert kl[t] == pytest.approx(want, rel=1e-12)
         eps = 1e-5
         ps, qs = (p[t] + eps) / (1 + 4 * eps), (q + eps) / (1 + 4 * eps)
-        assert kl_true_vs_model(log_p[t:t + 1], logits[t:t + 1], epsilon=eps)[0] == pytest.approx(
-            float(np.sum(ps * np.log(ps / qs))), rel=1e-10)
+        assert kl_true_vs_model(log_p[t : t + 1], logits[t : t + 1], epsilon=eps)[0] == pytest.approx(
+            float(np.sum(ps * np.log(ps / qs))), rel=1e-10
+        )
     np.testing.assert_allclose(kl_true_vs_model(log_p, log_p + 3.0), 0.0, atol=1e-15)
 
 
@@ -170,17 +213,30 @@ def test_malformed_output_shapes_are_scored_not_errors():
     """Wrong-shaped or non-array generations are invalid strings; wrong-shaped logits (or too few vocabulary
     columns, or non-numbers) give KL = inf for their batch; a RuntimeWarning names the problem."""
     with pytest.warns(RuntimeWarning, match=r"generate_fn must return \[batch=2, N\]"):
-        out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, n, r: np.zeros((1, n), np.int32),
-                            num_samples=2, batch_size=2, max_new_tokens=8)
+        out = evaluate_lano(
+            "cfg3b",
+            token_map=TMAP,
+            generate_fn=lambda p, m, n, r: np.zeros((1, n), np.int32),
+            num_samples=2,
+            batch_size=2,
+            max_new_tokens=8,
+        )
     assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 2
     with pytest.warns(RuntimeWarning):
-        out = evaluate_lano("cfg3b", token_map=TMAP, generate_fn=lambda p, m, n, r: [[1, 2], [3]],
-                            num_samples=3, batch_size=2, max_new_tokens=8)
+        out = evaluate_lano(
+            "cfg3b",
+            token_map=TMAP,
+            generate_fn=lambda p, m, n, r: [[1, 2], [3]],
+            num_samples=3,
+            batch_size=2,
+            max_new_tokens=8,
+        )
     assert out["gen_accuracy"] == 0.0 and out["num_generated"] == 3
-    for bad in (lambda t: np.zeros(t.shape + (4,)),          # vocabulary too small for the terminal ids
-                lambda t: np.zeros((1,) + t.shape[1:] + (VOCAB,)),  # wrong batch
-                lambda t: "not logits"):
+    for bad in (
+        lambda t: np.zeros(t.shape + (4,)),  # vocabulary too small for the terminal ids
+        lambda t: np.zeros((1,) + t.shape[1:] + (VOCAB,)),  # wrong batch
+        lambda t: "not logits",
+    ):
         with pytest.warns(RuntimeWarning, match="KL = inf"):
-            out = evaluate_lano("cfg3b", token_map=TMAP, logits_fn=bad, num_samples=3, batch_size=2,
-                                max_new_tokens=8)
+            out = evaluate_lano("cfg3b", token_map=TMAP, logits_fn=bad, num_samples=3, batch_size=2, max_new_tokens=8)
         assert out["kl"] == math.inf and out["num_kl_strings"] == 3

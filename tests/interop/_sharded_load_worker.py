@@ -1,5 +1,6 @@
 """Run with 8 simulated CPU devices: load a multi-shard LlamaCanon directory onto a (data 2, fsdp 2, tensor 2) mesh
 and compare with the single-host load; record which slices the device callbacks read. Prints ``RESULT {json}``."""
+
 import json
 import sys
 
@@ -30,15 +31,21 @@ def main(path):
         model, params = hf.load_hf_checkpoint_sharded(path, mesh, scan_layers=scan)
         _, ref = hf.load_hf_checkpoint(path, scan_layers=scan)
         got, want = flatten_dict(params), flatten_dict(ref)
-        equal = sorted(got) == sorted(want) and all(np.array_equal(np.asarray(got[k]), np.asarray(want[k]))
-                                                    for k in want)
+        equal = sorted(got) == sorted(want) and all(
+            np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want
+        )
         specs = {"/".join(k): str(v.sharding.spec) for k, v in got.items()}
         abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]
         want_sh = flatten_dict(shd.logical_shardings(abstract, mesh))
         layout = all(got[k].sharding.is_equivalent_to(want_sh[k], got[k].ndim) for k in got)
         ids = np.arange(12, dtype=np.int32)[None] % model.config.vocab_size
-        logits_equal = bool(np.allclose(np.asarray(jax.jit(model.apply)({"params": params}, ids)),
-                                        np.asarray(model.apply({"params": ref}, ids)), atol=1e-5))
+        logits_equal = bool(
+            np.allclose(
+                np.asarray(jax.jit(model.apply)({"params": params}, ids)),
+                np.asarray(model.apply({"params": ref}, ids)),
+                atol=1e-5,
+            )
+        )
         # the elements one device needs of each HF tensor (its shard of our parameter; one layer of a stacked one)
         need = {}
         cfg = model.config
@@ -49,8 +56,14 @@ def main(path):
                 key = ("layers",) + p if scan else (f"layers_{i}",) + p
                 shard = want_sh[key].shard_shape(got[key].shape)
                 need[f"model.layers.{i}.{name}"] = int(np.prod(shard[1:] if scan else shard))
-        result[f"scan={scan}"] = {"equal": equal, "layout": layout, "specs": specs, "logits_equal": logits_equal,
-                                  "reads": reads[:], "need": need}
+        result[f"scan={scan}"] = {
+            "equal": equal,
+            "layout": layout,
+            "specs": specs,
+            "logits_equal": logits_equal,
+            "reads": reads[:],
+            "need": need,
+        }
     print("RESULT " + json.dumps(result))
 
 

@@ -1,30 +1,70 @@
 """HF LlamaCanon checkpoints: round trip, layouts, sharded files, config mapping, and clear errors."""
+
 import json
 import re
 import shutil
 
 import chex
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from canon_jax.config import ModelConfig
-from canon_jax.interop import (CheckpointError, hf_config_from_model_config, load_hf_checkpoint,
-                               model_config_from_hf, save_hf_checkpoint)
+from canon_jax.interop import (
+    CheckpointError,
+    hf_config_from_model_config,
+    load_hf_checkpoint,
+    model_config_from_hf,
+    save_hf_checkpoint,
+)
 from canon_jax.models import CausalLM
 from tests.models.helpers import random_params
 
-CFG = ModelConfig(vocab_size=29, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40, head_dim=8,
-                  canon_set="ABCD", qk_norm=True, rope_dim=4, rope_version="lingua", canon_kernel=3,
-                  canon_activation=True, canon_bias=True)
+CFG = ModelConfig(
+    vocab_size=29,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=40,
+    head_dim=8,
+    canon_set="ABCD",
+    qk_norm=True,
+    rope_dim=4,
+    rope_version="lingua",
+    canon_kernel=3,
+    canon_activation=True,
+    canon_bias=True,
+)
 
 # Every LlamaCanon field of SPEC A.4 that describes the model.
-HF_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-             "tie_word_embeddings", "rope_theta", "attention_bias", "mlp_bias", "head_dim", "canon_set", "canon_bias",
-             "canon_activation", "canon_kernel", "canon_residual", "qk_norm", "rope_dim", "rope_version",
-             "model_type", "architectures"}
+HF_FIELDS = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_theta",
+    "attention_bias",
+    "mlp_bias",
+    "head_dim",
+    "canon_set",
+    "canon_bias",
+    "canon_activation",
+    "canon_kernel",
+    "canon_residual",
+    "qk_norm",
+    "rope_dim",
+    "rope_version",
+    "model_type",
+    "architectures",
+}
 
 
 @pytest.fixture()
@@ -41,8 +81,10 @@ def test_round_trip_is_exact(saved):
     assert model.config == CFG.replace(init_scheme="hf", initializer_range=CFG.init_std)
     chex.assert_trees_all_equal(loaded, params)
     _, scanned = load_hf_checkpoint(str(path), scan_layers=True)
-    np.testing.assert_array_equal(np.asarray(scanned["layers"]["mlp"]["canon_d"]["kernel"][1]),
-                                  np.asarray(params["layers_1"]["mlp"]["canon_d"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(scanned["layers"]["mlp"]["canon_d"]["kernel"][1]),
+        np.asarray(params["layers_1"]["mlp"]["canon_d"]["kernel"]),
+    )
 
 
 def test_layouts_and_config_fields(saved):
@@ -59,10 +101,12 @@ def test_layouts_and_config_fields(saved):
     chex.assert_shape(t["model.layers.0.self_attn.q_norm.weight"], (32,))
     chex.assert_shape(t["model.layers.0.self_attn.k_norm.weight"], (16,))
     # Linear [out, in] <-> Dense [in, out]; Conv1d [C, 1, K] <-> [K, C]
-    np.testing.assert_array_equal(t["model.layers.0.mlp.down_proj.weight"],
-                                  np.asarray(params["layers_0"]["mlp"]["down_proj"]["kernel"]).T)
-    np.testing.assert_array_equal(t["model.layers.1.canonA.weight"][:, 0, :],
-                                  np.asarray(params["layers_1"]["canon_a"]["kernel"]).T)
+    np.testing.assert_array_equal(
+        t["model.layers.0.mlp.down_proj.weight"], np.asarray(params["layers_0"]["mlp"]["down_proj"]["kernel"]).T
+    )
+    np.testing.assert_array_equal(
+        t["model.layers.1.canonA.weight"][:, 0, :], np.asarray(params["layers_1"]["canon_a"]["kernel"]).T
+    )
 
 
 def test_tied_checkpoint_has_no_lm_head(tmp_path):
@@ -143,9 +187,19 @@ def test_bad_checkpoints(saved):
 
 
 def test_config_mapping():
-    hf = {"model_type": "LlamaCanon", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": None, "head_dim": None, "intermediate_size": None,
-          "rms_norm_eps": 1e-5, "rope_dim": 0, "canon_set": "AC"}
+    hf = {
+        "model_type": "LlamaCanon",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": None,
+        "head_dim": None,
+        "intermediate_size": None,
+        "rms_norm_eps": 1e-5,
+        "rope_dim": 0,
+        "canon_set": "AC",
+    }
     cfg = model_config_from_hf(hf)
     assert cfg.kv_heads == 4 and cfg.head_size == 16 and cfg.ffn_dim() == 64 * 8 // 3
     assert cfg.rope_dim == 0 and cfg.effective_rope_dim == 0  # NoPE (SPEC 0.7)

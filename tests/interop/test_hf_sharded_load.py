@@ -1,5 +1,6 @@
 """A multi-shard LlamaCanon checkpoint loaded straight onto an 8-device mesh (subprocess): equal to the single-host
 load, laid out by the logical-axis rules, and every device callback reads only its own slice."""
+
 import json
 import os
 import pathlib
@@ -29,8 +30,9 @@ def write_sharded(src: pathlib.Path, dst: pathlib.Path, n_shards: int = 3) -> di
         save_file(part, str(dst / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
     total = int(sum(t.nbytes for t in tensors.values()))
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return tensors
 
 
@@ -46,8 +48,14 @@ def test_multi_shard_checkpoint_onto_8_device_mesh(sharded):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "tests.interop._sharded_load_worker", str(sharded)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.interop._sharded_load_worker", str(sharded)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     for key, res in out.items():
@@ -55,7 +63,7 @@ def test_multi_shard_checkpoint_onto_8_device_mesh(sharded):
         assert any("fsdp" in s and "tensor" in s for s in res["specs"].values()), res["specs"]
         need = res["need"]
         assert {name for name, _, _ in res["reads"]} == set(need)
-        for name, size, full in res["reads"]:  # each read is exactly one device's slice
+        for name, size, _full in res["reads"]:  # each read is exactly one device's slice
             assert size == need[name], (key, name, size, need[name])
         assert sum(size < full for _, size, full in res["reads"]) > len(res["reads"]) // 2, key
 

@@ -4,6 +4,7 @@ Under ``jax.set_mesh`` the ops route their Pallas kernels (interpret mode) throu
 dispatch; values and gradients must equal the unsharded XLA path. Then one trainer step of tiny models with
 ``kernel_impl="pallas_interpret"`` must equal the ``kernel_impl="xla"`` step on the same mesh.
 """
+
 import functools
 import json
 import pathlib
@@ -54,8 +55,9 @@ def ops_under_meshes():
     f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     # conv with segment ids, initial state, bias, SiLU and residual; batch 8 splits on every mesh
     seg = jnp.asarray(np.sort(rng.integers(1, 4, (8, 13)), axis=1), jnp.int32)
-    conv = lambda impl, x, w, b, s0: causal_conv1d(x, w, bias=b, activation="silu", residual=True,
-                                                   segment_ids=seg, initial_state=s0, impl=impl)
+    conv = lambda impl, x, w, b, s0: causal_conv1d(
+        x, w, bias=b, activation="silu", residual=True, segment_ids=seg, initial_state=s0, impl=impl
+    )
     _check("conv", conv, (f32(8, 13, 32), f32(4, 32), f32(32), f32(8, 32, 4)), 4)
     # batch 6 does not divide data*fsdp (8 or 4 shards): replicated, or split over a prefix of the batch axes
     conv6 = lambda impl, x, w: causal_conv1d(x, w, impl=impl)
@@ -86,22 +88,33 @@ def train_steps(tmp):
     for name, extra in models.items():
         res = {}
         for impl in ("xla", "pallas_interpret"):
-            cfg = config_from_dict(tiny_config(files, model={**extra, "kernel_impl": impl},
-                                               mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+            cfg = config_from_dict(
+                tiny_config(files, model={**extra, "kernel_impl": impl}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+            )
             tr = Trainer(cfg)
             if impl == "pallas_interpret":  # the kernels really run under shard_map in the compiled step
-                txt = tr._step.lower(tr.abstract_state, {k: jax.ShapeDtypeStruct((8, 64), jnp.int32)
-                                                         for k in ("inputs", "targets", "loss_mask", "segment_ids",
-                                                                   "positions")}).as_text()
+                txt = tr._step.lower(
+                    tr.abstract_state,
+                    {
+                        k: jax.ShapeDtypeStruct((8, 64), jnp.int32)
+                        for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+                    },
+                ).as_text()
                 res["shard_map_in_step"] = "shmap_body" in txt or "sdy.manual_computation" in txt
             batch = next(iter(make_text_dataset(cfg.data, split="train", batch_size=8)))
             state, m = tr.step(tr.init_state(), batch)
-            res[impl] = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                         "params": [np.asarray(p) for p in jax.tree.leaves(jax.device_get(state["params"]))]}
+            res[impl] = {
+                "loss": float(m["loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "params": [np.asarray(p) for p in jax.tree.leaves(jax.device_get(state["params"]))],
+            }
         a, b = res["xla"], res["pallas_interpret"]
-        out[name] = {"loss": [a["loss"], b["loss"]], "grad_norm": [a["grad_norm"], b["grad_norm"]],
-                     "max_param_diff": max(float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"])),
-                     "shard_map_in_step": res["shard_map_in_step"]}
+        out[name] = {
+            "loss": [a["loss"], b["loss"]],
+            "grad_norm": [a["grad_norm"], b["grad_norm"]],
+            "max_param_diff": max(float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"])),
+            "shard_map_in_step": res["shard_map_in_step"],
+        }
     return out
 
 

@@ -1,4 +1,5 @@
 """Run by test_sharding.py in a subprocess with 8 simulated CPU devices."""
+
 import functools
 
 import jax
@@ -32,8 +33,10 @@ def main():
     shard = lambda x, w, bias: short_conv_sharded(x, w, bias=bias, segment_ids=seg, mesh=mesh, rules=rules, **kw)
     close(jax.jit(shard)(x, w, bias), jax.jit(plain)(x, w, bias))
     loss = lambda f, *a: jnp.sum(jnp.sin(f(*a)))
-    for a, r in zip(jax.jit(jax.grad(functools.partial(loss, shard), argnums=(0, 1, 2)))(x, w, bias),
-                    jax.jit(jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2)))(x, w, bias)):
+    for a, r in zip(
+        jax.jit(jax.grad(functools.partial(loss, shard), argnums=(0, 1, 2)))(x, w, bias),
+        jax.jit(jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2)))(x, w, bias),
+    ):
         close(a, r)
 
     # GLA

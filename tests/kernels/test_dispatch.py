@@ -1,4 +1,5 @@
 """The ``impl=`` bridge in ``canon_jax.ops.dispatch`` for the kernels."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ def test_linear_scan_routes_and_falls_back():
     np.testing.assert_allclose(np.asarray(o), ro, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s), rs, atol=1e-5)
     y, h = jax.jit(lambda *a: dispatch.ssd("pallas_interpret", *a, chunk_size=8))(
-        v, jnp.full((1, 6, 1), 0.1), jnp.array([-1.0]), k, q, jnp.array([0.5]))
+        v, jnp.full((1, 6, 1), 0.1), jnp.array([-1.0]), k, q, jnp.array([0.5])
+    )
     chex.assert_shape((y, h), ((1, 6, 1, 8), (1, 1, 8, 8)))
     with pytest.raises(ValueError, match="unknown op"):
         dispatch.linear_scan("auto", "gdn", q, k, v, g)

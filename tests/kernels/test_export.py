@@ -1,6 +1,7 @@
 """Lowering of every kernel for the real targets at the paper's shapes: ``jax.export`` runs the Pallas -> Mosaic TPU
 and Pallas -> Mosaic GPU lowering on this CPU machine (no execution; the final libtpu / ptxas compilation is not
 covered). Forward and backward of each kernel."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -36,25 +37,47 @@ def test_short_conv_lowers(backend, width):
     _export(_grad(fn, 3), args, backend)
 
 
-@pytest.mark.parametrize("backend,width,dtype", [
-    ("tpu", 2048, jnp.bfloat16), ("gpu", 2048, jnp.bfloat16), ("gpu", 16384, jnp.bfloat16),
-    ("gpu", 2048, jnp.float32), ("gpu", 16384, jnp.float32)])
+@pytest.mark.parametrize(
+    "backend,width,dtype",
+    [
+        ("tpu", 2048, jnp.bfloat16),
+        ("gpu", 2048, jnp.bfloat16),
+        ("gpu", 16384, jnp.bfloat16),
+        ("gpu", 2048, jnp.float32),
+        ("gpu", 16384, jnp.float32),
+    ],
+)
 def test_short_conv_segments_lower(backend, width, dtype):
     """Segment ids with the initial state, bias, SiLU and residual: the forward, and value_and_grad (the forward
     kernel, the recomputed pre-activation and the masked anti-causal dx kernel)."""
-    args = (S((1, 4096, width), dtype), S((4, width), jnp.float32), S((width,), jnp.float32),
-            S((1, 4096), jnp.int32), S((1, width, 4), dtype))
-    fn = lambda x, w, b, seg, st: short_conv(x, w, bias=b, activation="silu", residual=True, segment_ids=seg,
-                                             initial_state=st, backend=backend)
+    args = (
+        S((1, 4096, width), dtype),
+        S((4, width), jnp.float32),
+        S((width,), jnp.float32),
+        S((1, 4096), jnp.int32),
+        S((1, width, 4), dtype),
+    )
+    fn = lambda x, w, b, seg, st: short_conv(
+        x, w, bias=b, activation="silu", residual=True, segment_ids=seg, initial_state=st, backend=backend
+    )
     _export(fn, args, backend, kernels=("short_conv_causal",))
     vg = jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 4))
     _export(vg, args, backend, kernels=("short_conv_causal", "short_conv_anticausal"))
 
 
-GLA_ARGS = (S((1, 4096, 16, 128), jnp.bfloat16), S((1, 4096, 16, 128), jnp.bfloat16),
-            S((1, 4096, 16, 256), jnp.bfloat16), S((1, 4096, 16, 128), jnp.float32))
-SSD_ARGS = (S((1, 4096, 16, 256), jnp.bfloat16), S((1, 4096, 16), jnp.float32), S((16,), jnp.float32),
-            S((1, 4096, 1, 128), jnp.bfloat16), S((1, 4096, 1, 128), jnp.bfloat16))
+GLA_ARGS = (
+    S((1, 4096, 16, 128), jnp.bfloat16),
+    S((1, 4096, 16, 128), jnp.bfloat16),
+    S((1, 4096, 16, 256), jnp.bfloat16),
+    S((1, 4096, 16, 128), jnp.float32),
+)
+SSD_ARGS = (
+    S((1, 4096, 16, 256), jnp.bfloat16),
+    S((1, 4096, 16), jnp.float32),
+    S((16,), jnp.float32),
+    S((1, 4096, 1, 128), jnp.bfloat16),
+    S((1, 4096, 1, 128), jnp.bfloat16),
+)
 
 
 @pytest.mark.parametrize("layout", ["auto", "head_major"])  # auto = time-major at these widths
@@ -78,13 +101,19 @@ def test_ssd_lowers_on_gpu(dtype, batch):
     """The Mosaic GPU wgmma scalar-gate kernels at the paper's shape (H=16, P=256, N=128, one group, T=4096): the
     forward, and value_and_grad, which holds the forward kernel and the backward kernels (both state passes, dq/dk,
     dv; plain grad would drop the forward kernel, whose output it does not need)."""
-    args = tuple(S((batch,) + a.shape[1:] if a.ndim > 1 else a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype)
-                 for a in SSD_ARGS)
+    args = tuple(
+        S((batch,) + a.shape[1:] if a.ndim > 1 else a.shape, dtype if a.dtype == jnp.bfloat16 else a.dtype)
+        for a in SSD_ARGS
+    )
     # batch 1 asks for Mamba2's chunk of 256, whose kernels would need 580,728+ bytes: the plan runs them at 64
     fs = lambda *a: ssd(*a, chunk_size=256 if batch == 1 else 64, backend="gpu")[0]
     _export(fs, args, "gpu", kernels=("ssd_scan_fwd_wgmma",))
-    _export(jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))), args, "gpu",
-            kernels=("ssd_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("ssd_scan_bwd_dqk", "ssd_scan_bwd_dv"))
+    _export(
+        jax.value_and_grad(lambda *a: jnp.sum(fs(*a).astype(jnp.float32)), argnums=tuple(range(5))),
+        args,
+        "gpu",
+        kernels=("ssd_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("ssd_scan_bwd_dqk", "ssd_scan_bwd_dv"),
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -96,8 +125,12 @@ def test_gla_lowers_on_gpu(batch):
     args = tuple(S((batch,) + a.shape[1:], a.dtype) for a in GLA_ARGS)
     fg = lambda *a: gla(*a, chunk_size=64, backend="gpu")[0]
     _export(fg, args, "gpu", kernels=("gla_scan_fwd_wgmma",))
-    _export(jax.value_and_grad(lambda *a: jnp.sum(fg(*a).astype(jnp.float32)), argnums=tuple(range(4))), args, "gpu",
-            kernels=("gla_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("gla_scan_bwd_dqk", "gla_scan_bwd_dv"))
+    _export(
+        jax.value_and_grad(lambda *a: jnp.sum(fg(*a).astype(jnp.float32)), argnums=tuple(range(4))),
+        args,
+        "gpu",
+        kernels=("gla_scan_fwd_wgmma",) + GPU_BWD_KERNELS + ("gla_scan_bwd_dqk", "gla_scan_bwd_dv"),
+    )
 
 
 def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
@@ -107,7 +140,9 @@ def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
     import re
 
     import jax.experimental.mosaic.gpu.core as mosaic_core
-    from pallas_kernels.linear_scan import gpu, gpu_bwd as gb
+
+    from pallas_kernels.linear_scan import gpu
+    from pallas_kernels.linear_scan import gpu_bwd as gb
 
     bf, f32 = jnp.bfloat16, jnp.float32
     b, t, h, dk, dv, c, dvb, sub = 1, 128, 2, 128, 128, 64, 64, 16
@@ -116,20 +151,37 @@ def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
     vdo = (S((b, t, h, dv), bf), S((b, h, dv, t), bf), S((b, t, h, dv), bf), S((b, h, dv, t), bf))
     gates = (S((b, h, t), f32),) * 3
     cases = [
-        (lambda *a: gb.state_pass(*a, chunk=c, block_dv=dvb, reverse=True),
-         (S((b, h, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk), f32), S((b, h, dk, dv), f32)),
-         gb.state_pass_smem_bytes(c, dk, dvb)),
-        (lambda *a: gb.ssd_grads_dqk(*a, chunk=c, block_dv=dvb, rep=2),
-         (S((b, t, 1, dk), bf), S((b, t, 1, dk), bf)) + vdo + state + gates, gb.ssd_grads_dqk_smem_bytes(c, dk, dvb)),
-        (lambda *a: gb.ssd_grads_dv(*a, chunk=c, block_dv=dvb, rep=2),
-         (S((b, t, 1, dk), bf), S((b, 1, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk, dv), bf)) + gates[:2],
-         gb.ssd_grads_dv_smem_bytes(c, dk, dvb)),
-        (lambda *a: gb.gla_grads_dqk(*a, chunk=c, sub=sub, block_dv=dvb),
-         (S((b, t, h, dk), bf), S((b, t, h, dk), bf)) + vdo + state + (S((b, h, n, nf, dk), f32),),
-         gb.gla_grads_dqk_smem_bytes(c, sub, dk, dvb)),
-        (lambda *a: gb.gla_grads_dv(*a, chunk=c, sub=sub, block_dv=dvb),
-         (S((b, t, h, dk), bf), S((b, h, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk, dv), bf),
-          S((b, h, n, nf, dk), f32)), gb.gla_grads_dv_smem_bytes(c, sub, dk, dvb)),
+        (
+            lambda *a: gb.state_pass(*a, chunk=c, block_dv=dvb, reverse=True),
+            (S((b, h, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk), f32), S((b, h, dk, dv), f32)),
+            gb.state_pass_smem_bytes(c, dk, dvb),
+        ),
+        (
+            lambda *a: gb.ssd_grads_dqk(*a, chunk=c, block_dv=dvb, rep=2),
+            (S((b, t, 1, dk), bf), S((b, t, 1, dk), bf)) + vdo + state + gates,
+            gb.ssd_grads_dqk_smem_bytes(c, dk, dvb),
+        ),
+        (
+            lambda *a: gb.ssd_grads_dv(*a, chunk=c, block_dv=dvb, rep=2),
+            (S((b, t, 1, dk), bf), S((b, 1, dk, t), bf), S((b, t, h, dv), bf), S((b, h, n, dk, dv), bf)) + gates[:2],
+            gb.ssd_grads_dv_smem_bytes(c, dk, dvb),
+        ),
+        (
+            lambda *a: gb.gla_grads_dqk(*a, chunk=c, sub=sub, block_dv=dvb),
+            (S((b, t, h, dk), bf), S((b, t, h, dk), bf)) + vdo + state + (S((b, h, n, nf, dk), f32),),
+            gb.gla_grads_dqk_smem_bytes(c, sub, dk, dvb),
+        ),
+        (
+            lambda *a: gb.gla_grads_dv(*a, chunk=c, sub=sub, block_dv=dvb),
+            (
+                S((b, t, h, dk), bf),
+                S((b, h, dk, t), bf),
+                S((b, t, h, dv), bf),
+                S((b, h, n, dk, dv), bf),
+                S((b, h, n, nf, dk), f32),
+            ),
+            gb.gla_grads_dv_smem_bytes(c, sub, dk, dvb),
+        ),
     ]
     monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
     for fn, args, model in cases:
@@ -147,13 +199,22 @@ def test_ssd_fwd_smem_model_matches_mosaic(monkeypatch, chunk, out_dtype):
     import re
 
     import jax.experimental.mosaic.gpu.core as mosaic_core
+
     from pallas_kernels.linear_scan import gpu
 
     bf, f32 = jnp.bfloat16, jnp.float32
     b, h, dk, dv, c = 1, 2, 128, 128, chunk
     t = 2 * c
-    args = (S((b, t, 1, dk), bf), S((b, 1, dk, t), bf), S((b, t, h, dv), bf), S((b, h, t), f32), S((b, h, t), f32),
-            S((b, h, t), f32), S((b, h, t // c, dk), f32), S((b, h, dk, dv), f32))
+    args = (
+        S((b, t, 1, dk), bf),
+        S((b, 1, dk, t), bf),
+        S((b, t, h, dv), bf),
+        S((b, h, t), f32),
+        S((b, h, t), f32),
+        S((b, h, t), f32),
+        S((b, h, t // c, dk), f32),
+        S((b, h, dk, dv), f32),
+    )
     fn = lambda *a: gpu.ssd_scan_fwd(*a, chunk=c, block_dv=64, rep=2, out_dtype=out_dtype)
     model = gpu.ssd_fwd_smem_bytes(c, dk, 64, out_dtype)
     monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
@@ -182,8 +243,9 @@ def test_gla_gpu_block_dv_128_exceeds_shared_memory():
         _export(fg, GLA_ARGS, "gpu")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="Mosaic GPU: 'kernel exceeds available shared memory' (docs/kernels.md)")
+@pytest.mark.xfail(
+    strict=True, raises=ValueError, reason="Mosaic GPU: 'kernel exceeds available shared memory' (docs/kernels.md)"
+)
 def test_scan_tpu_body_does_not_lower_on_gpu():
     """Keeps the recorded failure reproducible: the TPU kernel body (GLA vector gates) under Mosaic GPU compiler
     params, paper shapes, overflows shared memory. This is why GLA on GPU has its own wgmma kernel
@@ -194,8 +256,20 @@ def test_scan_tpu_body_does_not_lower_on_gpu():
 
     def fn(q, k, v, b):
         tr = lambda a: jnp.swapaxes(a, 1, 2)
-        return gpu.tpu_body_scan_call(tr(q), tr(k), tr(v), tr(b), None, None, layout=ScanLayout("head", 16, 128, 256),
-                                      scale=1.0, chunk=64, sub_chunk=16, out_dtype=jnp.bfloat16, interpret=False)[0]
+        return gpu.tpu_body_scan_call(
+            tr(q),
+            tr(k),
+            tr(v),
+            tr(b),
+            None,
+            None,
+            layout=ScanLayout("head", 16, 128, 256),
+            scale=1.0,
+            chunk=64,
+            sub_chunk=16,
+            out_dtype=jnp.bfloat16,
+            interpret=False,
+        )[0]
 
     _export(fn, GLA_ARGS, "gpu")
 
@@ -206,8 +280,12 @@ def test_short_conv_segments_large_k_lowers_on_gpu(k, dtype):
     and masks grow with K); the GPU wrapper shrinks the tile height until it fits."""
     args = (S((1, 4096, 2048), dtype), S((k, 2048), jnp.float32), S((1, 4096), jnp.int32))
     fn = lambda x, w, seg: short_conv(x, w, segment_ids=seg, activation="silu", residual=True, backend="gpu")
-    _export(jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1)), args, "gpu",
-            kernels=("short_conv_causal", "short_conv_anticausal"))
+    _export(
+        jax.value_and_grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1)),
+        args,
+        "gpu",
+        kernels=("short_conv_causal", "short_conv_anticausal"),
+    )
 
 
 def test_short_conv_gpu_smem_model_matches_mosaic(monkeypatch):
@@ -216,21 +294,51 @@ def test_short_conv_gpu_smem_model_matches_mosaic(monkeypatch):
     import re
 
     import jax.experimental.mosaic.gpu.core as mosaic_core
+
     from pallas_kernels.short_conv import gpu
 
     monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
     for dtype, bd, k in [(jnp.bfloat16, 128, 4), (jnp.float32, 40, 3)]:
         hrows = 16 if dtype == jnp.bfloat16 else 8
-        args = (S((1, 64, bd), dtype), S((k, bd), jnp.float32), S((1, hrows, bd), dtype), S((1, bd), jnp.float32),
-                S((1, 64, 1), jnp.int32), S((1, 64, bd), dtype))
+        args = (
+            S((1, 64, bd), dtype),
+            S((k, bd), jnp.float32),
+            S((1, hrows, bd), dtype),
+            S((1, bd), jnp.float32),
+            S((1, 64, 1), jnp.int32),
+            S((1, 64, bd), dtype),
+        )
         fn = lambda x, w, h0, b, bits, ex: gpu.conv_call(
-            x, w, halo0=h0, bias=b, bits=bits, extra=ex, direction="causal", activation="silu", residual_x=True,
-            out_dtype=dtype, bt=32, bd=bd, hrows=hrows, interpret=False)
+            x,
+            w,
+            halo0=h0,
+            bias=b,
+            bits=bits,
+            extra=ex,
+            direction="causal",
+            activation="silu",
+            residual_x=True,
+            out_dtype=dtype,
+            bt=32,
+            bd=bd,
+            hrows=hrows,
+            interpret=False,
+        )
         with pytest.raises(ValueError, match="exceeds available shared memory") as err:
             jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
         reported = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
-        assert reported == gpu.smem_bytes(32, bd, hrows, k, x_dtype=dtype, out_dtype=dtype, has_halo0=True,
-                                          has_bias=True, has_mask=True, extra_dtype=dtype)
+        assert reported == gpu.smem_bytes(
+            32,
+            bd,
+            hrows,
+            k,
+            x_dtype=dtype,
+            out_dtype=dtype,
+            has_halo0=True,
+            has_bias=True,
+            has_mask=True,
+            extra_dtype=dtype,
+        )
 
 
 def test_short_conv_gpu_too_wide_tile_raises():

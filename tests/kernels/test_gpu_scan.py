@@ -2,17 +2,17 @@
 CPU (``InterpretGPUParams``: it simulates shared memory, TMA copies, barriers and wgmma, but not register layouts,
 swizzling or timing), against float64 token loops. Lowering for the real target is in ``test_export.py``. No GPU was
 available: these values are the interpreter's, not the device's."""
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from pallas_kernels.common import BlockSizes
 from canon_jax.ops import gla as ops_gla
+from pallas_kernels.common import BlockSizes
 from pallas_kernels.linear_scan import gla, gla_gpu_gates_ok, gla_reference, gpu, ssd, ssd_reference
 
 # wgmma operands are bfloat16 (q, k, v = dt*x, the state and the masked scores are rounded to 8 mantissa bits,
@@ -47,14 +47,17 @@ def test_ssd_gpu_kernel_values(case):
     bs = BlockSizes(block_dv=bdv)
     # detect_races: the interpreter's race detector over shared-memory accesses (TMA copies, loads, stores)
     params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
-    y, hf = ssd(x, dt, a, bm, cm, d, initial_state=h0, chunk_size=chunk, block_sizes=bs, backend="gpu",
-                interpret=params)
+    y, hf = ssd(
+        x, dt, a, bm, cm, d, initial_state=h0, chunk_size=chunk, block_sizes=bs, backend="gpu", interpret=params
+    )
     assert not get_races().races_found
     chex.assert_shape(y, (b, t, h, p))
     chex.assert_shape(hf, (b, h, p, n))
     assert y.dtype == dtype and hf.dtype == jnp.float32
-    ry, rh = ssd_reference(*(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
-                           initial_state=None if h0 is None else np.asarray(h0))
+    ry, rh = ssd_reference(
+        *(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
+        initial_state=None if h0 is None else np.asarray(h0),
+    )
     np.testing.assert_allclose(np.asarray(y, np.float64), ry, atol=TOL * np.abs(ry).max(), rtol=TOL)
     np.testing.assert_allclose(np.asarray(hf, np.float64), rh, atol=TOL * np.abs(rh).max(), rtol=TOL)
 
@@ -70,8 +73,9 @@ def test_ssd_gpu_chunk_over_shared_memory_runs_at_the_planned_chunk():
     chex.assert_shape((y, hf), ((1, 150, 2, 64), (1, 2, 64, 128)))
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y64, np.float32))
     np.testing.assert_array_equal(np.asarray(hf), np.asarray(hf64))
-    ry, rh = ssd_reference(*(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
-                           initial_state=np.asarray(h0))
+    ry, rh = ssd_reference(
+        *(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)), initial_state=np.asarray(h0)
+    )
     np.testing.assert_allclose(np.asarray(y, np.float64), ry, atol=TOL * np.abs(ry).max(), rtol=TOL)
     np.testing.assert_allclose(np.asarray(hf, np.float64), rh, atol=TOL * np.abs(rh).max(), rtol=TOL)
 
@@ -96,6 +100,7 @@ def test_scalar_scan_xla_backward():
             qt, kt, vt, gt = xs
             st = jnp.exp(gt)[..., None, None] * st + kt[..., :, None] * vt[..., None, :]
             return st, jnp.einsum("bhk,bhkv->bhv", qt, st)
+
         st, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(a, 1, 0) for a in (qh, kh, v, g)))
         return jnp.moveaxis(o, 0, 1), st
 
@@ -104,8 +109,9 @@ def test_scalar_scan_xla_backward():
     got = jax.jit(lambda *a: jax.vjp(lambda *b: gpu._scalar_scan_xla(*b, chunk), *a)[1]((do, dsf)))(*args)
     for name, ga, gr in zip(("dq", "dk", "dv", "dg", "ds0"), got, want):
         chex.assert_shape(ga, gr.shape)
-        np.testing.assert_allclose(np.asarray(ga), np.asarray(gr), atol=1e-4 * max(1.0, float(jnp.abs(gr).max())),
-                                   rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(ga), np.asarray(gr), atol=1e-4 * max(1.0, float(jnp.abs(gr).max())), rtol=1e-4, err_msg=name
+        )
 
 
 # GLA: the same bfloat16 wgmma operands (the gate factors are float32 until each operand is rounded once) with
@@ -144,14 +150,24 @@ def test_gla_gpu_kernel_values(case):
     q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, dtype)
     s0 = s0 if use_state else None
     params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
-    o, sf = gla(q, k, v, g, initial_state=s0, chunk_size=chunk, block_sizes=BlockSizes(block_dv=bdv, sub_chunk=sub),
-                backend="gpu", interpret=params)
+    o, sf = gla(
+        q,
+        k,
+        v,
+        g,
+        initial_state=s0,
+        chunk_size=chunk,
+        block_sizes=BlockSizes(block_dv=bdv, sub_chunk=sub),
+        backend="gpu",
+        interpret=params,
+    )
     assert not get_races().races_found
     chex.assert_shape(o, (b, t, h, dv))
     chex.assert_shape(sf, (b, h, dk, dv))
     assert o.dtype == dtype and sf.dtype == jnp.float32
-    ro, rs = gla_reference(*(np.asarray(z.astype(jnp.float32)) for z in (q, k, v, g)),
-                           initial_state=None if s0 is None else np.asarray(s0))
+    ro, rs = gla_reference(
+        *(np.asarray(z.astype(jnp.float32)) for z in (q, k, v, g)), initial_state=None if s0 is None else np.asarray(s0)
+    )
     tol = GLA_TOL[dtype]
     np.testing.assert_allclose(np.asarray(o, np.float64), ro, atol=tol * np.abs(ro).max(), rtol=tol)
     np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
@@ -205,19 +221,21 @@ def test_state_pass_values(reverse):
     r = jnp.asarray(rng.standard_normal((b, n * c, h, dv)), jnp.bfloat16)
     dec = jnp.asarray(rng.uniform(0.3, 1.0, (b, h, n, dk)), jnp.float32)
     s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-    states, final = gpu_bwd.state_pass(lt, r, dec, s0, chunk=c, block_dv=64, reverse=reverse,
-                                       interpret=InterpretGPUParams(**STRICT))
+    states, final = gpu_bwd.state_pass(
+        lt, r, dec, s0, chunk=c, block_dv=64, reverse=reverse, interpret=InterpretGPUParams(**STRICT)
+    )
     assert not get_races().races_found
     chex.assert_shape(states, (b, h, n, dk, dv))
     chex.assert_shape(final, (b, h, dk, dv))
     assert states.dtype == jnp.bfloat16 and final.dtype == jnp.float32
     lf, rf, x = _f64(lt), _f64(r), np.asarray(s0, np.float64)
     want = np.zeros(states.shape)
-    for ci in (reversed(range(n)) if reverse else range(n)):
+    for ci in reversed(range(n)) if reverse else range(n):
         want[:, :, ci] = x
-        x = _f64(dec)[:, :, ci, :, None] * x + np.einsum("bhdc,bche->bhde", lf[..., ci * c:(ci + 1) * c],
-                                                        rf[:, ci * c:(ci + 1) * c])
-    _close(states, want, 2 ** -8, "states")  # bfloat16 rounding of the stored values only
+        x = _f64(dec)[:, :, ci, :, None] * x + np.einsum(
+            "bhdc,bche->bhde", lf[..., ci * c : (ci + 1) * c], rf[:, ci * c : (ci + 1) * c]
+        )
+    _close(states, want, 2**-8, "states")  # bfloat16 rounding of the stored values only
     _close(final, x, 1e-5, "final")
 
 
@@ -227,15 +245,19 @@ def _chunk_grads_ref(qh, k, v, do, s, x, b):
     Returns dq̂, dk ``[B, n, C, H, Dk]`` and dv ``[B, n, C, H, Dv]``."""
     c = qh.shape[2]
     tri = np.tril(np.ones((c, c), bool))
-    dec = np.where(tri[None, None, :, :, None, None], np.exp(np.where(
-        tri[None, None, :, :, None, None], b[:, :, :, None] - b[:, :, None, :], 0.0)), 0.0)  # [B, n, t, s, H, Dk]
+    dec = np.where(
+        tri[None, None, :, :, None, None],
+        np.exp(np.where(tri[None, None, :, :, None, None], b[:, :, :, None] - b[:, :, None, :], 0.0)),
+        0.0,
+    )  # [B, n, t, s, H, Dk]
     b_last = b[:, :, -1:]
     s, x = np.moveaxis(s, 1, 2), np.moveaxis(x, 1, 2)  # [B, n, H, Dk, Dv]
     da = np.einsum("bnthe,bnshe->bntsh", do, v)
     a = np.einsum("bnthd,bnshd,bntshd->bntsh", qh, k, dec)
     dq = np.exp(b) * np.einsum("bnhde,bnthe->bnthd", s, do) + np.einsum("bntsh,bnshd,bntshd->bnthd", da, k, dec)
-    dk = (np.exp(b_last - b) * np.einsum("bnhde,bnshe->bnshd", x, v)
-          + np.einsum("bntsh,bnthd,bntshd->bnshd", da, qh, dec))
+    dk = np.exp(b_last - b) * np.einsum("bnhde,bnshe->bnshd", x, v) + np.einsum(
+        "bntsh,bnthd,bntshd->bnshd", da, qh, dec
+    )
     dv = np.einsum("bntsh,bnthe->bnshe", a, do) + np.einsum("bnhde,bnshd->bnshe", x, k * np.exp(b_last - b))
     return dq, dk, dv
 
@@ -261,8 +283,9 @@ def test_ssd_bwd_kernels_values():
     tr = lambda a: jnp.transpose(a, (0, 2, 3, 1))
     st, xt = jnp.swapaxes(s, 3, 4), jnp.swapaxes(x, 3, 4)
     params = InterpretGPUParams(**STRICT)
-    dq, dk_ = gpu_bwd.ssd_grads_dqk(q, k, v, tr(v), do, tr(do), st, xt, bc, eb, ek, chunk=c, block_dv=64, rep=h,
-                                    interpret=params)
+    dq, dk_ = gpu_bwd.ssd_grads_dqk(
+        q, k, v, tr(v), do, tr(do), st, xt, bc, eb, ek, chunk=c, block_dv=64, rep=h, interpret=params
+    )
     assert not get_races().races_found
     dv_ = gpu_bwd.ssd_grads_dv(k, tr(q), do, x, bc, ek, chunk=c, block_dv=64, rep=h, interpret=params)
     assert not get_races().races_found
@@ -291,8 +314,21 @@ def test_gla_bwd_kernels_values():
     km = jnp.transpose(kmt, (0, 3, 1, 2))
     tr = lambda a: jnp.transpose(a, (0, 2, 3, 1))
     params = InterpretGPUParams(**STRICT)
-    dqm, dkm = gpu_bwd.gla_grads_dqk(qm, km, v, tr(v), do, tr(do), jnp.swapaxes(s, 3, 4), jnp.swapaxes(x, 3, 4), fac,
-                                     chunk=c, sub=sub, block_dv=64, interpret=params)
+    dqm, dkm = gpu_bwd.gla_grads_dqk(
+        qm,
+        km,
+        v,
+        tr(v),
+        do,
+        tr(do),
+        jnp.swapaxes(s, 3, 4),
+        jnp.swapaxes(x, 3, 4),
+        fac,
+        chunk=c,
+        sub=sub,
+        block_dv=64,
+        interpret=params,
+    )
     assert not get_races().races_found
     dv_ = gpu_bwd.gla_grads_dv(km, tr(qm), do, x, fac, chunk=c, sub=sub, block_dv=64, interpret=params)
     assert not get_races().races_found
@@ -302,10 +338,12 @@ def test_gla_bwd_kernels_values():
     bc = np.cumsum(ch(g), axis=2)
     m = bc.reshape(b, n, c // sub, sub, h, dk)[:, :, :, (sub - 1) // 2]
     rel = bc - np.repeat(m, sub, axis=2)  # b_t - m_i
-    dq, dk_, dv_ref = _chunk_grads_ref(ch(qm) * np.exp(-rel), ch(km) * np.exp(rel), ch(v), ch(do), _f64(s), _f64(x),
-                                       bc)
-    for name, got, ref in (("dqm", dqm.sum(0), dq * np.exp(-rel)), ("dkm", dkm.sum(0), dk_ * np.exp(rel)),
-                           ("dv", dv_, dv_ref)):
+    dq, dk_, dv_ref = _chunk_grads_ref(ch(qm) * np.exp(-rel), ch(km) * np.exp(rel), ch(v), ch(do), _f64(s), _f64(x), bc)
+    for name, got, ref in (
+        ("dqm", dqm.sum(0), dq * np.exp(-rel)),
+        ("dkm", dkm.sum(0), dk_ * np.exp(rel)),
+        ("dv", dv_, dv_ref),
+    ):
         _close(got, ref.reshape(got.shape), BWD_TOL[jnp.float32], name)
 
 
@@ -330,17 +368,24 @@ def test_gate_gradient_identity():
     st = _f64(s0)
     for ci in range(n):
         s_st[:, :, ci] = st
-        st = (np.exp(b_last[:, ci])[..., None] * st
-              + np.einsum("bchd,bche->bhde", kc[:, ci] * np.exp(b_last[:, ci, None] - bc[:, ci]), vc[:, ci]))
+        st = np.exp(b_last[:, ci])[..., None] * st + np.einsum(
+            "bchd,bche->bhde", kc[:, ci] * np.exp(b_last[:, ci, None] - bc[:, ci]), vc[:, ci]
+        )
     xs = _f64(dsf)
     for ci in reversed(range(n)):
         x_st[:, :, ci] = xs
-        xs = np.exp(b_last[:, ci])[..., None] * xs + np.einsum("bchd,bche->bhde", qh[:, ci] * np.exp(bc[:, ci]),
-                                                               doc[:, ci])
+        xs = np.exp(b_last[:, ci])[..., None] * xs + np.einsum(
+            "bchd,bche->bhde", qh[:, ci] * np.exp(bc[:, ci]), doc[:, ci]
+        )
     dq, dk_, _ = _chunk_grads_ref(qh, kc, vc, doc, s_st, x_st, bc)
     db = (qh * dq - kc * dk_).reshape(b, t, h, dk)
-    per_chunk = gpu_bwd._gate_grad(jnp.asarray(db, jnp.float32), jnp.asarray(s_st, jnp.float32),
-                                   jnp.asarray(st, jnp.float32), jnp.asarray(x_st, jnp.float32), c)
+    per_chunk = gpu_bwd._gate_grad(
+        jnp.asarray(db, jnp.float32),
+        jnp.asarray(s_st, jnp.float32),
+        jnp.asarray(st, jnp.float32),
+        jnp.asarray(x_st, jnp.float32),
+        c,
+    )
     whole = db.copy()
     whole[:, -1] += np.sum(st * _f64(dsf), axis=-1)
     whole = np.flip(np.cumsum(np.flip(whole, 1), axis=1), 1)
@@ -364,6 +409,7 @@ def _ssd_loop(x, dt, a, bm, cm, d, h0):
 
 def _gla_loop(q, k, v, g, s0, scale):
     """float32 token-by-token GLA: S [B, H, Dk, Dv]."""
+
     def step(st, xs):
         qt, kt, vt, gt = xs
         st = jnp.exp(gt)[..., None] * st + kt[..., :, None] * vt[..., None, :]
@@ -375,9 +421,11 @@ def _gla_loop(q, k, v, g, s0, scale):
 
 def _weighted_grad(fn, wo, ws, n):
     """Gradient of ``sum(out * wo) + sum(final_state * ws)`` w.r.t. the first n arguments (both outputs matter)."""
+
     def f(*a):
         out, sf = fn(*a)
         return jnp.sum(out.astype(jnp.float32) * wo) + jnp.sum(sf * ws)
+
     return jax.jit(jax.grad(f, argnums=tuple(range(n))))
 
 
@@ -393,9 +441,19 @@ def test_ssd_gpu_grad_kernels(dtype):
     wo = jnp.asarray(rng.standard_normal((b, t, h, p)), jnp.float32)
     ws = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
     args = (x, dt, a, bm, cm, d, h0)
-    got = _weighted_grad(lambda *z: ssd(*z[:6], initial_state=z[6], chunk_size=64, backend="gpu",
-                                        block_sizes=BlockSizes(block_dv=64), interpret=gpu.interpret_params()),
-                         wo, ws, 7)(*args)
+    got = _weighted_grad(
+        lambda *z: ssd(
+            *z[:6],
+            initial_state=z[6],
+            chunk_size=64,
+            backend="gpu",
+            block_sizes=BlockSizes(block_dv=64),
+            interpret=gpu.interpret_params(),
+        ),
+        wo,
+        ws,
+        7,
+    )(*args)
     up = tuple(z.astype(jnp.float32) for z in args)
     want = _weighted_grad(_ssd_loop, wo, ws, 7)(*up)
     for name, ga, gr, z in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dh0"), got, want, args):
@@ -416,10 +474,20 @@ def test_gla_gpu_grad_kernels(dtype):
     wo = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
     ws = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
     args = (q, k, v, g, s0)
-    got = _weighted_grad(lambda *a: gla(*a[:4], initial_state=a[4], chunk_size=64, backend="gpu",
-                                        block_sizes=BlockSizes(block_dv=64, sub_chunk=16),
-                                        interpret=gpu.interpret_params()), wo, ws, 5)(*args)
-    want = _weighted_grad(lambda *a: _gla_loop(*a, dk ** -0.5), wo, ws, 5)(*(z.astype(jnp.float32) for z in args))
+    got = _weighted_grad(
+        lambda *a: gla(
+            *a[:4],
+            initial_state=a[4],
+            chunk_size=64,
+            backend="gpu",
+            block_sizes=BlockSizes(block_dv=64, sub_chunk=16),
+            interpret=gpu.interpret_params(),
+        ),
+        wo,
+        ws,
+        5,
+    )(*args)
+    want = _weighted_grad(lambda *a: _gla_loop(*a, dk**-0.5), wo, ws, 5)(*(z.astype(jnp.float32) for z in args))
     for name, ga, gr, z in zip(("dq", "dk", "dv", "dg", "ds0"), got, want, args):
         chex.assert_shape(ga, z.shape)
         assert ga.dtype == z.dtype, name
@@ -434,8 +502,14 @@ def test_gla_gpu_grad_matches_xla():
     rng = np.random.default_rng(6)
     wo = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
     ws = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-    got = _weighted_grad(lambda *a: gla(*a, chunk_size=64, backend="gpu", block_sizes=BlockSizes(sub_chunk=8),
-                                        interpret=gpu.interpret_params()), wo, ws, 4)(q, k, v, g)
+    got = _weighted_grad(
+        lambda *a: gla(
+            *a, chunk_size=64, backend="gpu", block_sizes=BlockSizes(sub_chunk=8), interpret=gpu.interpret_params()
+        ),
+        wo,
+        ws,
+        4,
+    )(q, k, v, g)
     want = _weighted_grad(lambda *a: ops_gla(*a, chunk_size=64, impl="xla"), wo, ws, 4)(q, k, v, g)
     for name, ga, gr in zip(("dq", "dk", "dv", "dg"), got, want):
         chex.assert_shape(ga, gr.shape)
@@ -462,13 +536,15 @@ def test_gla_max_exponent_matches_a_loop():
     for sub in (16, 8):
         want = 0.0
         for lo in range(0, 64, sub):
-            b = np.cumsum(g[:, lo:lo + sub], axis=1)
+            b = np.cumsum(g[:, lo : lo + sub], axis=1)
             m = b[:, (sub - 1) // 2]
             want = max(want, float(np.max(b - m[:, None])), float(np.max(m[:, None] - b)))
         np.testing.assert_allclose(float(gpu.gla_max_exponent(jnp.asarray(g), sub=sub)), want, rtol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
 def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
     """``canon_jax.ops.gla`` on a (simulated) GPU host: the Mosaic GPU kernels (run here by the interpreter) when the
     log-gates keep their sub-chunk factors in range, the exact XLA path when they do not — gates of -30 per token in

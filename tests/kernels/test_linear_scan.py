@@ -1,5 +1,6 @@
 """Chunked scan kernel in interpret mode: values vs float64 token loops, gradients vs jax.vjp of a plain
 (unchunked, token-by-token) float32 ``lax.scan`` written here, independent of the kernel's chunk math."""
+
 import functools
 
 import chex
@@ -26,10 +27,12 @@ def _gla_inputs(seed, b, t, h, dk, dv, dtype):
 
 def _token_scan_gla(q, k, v, g, s0, scale):
     """Independent oracle for gradients: the recurrence one token at a time in float32."""
+
     def step(s, xs):
         qt, kt, vt, gt = xs
         s = jnp.exp(gt)[..., None] * s + kt[..., :, None] * vt[..., None, :]
         return s, jnp.einsum("bhk,bhkv->bhv", scale * qt, s)
+
     xs = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (q, k, v, g))
     s, o = jax.lax.scan(step, s0, xs)
     return jnp.moveaxis(o, 0, 1), s
@@ -55,23 +58,26 @@ def test_gla_values(case):
     o, sf = fn(q, k, v, g)
     chex.assert_shape(o, (b, t, h, dv))
     chex.assert_shape(sf, (b, h, dk, dv))
-    ro, rs = gla_reference(*(np.asarray(a.astype(jnp.float32)) for a in (q, k, v, g)),
-                           initial_state=None if s0 is None else np.asarray(s0))
+    ro, rs = gla_reference(
+        *(np.asarray(a.astype(jnp.float32)) for a in (q, k, v, g)), initial_state=None if s0 is None else np.asarray(s0)
+    )
     tol = TOL[dtype]
     np.testing.assert_allclose(np.asarray(o, np.float64), ro, atol=tol * np.abs(ro).max(), rtol=tol)
     np.testing.assert_allclose(np.asarray(sf, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
 
 
-@pytest.mark.parametrize("layout,dtype", [("head_major", jnp.float32), ("time_major", jnp.float32),
-                                          ("head_major", jnp.bfloat16)],
-                         ids=["head_major-f32", "time_major-f32", "head_major-bf16"])
+@pytest.mark.parametrize(
+    "layout,dtype",
+    [("head_major", jnp.float32), ("time_major", jnp.float32), ("head_major", jnp.bfloat16)],
+    ids=["head_major-f32", "time_major-f32", "head_major-bf16"],
+)
 def test_gla_gradients(layout, dtype):
     b, t, h, dk, dv = 1, 13, 2, 16, 8  # two chunks of 8 (the second padded), two sub-chunks of 4 each
     q, k, v, g, s0 = _gla_inputs(1, b, t, h, dk, dv, dtype)
     rng = np.random.default_rng(3)
     do = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.float32)
     ds = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
-    scale = dk ** -0.5
+    scale = dk**-0.5
 
     def loss(fn, q, k, v, g, s0):
         o, s = fn(q, k, v, g, s0)
@@ -88,8 +94,13 @@ def test_gla_gradients(layout, dtype):
         chex.assert_shape(a, r.shape)
         assert a.dtype == r.dtype, name
         r32 = np.asarray(r.astype(jnp.float32))
-        np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), r32,
-                                   atol=tol * max(1.0, float(np.abs(r32).max())), rtol=tol, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(a.astype(jnp.float32)),
+            r32,
+            atol=tol * max(1.0, float(np.abs(r32).max())),
+            rtol=tol,
+            err_msg=name,
+        )
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -108,7 +119,8 @@ def test_chunk_backward_math_matches_autodiff(scalar):
 
     dst_in, dq, dk_, dv_, db = jax.jit(lambda *a: jax.vjp(fwd, *a)[1]((do, dst)))(st, q, k, v, b)
     mine = jax.jit(functools.partial(scan_ref.chunk_step_bwd, scale=0.7, sub_chunk=4, scalar=scalar))(
-        st, dst, q, k, v, b, do)
+        st, dst, q, k, v, b, do
+    )
     for name, a, r in zip(("dq", "dk", "dv", "db", "dstate"), mine, (dq, dk_, dv_, db, dst_in)):
         chex.assert_shape(a, r.shape)
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5, rtol=1e-5, err_msg=name)
@@ -126,7 +138,7 @@ def _ssd_inputs(seed, b, t, h, p, g, n, dtype):
 
 
 SSD_CASES = [
-    (1, 6, 2, 8, 1, 16, 16, False, jnp.float32, "auto"),        # T < chunk
+    (1, 6, 2, 8, 1, 16, 16, False, jnp.float32, "auto"),  # T < chunk
     (2, 45, 4, 8, 2, 16, 16, True, jnp.float32, "head_major"),  # groups, T % chunk != 0
     (2, 45, 4, 8, 2, 16, 16, True, jnp.float32, "time_major"),  # groups read in place through h // rep
     (1, 40, 2, 16, 1, 8, 32, True, jnp.bfloat16, "auto"),
@@ -140,11 +152,14 @@ def test_ssd_values(case):
     h0 = h0 if use_state else None
     bs = BlockSizes(scan_layout=layout)
     y, hf = jax.jit(lambda *z: ssd(*z, initial_state=h0, chunk_size=chunk, interpret=True, block_sizes=bs))(
-        x, dt, a, bm, cm, d)
+        x, dt, a, bm, cm, d
+    )
     chex.assert_shape(y, (b, t, h, p))
     chex.assert_shape(hf, (b, h, p, n))
-    ry, rh = ssd_reference(*(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
-                           initial_state=None if h0 is None else np.asarray(h0))
+    ry, rh = ssd_reference(
+        *(np.asarray(z.astype(jnp.float32)) for z in (x, dt, a, bm, cm, d)),
+        initial_state=None if h0 is None else np.asarray(h0),
+    )
     tol = TOL[dtype]
     np.testing.assert_allclose(np.asarray(y, np.float64), ry, atol=tol * np.abs(ry).max(), rtol=tol)
     np.testing.assert_allclose(np.asarray(hf, np.float64), rh, atol=tol * np.abs(rh).max(), rtol=tol)
@@ -161,9 +176,14 @@ def test_ssd_gradients():
             xt, dtt, bt, ct = xs
             hs = jnp.exp(dtt * a)[..., None, None] * hs + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
             return hs, jnp.einsum("bhpn,bhn->bhp", hs, ct) + d[:, None] * xt
+
         rep = h // grp
-        xs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(jnp.repeat(bm, rep, axis=2), 1, 0),
-              jnp.moveaxis(jnp.repeat(cm, rep, axis=2), 1, 0))
+        xs = (
+            jnp.moveaxis(x, 1, 0),
+            jnp.moveaxis(dt, 1, 0),
+            jnp.moveaxis(jnp.repeat(bm, rep, axis=2), 1, 0),
+            jnp.moveaxis(jnp.repeat(cm, rep, axis=2), 1, 0),
+        )
         hs, y = jax.lax.scan(step, h0, xs)
         return jnp.moveaxis(y, 0, 1), hs
 
@@ -175,8 +195,9 @@ def test_ssd_gradients():
     go = jax.jit(jax.grad(functools.partial(loss, oracle), argnums=range(7)))(*args)
     for name, ga, gr in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dstate"), gk, go):
         chex.assert_shape(ga, gr.shape)
-        np.testing.assert_allclose(np.asarray(ga), np.asarray(gr), atol=1e-4 * max(1.0, float(jnp.abs(gr).max())),
-                                   rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(ga), np.asarray(gr), atol=1e-4 * max(1.0, float(jnp.abs(gr).max())), rtol=1e-4, err_msg=name
+        )
 
 
 def test_bad_arguments_raise():
@@ -186,5 +207,11 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="chunk_size"):
         gla(q, q, q, q, chunk_size=0, interpret=True)
     with pytest.raises(ValueError, match="groups"):
-        ssd(jnp.zeros((1, 8, 3, 4)), jnp.zeros((1, 8, 3)), jnp.zeros(3), jnp.zeros((1, 8, 2, 4)),
-            jnp.zeros((1, 8, 2, 4)), interpret=True)
+        ssd(
+            jnp.zeros((1, 8, 3, 4)),
+            jnp.zeros((1, 8, 3)),
+            jnp.zeros(3),
+            jnp.zeros((1, 8, 2, 4)),
+            jnp.zeros((1, 8, 2, 4)),
+            interpret=True,
+        )

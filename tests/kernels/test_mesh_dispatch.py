@@ -2,6 +2,7 @@
 kernels (interpret mode) per device through ``shard_map`` for pure-FSDP, data x FSDP and tensor-parallel meshes,
 with the values and gradients of the unsharded XLA path; a tiny Mamba2-Canon trainer step with
 ``kernel_impl="pallas_interpret"`` equals the ``kernel_impl="xla"`` step on a (2, 2, 2) mesh."""
+
 import json
 import os
 import pathlib
@@ -12,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 from canon_jax.ops import dispatch
 from canon_jax.ops.sharded import resolve_logical_axes, shard_map_call, target_platform
@@ -22,10 +24,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.mark.multidevice
 def test_kernels_under_meshes_match_xla(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels._mesh_check", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels._mesh_check", str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert out["ops"] == ["data2_fsdp2_tensor2", "data2_fsdp4", "fsdp8"]
@@ -42,15 +54,16 @@ def test_kernels_under_meshes_match_xla(tmp_path):
 # The resolution of logical axes and the platform choice, on abstract meshes (no devices needed).
 def _abstract_mesh(sizes, platform=None):
     dev = None if platform is None else AbstractDevice(device_kind=f"{platform} chip", num_cores=1, platform=platform)
-    return AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                        abstract_device=dev)
+    return AbstractMesh(tuple(sizes), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3, abstract_device=dev)
 
 
 def test_logical_axes_resolve_by_the_rules_table_and_divisibility():
     mesh = _abstract_mesh((2, 4, 2))
     x, w = P("batch", None, "channels"), P(None, "channels")
-    assert resolve_logical_axes([(8, 5, 6), (4, 6)], [x, w], mesh) == {"batch": ("data", "fsdp"),
-                                                                         "channels": ("tensor",)}
+    assert resolve_logical_axes([(8, 5, 6), (4, 6)], [x, w], mesh) == {
+        "batch": ("data", "fsdp"),
+        "channels": ("tensor",),
+    }
     # batch 2: only the first batch axis divides it; 7 channels: replicated in every argument that carries them
     assert resolve_logical_axes([(2, 5, 7), (4, 7)], [x, w], mesh) == {"batch": ("data",), "channels": ()}
     assert resolve_logical_axes([(3, 5, 8)], [x], mesh) == {"batch": (), "channels": ("tensor",)}
@@ -60,7 +73,9 @@ def test_logical_axes_resolve_by_the_rules_table_and_divisibility():
     assert resolve_logical_axes([(8, 4)], [P("batch", "heads")], mesh1) == {"batch": ("fsdp",), "heads": ()}
     # a custom rules table
     assert resolve_logical_axes([(8, 6)], [P("batch", "channels")], mesh, rules=(("batch", "data"),)) == {
-        "batch": ("data",), "channels": ()}
+        "batch": ("data",),
+        "channels": (),
+    }
 
 
 def test_platform_comes_from_the_mesh_devices():

@@ -1,5 +1,6 @@
 """Short-conv Pallas kernels (TPU and GPU families) in interpret mode: values vs a float64 loop, gradients vs
 ``jax.vjp`` of the independent XLA implementation in ``canon_jax.ops.conv``."""
+
 import functools
 
 import chex
@@ -31,19 +32,19 @@ def _inputs(seed, b, t, d, k, dtype):
 
 # (backend, B, T, D, K, activation, residual, bias, state, segments, dtype)
 VALUE_CASES = [
-    ("tpu", 2, 3, 16, 4, None, True, False, True, False, jnp.float32),     # T < K, state
+    ("tpu", 2, 3, 16, 4, None, True, False, True, False, jnp.float32),  # T < K, state
     ("tpu", 1, 37, 32, 3, "silu", False, True, False, True, jnp.float32),  # T % block != 0, channel tiles, segments
-    ("tpu", 2, 40, 16, 5, "silu", True, True, True, True, jnp.float32),    # everything on, K = 5
-    ("tpu", 1, 21, 16, 1, None, True, False, True, False, jnp.float32),    # K = 1
-    ("tpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),    # D = 40: channels zero-padded to 48
+    ("tpu", 2, 40, 16, 5, "silu", True, True, True, True, jnp.float32),  # everything on, K = 5
+    ("tpu", 1, 21, 16, 1, None, True, False, True, False, jnp.float32),  # K = 1
+    ("tpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),  # D = 40: channels zero-padded to 48
     ("tpu", 2, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
     ("gpu", 2, 3, 16, 4, None, True, False, True, False, jnp.float32),
     ("gpu", 1, 37, 32, 5, "silu", True, True, True, False, jnp.float32),
     ("gpu", 2, 35, 16, 3, "silu", False, True, True, False, jnp.bfloat16),
     ("gpu", 1, 37, 32, 3, "silu", False, True, False, True, jnp.float32),  # segments, T % tile != 0, channel tiles
-    ("gpu", 2, 40, 16, 4, None, True, True, True, True, jnp.float32),      # segments + state
-    ("gpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),    # segments, channels padded to 48
-    ("gpu", 1, 21, 16, 1, None, True, False, True, True, jnp.float32),     # K = 1: segments change nothing
+    ("gpu", 2, 40, 16, 4, None, True, True, True, True, jnp.float32),  # segments + state
+    ("gpu", 1, 19, 40, 4, "silu", True, True, True, True, jnp.float32),  # segments, channels padded to 48
+    ("gpu", 1, 21, 16, 1, None, True, False, True, True, jnp.float32),  # K = 1: segments change nothing
     ("gpu", 2, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
 ]
 
@@ -52,12 +53,23 @@ VALUE_CASES = [
 def test_forward_matches_float64_loop(case):
     backend, b, t, d, k, act, res, use_bias, use_state, use_seg, dtype = case
     x, w, bias, state, seg = _inputs(0, b, t, d, k, dtype)
-    kw = dict(bias=bias if use_bias else None, activation=act, residual=res,
-              segment_ids=seg if use_seg else None, initial_state=state if use_state else None)
-    kw_dev = {k_: (None if v is None else (jnp.asarray(v, dtype) if k_ == "initial_state" else jnp.asarray(v)))
-              for k_, v in kw.items() if k_ not in ("activation", "residual")}
-    fn = jax.jit(lambda x, w, kw_dev: short_conv(x, w, interpret=True, backend=backend, block_sizes=SMALL,
-                                                 activation=act, residual=res, **kw_dev))
+    kw = dict(
+        bias=bias if use_bias else None,
+        activation=act,
+        residual=res,
+        segment_ids=seg if use_seg else None,
+        initial_state=state if use_state else None,
+    )
+    kw_dev = {
+        k_: (None if v is None else (jnp.asarray(v, dtype) if k_ == "initial_state" else jnp.asarray(v)))
+        for k_, v in kw.items()
+        if k_ not in ("activation", "residual")
+    }
+    fn = jax.jit(
+        lambda x, w, kw_dev: short_conv(
+            x, w, interpret=True, backend=backend, block_sizes=SMALL, activation=act, residual=res, **kw_dev
+        )
+    )
     y = fn(jnp.asarray(x, dtype), jnp.asarray(w), kw_dev)
     chex.assert_shape(y, (b, t, d))
     assert y.dtype == dtype
@@ -67,13 +79,13 @@ def test_forward_matches_float64_loop(case):
 
 GRAD_CASES = [
     ("tpu", 2, 19, 32, 4, "silu", True, True, True, True, jnp.float32),
-    ("tpu", 1, 3, 16, 5, None, True, False, True, False, jnp.float32),   # T < K: state gradient hits every row
-    ("tpu", 1, 12, 24, 4, None, True, True, True, False, jnp.float32),   # padded channels
+    ("tpu", 1, 3, 16, 5, None, True, False, True, False, jnp.float32),  # T < K: state gradient hits every row
+    ("tpu", 1, 12, 24, 4, None, True, True, True, False, jnp.float32),  # padded channels
     ("tpu", 2, 21, 16, 3, "silu", False, True, True, True, jnp.bfloat16),
     ("gpu", 2, 19, 32, 4, "silu", True, True, True, False, jnp.float32),
     ("gpu", 2, 19, 32, 4, "silu", True, True, True, True, jnp.float32),
-    ("gpu", 1, 37, 24, 3, None, False, True, True, True, jnp.float32),    # T % tile != 0, padded channels
-    ("gpu", 1, 13, 16, 1, None, True, True, True, True, jnp.float32),     # K = 1
+    ("gpu", 1, 37, 24, 3, None, False, True, True, True, jnp.float32),  # T % tile != 0, padded channels
+    ("gpu", 1, 13, 16, 1, None, True, True, True, True, jnp.float32),  # K = 1
     ("gpu", 2, 21, 16, 3, "silu", False, True, True, True, jnp.bfloat16),
     ("gpu", 1, 35, 16, 4, "silu", True, True, True, True, jnp.bfloat16),
 ]
@@ -89,8 +101,15 @@ def test_gradients_match_xla(case):
     dy = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, d)), dtype)
 
     def loss(fn, x, w, bias, state):
-        y = fn(x, w, bias=bias if use_bias else None, activation=act, residual=res, segment_ids=seg,
-               initial_state=state if use_state else None)
+        y = fn(
+            x,
+            w,
+            bias=bias if use_bias else None,
+            activation=act,
+            residual=res,
+            segment_ids=seg,
+            initial_state=state if use_state else None,
+        )
         return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
     kern = lambda *a, **kw: short_conv(*a, interpret=True, backend=backend, block_sizes=SMALL, **kw)
@@ -101,8 +120,9 @@ def test_gradients_match_xla(case):
         chex.assert_shape(a, r.shape)
         scale = max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
         tol = TOL[dtype] * (4 if dtype == jnp.bfloat16 else 1)
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol * scale, rtol=tol,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol * scale, rtol=tol, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
@@ -120,11 +140,20 @@ def test_segment_boundaries_at_tile_edges(backend):
     seg[1, 32:] = 5
     kw = dict(bias=bias, activation="silu", residual=True, segment_ids=seg, initial_state=state)
     kern = lambda x, w, bias, state: short_conv(
-        x, w, bias=bias, activation="silu", residual=True, segment_ids=jnp.asarray(seg), initial_state=state,
-        interpret=True, backend=backend, block_sizes=SMALL)
+        x,
+        w,
+        bias=bias,
+        activation="silu",
+        residual=True,
+        segment_ids=jnp.asarray(seg),
+        initial_state=state,
+        interpret=True,
+        backend=backend,
+        block_sizes=SMALL,
+    )
     xla = lambda x, w, bias, state: causal_conv1d(
-        x, w, bias=bias, activation="silu", residual=True, segment_ids=jnp.asarray(seg), initial_state=state,
-        impl="xla")
+        x, w, bias=bias, activation="silu", residual=True, segment_ids=jnp.asarray(seg), initial_state=state, impl="xla"
+    )
     args = tuple(jnp.asarray(a) for a in (x, w, bias, state))
     y = jax.jit(kern)(*args)
     chex.assert_shape(y, (b, t, d))

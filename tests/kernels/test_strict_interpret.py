@@ -1,5 +1,6 @@
 """The TPU kernel family under Pallas' TPU interpreter with its checks on: scratch buffers start as NaN (a read of
 an unwritten halo row would poison the output), out-of-bounds reads raise, races are detected."""
+
 import functools
 
 import jax
@@ -28,8 +29,9 @@ def test_short_conv_forward_and_backward_strict():
 
     kern = functools.partial(short_conv, interpret=STRICT, block_sizes=BlockSizes(block_t=8, block_d=16))
     (_, y), g = jax.value_and_grad(functools.partial(loss, kern), argnums=(0, 1, 2), has_aux=True)(x, w, state)
-    (_, y_ref), g_ref = jax.value_and_grad(functools.partial(loss, functools.partial(causal_conv1d, impl="xla")),
-                                           argnums=(0, 1, 2), has_aux=True)(x, w, state)
+    (_, y_ref), g_ref = jax.value_and_grad(
+        functools.partial(loss, functools.partial(causal_conv1d, impl="xla")), argnums=(0, 1, 2), has_aux=True
+    )(x, w, state)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
     for a, r in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4, rtol=1e-4)

@@ -3,10 +3,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from canon_jax.config import ModelConfig
 import pytest
 
+from canon_jax.config import ModelConfig
 from canon_jax.layers.attention import Attention, causal_attention, dot_product_attention
 
 
@@ -62,13 +61,14 @@ def test_causal_attention_skips_blocks_and_matches_the_masked_reference(t, block
     valid = np.ones((2, t), bool)
     valid[1, 2] = valid[1, t - 1] = False  # padded keys in the middle and at the end (never the first token)
     seg = np.zeros((2, t), np.int32)
-    seg[0, t // 2:] = 1  # two packed documents in row 0
-    fn = lambda q, k, v: causal_attention(q, k, v, key_valid=jnp.asarray(valid), segment_ids=jnp.asarray(seg),
-                                          block_size=block, max_blocks=64)
+    seg[0, t // 2 :] = 1  # two packed documents in row 0
+    fn = lambda q, k, v: causal_attention(
+        q, k, v, key_valid=jnp.asarray(valid), segment_ids=jnp.asarray(seg), block_size=block, max_blocks=64
+    )
     out = jax.jit(fn)(q, k, v)
     chex.assert_shape(out, (2, t, 4, 8))
     np.testing.assert_allclose(np.asarray(out), causal_reference(q, k, v, valid, seg), atol=2e-6)
-    allowed = (np.tril(np.ones((t, t), bool))[None] & valid[:, None, :] & (seg[:, :, None] == seg[:, None, :]))
+    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :] & (seg[:, :, None] == seg[:, None, :])
     full = lambda q, k, v: dot_product_attention(q, k, v, jnp.asarray(allowed))
     w = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
     grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)

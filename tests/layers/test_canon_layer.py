@@ -42,7 +42,7 @@ def test_decode_cache_equals_full_pass():
     y_pre, upd = layer.apply({"params": params, "cache": cache}, x[:, :3], decode=True, mutable=["cache"])
     outs, cache = [y_pre], upd["cache"]
     for t in range(3, 9):
-        y_t, upd = layer.apply({"params": params, "cache": cache}, x[:, t:t + 1], decode=True, mutable=["cache"])
+        y_t, upd = layer.apply({"params": params, "cache": cache}, x[:, t : t + 1], decode=True, mutable=["cache"])
         outs.append(y_t)
         cache = upd["cache"]
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-6)

@@ -1,4 +1,5 @@
 """GDN2 mixer: float64 numpy re-implementation from the parameters, decoding, token masks, inits."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -8,8 +9,21 @@ import pytest
 
 from canon_jax.config import ModelConfig
 from canon_jax.layers.gdn import GDNMixer
-from tests.layers.test_gla import (B, D, H, T, check_decode_and_token_mask, check_init_stats, init, make_x,
-                                   np_params, output_np, perturb, qkv_np, random_variables)
+from tests.layers.test_gla import (
+    B,
+    D,
+    H,
+    T,
+    check_decode_and_token_mask,
+    check_init_stats,
+    init,
+    make_x,
+    np_params,
+    output_np,
+    perturb,
+    qkv_np,
+    random_variables,
+)
 from tests.ops.test_gdn import oracle as gdn_oracle
 
 

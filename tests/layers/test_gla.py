@@ -1,4 +1,5 @@
 """GLA5 mixer: float64 numpy re-implementation from the parameters, decoding, token masks, inits, bad input."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -22,7 +23,7 @@ def conv_np(x, w, b=None):
     """Depthwise causal conv, x [B, T, C], w [K, C] (last tap = current token), zero history."""
     k, t = w.shape[0], x.shape[1]
     xp = np.concatenate([np.zeros((x.shape[0], k - 1, x.shape[2])), x], axis=1)
-    y = sum(w[j] * xp[:, j:j + t] for j in range(k))
+    y = sum(w[j] * xp[:, j : j + t] for j in range(k))
     return y if b is None else y + b
 
 
@@ -75,8 +76,11 @@ def make_x(seed=0, t=T, b=B):
 def perturb(variables, seed=1, scale=0.3):
     """Larger random parameters than the init so that every path (gates, convs) matters in the comparison."""
     r = np.random.default_rng(seed)
-    return {"params": jax.tree.map(lambda a: np.asarray(a) + scale * r.normal(size=a.shape).astype(np.float32),
-                                   nn.unbox(variables["params"]))}
+    return {
+        "params": jax.tree.map(
+            lambda a: np.asarray(a) + scale * r.normal(size=a.shape).astype(np.float32), nn.unbox(variables["params"])
+        )
+    }
 
 
 def random_variables(mixer, x, seed=1, scale=0.3):
@@ -109,27 +113,32 @@ def check_decode_and_token_mask(mixer, variables, x, n_pad=3, prefill=10, tol=1e
     apply = jit_apply(mixer)
     b, t = x.shape[:2]
     ones = jnp.ones((b, t), bool)
-    cache0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                          jax.eval_shape(lambda: mixer.init(jax.random.PRNGKey(0), x[:, :1], decode=True))["cache"])
+    cache0 = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype),
+        jax.eval_shape(lambda: mixer.init(jax.random.PRNGKey(0), x[:, :1], decode=True))["cache"],
+    )
     full = apply(variables, x, token_mask=ones)
-    y, mut = apply({**variables, "cache": cache0}, x[:, :prefill], token_mask=ones[:, :prefill], decode=True,
-                   mutable=("cache",))
+    y, mut = apply(
+        {**variables, "cache": cache0}, x[:, :prefill], token_mask=ones[:, :prefill], decode=True, mutable=("cache",)
+    )
     outs = [y]
     for i in range(prefill, t):
-        y, mut = apply({**variables, "cache": mut["cache"]}, x[:, i:i + 1], decode=True, mutable=("cache",))
+        y, mut = apply({**variables, "cache": mut["cache"]}, x[:, i : i + 1], decode=True, mutable=("cache",))
         outs.append(y)
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, rtol=tol, atol=tol)
 
-    xp = jnp.concatenate([5.0 * make_x(9, n_pad, b), x[:, :t - n_pad]], 1)  # garbage, then the first valid tokens
+    xp = jnp.concatenate([5.0 * make_x(9, n_pad, b), x[:, : t - n_pad]], 1)  # garbage, then the first valid tokens
     mask = jnp.concatenate([jnp.zeros((b, n_pad), bool), jnp.ones((b, t - n_pad), bool)], 1)
     out = apply(variables, xp, token_mask=mask)
     chex.assert_shape(out, xp.shape)
-    chex.assert_trees_all_close(out[:, n_pad:], full[:, :t - n_pad], rtol=tol, atol=tol)
-    y, mut = apply({**variables, "cache": cache0}, xp[:, :prefill], token_mask=mask[:, :prefill], decode=True,
-                   mutable=("cache",))
-    y2, _ = apply({**variables, "cache": mut["cache"]}, xp[:, prefill:prefill + 1], decode=True, mutable=("cache",))
-    chex.assert_trees_all_close(jnp.concatenate([y[:, n_pad:], y2], 1), full[:, :prefill + 1 - n_pad],
-                                rtol=tol, atol=tol)
+    chex.assert_trees_all_close(out[:, n_pad:], full[:, : t - n_pad], rtol=tol, atol=tol)
+    y, mut = apply(
+        {**variables, "cache": cache0}, xp[:, :prefill], token_mask=mask[:, :prefill], decode=True, mutable=("cache",)
+    )
+    y2, _ = apply({**variables, "cache": mut["cache"]}, xp[:, prefill : prefill + 1], decode=True, mutable=("cache",))
+    chex.assert_trees_all_close(
+        jnp.concatenate([y[:, n_pad:], y2], 1), full[:, : prefill + 1 - n_pad], rtol=tol, atol=tol
+    )
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------------
@@ -141,7 +150,7 @@ def test_matches_numpy(canon_set):
     if canon_set:
         variables = init(mixer, x)
         check_init_stats(nn.unbox(variables["params"]))
-        np.testing.assert_allclose(np.std(nn.unbox(variables["params"])["gk_proj"]["up"]), 0.02 ** 0.5 / 2, rtol=0.1)
+        np.testing.assert_allclose(np.std(nn.unbox(variables["params"])["gk_proj"]["up"]), 0.02**0.5 / 2, rtol=0.1)
         variables = perturb(variables)
     else:
         variables = random_variables(mixer, x)
@@ -177,8 +186,8 @@ def check_init_stats(real):
     np.testing.assert_allclose(np.std(real["q_proj"]["kernel"]), 0.02, rtol=0.1)
     np.testing.assert_allclose(np.std(real["v_proj"]["kernel"]), 0.02, rtol=0.1)
     np.testing.assert_allclose(np.std(real["v_conv1d"]["kernel"]), 0.02, rtol=0.1)
-    np.testing.assert_allclose(np.std(real["g_proj"]["up"]), 0.02 ** 0.5 / 2, rtol=0.1)  # zeyuan_split_init
-    np.testing.assert_allclose(np.std(real["g_proj"]["down"]), 0.02 ** 0.5 / 2, rtol=0.15)  # 512 entries
+    np.testing.assert_allclose(np.std(real["g_proj"]["up"]), 0.02**0.5 / 2, rtol=0.1)  # zeyuan_split_init
+    np.testing.assert_allclose(np.std(real["g_proj"]["down"]), 0.02**0.5 / 2, rtol=0.15)  # 512 entries
     assert np.all(real["o_norm"] == 1) and np.all(real["g_proj"]["bias"] == 0)
     assert np.abs(real["canon_b"]["kernel"]).max() <= 0.5  # Kaiming-uniform U(-1/2, 1/2) for K = 4
     assert np.std(real["canon_b"]["kernel"]) > 0.2  # ... and not N(0, 0.02)

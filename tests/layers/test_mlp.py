@@ -38,6 +38,7 @@ def test_split_canon_equals_canon_on_concat(activation, bias):
     """SplitCanon (used for Canon-B/D) == Canon on the concatenated tensor: values, params and decode states."""
     from canon_jax.layers import Canon
     from canon_jax.layers.mlp import SplitCanon
+
     rng = np.random.default_rng(0)
     parts = [jnp.asarray(rng.normal(size=(2, 6, c)), jnp.float32) for c in (5, 3, 4)]
     cat = jnp.concatenate(parts, -1)
@@ -51,12 +52,15 @@ def test_split_canon_equals_canon_on_concat(activation, bias):
     # decode: prefill 4 tokens then one step, states identical
     cache = {"state": jnp.zeros((2, 12, 3))}
     outs = []
-    for layer, inputs in ((Canon(**kw), lambda sl: jnp.concatenate([p[:, sl] for p in parts], -1)),
-                          (SplitCanon(**kw), lambda sl: [p[:, sl] for p in parts])):
+    for layer, inputs in (
+        (Canon(**kw), lambda sl: jnp.concatenate([p[:, sl] for p in parts], -1)),
+        (SplitCanon(**kw), lambda sl: [p[:, sl] for p in parts]),
+    ):
         c = dict(cache)
         y1, v = layer.apply({"params": params, "cache": c}, inputs(slice(0, 4)), decode=True, mutable=["cache"])
-        y2, v = layer.apply({"params": params, "cache": v["cache"]}, inputs(slice(4, 5)), decode=True,
-                            mutable=["cache"])
+        y2, v = layer.apply(
+            {"params": params, "cache": v["cache"]}, inputs(slice(4, 5)), decode=True, mutable=["cache"]
+        )
         if isinstance(y1, list):
             y1, y2 = jnp.concatenate(y1, -1), jnp.concatenate(y2, -1)
         outs.append((y1, y2, v["cache"]["state"]))

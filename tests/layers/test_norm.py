@@ -13,7 +13,7 @@ def test_rms_norm_matches_numpy_float64():
     w = rng.normal(size=(16,))
     y = rms_norm(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 1e-5)
     chex.assert_shape(y, (2, 3, 16))
-    ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    ref = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
 
 

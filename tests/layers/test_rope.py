@@ -75,13 +75,14 @@ def test_default_tables_match_numpy_and_broadcast_over_batch(version, const, mon
     pos = np.broadcast_to(np.arange(300, dtype=np.int32), (3, 300))
     tables = jax.jit(lambda: rope.default_rope_tables(300, 12, 500.0))()
     chex.assert_shape(tables, [(1, 300, 6), (1, 300, 6)])
-    y = jax.jit(lambda x, tb: apply_rope(x, jnp.arange(300)[None], rope_dim=12, theta=500.0, version=version,
-                                         tables=tb))(jnp.asarray(x), tables)
+    y = jax.jit(
+        lambda x, tb: apply_rope(x, jnp.arange(300)[None], rope_dim=12, theta=500.0, version=version, tables=tb)
+    )(jnp.asarray(x), tables)
     chex.assert_shape(y, x.shape)
     # float32 angles: at position p the angle itself carries a rounding error of a few ulp(p) (~p * 2^-23 rad, i.e.
     # 3.6e-5 rad at p = 300), inherent to every float32 implementation; the bound scales with it per element
     pair_norm = np.sqrt(np.sum(x[..., :12] ** 2, axis=-1, keepdims=True))
-    tol = 1e-5 + 4 * 2.0 ** -23 * pos[:, :, None, None] * pair_norm
+    tol = 1e-5 + 4 * 2.0**-23 * pos[:, :, None, None] * pair_norm
     err = np.abs(np.asarray(y) - _np_rope(x, pos, 12, 500.0, version))
     assert np.all(err <= tol), float(np.max(err - tol))
     # per-sequence [B, T] positions with in-program tables meet the same bound

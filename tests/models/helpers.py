@@ -1,4 +1,5 @@
 """Test helpers shared by the model/interop/generation tests."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

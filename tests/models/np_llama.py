@@ -4,6 +4,7 @@ It reads the Hugging Face ``config.json`` dict and HF tensors (PyTorch layouts: 
 ``[C, 1, K]``), so it shares nothing with canon-jax's parameter layout or conversion code. Loops run over
 taps, heads and rotation pairs (vectorised over time) to stay close to the formulas.
 """
+
 import numpy as np
 
 
@@ -24,7 +25,7 @@ def canon(x, w, b, cfg, mask=None):
     out = np.zeros_like(x)
     for j in range(k):
         shift = k - 1 - j  # tap j looks `shift` tokens back
-        out[shift:] += w[:, 0, j] * x[:t_len - shift]
+        out[shift:] += w[:, 0, j] * x[: t_len - shift]
     if b is not None:
         out += b
     if cfg.get("canon_activation", False):
@@ -80,13 +81,13 @@ def forward(cfg, sd, ids, mask=None):
                 k = rms(k, sd[p + "self_attn.k_norm.weight"], eps)
             if "B" in canon_set:
                 qkv = canon(np.concatenate([q, k, v], -1), *cw(p + "self_attn.canonB"), cfg, m)
-                q, k, v = qkv[:, :nh * hd], qkv[:, nh * hd:(nh + kvh) * hd], qkv[:, (nh + kvh) * hd:]
+                q, k, v = qkv[:, : nh * hd], qkv[:, nh * hd : (nh + kvh) * hd], qkv[:, (nh + kvh) * hd :]
             attn = np.zeros((t_len, nh * hd))
             for h in range(nh):
                 g = h // (nh // kvh)
-                qh = rope(q[:, h * hd:(h + 1) * hd], pos, rope_dim, cfg["rope_theta"], cfg["rope_version"])
-                kh = rope(k[:, g * hd:(g + 1) * hd], pos, rope_dim, cfg["rope_theta"], cfg["rope_version"])
-                vh = v[:, g * hd:(g + 1) * hd]
+                qh = rope(q[:, h * hd : (h + 1) * hd], pos, rope_dim, cfg["rope_theta"], cfg["rope_version"])
+                kh = rope(k[:, g * hd : (g + 1) * hd], pos, rope_dim, cfg["rope_theta"], cfg["rope_version"])
+                vh = v[:, g * hd : (g + 1) * hd]
                 # causal mask plus padding mask on the keys; a query with no visible key keeps output 0
                 visible = np.tril(np.ones((t_len, t_len), bool))
                 if m is not None:
@@ -95,7 +96,7 @@ def forward(cfg, sd, ids, mask=None):
                 row_max = np.max(np.where(visible, sc, -1e300), axis=1, keepdims=True)
                 pr = np.where(visible, np.exp(sc - row_max), 0.0)
                 pr /= np.maximum(pr.sum(1, keepdims=True), 1e-300)
-                attn[:, h * hd:(h + 1) * hd] = pr @ vh
+                attn[:, h * hd : (h + 1) * hd] = pr @ vh
             x = x + attn @ sd[p + "self_attn.o_proj.weight"].T
             c = rms(x, sd[p + "post_attention_layernorm.weight"], eps)
             if "C" in canon_set:

@@ -1,5 +1,6 @@
 """The model's chunked loss path (``return_hidden=True`` + chunked_cross_entropy) against its full float32 logits,
 for tied and untied heads: same loss and the same gradient for every parameter."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from canon_jax.models import CausalLM
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_loss_matches_full_logits(tie):
-    cfg = ModelConfig(vocab_size=37, hidden_size=16, num_layers=1, num_heads=2, multiple_of=16, canon_set="AC",
-                      tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=37, hidden_size=16, num_layers=1, num_heads=2, multiple_of=16, canon_set="AC", tie_embeddings=tie
+    )
     model = CausalLM(cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, 37, size=(2, 10)), jnp.int32)
@@ -29,8 +31,9 @@ def test_chunked_loss_matches_full_logits(tie):
         hidden, head, layout = model.apply({"params": p}, ids, return_hidden=True)
         chex.assert_shape(hidden, (2, 10, 16))
         assert layout == ("vd" if tie else "dv")
-        return chunked_cross_entropy(hidden, head, targets, mask, head_layout=layout, chunk_size=4, z_loss="palm",
-                                     z_loss_weight=1e-2)[0]
+        return chunked_cross_entropy(
+            hidden, head, targets, mask, head_layout=layout, chunk_size=4, z_loss="palm", z_loss_weight=1e-2
+        )[0]
 
     with jax.default_matmul_precision("highest"):
         ref, ref_g = jax.value_and_grad(full)(params)
@@ -47,9 +50,11 @@ def test_text_eval_sums_chunked_equal_full():
     cfg = ModelConfig(vocab_size=37, hidden_size=16, num_layers=1, num_heads=2, multiple_of=16)
     model = CausalLM(cfg)
     rng = np.random.default_rng(1)
-    batch = {"inputs": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
-             "targets": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
-             "loss_mask": jnp.asarray(rng.random((2, 9)) > 0.3, jnp.int32)}
+    batch = {
+        "inputs": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
+        "loss_mask": jnp.asarray(rng.random((2, 9)) > 0.3, jnp.int32),
+    }
     params = model.init(jax.random.key(0), batch["inputs"])["params"]
     logits = model.apply({"params": params}, batch["inputs"])
     logp = jax.nn.log_softmax(logits, -1)

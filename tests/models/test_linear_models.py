@@ -1,5 +1,6 @@
 """GLA5 / GDN2 / Mamba2 causal LMs: parameter counts by formula, cached generation == full recomputation (with
 left-padded prompts), presets and bad configs."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from canon_jax.generate import generate
 from canon_jax.config import ModelConfig
+from canon_jax.generate import generate
 from canon_jax.layers.lowrank import normalize_canon_set
 from canon_jax.models import CausalLM
 
@@ -70,8 +71,17 @@ def _greedy_recompute(model, params, prompt, mask, n):
 
 @pytest.mark.parametrize("arch", ["gla", "gdn", "mamba2"])
 def test_cached_generation_equals_recomputation(arch):
-    cfg = ModelConfig(arch=arch, vocab_size=37, hidden_size=32, num_layers=2, num_heads=2, canon_set="AbBCD",
-                      ssm_state_size=8, linear_chunk_size=8, mamba_chunk_size=8)
+    cfg = ModelConfig(
+        arch=arch,
+        vocab_size=37,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        canon_set="AbBCD",
+        ssm_state_size=8,
+        linear_chunk_size=8,
+        mamba_chunk_size=8,
+    )
     model = CausalLM(cfg)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
     rng = np.random.default_rng(0)

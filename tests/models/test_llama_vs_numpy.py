@@ -1,8 +1,8 @@
 """CausalLM (loaded through save_hf_checkpoint -> load_hf_checkpoint) vs the float64 numpy reference of np_llama."""
+
 import json
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +22,14 @@ CASES = {
     "partial_rope_lingua_AC": dict(rope_dim=4, rope_version="lingua", canon_set="AC", rope_theta=500.0),
     "full_rope_lingua_qknorm_mha": dict(rope_version="lingua", qk_norm=True, canon_set="ABCD", num_kv_heads=None),
     "nope_tied_BD": dict(rope_dim=0, tie_embeddings=True, canon_set="BD"),
-    "k3_activation_bias_nores_tied": dict(canon_kernel=3, canon_activation=True, canon_bias=True,
-                                          canon_residual=False, canon_set="ABCD", tie_embeddings=True),
+    "k3_activation_bias_nores_tied": dict(
+        canon_kernel=3,
+        canon_activation=True,
+        canon_bias=True,
+        canon_residual=False,
+        canon_set="ABCD",
+        tie_embeddings=True,
+    ),
     "no_canon": dict(canon_set=""),
 }
 
@@ -105,6 +111,8 @@ def test_gradient_matches_finite_differences_of_float64_reference(tmp_path):
             t = np.array(tensors[hf_name], np.float64)
             t[hf_idx] += sign * eps
             store[hf_name] = t
-        fd = (np_llama.cross_entropy(np_llama.forward(hf_cfg, plus, ids), targets)
-              - np_llama.cross_entropy(np_llama.forward(hf_cfg, minus, ids), targets)) / (2 * eps)
+        fd = (
+            np_llama.cross_entropy(np_llama.forward(hf_cfg, plus, ids), targets)
+            - np_llama.cross_entropy(np_llama.forward(hf_cfg, minus, ids), targets)
+        ) / (2 * eps)
         np.testing.assert_allclose(float(g[our_idx]), fd, rtol=2e-3, atol=2e-5, err_msg=str(path))

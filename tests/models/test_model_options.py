@@ -1,4 +1,5 @@
 """CausalLM options: scan/remat, bf16, init schemes, segment-aware packing, logical axes, errors, mixer registry."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -11,8 +12,17 @@ from canon_jax.interop import hf_state_dict_from_params, params_from_hf_state_di
 from canon_jax.models import CausalLM, registry
 from tests.models.helpers import random_params
 
-BASE = dict(vocab_size=37, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
-            canon_set="ABCD", qk_norm=True, rope_dim=4)
+BASE = dict(
+    vocab_size=37,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    canon_set="ABCD",
+    qk_norm=True,
+    rope_dim=4,
+)
 IDS = np.random.default_rng(0).integers(0, 37, size=(2, 13)).astype(np.int32)
 
 
@@ -43,18 +53,31 @@ def test_bfloat16_compute_is_close_to_float32():
 
 @pytest.mark.parametrize("scheme", ["lingua", "hf"])
 def test_init_schemes(scheme):
-    cfg = ModelConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256,
-                      canon_set="ABCD", qk_norm=True, init_scheme=scheme, initializer_range=0.05)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=128,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=256,
+        canon_set="ABCD",
+        qk_norm=True,
+        init_scheme=scheme,
+        initializer_range=0.05,
+    )
     p = nn.unbox(jax.jit(CausalLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     layer = p["layers_0"]
     trunc = 0.98654  # std of a unit normal truncated at +-3
-    for w, fan in ((layer["mixer"]["q_proj"]["kernel"], 128), (layer["mlp"]["gate_proj"]["kernel"], 128),
-                   (layer["mlp"]["down_proj"]["kernel"], 256), (p["embed"]["embedding"], 128),
-                   (p["lm_head"]["kernel"], 128)):
+    for w, fan in (
+        (layer["mixer"]["q_proj"]["kernel"], 128),
+        (layer["mlp"]["gate_proj"]["kernel"], 128),
+        (layer["mlp"]["down_proj"]["kernel"], 256),
+        (p["embed"]["embedding"], 128),
+        (p["lm_head"]["kernel"], 128),
+    ):
         w = np.asarray(w)
         if scheme == "lingua":
-            np.testing.assert_allclose(w.std(), trunc * fan ** -0.5, rtol=0.05)
-            assert np.abs(w).max() <= 3 * fan ** -0.5 + 1e-6
+            np.testing.assert_allclose(w.std(), trunc * fan**-0.5, rtol=0.05)
+            assert np.abs(w).max() <= 3 * fan**-0.5 + 1e-6
         else:
             np.testing.assert_allclose(w.std(), 0.05, rtol=0.05)
     for norm in (layer["attn_norm"], layer["mlp_norm"], layer["mixer"]["q_norm"], p["final_norm"]):
@@ -68,25 +91,34 @@ def test_auto_init_follows_the_official_release_per_arch(arch, canon_set):
     """init_scheme="auto" (SPEC A.2/A.3): Llama lingua trunc-normal d^-1/2; GLA5/GDN2 HF N(0, 0.02); Mamba2 PyTorch
     Linear default U(+-fan_in^-1/2) with embedding N(0, 0.1)."""
     d, ffn = 128, 256
-    cfg = ModelConfig(arch=arch, vocab_size=256, hidden_size=d, num_layers=1, num_heads=2, intermediate_size=ffn,
-                      canon_set=canon_set, ssm_state_size=16)
+    cfg = ModelConfig(
+        arch=arch,
+        vocab_size=256,
+        hidden_size=d,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=ffn,
+        canon_set=canon_set,
+        ssm_state_size=16,
+    )
     assert cfg.init_scheme == "auto"
     p = nn.unbox(jax.jit(CausalLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     mlp = p["layers_0"]["mlp"]
     up = np.asarray(mlp["gate_proj"]["kernel"] if arch == "llama" else mlp["both_proj"]["kernel"])
-    down, emb, head = (np.asarray(a) for a in (mlp["down_proj"]["kernel"], p["embed"]["embedding"],
-                                               p["lm_head"]["kernel"]))
+    down, emb, head = (
+        np.asarray(a) for a in (mlp["down_proj"]["kernel"], p["embed"]["embedding"], p["lm_head"]["kernel"])
+    )
     if arch == "llama":
         for w, fan in ((up, d), (down, ffn), (emb, d), (head, d)):
-            np.testing.assert_allclose(w.std(), 0.98654 * fan ** -0.5, rtol=0.05)
+            np.testing.assert_allclose(w.std(), 0.98654 * fan**-0.5, rtol=0.05)
     elif arch in ("gla", "gdn"):
         for w in (up, down, emb, head):
             np.testing.assert_allclose(w.std(), 0.02, rtol=0.05)
             assert np.abs(w).max() > 3.5 * 0.02  # a plain normal, not truncated
     else:
         for w, fan in ((up, d), (down, ffn), (head, d)):
-            assert np.abs(w).max() <= fan ** -0.5 and np.abs(w).max() > 0.98 * fan ** -0.5
-            np.testing.assert_allclose(w.std(), fan ** -0.5 / np.sqrt(3), rtol=0.05)
+            assert np.abs(w).max() <= fan**-0.5 and np.abs(w).max() > 0.98 * fan**-0.5
+            np.testing.assert_allclose(w.std(), fan**-0.5 / np.sqrt(3), rtol=0.05)
         np.testing.assert_allclose(emb.std(), 0.1, rtol=0.05)
 
 
@@ -104,8 +136,9 @@ def test_segment_aware_packing_equals_separate_documents():
     np.testing.assert_allclose(np.asarray(out)[0, :6], np.asarray(apply({"params": params}, a[None]))[0], atol=1e-5)
     np.testing.assert_allclose(np.asarray(out)[0, 6:], np.asarray(apply({"params": params}, b[None]))[0], atol=1e-5)
     # without segment_aware the second document sees the first one (the official default)
-    plain = jax.jit(CausalLM(cfg.replace(segment_aware=False)).apply)({"params": params}, packed, segment_ids=seg,
-                                                                      positions=pos)
+    plain = jax.jit(CausalLM(cfg.replace(segment_aware=False)).apply)(
+        {"params": params}, packed, segment_ids=seg, positions=pos
+    )
     assert np.abs(np.asarray(plain)[0, 6:] - np.asarray(out)[0, 6:]).max() > 1e-3
 
 
@@ -114,8 +147,19 @@ def test_every_param_has_logical_axes(scan):
     cfg = ModelConfig(**BASE, scan_layers=scan, canon_bias=True)
     boxed = jax.eval_shape(lambda: CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    allowed = {"batch", "length", "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim", "qkv", "conv_kernel",
-               "layers"}
+    allowed = {
+        "batch",
+        "length",
+        "embed",
+        "vocab",
+        "mlp",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "qkv",
+        "conv_kernel",
+        "layers",
+    }
     for leaf in leaves:
         assert isinstance(leaf, nn.Partitioned), leaf
         assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= allowed, leaf.names
@@ -169,8 +213,11 @@ def test_mixer_registry(monkeypatch):
     assert set(layer["mixer"]) == {"proj"}
     chex.assert_shape(layer["mlp"]["both_proj"]["kernel"], (16, 64))  # fused gate||up for the linear archs
     chex.assert_shape(layer["mlp"]["canon_d"]["kernel"], (4, 64))
-    no_mlp = jax.eval_shape(lambda: CausalLM(cfg.replace(use_mlp=False, canon_set="A")).init(
-        jax.random.key(0), jnp.zeros((1, 3), jnp.int32)))
+    no_mlp = jax.eval_shape(
+        lambda: CausalLM(cfg.replace(use_mlp=False, canon_set="A")).init(
+            jax.random.key(0), jnp.zeros((1, 3), jnp.int32)
+        )
+    )
     assert "mlp" not in nn.unbox(no_mlp["params"])["layers_0"]
     monkeypatch.setattr(registry, "_PROVIDERS", {})
     monkeypatch.setattr(registry, "_MIXERS", {})

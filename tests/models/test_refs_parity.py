@@ -1,4 +1,5 @@
 """Parity with the official PyTorch LlamaCanon outputs in tests/data/refs (see PROVENANCE.md)."""
+
 import chex
 import jax
 import numpy as np

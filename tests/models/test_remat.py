@@ -1,5 +1,6 @@
 """Every remat policy gives the loss and gradients of the model without remat (Llama and GDN with Canon layers,
 per-layer and scanned), and a bad policy name is a one-line config error."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +33,9 @@ def test_policies_cover_config_choices():
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_match_no_remat(arch, scan):
-    base = ModelConfig(vocab_size=41, hidden_size=16, num_layers=2, num_heads=2, multiple_of=16, scan_layers=scan,
-                       **ARCHS[arch])
+    base = ModelConfig(
+        vocab_size=41, hidden_size=16, num_layers=2, num_heads=2, multiple_of=16, scan_layers=scan, **ARCHS[arch]
+    )
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 41, size=(2, 8)), jnp.int32)
     params = CausalLM(base).init(jax.random.key(0), ids)["params"]
     ref_loss, ref_grads = _loss_and_grads(base, params, ids)
@@ -43,8 +45,13 @@ def test_remat_policies_match_no_remat(arch, scan):
         # float32 recomputation fuses differently: compare each leaf to 1e-5 of its own scale
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
             r = np.asarray(r)
-            np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5 * np.abs(r).max(),
-                                       err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(
+                np.asarray(g),
+                r,
+                rtol=1e-5,
+                atol=1e-5 * np.abs(r).max(),
+                err_msg=f"{policy} {jax.tree_util.keystr(path)}",
+            )
 
 
 def test_bad_remat_is_a_one_line_error():

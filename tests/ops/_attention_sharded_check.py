@@ -1,5 +1,6 @@
 """Run by test_attention_kernels.py in a subprocess with 4 simulated CPU devices: splash (interpreted) under
 shard_map on a (data 1, fsdp 2, tensor 2) mesh equals the unsharded call, values and gradients."""
+
 import functools
 
 import flax.linen as nn

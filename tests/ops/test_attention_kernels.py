@@ -1,5 +1,6 @@
 """Flash attention kernels (canon_jax.ops.attention) against a float64 loop (values) and the blocked XLA attention
 (gradients): splash in the Pallas interpreter, and the cuDNN wrapper's mask construction through XLA."""
+
 import functools
 
 import chex
@@ -69,15 +70,21 @@ def test_cudnn_wrapper_masks_through_xla():
     q, k, v, seg = _inputs(37, seed=2)
     valid = np.ones((2, 37), bool)
     valid[0, :3] = False
-    call = functools.partial(fa.cudnn_attention, segment_ids=jnp.asarray(seg), key_valid=jnp.asarray(valid),
-                             implementation="xla")
+    call = functools.partial(
+        fa.cudnn_attention, segment_ids=jnp.asarray(seg), key_valid=jnp.asarray(valid), implementation="xla"
+    )
     out = np.asarray(jax.jit(call)(q, k, v))
     chex.assert_shape(out, q.shape)
     np.testing.assert_allclose(out[valid], _reference(q, k, v, valid, seg)[valid], atol=2e-5)
     w = jnp.asarray(valid, jnp.float32)[:, :, None, None]
     ours = _grads(call, q, k, v, w)
-    ref = _grads(lambda q, k, v: causal_attention(q, k, v, segment_ids=jnp.asarray(seg), key_valid=jnp.asarray(valid)),
-                 q, k, v, w)
+    ref = _grads(
+        lambda q, k, v: causal_attention(q, k, v, segment_ids=jnp.asarray(seg), key_valid=jnp.asarray(valid)),
+        q,
+        k,
+        v,
+        w,
+    )
     for a, r in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5)
 
@@ -107,8 +114,17 @@ def test_llama_with_splash_equals_xla_attention():
     parameter gradient with ``attention_impl="splash_interpret"`` equal the XLA attention's."""
     from canon_jax.models import CausalLM
 
-    base = ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, qk_norm=True,
-                       rope_dim=8, segment_aware=True, attention_impl="xla")
+    base = ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        qk_norm=True,
+        rope_dim=8,
+        segment_aware=True,
+        attention_impl="xla",
+    )
     rng = np.random.default_rng(3)
     ids = jnp.asarray(rng.integers(0, 64, (2, 40)), jnp.int32)
     seg = jnp.asarray(np.sort(rng.integers(1, 4, (2, 40))), jnp.int32)
@@ -135,8 +151,18 @@ def test_splash_under_shard_map_matches_unsharded():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("_attention_sharded_check.py"))],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).with_name("_attention_sharded_check.py"))],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0 and "SHARDED_ATTENTION_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The Canon conv op against the official outputs and an independent float64 loop."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,11 @@ def conv_loop64(x, w, bias=None, activation=None, residual=False, segment_ids=No
     w = np.asarray(w, np.float64)
     b_, t_, c_ = x.shape
     k = w.shape[0]
-    hist = np.zeros((b_, k - 1, c_)) if initial_state is None else np.swapaxes(np.asarray(initial_state, np.float64), 1, 2)[:, 1:]
+    hist = (
+        np.zeros((b_, k - 1, c_))
+        if initial_state is None
+        else np.swapaxes(np.asarray(initial_state, np.float64), 1, 2)[:, 1:]
+    )
     y = np.zeros_like(x)
     for b in range(b_):
         for t in range(t_):
@@ -39,8 +44,9 @@ def conv_loop64(x, w, bias=None, activation=None, residual=False, segment_ids=No
 
 
 # the pure-XLA path and the native XLA:CPU FFI kernel (canon_jax/ops/cpu; needs a C++ compiler on the machine)
-needs_native = pytest.mark.skipif(not native_cpu.available(),
-                                  reason=f"native CPU kernel unavailable: {native_cpu.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native_cpu.available(), reason=f"native CPU kernel unavailable: {native_cpu.unavailable_reason()}"
+)
 IMPLS = ["xla", pytest.param("cpu", marks=needs_native)]
 
 
@@ -49,7 +55,12 @@ def test_matches_official_outputs(refs_dir, impl):
     z = np.load(refs_dir / "ops" / "canon_conv_k4.npz")
     x = jnp.asarray(z["x"])
     w = jnp.asarray(z["weight"][:, 0, :].T)  # PyTorch [C, 1, K] -> [K, C]
-    cases = {"y": (None, False), "y_silu": ("silu", False), "y_residual": (None, True), "y_silu_residual": ("silu", True)}
+    cases = {
+        "y": (None, False),
+        "y_silu": ("silu", False),
+        "y_residual": (None, True),
+        "y_silu_residual": ("silu", True),
+    }
     for name, (act, res) in cases.items():
         y = causal_conv1d(x, w, activation=act, residual=res, impl=impl)
         chex.assert_shape(y, x.shape)
@@ -85,8 +96,9 @@ def test_against_float64_loop(k, t, impl):
     bias = rng.standard_normal(6).astype(np.float32)
     for act in (None, "silu"):
         for res in (False, True):
-            y = causal_conv1d(jnp.asarray(x), jnp.asarray(w), bias=jnp.asarray(bias), activation=act, residual=res,
-                              impl=impl)
+            y = causal_conv1d(
+                jnp.asarray(x), jnp.asarray(w), bias=jnp.asarray(bias), activation=act, residual=res, impl=impl
+            )
             chex.assert_shape(y, x.shape)
             np.testing.assert_allclose(np.asarray(y), conv_loop64(x, w, bias, act, res), atol=1e-5, rtol=1e-5)
 
@@ -106,8 +118,9 @@ def test_initial_state_equals_continuation(k, impl):
         chex.assert_shape([s1, s2], (2, 5, k))
         np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), np.asarray(full), atol=1e-6)
         np.testing.assert_allclose(np.asarray(s2), np.asarray(full_state), atol=0)
-        np.testing.assert_allclose(np.asarray(y2), conv_loop64(x[:, split:], w, residual=True, initial_state=s1),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(y2), conv_loop64(x[:, split:], w, residual=True, initial_state=s1), atol=1e-5
+        )
 
 
 def test_final_state_short_sequence_zero_padded():
@@ -128,8 +141,8 @@ def test_segment_ids_never_mix(k):
     np.testing.assert_allclose(np.asarray(y), conv_loop64(x, w, residual=True, segment_ids=seg), atol=1e-5)
     # each segment alone gives the same output as running it as its own sequence
     for b, (lo, hi) in [(0, (5, 7)), (0, (7, 13)), (1, (1, 13))]:
-        alone = causal_conv1d(jnp.asarray(x[b:b + 1, lo:hi]), jnp.asarray(w), residual=True)
-        np.testing.assert_allclose(np.asarray(y[b:b + 1, lo:hi]), np.asarray(alone), atol=1e-6)
+        alone = causal_conv1d(jnp.asarray(x[b : b + 1, lo:hi]), jnp.asarray(w), residual=True)
+        np.testing.assert_allclose(np.asarray(y[b : b + 1, lo:hi]), np.asarray(alone), atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -193,6 +206,7 @@ def test_native_cpu_kernel_gradients_equal_xla(k, t, c):
     g = jnp.asarray(rng.standard_normal((3, t, c)).astype(np.float32))
     for act in (None, "silu"):
         for res in (False, True):
+
             def loss(x, w, bias, state, impl):
                 y = causal_conv1d(x, w, bias=bias, activation=act, residual=res, initial_state=state, impl=impl)
                 return jnp.sum(y * g)
@@ -201,8 +215,9 @@ def test_native_cpu_kernel_gradients_equal_xla(k, t, c):
             want = jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, bias, state, "xla")
             chex.assert_shape(got, [x.shape, w.shape, bias.shape, state.shape])
             for name, a, b in zip(("dx", "dw", "dbias", "dstate"), got, want):
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5,
-                                           err_msg=f"{name} act={act} residual={res}")
+                np.testing.assert_allclose(
+                    np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5, err_msg=f"{name} act={act} residual={res}"
+                )
 
 
 @needs_native
@@ -223,8 +238,9 @@ def test_native_cpu_kernel_scope_and_portability():
     xs = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1, 5, 3)).astype(np.float32))
     ys = jax.vmap(lambda x: causal_conv1d(x, w, residual=True, impl="cpu"))(xs)
     chex.assert_shape(ys, xs.shape)
-    np.testing.assert_allclose(np.asarray(ys[1]), np.asarray(causal_conv1d(xs[1], w, residual=True, impl="xla")),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ys[1]), np.asarray(causal_conv1d(xs[1], w, residual=True, impl="xla")), atol=1e-6
+    )
 
 
 def test_native_cpu_kernel_disabled(monkeypatch):

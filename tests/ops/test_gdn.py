@@ -1,4 +1,5 @@
 """gated_delta_rule: float64 numpy token loop (the oracle) vs the token scan, the UT-chunked form and the step."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ _step = jax.jit(gated_delta_rule_step, static_argnames=("use_qk_l2norm",))
 def test_forward_matches_oracle(t, with_state):
     seed, l2 = t, True
     q, k, v, g, beta, s0 = make_inputs(seed, t, with_state, l2)
-    o_ref, s_ref = oracle(q, k, v, g, beta, DK ** -0.5, s0, l2)
+    o_ref, s_ref = oracle(q, k, v, g, beta, DK**-0.5, s0, l2)
     for impl in ("reference", "xla"):
         o, s = _fwd(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=l2, chunk_size=CHUNK, impl=impl)
         chex.assert_shape(o, (B, t, H, DV))
@@ -77,7 +78,7 @@ def test_forward_matches_oracle(t, with_state):
 def test_forward_without_l2norm():
     """Raw (unnormalised) keys: the UT system is no longer bounded by |k| = 1."""
     q, k, v, g, beta, s0 = make_inputs(11, 100, True, l2=False, gates="weak")
-    o_ref, s_ref = oracle(q, k, v, g, beta, DK ** -0.5, s0, False)
+    o_ref, s_ref = oracle(q, k, v, g, beta, DK**-0.5, s0, False)
     for impl in ("reference", "xla"):
         o, s = _fwd(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=False, chunk_size=CHUNK, impl=impl)
         assert_close(o, o_ref)
@@ -95,8 +96,10 @@ def test_gradients_chunked_match_reference():
         o, s = gated_delta_rule(*args[:5], initial_state=args[5], use_qk_l2norm=l2, chunk_size=16, impl=impl)
         return jnp.sum(o * wo) + jnp.sum(s * ws)
 
-    grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(6))))(
-        q, k, v, g, beta, s0) for impl in ("reference", "xla")}
+    grads = {
+        impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(6))))(q, k, v, g, beta, s0)
+        for impl in ("reference", "xla")
+    }
     for name, a, b in zip("q k v log_decay beta initial_state".split(), grads["xla"], grads["reference"]):
         assert np.all(np.isfinite(a)), name
         assert_close(a, b)

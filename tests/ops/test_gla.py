@@ -1,4 +1,5 @@
 """gla: float64 numpy token loop (the oracle) vs the token scan, the chunked form and the decode step."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ _step = jax.jit(gla_step)
 def test_forward_matches_oracle(t, with_state):
     seed = t
     q, k, v, g, s0 = make_inputs(seed, t, with_state)
-    o_ref, s_ref = oracle(q, k, v, g, DK ** -0.5, s0)
+    o_ref, s_ref = oracle(q, k, v, g, DK**-0.5, s0)
     for impl in ("reference", "xla"):
         o, s = _fwd(q, k, v, g, initial_state=s0, chunk_size=CHUNK, impl=impl)
         chex.assert_shape(o, (B, t, H, DV))
@@ -79,8 +80,10 @@ def test_gradients_chunked_match_reference():
         o, s = gla(*args[:4], initial_state=args[4], chunk_size=16, impl=impl)
         return jnp.sum(o * wo) + jnp.sum(s * ws)
 
-    grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(5))))(q, k, v, g, s0)
-             for impl in ("reference", "xla")}
+    grads = {
+        impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(5))))(q, k, v, g, s0)
+        for impl in ("reference", "xla")
+    }
     for name, a, b in zip("q k v log_gate initial_state".split(), grads["xla"], grads["reference"]):
         assert np.all(np.isfinite(a)), name
         assert_close(a, b)

@@ -1,4 +1,5 @@
 """``canon_jax.ops.linear``: the projections' matmul with a hand-written VJP equals ``jnp.dot`` and its autodiff."""
+
 import chex
 import flax.linen as nn
 import jax

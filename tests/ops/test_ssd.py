@@ -1,4 +1,5 @@
 """ssd: float64 numpy token loop (the oracle) vs the token scan, the chunked form and the decode step."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,10 @@ def test_gradients_chunked_match_reference():
         y, s = ssd(*a[:6], initial_state=a[6], chunk_size=16, impl=impl)
         return jnp.sum(y * wy) + jnp.sum(s * ws)
 
-    grads = {impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(7))))(*args)
-             for impl in ("reference", "xla")}
+    grads = {
+        impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=tuple(range(7))))(*args)
+        for impl in ("reference", "xla")
+    }
     for name, a, b in zip("x dt A B C D initial_state".split(), grads["xla"], grads["reference"]):
         assert np.all(np.isfinite(a)), name
         assert_close(a, b)

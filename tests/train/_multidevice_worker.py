@@ -1,4 +1,5 @@
 """Run by test_multidevice.py in a subprocess with 8 simulated CPU devices (XLA_FLAGS set by the caller)."""
+
 import json
 import pathlib
 import sys
@@ -22,8 +23,9 @@ def main(tmp):
     out = {}
 
     def cfg_for(data, fsdp, tensor, **train):
-        return config_from_dict(tiny_config(files, mesh={"data": data, "fsdp": fsdp, "tensor": tensor},
-                                            train={"steps": 8, **train}))
+        return config_from_dict(
+            tiny_config(files, mesh={"data": data, "fsdp": fsdp, "tensor": tensor}, train={"steps": 8, **train})
+        )
 
     cfg1, cfg8 = cfg_for(1, 1, 1), cfg_for(2, 2, 2)
     tr1 = Trainer(cfg1, devices=jax.devices()[:1])
@@ -44,8 +46,10 @@ def main(tmp):
     p1, p8 = host(s1["params"]), host(s8["params"])
     out["max_param_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
     o1, o8 = host(s1["opt_state"]), host(s8["opt_state"])
-    out["max_opt_diff"] = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-                              for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o8)))
+    out["max_opt_diff"] = max(
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+        for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o8))
+    )
 
     # save on the 2x2x2 mesh, restore onto (data 1, fsdp 4, tensor 2) and onto a single device
     ck = Checkpointer(tmp / "ckpt", every=1, keep=2, async_save=True)
@@ -53,8 +57,10 @@ def main(tmp):
     ck.wait()
     ref = host(s8)
     restored = {}
-    for name, (cfg, devices) in {"fsdp4_tensor2": (cfg_for(1, 4, 2), None),
-                                 "single": (cfg1, jax.devices()[:1])}.items():
+    for name, (cfg, devices) in {
+        "fsdp4_tensor2": (cfg_for(1, 4, 2), None),
+        "single": (cfg1, jax.devices()[:1]),
+    }.items():
         tr = Trainer(cfg, devices=devices)
         step, state, data_state = Checkpointer(tmp / "ckpt", 1, 2).restore(tr.restore_target())
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host(state)), jax.tree.leaves(ref)))

@@ -1,4 +1,5 @@
 """Shared helpers for the trainer tests: a tiny real-text corpus and a tiny config (hidden 32, 2 layers, seq 64)."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,20 @@ def tiny_config(files: dict, **sections) -> dict:
     """A raw config dict for a 2-layer, hidden-32 LlamaCanon on byte-level text, seq 64."""
     cfg = {
         "name": "tiny",
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "vocab_size": 259, "canon_set": "ABCD",
-                  "max_seq_len": 64, "multiple_of": 32},
-        "data": {"kind": "text", "seq_len": 64,
-                 "text": {"train_files": [files["train"]], "eval_files": [files["eval"]], "eval_batches": 1}},
+        "model": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "vocab_size": 259,
+            "canon_set": "ABCD",
+            "max_seq_len": 64,
+            "multiple_of": 32,
+        },
+        "data": {
+            "kind": "text",
+            "seq_len": 64,
+            "text": {"train_files": [files["train"]], "eval_files": [files["eval"]], "eval_batches": 1},
+        },
         "optim": {"lr": 0.01, "warmup_steps": 0, "weight_decay": 0.1, "z_loss": "official"},
         "train": {"steps": 8, "batch_size": 8, "log_every": 1},
         "checkpoint": {"every": 2, "keep": 5},

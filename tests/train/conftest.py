@@ -1,4 +1,5 @@
 """Trainer tests compile the same tiny programs in several processes: share a persistent compilation cache."""
+
 import os
 
 import jax
@@ -8,11 +9,20 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("jax_cache"))
-    old = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                                          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")}
+    old = {
+        k: os.environ.get(k)
+        for k in (
+            "JAX_COMPILATION_CACHE_DIR",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
+        )
+    }
     # subprocesses (kill/resume, multi-device) inherit the cache through the environment
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=path,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     prev = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

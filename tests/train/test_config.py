@@ -1,4 +1,5 @@
 """Config schema: bad keys/types/values fail fast with one line naming the key; composition; every preset loads."""
+
 import pathlib
 import subprocess
 import sys
@@ -26,50 +27,62 @@ def test_defaults_and_model_section_maps_onto_model_config():
     assert cfg.optim.b1 == 0.9 and cfg.optim.b2 == 0.95 and cfg.optim.eps == 1e-8 and cfg.optim.grad_clip == 1.0
 
 
-@pytest.mark.parametrize("raw,overrides,expect", [
-    ({"modle": {}}, (), "modle: unknown key (did you mean 'model'?)"),
-    ({"model": {"hiden_size": 3}}, (), "model.hiden_size: unknown key (did you mean 'hidden_size'?)"),
-    ({}, ["train.stepz=3"], "train.stepz: unknown key (did you mean 'steps'?)"),
-    ({"data": {"tasks": [{"name": "depo1", "wieght": 2}]}}, (), "data.tasks[0].wieght: unknown key"),
-])
+@pytest.mark.parametrize(
+    "raw,overrides,expect",
+    [
+        ({"modle": {}}, (), "modle: unknown key (did you mean 'model'?)"),
+        ({"model": {"hiden_size": 3}}, (), "model.hiden_size: unknown key (did you mean 'hidden_size'?)"),
+        ({}, ["train.stepz=3"], "train.stepz: unknown key (did you mean 'steps'?)"),
+        ({"data": {"tasks": [{"name": "depo1", "wieght": 2}]}}, (), "data.tasks[0].wieght: unknown key"),
+    ],
+)
 def test_typo_key(raw, overrides, expect):
     msg = _err({**BASE, **raw} if "data" not in raw else raw, overrides)
     assert msg.startswith(expect), msg
     assert "valid keys" in msg
 
 
-@pytest.mark.parametrize("override,key", [
-    ("optim.lr=abc", "optim.lr"),
-    ("train.steps=1.5", "train.steps"),
-    ("model.tie_embeddings=maybe", "model.tie_embeddings"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=abc", "optim.lr"),
+        ("train.steps=1.5", "train.steps"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings"),
+    ],
+)
 def test_wrong_type(override, key):
     msg = _err(BASE, [override])
     assert msg.startswith(key + ":"), msg
 
 
-@pytest.mark.parametrize("override,start,choices", [
-    ("optim.z_loss=foo", "optim.z_loss", "['none', 'official', 'palm']"),
-    ("optim.decay=some", "optim.decay", "['all', 'no_norm_bias_embed']"),
-    ("model.arch=gpt", "model.arch", "('llama', 'gla', 'gdn', 'mamba2')"),
-    ("model.canon_set=ABX", "model.canon_set", "'ABCD'"),
-    ("data.kind=video", "data.kind", "['synthetic', 'text']"),
-])
+@pytest.mark.parametrize(
+    "override,start,choices",
+    [
+        ("optim.z_loss=foo", "optim.z_loss", "['none', 'official', 'palm']"),
+        ("optim.decay=some", "optim.decay", "['all', 'no_norm_bias_embed']"),
+        ("model.arch=gpt", "model.arch", "('llama', 'gla', 'gdn', 'mamba2')"),
+        ("model.canon_set=ABX", "model.canon_set", "'ABCD'"),
+        ("data.kind=video", "data.kind", "['synthetic', 'text']"),
+    ],
+)
 def test_bad_choice_lists_valid_ones(override, start, choices):
     msg = _err(BASE, [override])
     assert msg.startswith(start) and choices in msg, msg
 
 
-@pytest.mark.parametrize("overrides,start", [
-    (["train.steps=0"], "train.steps"),
-    (["optim.warmup_steps=50", "train.steps=10"], "optim.warmup_steps"),
-    (["train.batch_size=6", "train.grad_accum=4"], "train.grad_accum"),
-    (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
-    (["mesh.tensor=0"], "mesh.tensor"),
-    (["optim.b2=1.0"], "optim.b2"),
-    (["model.hidden_size=30"], "model.num_heads"),
-    (["data.seq_len=8192"], "data.seq_len"),
-])
+@pytest.mark.parametrize(
+    "overrides,start",
+    [
+        (["train.steps=0"], "train.steps"),
+        (["optim.warmup_steps=50", "train.steps=10"], "optim.warmup_steps"),
+        (["train.batch_size=6", "train.grad_accum=4"], "train.grad_accum"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
+        (["mesh.tensor=0"], "mesh.tensor"),
+        (["optim.b2=1.0"], "optim.b2"),
+        (["model.hidden_size=30"], "model.num_heads"),
+        (["data.seq_len=8192"], "data.seq_len"),
+    ],
+)
 def test_impossible_values(overrides, start):
     assert _err(BASE, overrides).startswith(start)
 
@@ -77,9 +90,22 @@ def test_impossible_values(overrides, start):
 def test_cli_fails_fast_with_one_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(BASE))
-    r = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(path), "--workdir",
-                        str(tmp_path / "w"), "--set", "optim.lrr=1"], capture_output=True, text=True,
-                       cwd=pathlib.Path(__file__).parents[2])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config",
+            str(path),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            "optim.lrr=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).parents[2],
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "optim.lrr: unknown key" in r.stderr
     assert not (tmp_path / "w").exists()  # nothing ran
@@ -151,8 +177,10 @@ def test_batch_must_divide_data_parallel_size():
 
     # the linear 1B presets (global batch 128) with FSDP over a 256-chip v5e slice
     msg = _mesh_err(128, 1, {"data": 1, "fsdp": 256, "tensor": 1})
-    assert msg.startswith("train.batch_size: 128 is not divisible by the data-parallel size "
-                          "mesh.data*mesh.fsdp = 1*256 = 256 (on 256 devices)"), msg
+    assert msg.startswith(
+        "train.batch_size: 128 is not divisible by the data-parallel size "
+        "mesh.data*mesh.fsdp = 1*256 = 256 (on 256 devices)"
+    ), msg
     assert msg.endswith("set train.batch_size=256, or mesh.data=1 mesh.fsdp=128 mesh.tensor=2"), msg
     # each micro-batch must split too: 64 sequences per micro-batch on 128 data-parallel devices
     msg = _mesh_err(128, 2, {"data": 2, "fsdp": 64, "tensor": 1})
@@ -161,5 +189,6 @@ def test_batch_must_divide_data_parallel_size():
     # the suggested settings pass; tensor parallelism does not take batch rows
     check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=256"]), {"data": 1, "fsdp": 256, "tensor": 1})
     check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=128"]), {"data": 1, "fsdp": 128, "tensor": 2})
-    check_batch_divides_mesh(config_from_dict(BASE, ["train.batch_size=128", "train.grad_accum=2"]),
-                             {"data": 1, "fsdp": 64, "tensor": 2})
+    check_batch_divides_mesh(
+        config_from_dict(BASE, ["train.batch_size=128", "train.grad_accum=2"]), {"data": 1, "fsdp": 64, "tensor": 2}
+    )

@@ -1,5 +1,6 @@
 """8 simulated CPU devices (subprocess): a (data 2, fsdp 2, tensor 2) step equals the single-device step, and a
 checkpoint written on one mesh restores onto other meshes."""
+
 import json
 import os
 import pathlib
@@ -17,8 +18,14 @@ def test_sharded_step_and_cross_mesh_restore(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "tests.train._multidevice_worker", str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.train._multidevice_worker", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert out["init_equal"]

@@ -2,6 +2,7 @@
 a (data 2, fsdp 2) mesh spanning both) train through the real ``train()`` entry, each process reading only its own
 rows of every global batch. Their losses must equal a single-process, single-device run of the same config, and
 their checkpoint must resume in a single process and continue exactly like the single-process run."""
+
 import json
 import os
 import pathlib
@@ -39,8 +40,17 @@ def _result(stdout: str) -> dict:
 def test_two_processes_match_single_process_and_checkpoint_resumes(tmp_path):
     worker = [sys.executable, "-m", "tests.train._multiprocess_worker"]
     port = _free_port()
-    procs = [subprocess.Popen(worker + ["proc", str(tmp_path), str(i), str(port)], cwd=ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            worker + ["proc", str(tmp_path), str(i), str(port)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:
@@ -50,15 +60,16 @@ def test_two_processes_match_single_process_and_checkpoint_resumes(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    for i, (p, (_out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
     multi = [_result(out) for out, _ in outs]
     assert [m["pid"] for m in multi] == [0, 1]
     assert multi[0]["step"] == multi[1]["step"] == 3
     assert multi[0]["loss"] == multi[1]["loss"]  # the loss is one global value, seen identically by both
 
-    r = subprocess.run(worker + ["single", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
+    r = subprocess.run(
+        worker + ["single", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = _result(r.stdout)
     single, two = out["single"], out["multi"]

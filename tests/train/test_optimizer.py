@@ -1,4 +1,5 @@
 """Schedule and AdamW against independent float64 numpy references (SPEC A.5)."""
+
 import math
 
 import chex
@@ -34,14 +35,14 @@ def _adamw_ref(params, grads_seq, lr_fn, b1, b2, eps, wd, clip, mask):
     v = {k: np.zeros_like(x) for k, x in p.items()}
     for t, g in enumerate(grads_seq, start=1):
         g = {k: x.astype(np.float64) for k, x in g.items()}
-        norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
+        norm = math.sqrt(sum(float((x**2).sum()) for x in g.values()))
         if clip and norm > clip:
             g = {k: x * clip / norm for k, x in g.items()}
         lr = lr_fn(t - 1)
         for k in p:
             m[k] = b1 * m[k] + (1 - b1) * g[k]
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
-            mh, vh = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+            mh, vh = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
             upd = mh / (np.sqrt(vh) + eps) + (wd * p[k] if mask[k] else 0.0)
             p[k] = p[k] - lr * upd
     return p
@@ -50,10 +51,14 @@ def _adamw_ref(params, grads_seq, lr_fn, b1, b2, eps, wd, clip, mask):
 @pytest.mark.parametrize("decay", ["all", "no_norm_bias_embed"])
 def test_adamw_matches_reference(decay):
     rng = np.random.default_rng(0)
-    params = {"embed": rng.normal(size=(5, 3)).astype(np.float32), "dense": rng.normal(size=(3, 4)).astype(np.float32),
-              "norm": rng.normal(size=(4,)).astype(np.float32)}
-    grads_seq = [{k: (rng.normal(size=x.shape) * s).astype(np.float32) for k, x in params.items()}
-                 for s in (0.1, 5.0, 1.0, 0.3)]  # step 2 exceeds the clip norm
+    params = {
+        "embed": rng.normal(size=(5, 3)).astype(np.float32),
+        "dense": rng.normal(size=(3, 4)).astype(np.float32),
+        "norm": rng.normal(size=(4,)).astype(np.float32),
+    }
+    grads_seq = [
+        {k: (rng.normal(size=x.shape) * s).astype(np.float32) for k, x in params.items()} for s in (0.1, 5.0, 1.0, 0.3)
+    ]  # step 2 exceeds the clip norm
     optim = OptimSection(lr=1e-2, warmup_steps=1, weight_decay=0.1, decay=decay, lr_min_ratio=0.1)
     tx, sched = make_optimizer(optim, steps=4)
     p = jax.tree.map(jnp.asarray, params)
@@ -69,11 +74,15 @@ def test_adamw_matches_reference(decay):
 
 
 def test_decay_mask_by_path():
-    params = {"embed": {"embedding": 1.0}, "layers_0": {"attn_norm": {"scale": 1.0}, "q": {"kernel": 1.0},
-                                                          "mlp": {"bias": 1.0}}}
+    params = {
+        "embed": {"embedding": 1.0},
+        "layers_0": {"attn_norm": {"scale": 1.0}, "q": {"kernel": 1.0}, "mlp": {"bias": 1.0}},
+    }
     m = decay_mask(params, "no_norm_bias_embed")
-    assert m == {"embed": {"embedding": False}, "layers_0": {"attn_norm": {"scale": False}, "q": {"kernel": True},
-                                                               "mlp": {"bias": False}}}
+    assert m == {
+        "embed": {"embedding": False},
+        "layers_0": {"attn_norm": {"scale": False}, "q": {"kernel": True}, "mlp": {"bias": False}},
+    }
     assert all(jax.tree.leaves(decay_mask(params, "all")))
     with pytest.raises(ValueError, match="mode"):
         decay_mask(params, "none")

@@ -3,7 +3,7 @@
 * SIGKILL at a random step, re-run the same command: every step's loss equals the uninterrupted run's (1e-6).
 * SIGTERM (preemption) leaves a checkpoint at the current step and exits with status 0.
 """
-import json
+
 import os
 import pathlib
 import random

@@ -1,5 +1,6 @@
 """A run never loses work: resume integrity, damaged checkpoints, one-line config errors, Ctrl-C, the workdir lock,
 and the ways to look at a run (plot, export, load_run). Tiny configs; the signal test runs a real subprocess."""
+
 import hashlib
 import json
 import os
@@ -34,8 +35,11 @@ def corpus(tmp_path_factory):
 
 
 def _tree_hashes(root: pathlib.Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _corrupt_arrays(step_dir: pathlib.Path):
@@ -49,9 +53,14 @@ def _corrupt_arrays(step_dir: pathlib.Path):
 def _own_lines(err: str) -> list:
     """stderr lines without the C++ logging preamble that the jax CUDA plugin prints when the backend starts on a
     machine without a GPU (environment noise, not canon-jax's output)."""
-    return [ln for ln in err.splitlines() if not (
-        ln.startswith("WARNING: All log messages before absl::InitializeLog()")
-        or re.match(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ", ln))]
+    return [
+        ln
+        for ln in err.splitlines()
+        if not (
+            ln.startswith("WARNING: All log messages before absl::InitializeLog()")
+            or re.match(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ", ln)
+        )
+    ]
 
 
 def _write_cfg(path, raw):
@@ -89,8 +98,12 @@ def test_changed_model_refused_allowed_changes_printed(corpus, tmp_path, capfd):
     assert train_cli._compatible_workdir(str(wd), big) == f"{wd}-1"  # ... and is resumed once it is big's run
 
     # optimizer / schedule changes continue the run and are printed
-    assert train_cli.main(["--config", cfg_path, "--workdir", str(wd), "--set", "optim.lr=0.005",
-                           "--set", "train.stop_after=3"]) == 0
+    assert (
+        train_cli.main(
+            ["--config", cfg_path, "--workdir", str(wd), "--set", "optim.lr=0.005", "--set", "train.stop_after=3"]
+        )
+        == 0
+    )
     out = capfd.readouterr().out
     assert "resuming with changed settings: optim.lr: 0.01 -> 0.005, train.stop_after: 2 -> 3" in out
     assert "resumed from checkpoint at step 2" in out
@@ -98,26 +111,37 @@ def test_changed_model_refused_allowed_changes_printed(corpus, tmp_path, capfd):
 
     # a checkpoint whose tree does not fit is a mismatch (a config error), never "damage": nothing is moved
     ck = Checkpointer(wd / "checkpoints", 2, 5)
-    with pytest.raises(CheckpointMismatch, match=r"step 3 .* does not fit this config \(.*: checkpoint \(.*\) float32, this config \(.*64.*\) float32"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"step 3 .* does not fit this config \(.*: checkpoint \(.*\) float32, this config \(.*64.*\) float32",
+    ):
         ck.restore(Trainer(big).restore_target())
     ck.close()
     assert not (wd / "damaged_checkpoints").exists()
 
 
 def test_config_changes_classification():
-    old = {"model": {"hidden_size": 32, "dtype": "float32"}, "data": {"seq_len": 64, "num_workers": 0},
-           "optim": {"lr": 0.01, "grad_clip": 1.0, "weight_decay": 0.1}, "train": {"steps": 8, "seed": 0}}
-    new = {"model": {"hidden_size": 32, "dtype": "bfloat16"}, "data": {"seq_len": 64, "num_workers": 2},
-           "optim": {"lr": 0.02, "grad_clip": 0.5, "weight_decay": 0.0}, "train": {"steps": 10, "seed": 0}}
+    old = {
+        "model": {"hidden_size": 32, "dtype": "float32"},
+        "data": {"seq_len": 64, "num_workers": 0},
+        "optim": {"lr": 0.01, "grad_clip": 1.0, "weight_decay": 0.1},
+        "train": {"steps": 8, "seed": 0},
+    }
+    new = {
+        "model": {"hidden_size": 32, "dtype": "bfloat16"},
+        "data": {"seq_len": 64, "num_workers": 2},
+        "optim": {"lr": 0.02, "grad_clip": 0.5, "weight_decay": 0.0},
+        "train": {"steps": 10, "seed": 0},
+    }
     refused, allowed = config_changes(old, new)
     assert [c[0] for c in refused] == ["optim.weight_decay"]  # switching decay off changes the optimizer state
-    assert [c[0] for c in allowed] == ["data.num_workers", "model.dtype", "optim.grad_clip", "optim.lr",
-                                       "train.steps"]
+    assert [c[0] for c in allowed] == ["data.num_workers", "model.dtype", "optim.grad_clip", "optim.lr", "train.steps"]
 
 
 def test_damaged_newest_checkpoint_fallback_resave_and_finished_rerun(corpus, tmp_path, capfd):
-    raw = tiny_config(corpus, train={"steps": 6}, checkpoint={"every": 2, "async_save": False},
-                      eval={"at_end": True, "every": 2})
+    raw = tiny_config(
+        corpus, train={"steps": 6}, checkpoint={"every": 2, "async_save": False}, eval={"at_end": True, "every": 2}
+    )
     full = train(config_from_dict(raw), tmp_path / "a")
     capfd.readouterr()
 
@@ -132,14 +156,18 @@ def test_damaged_newest_checkpoint_fallback_resave_and_finished_rerun(corpus, tm
     resumed = train(config_from_dict(raw), wb)
     out = capfd.readouterr().out
     lines = [ln for ln in out.splitlines() if "damaged" in ln]
-    assert len(lines) == 1 and re.match(r"damaged checkpoint\(s\) at step\(s\) 4 \(.+\) moved to .*damaged_checkpoints; "
-                                        r"resuming from step 2$", lines[0]), out
+    assert len(lines) == 1 and re.match(
+        r"damaged checkpoint\(s\) at step\(s\) 4 \(.+\) moved to .*damaged_checkpoints; "
+        r"resuming from step 2$",
+        lines[0],
+    ), out
     assert resumed["start_step"] == 2 and resumed["step"] == 6
     # moved aside byte for byte, and step 4 saved again when training passed it
     assert _tree_hashes(wb / "damaged_checkpoints" / "4") == damaged_files
     assert Checkpointer(wb / "checkpoints", 2, 5).all_steps() == [2, 4, 6]
-    chex.assert_trees_all_close(jax.device_get(resumed["state"]["params"]), jax.device_get(full["state"]["params"]),
-                                atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(
+        jax.device_get(resumed["state"]["params"]), jax.device_get(full["state"]["params"]), atol=1e-6, rtol=0
+    )
     la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r}
     lb = {r["step"]: r["loss"] for r in read_metrics(wb / "metrics.jsonl") if "loss" in r}
     assert sorted(lb) == list(range(1, 7))
@@ -166,8 +194,9 @@ def test_all_checkpoints_damaged_is_an_announced_fresh_start(corpus, tmp_path, c
     capfd.readouterr()
     summary = train(config_from_dict(raw), wd)
     out = capfd.readouterr().out
-    assert re.search(r"^No usable checkpoint: starting from step 0 \(damaged checkpoint\(s\) at step\(s\) 4, 2 ",
-                     out, re.M), out
+    assert re.search(
+        r"^No usable checkpoint: starting from step 0 \(damaged checkpoint\(s\) at step\(s\) 4, 2 ", out, re.M
+    ), out
     assert summary["start_step"] == 0 and summary["step"] == 4
     assert sorted(p.name for p in (wd / "damaged_checkpoints").iterdir()) == ["2", "4", "metrics.jsonl"]
     assert Checkpointer(wd / "checkpoints", 2, 5).all_steps() == [2, 4]
@@ -177,11 +206,19 @@ def test_all_checkpoints_damaged_is_an_announced_fresh_start(corpus, tmp_path, c
 def _synthetic(**sections):
     raw = {
         "name": "bad",
-        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 64, "max_seq_len": 64,
-                  "multiple_of": 32},
-        "data": {"kind": "synthetic", "seq_len": 64,
-                 "tasks": [{"name": "depo1", "params": {"N": 6, "K": 2, "mini_vocab": 8, "min_len": 1,
-                                                        "max_len": 1}}]},
+        "model": {
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "vocab_size": 64,
+            "max_seq_len": 64,
+            "multiple_of": 32,
+        },
+        "data": {
+            "kind": "synthetic",
+            "seq_len": 64,
+            "tasks": [{"name": "depo1", "params": {"N": 6, "K": 2, "mini_vocab": 8, "min_len": 1, "max_len": 1}}],
+        },
         "train": {"steps": 4, "batch_size": 4},
         "logging": {"progress": False, "tensorboard": False},
     }
@@ -199,15 +236,32 @@ MALFORMED = [
     ("bad choice", _synthetic(optim={"z_loss": "foo"}), [], "optim.z_loss: 'foo' is not a valid choice"),
     ("heads do not divide", None, ["--set", "model.num_heads=3"], "model.num_heads:"),
     ("vocab too small", None, ["--set", "model.vocab_size=10"], "model.vocab_size: 10 is smaller"),
-    ("unknown task parameter", None, ["--set", "data.tasks=[{name: depo1, params: {hops: 3}}]"],
-     "data.tasks[0].params: unknown parameter(s) ['hops']"),
-    ("impossible task parameter", None, ["--set", "data.tasks=[{name: depo1, params: {N: -5}}]"],
-     "data.tasks[0].params: depo1: N must be >= 3"),
-    ("mistyped task parameter", None, ["--set", "data.tasks=[{name: mano, params: {L: ten}}]"],
-     "data.tasks[0].params: task 'mano': parameter 'L' expects int"),
+    (
+        "unknown task parameter",
+        None,
+        ["--set", "data.tasks=[{name: depo1, params: {hops: 3}}]"],
+        "data.tasks[0].params: unknown parameter(s) ['hops']",
+    ),
+    (
+        "impossible task parameter",
+        None,
+        ["--set", "data.tasks=[{name: depo1, params: {N: -5}}]"],
+        "data.tasks[0].params: depo1: N must be >= 3",
+    ),
+    (
+        "mistyped task parameter",
+        None,
+        ["--set", "data.tasks=[{name: mano, params: {L: ten}}]"],
+        "data.tasks[0].params: task 'mano': parameter 'L' expects int",
+    ),
     ("unknown task", None, ["--set", "data.tasks=[{name: depo3}]"], "data.tasks[0].name: unknown task 'depo3'"),
     ("bad evaluation task", None, ["--set", "eval.tasks=[{name: brevo1, params: {N: 1}}]"], "eval.tasks[0].params:"),
-    ("window shorter than a sample", None, ["--set", "data.seq_len=16"], "data.seq_len: 16 is shorter than a depo1 sample"),
+    (
+        "window shorter than a sample",
+        None,
+        ["--set", "data.seq_len=16"],
+        "data.seq_len: 16 is shorter than a depo1 sample",
+    ),
     ("zero batch", None, ["--set", "train.batch_size=0"], "train.batch_size: must be > 0"),
     ("accumulation does not divide", None, ["--set", "train.grad_accum=3"], "train.grad_accum: 3 does not divide"),
     ("stop after the end", None, ["--set", "train.stop_after=100"], "train.stop_after: must be in [1, train.steps=4]"),
@@ -216,7 +270,12 @@ MALFORMED = [
     ("override without value", None, ["--set", "optim.lr"], "override 'optim.lr': expected key.sub=value"),
     ("text run without files", _synthetic(data={"kind": "text", "tasks": []}), [], "data.text.train_files:"),
     ("workdir is a file", None, ["--workdir", "{file}"], "--workdir: {file} exists and is not a directory"),
-    ("workdir under a file", None, ["--workdir", "{file}/run"], "--workdir: {file}/run cannot be created: {file} is a file"),
+    (
+        "workdir under a file",
+        None,
+        ["--workdir", "{file}/run"],
+        "--workdir: {file}/run cannot be created: {file} is a file",
+    ),
     ("missing config file", "missing", [], "--config: file not found"),
     ("invalid YAML", "invalid", [], "{cfg}: invalid YAML"),
 ]
@@ -265,14 +324,18 @@ def _logged_steps(workdir):
     return [r["step"] for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r]
 
 
-
-
 def test_ctrl_c_saves_and_lock_refuses_a_second_run(corpus, tmp_path, capfd):
     raw = tiny_config(corpus, train={"steps": 5000, "log_every": 1}, checkpoint={"every": 10000})
     cfg_path = _write_cfg(tmp_path / "cfg.yaml", raw)
     wd = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config", cfg_path, "--workdir", str(wd)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--config", cfg_path, "--workdir", str(wd)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         t0 = time.time()
         while len(_logged_steps(wd)) < 2:
@@ -301,7 +364,8 @@ def test_ctrl_c_saves_and_lock_refuses_a_second_run(corpus, tmp_path, capfd):
     assert not (wd / LOCK_NAME).exists()
     assert f"SIGINT: saved a checkpoint at step {last}, exiting" in out and "Traceback" not in err
     assert _own_lines(err) == [
-        "Ctrl-C: a checkpoint will be saved after the current step (Ctrl-C again aborts without saving)"]
+        "Ctrl-C: a checkpoint will be saved after the current step (Ctrl-C again aborts without saving)"
+    ]
     # a pipe gets one plain line per logged step, no carriage-return frames
     assert "\r" not in out and re.search(r"^step 2/5000  loss \d+\.\d{4}", out, re.M), out[:2000]
 
@@ -331,21 +395,39 @@ def test_plot_curves_on_evaluation_metrics_and_loud_failures(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     recs = [{"step": s, "loss": 3.0 / s} for s in range(1, 5)]
-    recs += [{"step": s, "eval": "depo1", "depo1/accuracy": 0.1 * s, "depo1/accuracy_k1": 0.2 * s,
-              "depo1/accuracy_k2": 0.05 * s, "depo1/count_k1": 10.0} for s in (2, 4)]
+    recs += [
+        {
+            "step": s,
+            "eval": "depo1",
+            "depo1/accuracy": 0.1 * s,
+            "depo1/accuracy_k1": 0.2 * s,
+            "depo1/accuracy_k2": 0.05 * s,
+            "depo1/count_k1": 10.0,
+        }
+        for s in (2, 4)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     data = plot.curve_data([run], ["depo1/accuracy_k*"])
-    assert data == {("run", "depo1/accuracy_k1"): ([2, 4], [0.4, 0.8]), ("run", "depo1/accuracy_k2"): ([2, 4], [0.1, 0.2])}
+    assert data == {
+        ("run", "depo1/accuracy_k1"): ([2, 4], [0.4, 0.8]),
+        ("run", "depo1/accuracy_k2"): ([2, 4], [0.1, 0.2]),
+    }
     out = tmp_path / "plots" / "acc.png"
     assert plot.main(["curves", str(run), "--metric", "depo1/accuracy_k*", "--metric", "loss", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
     capsys.readouterr()
     assert plot.main(["curves", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no metrics.jsonl (not a run directory, or the run has not logged yet)\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path / 'nope'}: no metrics.jsonl (not a run directory, or the run has not logged yet)\n"
+    )
     assert plot.main(["curves", str(run), "--metric", "depo1/accuracy_k9", "--out", str(tmp_path / "x.png")]) == 2
-    assert re.fullmatch(r"error: .*: no metric 'depo1/accuracy_k9'; metrics there: depo1/accuracy, "
-                        r"depo1/accuracy_k1, depo1/accuracy_k2, depo1/count_k1, loss\n", capsys.readouterr().err)
+    assert re.fullmatch(
+        r"error: .*: no metric 'depo1/accuracy_k9'; metrics there: depo1/accuracy, "
+        r"depo1/accuracy_k1, depo1/accuracy_k2, depo1/count_k1, loss\n",
+        capsys.readouterr().err,
+    )
     assert not (tmp_path / "x.png").exists()
 
 

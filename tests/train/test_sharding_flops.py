@@ -1,8 +1,7 @@
 """Logical-axis rules cover every parameter axis of every model; mesh resolution; FLOP formula and param count."""
-import chex
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import linen as nn
 
@@ -28,8 +27,16 @@ def _abstract(mc):
 @pytest.mark.parametrize("scan", [False, True])
 def test_rules_cover_every_param_axis(arch, scan):
     try:
-        mc = ModelConfig(arch=arch, vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, multiple_of=32,
-                         scan_layers=scan, **VARIANTS[arch])
+        mc = ModelConfig(
+            arch=arch,
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            multiple_of=32,
+            scan_layers=scan,
+            **VARIANTS[arch],
+        )
         boxed = _abstract(mc)
     except ValueError as e:  # only when a linear mixer's module is absent from this checkout
         if "mixer module" in str(e):
@@ -50,7 +57,7 @@ def test_rules_cover_every_param_axis(arch, scan):
 
 def test_rules_use_only_mesh_axes():
     for name, axes in LOGICAL_RULES:
-        for ax in ((axes,) if isinstance(axes, str) else (axes or ())):
+        for ax in (axes,) if isinstance(axes, str) else (axes or ()):
             assert ax in ("data", "fsdp", "tensor"), (name, ax)
 
 

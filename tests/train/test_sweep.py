@@ -1,5 +1,6 @@
 """Sweep planning (--print), result collection into a markdown table and heatmap PNGs (no training here: the runs'
 metrics.jsonl files are written by the test)."""
+
 import json
 import pathlib
 import subprocess
@@ -18,17 +19,30 @@ ROOT = pathlib.Path(__file__).parents[2]
 @pytest.fixture()
 def sweep_file(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "t", "dir": str(tmp_path / "out"), "base": ["models/sizes/2L128.yaml"],
-        "archs": {"rope": "models/llama_rope.yaml", "rope_canon": "models/llama_rope_canon_abcd.yaml"},
-        "tasks": {"depo": "tasks/cpu_depo1.yaml", "mano": "tasks/cpu_mano.yaml"},
-        "seeds": [0, 1], "overrides": ["train.steps=5", "optim.warmup_steps=1"]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "dir": str(tmp_path / "out"),
+                "base": ["models/sizes/2L128.yaml"],
+                "archs": {"rope": "models/llama_rope.yaml", "rope_canon": "models/llama_rope_canon_abcd.yaml"},
+                "tasks": {"depo": "tasks/cpu_depo1.yaml", "mano": "tasks/cpu_mano.yaml"},
+                "seeds": [0, 1],
+                "overrides": ["train.steps=5", "optim.warmup_steps=1"],
+            }
+        )
+    )
     return path
 
 
 def test_print_writes_validated_run_files(sweep_file, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--print"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--print"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     cmds = r.stdout.strip().splitlines()
     assert len(cmds) == 2 * 2 * 2
@@ -43,10 +57,16 @@ def test_print_writes_validated_run_files(sweep_file, tmp_path):
 
 def test_bad_sweep_fails_fast(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"archs": {"a": "models/llama_rope.yaml"}, "tasks": {"d": "tasks/cpu_depo1.yaml"},
-                                    "seedz": [1]}))
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(path), "--print"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    path.write_text(
+        yaml.safe_dump({"archs": {"a": "models/llama_rope.yaml"}, "tasks": {"d": "tasks/cpu_depo1.yaml"}, "seedz": [1]})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config", str(path), "--print"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "unknown sweep keys ['seedz']" in r.stderr
 
 
@@ -58,10 +78,18 @@ def test_collect_table_and_heatmaps(sweep_file, tmp_path):
         acc = {"rope": 0.2, "rope_canon": 0.8}[run["arch"]] + 0.1 * run["seed"]
         truth[(run["arch"], run["task"], run["seed"])] = acc
         run["workdir"].mkdir(parents=True)
-        recs = [{"step": 5, "loss": 1.0, "lr": 0.1, "tokens_per_s": 1.0},
-                {"step": 5, "eval": run["task"], f"{run['task']}/accuracy": acc - 0.5, "eval_seconds": 1.0},
-                {"step": 5, "eval": run["task"], f"{run['task']}/accuracy": acc, f"{run['task']}/accuracy_k2": acc / 2,
-                 f"{run['task']}/count": 100, "eval_seconds": 1.0}]
+        recs = [
+            {"step": 5, "loss": 1.0, "lr": 0.1, "tokens_per_s": 1.0},
+            {"step": 5, "eval": run["task"], f"{run['task']}/accuracy": acc - 0.5, "eval_seconds": 1.0},
+            {
+                "step": 5,
+                "eval": run["task"],
+                f"{run['task']}/accuracy": acc,
+                f"{run['task']}/accuracy_k2": acc / 2,
+                f"{run['task']}/count": 100,
+                "eval_seconds": 1.0,
+            },
+        ]
         (run["workdir"] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     res = sw.collect(sweep, runs)
     assert res["depo"]["metrics"] == ["accuracy", "accuracy_k2"]  # "count" is not an accuracy metric
@@ -81,14 +109,37 @@ def test_collect_table_and_heatmaps(sweep_file, tmp_path):
 def test_parallel_jobs_train_and_record_compute(tmp_path):
     """--jobs 2 trains two seeds at once (one pinned core each), records compute.json and collects the table."""
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "j", "dir": str(tmp_path / "out"), "base": ["models/sizes/2L128.yaml"],
-        "archs": {"rope": "models/llama_rope.yaml"}, "tasks": {"mano": "tasks/cpu_mano.yaml"}, "seeds": [0, 1],
-        "overrides": ["train.steps=2", "train.batch_size=2", "data.seq_len=64", "model.max_seq_len=64",
-                      "optim.warmup_steps=1", "eval.num_samples=4", "eval.batch_size=4", "checkpoint.every=2",
-                      "logging.progress=false", "logging.tensorboard=false"]}))
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(path), "--jobs", "2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "j",
+                "dir": str(tmp_path / "out"),
+                "base": ["models/sizes/2L128.yaml"],
+                "archs": {"rope": "models/llama_rope.yaml"},
+                "tasks": {"mano": "tasks/cpu_mano.yaml"},
+                "seeds": [0, 1],
+                "overrides": [
+                    "train.steps=2",
+                    "train.batch_size=2",
+                    "data.seq_len=64",
+                    "model.max_seq_len=64",
+                    "optim.warmup_steps=1",
+                    "eval.num_samples=4",
+                    "eval.batch_size=4",
+                    "checkpoint.every=2",
+                    "logging.progress=false",
+                    "logging.tensorboard=false",
+                ],
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config", str(path), "--jobs", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for seed in (0, 1):
         wd = tmp_path / "out" / "rope" / "mano" / f"seed{seed}"
@@ -104,11 +155,32 @@ def test_parallel_jobs_train_and_record_compute(tmp_path):
     # was); one table and three PNGs
     before = [(tmp_path / "out" / "rope" / "mano" / f"seed{s}" / "compute.json").read_text() for s in (0, 1)]
     spec = tmp_path / "f.yaml"
-    spec.write_text(yaml.safe_dump({"sweeps": {"s": str(path)}, "comparisons": [
-        {"title": "t", "task": "mano", "chance": 0.1, "rows": [["s", "rope", "RoPE"]]}]}))
-    r = subprocess.run([sys.executable, "-m", "experiments.findings", "--spec", str(spec), "--out",
-                        str(tmp_path / "res"), "--run", "--jobs", "2"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "sweeps": {"s": str(path)},
+                "comparisons": [{"title": "t", "task": "mano", "chance": 0.1, "rows": [["s", "rope", "RoPE"]]}],
+            }
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.findings",
+            "--spec",
+            str(spec),
+            "--out",
+            str(tmp_path / "res"),
+            "--run",
+            "--jobs",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("already finished") == 2
     assert before == [(tmp_path / "out" / "rope" / "mano" / f"seed{s}" / "compute.json").read_text() for s in (0, 1)]
@@ -119,6 +191,11 @@ def test_parallel_jobs_train_and_record_compute(tmp_path):
 
 
 def test_jobs_must_be_positive(sweep_file):
-    r = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--jobs", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config", str(sweep_file), "--jobs", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "--jobs must be >= 1" in r.stderr

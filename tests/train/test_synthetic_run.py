@@ -1,8 +1,7 @@
 """End to end on the synthetic playground: a few steps of a tiny LlamaCanon on a Depo1 + Brevo1 mix, then the
 periodic evaluation through canon_jax.eval (teacher-forced logits for Depo, generation for Brevo)."""
-import json
 
-import pytest
+import json
 
 from canon_jax.train.config import config_from_dict
 from canon_jax.train.metrics import read_metrics
@@ -11,10 +10,22 @@ from canon_jax.train.trainer import train
 
 def test_tiny_synthetic_run_logs_train_and_eval_metrics(tmp_path):
     raw = {
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "vocab_size": 64, "canon_set": "ABCD",
-                  "max_seq_len": 128, "multiple_of": 32},
-        "data": {"seq_len": 128, "tasks": [{"name": "depo1", "params": {"N": 6, "K": 2, "mini_vocab": 8}},
-                                           {"name": "brevo1", "params": {"N": 6}}]},
+        "model": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "vocab_size": 64,
+            "canon_set": "ABCD",
+            "max_seq_len": 128,
+            "multiple_of": 32,
+        },
+        "data": {
+            "seq_len": 128,
+            "tasks": [
+                {"name": "depo1", "params": {"N": 6, "K": 2, "mini_vocab": 8}},
+                {"name": "brevo1", "params": {"N": 6}},
+            ],
+        },
         "optim": {"lr": 0.01, "warmup_steps": 1},
         "train": {"steps": 3, "batch_size": 4, "log_every": 1},
         "checkpoint": {"every": 3},

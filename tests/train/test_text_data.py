@@ -1,4 +1,5 @@
 """Real-text input: readers, byte-level tokenizer, BOS/EOS packing, windows, process sharding, iterator resume."""
+
 import json
 
 import chex
@@ -8,8 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from canon_jax.train.config import DataSection, TextDataSection
-from canon_jax.train.text_data import (TokenStream, byte_level_tokenizer, load_tokenizer, make_text_dataset,
-                                       read_documents)
+from canon_jax.train.text_data import (
+    TokenStream,
+    byte_level_tokenizer,
+    load_tokenizer,
+    make_text_dataset,
+    read_documents,
+)
 
 DOCS = ["héllo wörld", "second doc\nwith two lines", "x" * 50, "", "last one"]
 
@@ -86,8 +92,11 @@ def test_stream_and_windows_cover_every_transition_once():
 
 
 def _cfg(files, **text):
-    t = TextDataSection(train_files=[str(files / "*.jsonl"), str(files / "*.parquet"), str(files / "*.txt")],
-                        eval_files=[str(files / "c.txt")], **text)
+    t = TextDataSection(
+        train_files=[str(files / "*.jsonl"), str(files / "*.parquet"), str(files / "*.txt")],
+        eval_files=[str(files / "c.txt")],
+        **text,
+    )
     return DataSection(kind="text", seq_len=8, seed=3, text=t)
 
 

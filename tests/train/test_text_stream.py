@@ -1,5 +1,6 @@
 """Streamed token windows: windows/segments vs a reference, global shuffle, host sharding, exact resume (kill -9,
 other process counts), validation split, and a trainer run on a token directory."""
+
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ def corpus(tmp_path_factory):
     rng = np.random.default_rng(0)
     docs = ["".join(rng.choice(list("abcdefgh ")) for _ in range(rng.integers(0, 60))) for _ in range(90)]
     for k in range(3):
-        (root / f"p{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[30 * k:30 * k + 30]))
+        (root / f"p{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[30 * k : 30 * k + 30]))
     tokenize_corpus([str(root / "p*.jsonl")], root / "tok", progress=False, log=lambda *_: None)
     pieces = [[1] + [3 + b for b in d.encode()] + [2] for d in docs]
     stream = np.asarray([t for p in pieces for t in p], np.int32)
@@ -54,7 +55,7 @@ def _reference_window(corpus, w, boundaries=True):
         pos[i] = lo + i - start[doc[lo + i]]
     if not boundaries:
         seg, pos = np.ones(L, np.int32), np.arange(L, dtype=np.int32)
-    return s[lo:lo + L], s[lo + 1:lo + L + 1], seg, pos
+    return s[lo : lo + L], s[lo + 1 : lo + L + 1], seg, pos
 
 
 @pytest.mark.parametrize("boundaries", [True, False])
@@ -94,8 +95,10 @@ def test_global_shuffle_is_a_permutation_per_epoch(corpus):
 @pytest.mark.parametrize("pc", [2, 4])
 def test_processes_read_disjoint_rows_of_the_same_global_batches(corpus, pc):
     ref = _take(make_token_dataset(_cfg(corpus), split="train", batch_size=8), 5)
-    per = [_take(make_token_dataset(_cfg(corpus), split="train", batch_size=8 // pc, process_index=p,
-                                    process_count=pc), 5) for p in range(pc)]
+    per = [
+        _take(make_token_dataset(_cfg(corpus), split="train", batch_size=8 // pc, process_index=p, process_count=pc), 5)
+        for p in range(pc)
+    ]
     for s in range(5):
         for k in ref[s]:
             np.testing.assert_array_equal(np.concatenate([per[p][s][k] for p in range(pc)]), ref[s][k])
@@ -103,14 +106,18 @@ def test_processes_read_disjoint_rows_of_the_same_global_batches(corpus, pc):
 
 def test_exact_resume_with_other_process_count(corpus):
     full = _take(make_token_dataset(_cfg(corpus), split="train", batch_size=6), 12)
-    its = [iter(make_token_dataset(_cfg(corpus), split="train", batch_size=3, process_index=p, process_count=2))
-           for p in range(2)]
+    its = [
+        iter(make_token_dataset(_cfg(corpus), split="train", batch_size=3, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     first = [[next(it) for it in its] for _ in range(5)]
     states = {json.dumps(it.get_state(), sort_keys=True) for it in its}
     assert len(states) == 1  # the same state on every host: valid for any process count
     state = json.loads(states.pop())
-    resumed_its = [iter(make_token_dataset(_cfg(corpus), split="train", batch_size=2, process_index=p,
-                                           process_count=3)) for p in range(3)]
+    resumed_its = [
+        iter(make_token_dataset(_cfg(corpus), split="train", batch_size=2, process_index=p, process_count=3))
+        for p in range(3)
+    ]
     for it in resumed_its:
         it.set_state(state)
     rest = [[next(it) for it in resumed_its] for _ in range(7)]
@@ -142,10 +149,14 @@ if __name__ == "__main__":
 def test_kill9_mid_run_then_resume_with_two_processes(corpus, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(script), corpus["dir"], str(tmp_path)], env=env,
-                            stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), corpus["dir"], str(tmp_path)], env=env, stderr=subprocess.PIPE
+    )
     t0 = time.time()
     while not (tmp_path / "batch30.npy").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -156,8 +167,10 @@ def test_kill9_mid_run_then_resume_with_two_processes(corpus, tmp_path):
     saved = json.loads((tmp_path / "state.json").read_text())
     k = saved["step"]
     assert k >= 31
-    its = [iter(make_token_dataset(_cfg(corpus), split="train", batch_size=2, process_index=p, process_count=2))
-           for p in range(2)]
+    its = [
+        iter(make_token_dataset(_cfg(corpus), split="train", batch_size=2, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     for it in its:
         it.set_state(saved["data"])
     resumed = [np.concatenate([next(it)["inputs"] for it in its]) for _ in range(8)]
@@ -208,19 +221,27 @@ def test_trainer_streams_tokens_and_resumes(corpus, tmp_path):
     from canon_jax.train.trainer import train
     from tests.train._util import tiny_config
 
-    raw = tiny_config({"train": "unused", "eval": "unused"}, train={"steps": 4, "batch_size": 4},
-                      checkpoint={"every": 1}, eval={"every": 2, "at_end": True})
+    raw = tiny_config(
+        {"train": "unused", "eval": "unused"},
+        train={"steps": 4, "batch_size": 4},
+        checkpoint={"every": 1},
+        eval={"every": 2, "at_end": True},
+    )
     raw["model"]["max_seq_len"] = L
-    raw["data"] = {"kind": "text", "seq_len": L,
-                   "text": {"train_tokens": corpus["dir"], "eval_fraction": 0.2, "eval_batches": 2}}
+    raw["data"] = {
+        "kind": "text",
+        "seq_len": L,
+        "text": {"train_tokens": corpus["dir"], "eval_fraction": 0.2, "eval_batches": 2},
+    }
     cfg = config_from_dict(raw)
-    full = train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "full")
     part = train(config_from_dict(raw, ["train.stop_after=2"]), tmp_path / "part")
     assert part["step"] == 2
     resumed = train(cfg, tmp_path / "part")
     assert resumed["start_step"] == 2 and resumed["step"] == 4
-    loss = {d: [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r]
-            for d in ("full", "part")}
+    loss = {
+        d: [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r] for d in ("full", "part")
+    }
     np.testing.assert_allclose(loss["part"][-2:], loss["full"][-2:], rtol=1e-6)
     evals = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r.get("eval") == "text"]
     assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in evals)

@@ -1,7 +1,5 @@
 """In-process trainer checks (1 CPU device): gradient accumulation, a step against a hand-written reference,
 divergence diagnostics, corrupt-checkpoint fallback."""
-import pathlib
-import shutil
 
 import chex
 import jax
@@ -40,13 +38,16 @@ def test_step_matches_reference_and_accumulation(corpus):
     def ref_loss_grad(p):
         def loss_fn(p):
             logits = tr.model.apply({"params": p}, jnp.asarray(batch["inputs"]))
-            return cross_entropy(logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]),
-                                 z_loss="official")[0]
+            return cross_entropy(
+                logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]), z_loss="official"
+            )[0]
+
         return jax.value_and_grad(loss_fn)(p)
 
     ref_loss, ref_g = ref_loss_grad(params0)
-    ref_tx = optax.chain(optax.clip_by_global_norm(1.0),
-                         optax.adamw(tr.schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
+    ref_tx = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(tr.schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    )
     upd, _ = ref_tx.update(ref_g, ref_tx.init(params0), params0)
     s1, m1 = tr.step(s0, batch)
     np.testing.assert_allclose(float(m1["loss"]), float(ref_loss), rtol=1e-6)

@@ -10,6 +10,7 @@ The shared library is compiled on first use with the system C++ compiler (``$CXX
 the JAX version and the compiler. Where no compiler is available, :func:`available` is False with the reason in
 :func:`unavailable_reason`; ``impl="auto"`` then uses the XLA path (and warns once), ``impl="cpu"`` raises.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -62,9 +63,18 @@ def _target_id(cxx: str) -> bytes:
 
 def library_path(cxx: str) -> pathlib.Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(), version.encode(),
-                                     os.uname().machine.encode(), " ".join(_FLAGS + _NATIVE).encode(),
-                                     _target_id(cxx)])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                _SOURCE.read_bytes(),
+                jax.__version__.encode(),
+                version.encode(),
+                os.uname().machine.encode(),
+                " ".join(_FLAGS + _NATIVE).encode(),
+                _target_id(cxx),
+            ]
+        )
+    ).hexdigest()[:16]
     return _cache_dir() / f"canon_conv_{key}.so"
 
 
@@ -128,5 +138,8 @@ def unavailable_reason() -> str | None:
 def warn_fallback_once() -> None:
     if not _state.get("warned"):
         _state["warned"] = True
-        warnings.warn(f"canon_jax: native CPU conv kernel unavailable ({unavailable_reason()}); using the slower XLA "
-                      "path", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"canon_jax: native CPU conv kernel unavailable ({unavailable_reason()}); using the slower XLA path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
