@@ -3,6 +3,7 @@
 Public API::
 
     get_task(name, **params) -> Task          # task.sample(i, split, seed) -> Sample(tokens, labels, meta)
+    task_dataset(task, split, seed)           # one task's stream as a grain MapDataset
     DataConfig, TaskSpec, make_dataset(cfg, split=..., batch_size=..., process_index=0, process_count=1)
     Vocabulary(tasks), vocab_size(tasks), pack_samples(samples, seq_len), TASK_NAMES, PRESETS, preset(name)
     tokenize_corpus(inputs, out_dir, tokenizer), TokenShards(dir)   # pre-tokenised real-text corpora
@@ -43,6 +44,7 @@ _LAZY = {
             "make_dataset",
             "make_sample_dataset",
             "preset",
+            "task_dataset",
         )
     },
     **{n: "canon_jax.data.vocab" for n in ("Vocabulary", "vocab_size")},

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from canon_jax.data import base
-from canon_jax.data.base import ANSWER, BOS, EOS, NUM_SPECIAL, QUERY
+from canon_jax.data import task as task_lib
 from canon_jax.data.rng import HarmonicN, Rng
+from canon_jax.data.task import ANSWER, BOS, EOS, NUM_SPECIAL, QUERY
 from canon_jax.data.words import distinct_words, num_possible_words
 
 MAX_DEGREE = 4
@@ -77,7 +77,7 @@ def ancestors_topo(rng: Rng, parents: list[list[int]], query: int) -> list[int]:
     return order
 
 
-class Brevo(base.Task):
+class Brevo(task_lib.Task):
     name = "brevo"
     # brevo1 defaults (N in {110, 90, 70}); brevo2 preset: N=50, multi_token=True (mini_vocab 4, lengths 2-4).
     DEFAULTS = {"N": 110, "multi_token": False, "mini_vocab": 4, "min_len": 2, "max_len": 4}
@@ -107,13 +107,13 @@ class Brevo(base.Task):
 
     def official_map(self):
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
-        m[BOS], m[EOS], m[ANSWER], m[QUERY], m[base.SEP] = 9999, 9998, 9998, 9997, 9700
+        m[BOS], m[EOS], m[ANSWER], m[QUERY], m[task_lib.SEP] = 9999, 9998, 9998, 9997, 9700
         m[NUM_SPECIAL:] = np.arange(1, self.num_task_tokens() + 1)
         return m
 
     def code_name(self, code):
         if code < NUM_SPECIAL:
-            return base.SPECIAL_NAMES[code]
+            return task_lib.SPECIAL_NAMES[code]
         return ("w" if self.params["multi_token"] else "") + str(code - NUM_SPECIAL + 1)
 
     def _generate(self, i, split, rng: Rng, seed=0):

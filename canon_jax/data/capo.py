@@ -25,9 +25,9 @@ import re
 
 import numpy as np
 
-from canon_jax.data import base
-from canon_jax.data.base import BOS, EOS, NUM_SPECIAL
+from canon_jax.data import task as task_lib
 from canon_jax.data.rng import Rng, mix_key, numpy_rng
+from canon_jax.data.task import BOS, EOS, NUM_SPECIAL
 
 MONTHS = (
     "January",
@@ -262,7 +262,7 @@ def attribute_values(name: str) -> list[str]:
     }[name]
 
 
-class Capo(base.Task):
+class Capo(task_lib.Task):
     name = "capo"
     DEFAULTS = {"num_people": 10000, "exposures": 100, "people_seed": 0}
 
@@ -290,7 +290,7 @@ class Capo(base.Task):
         return m
 
     def code_name(self, code):
-        return base.SPECIAL_NAMES[code] if code < NUM_SPECIAL else self._words[code - NUM_SPECIAL]
+        return task_lib.SPECIAL_NAMES[code] if code < NUM_SPECIAL else self._words[code - NUM_SPECIAL]
 
     @property
     def num_train_samples(self) -> int:

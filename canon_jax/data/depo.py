@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from canon_jax.data import base
-from canon_jax.data.base import ANSWER, BOS, NUM_SPECIAL, SEP
+from canon_jax.data import task as task_lib
 from canon_jax.data.rng import HarmonicN, Rng
+from canon_jax.data.task import ANSWER, BOS, NUM_SPECIAL, SEP
 from canon_jax.data.words import distinct_words, num_possible_words
 
 
@@ -29,7 +29,7 @@ def test_hops(K: int) -> list[int]:
     return ks
 
 
-class Depo(base.Task):
+class Depo(task_lib.Task):
     name = "depo"
     # depo1 official defaults (N in {375, 300, 225}; depo2 preset: N=125, K=16, mini_vocab=3, lengths 5-7).
     DEFAULTS = {"N": 375, "K": 8, "mini_vocab": 50, "min_len": 1, "max_len": 2, "M": 10, "separator": False}
@@ -65,8 +65,8 @@ class Depo(base.Task):
     def official_map(self):
         mv, K = self.params["mini_vocab"], self.params["K"]
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
-        m[base.BOS], m[ANSWER], m[SEP] = 9999, 9500, 9700
-        m[base.EOS], m[base.QUERY] = 9998, 9997  # unused by Depo
+        m[task_lib.BOS], m[ANSWER], m[SEP] = 9999, 9500, 9700
+        m[task_lib.EOS], m[task_lib.QUERY] = 9998, 9997  # unused by Depo
         m[NUM_SPECIAL : NUM_SPECIAL + 2 * mv] = np.arange(1, 2 * mv + 1)
         m[NUM_SPECIAL + 2 * mv :] = 9000 + np.arange(1, K + 1)
         return m
@@ -74,7 +74,7 @@ class Depo(base.Task):
     def code_name(self, code):
         mv = self.params["mini_vocab"]
         if code < NUM_SPECIAL:
-            return base.SPECIAL_NAMES[code]
+            return task_lib.SPECIAL_NAMES[code]
         j = code - NUM_SPECIAL
         if j < 2 * mv:
             return f"w{j + 1}"

@@ -1,8 +1,8 @@
-"""Lano: hierarchical language structure — strings of a context-free grammar (Part 1 CFGs; SPEC B.5, 0.6).
+"""Lano: hierarchical language structure — strings of a context-free grammar (the CFGs of Physics of LMs Part 1).
 
 Sequence: ``[BOS] + terminals + [EOS]``; every token after BOS is labelled (the whole string is the text to learn, and
 EOS teaches the model where a derivation ends).  Train and test strings are both sampled top-down from the grammar
-with uniform rule choice (``CFG.sample`` from ``canon_jax.data.lano_grammar``, written by the LANO helper).  Official
+with uniform rule choice (``CFG.sample`` from ``canon_jax.data.lano_grammar``; docs/tasks.md).  Official
 ids: terminals 1..num_sym, the grammar's own eos id; BOS (undefined in the release) is exported as 9999.
 
 Generation is blocked: the indices ``[b·64, (b+1)·64)`` form one block whose 64 strings come from one call of the
@@ -18,9 +18,10 @@ import functools
 
 import numpy as np
 
-from canon_jax.data import base
-from canon_jax.data.base import BOS, EOS, NUM_SPECIAL
+from canon_jax.data import task as task_lib
+from canon_jax.data.lano_grammar import CFG
 from canon_jax.data.rng import mix_key_continue, numpy_rng
+from canon_jax.data.task import BOS, EOS, NUM_SPECIAL
 
 BLOCK = 64  # strings generated together; part of the stream's definition
 _BLOCK_TAG = 0x1A40
@@ -28,18 +29,14 @@ _BLOCK_TAG = 0x1A40
 
 @functools.cache
 def load_cfg(name: str):
-    from canon_jax.data.lano_grammar import CFG  # lazy: the grammar module is owned by the Lano component
-
     return CFG.load(name)
 
 
 def cfg_names() -> list[str]:
-    from canon_jax.data.lano_grammar import CFG
-
     return list(CFG.names())
 
 
-class Lano(base.Task):
+class Lano(task_lib.Task):
     name = "lano"
     DEFAULTS = {"cfg": "cfg3f"}
 
@@ -64,7 +61,7 @@ class Lano(base.Task):
         g = numpy_rng(mix_key_continue(self.key(b0, split, seed), _BLOCK_TAG))
         return self.cfg.sample_batch(g, BLOCK)
 
-    def sample(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
+    def sample(self, i: int, split: str = "train", seed: int = 0) -> task_lib.Sample:
         """Sample ``i``: row ``i mod BLOCK`` of its block (see the module docstring)."""
         i = int(i)
         if i < 0:
@@ -84,7 +81,7 @@ class Lano(base.Task):
         tokens[1:-1] = body + self._delta
         labels = np.ones(n, np.int8)
         labels[0] = 0
-        return base.Sample(tokens=tokens, labels=labels, meta={"cfg": self.params["cfg"], "length": n - 2})
+        return task_lib.Sample(tokens=tokens, labels=labels, meta={"cfg": self.params["cfg"], "length": n - 2})
 
     def num_task_tokens(self):
         return int(self.cfg.num_sym)
@@ -92,12 +89,12 @@ class Lano(base.Task):
     def official_map(self):
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
         m[BOS], m[EOS] = 9999, int(self.cfg.eos_id)
-        m[base.ANSWER], m[base.QUERY], m[base.SEP] = 9500, 9997, 9700
+        m[task_lib.ANSWER], m[task_lib.QUERY], m[task_lib.SEP] = 9500, 9997, 9700
         m[NUM_SPECIAL:] = np.arange(1, self.num_task_tokens() + 1)
         return m
 
     def code_name(self, code):
-        return base.SPECIAL_NAMES[code] if code < NUM_SPECIAL else str(code - NUM_SPECIAL + 1)
+        return task_lib.SPECIAL_NAMES[code] if code < NUM_SPECIAL else str(code - NUM_SPECIAL + 1)
 
     def terminal_codes(self, terminals) -> list[int]:
         return [NUM_SPECIAL + int(t) - 1 for t in terminals]

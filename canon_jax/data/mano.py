@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from canon_jax.data import base
-from canon_jax.data.base import BOS, NUM_SPECIAL
+from canon_jax.data import task as task_lib
 from canon_jax.data.rng import Rng, SplitMixRng, mix_keys_np, splitmix_uniform_np
+from canon_jax.data.task import BOS, NUM_SPECIAL
 
 OP_SYMBOLS = {"a": "+", "s": "-", "m": "*", "d": "/"}
 OP_INDEX = {"a": 0, "s": 1, "m": 2, "d": 3}  # official op id = 1 + index (alias: 5 + index)
@@ -47,7 +47,7 @@ def _is_prime(m: int) -> bool:
     return m >= 2 and all(m % d for d in range(2, int(m**0.5) + 1))
 
 
-class Mano(base.Task):
+class Mano(task_lib.Task):
     name = "mano"
     DEFAULTS = {"L": 10, "ops": "asm", "mod": 23, "knowledge_augment": True}
     RNG = SplitMixRng
@@ -96,7 +96,7 @@ class Mano(base.Task):
     def official_map(self):
         p = self.params
         m = np.zeros(NUM_SPECIAL + self.num_task_tokens(), dtype=np.int64)
-        m[BOS], m[base.EOS], m[base.ANSWER], m[base.QUERY], m[base.SEP] = 9999, 9998, 9500, 9997, 9700
+        m[BOS], m[task_lib.EOS], m[task_lib.ANSWER], m[task_lib.QUERY], m[task_lib.SEP] = 9999, 9998, 9500, 9997, 9700
         m[self._val0 : self._val0 + p["mod"]] = 5000 + np.arange(p["mod"])
         m[self._op0 : self._op0 + 8] = np.arange(1, 9)
         for l in range(1, p["L"] + 1):
@@ -106,7 +106,7 @@ class Mano(base.Task):
 
     def code_name(self, code):
         if code < NUM_SPECIAL:
-            return base.SPECIAL_NAMES[code]
+            return task_lib.SPECIAL_NAMES[code]
         if code < self._op0:
             return str(code - self._val0)
         if code < self._len0:
@@ -189,11 +189,11 @@ class Mano(base.Task):
         return codes, labels, {"L": l, "answer": ans}
 
     # -- vectorised generation ------------------------------------------------------------------------------------
-    def sample_scalar(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
+    def sample_scalar(self, i: int, split: str = "train", seed: int = 0) -> task_lib.Sample:
         """Sample ``i`` by the one-sample Python path (the reference the vectorised path must reproduce)."""
-        return base.Task.sample(self, i, split, seed)
+        return task_lib.Task.sample(self, i, split, seed)
 
-    def sample(self, i: int, split: str = "train", seed: int = 0) -> base.Sample:
+    def sample(self, i: int, split: str = "train", seed: int = 0) -> task_lib.Sample:
         """Sample ``i`` of the ``split`` stream; computed with its aligned block of ``block_size`` indices."""
         i = int(i)
         if self.block_size <= 0 or i < 0:
@@ -205,11 +205,11 @@ class Mano(base.Task):
             block = self._make_block(ck)
         codes, lengths, ells, answers = block
         n = lengths[r]
-        return base.Sample(
+        return task_lib.Sample(
             tokens=codes[r, :n].copy(), labels=self._labels[n].copy(), meta={"L": ells[r], "answer": answers[r]}
         )
 
-    def sample_many(self, indices, split: str = "train", seed: int = 0) -> list[base.Sample]:
+    def sample_many(self, indices, split: str = "train", seed: int = 0) -> list[task_lib.Sample]:
         """Samples ``indices`` (any order, any gaps) in one vectorised call; identical to :meth:`sample` each."""
         idx = [int(i) for i in indices]
         # numpy's per-call overhead makes small vectorised calls slow: few indices go through the block cache
@@ -219,7 +219,7 @@ class Mano(base.Task):
         out = []
         for r, (n, l, a) in enumerate(zip(lengths.tolist(), ells.tolist(), answers.tolist())):
             out.append(
-                base.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(), meta={"L": l, "answer": a})
+                task_lib.Sample(tokens=codes[r, :n].copy(), labels=self._labels[n].copy(), meta={"L": l, "answer": a})
             )
         return out
 
@@ -309,11 +309,11 @@ class Mano(base.Task):
         answers = vals[:, 0]
         # 3) assemble [BOS|BOS'] [LEN|LEN'] expr [EQ|EQ'] answer
         width_out = n_nodes_max + 4
-        out = np.full((B, width_out), base.PAD, np.int64)
+        out = np.full((B, width_out), task_lib.PAD, np.int64)
         lbase = self._len0 + 4 * (ells - 1)
         out[:, 0] = np.where(alts & 1, self._bos_alt, BOS)
         out[:, 1] = lbase + ((alts >> 1) & 1)
-        out[:, 2 : 2 + n_nodes_max] = np.where(np.arange(n_nodes_max)[None, :] < n_nodes[:, None], expr, base.PAD)
+        out[:, 2 : 2 + n_nodes_max] = np.where(np.arange(n_nodes_max)[None, :] < n_nodes[:, None], expr, task_lib.PAD)
         out[rows, 2 + n_nodes] = lbase + np.where(alts & 4, 3, 2)
         out[rows, 3 + n_nodes] = self._val0 + answers
         if self._delta:
@@ -323,7 +323,7 @@ class Mano(base.Task):
         # (about 1 in 10 for ops=asmd, L=10) are recomputed by the one-sample path, which reads the same draws
         for r in np.flatnonzero(zero_div).tolist():
             smp = self.sample_scalar(int(idx[r]), split, seed)
-            out[r] = base.PAD
+            out[r] = task_lib.PAD
             out[r, : len(smp)] = smp.tokens
             answers[r] = smp.meta["answer"]
         return out, n_nodes + 4, ells, answers

@@ -285,6 +285,11 @@ class TaskMixtureMapDataset(grain.MapDataset):
         return f"TaskMixtureMapDataset({[t.name for t in self._tasks]}, split={self._split})"
 
 
+def task_dataset(task: base.Task, split: str = "train", seed: int = 0) -> TaskMixtureMapDataset:
+    """One task's infinite stream as a grain ``MapDataset``: element i = ``{"tokens", "labels"}`` of sample i."""
+    return TaskMixtureMapDataset([task], [1.0], split=split, seed=seed)
+
+
 class _ChunkMapDataset(grain.MapDataset):
     """Element k = the list of parent elements ``[k*chunk, (k+1)*chunk)``, fetched with one ``_getitems`` call (grain's
     shuffle and slice datasets pass it down, so the mixture generates the whole chunk at once)."""
