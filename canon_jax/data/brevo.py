@@ -1,4 +1,4 @@
-"""Brevo: reasoning breadth — list a query node's ancestors in a topological order (SPEC B.2, 0.2, 0.3).
+"""Brevo: reasoning breadth — list a query node's ancestors in a topological order (docs/tasks.md).
 
 DAG: n nodes (Brevo1: a random n-subset of node ids 1..N; Brevo2: n distinct multi-token words) in random order; the
 first L ~ U{1..⌊(n-1)/4⌋+1} are sources; every later node picks p ~ U{1..min(#cand, 4)} distinct parents among the

@@ -1,4 +1,4 @@
-"""Capo: knowledge capacity — synthetic biographies (bioS, Parts 3.1/3.3 lineage; SPEC B.4, 0.5).
+"""Capo: knowledge capacity — synthetic biographies (bioS of Physics of LMs Parts 3.1/3.3; docs/tasks.md).
 
 People (fixed by ``num_people`` and ``people_seed``): unique full names (first, middle, last drawn uniformly from the
 packaged field lists), birth date (year 1900–2099, month 1–12, day 1–28), birth city, university, major and company

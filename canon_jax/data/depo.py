@@ -1,4 +1,4 @@
-"""Depo: reasoning depth — k-hop successor queries on a directed cycle of n words (SPEC B.1, 0.2).
+"""Depo: reasoning depth — k-hop successor queries on a directed cycle of n words (docs/tasks.md).
 
 Official format (ids in the official convention): ``[BOS] + n edges "u v" (random order, optionally each preceded by
 the separator 9700) + M queries "(9000+k) q 9500 a"`` where the words form the cycle vals[0] → vals[1] → … →

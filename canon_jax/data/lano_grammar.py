@@ -1,4 +1,4 @@
-"""Lano context-free grammars (SPEC B.5): loading, sampling, fast exact membership, true next-token distribution.
+"""Lano context-free grammars (docs/tasks.md): loading, sampling, fast exact membership, true next-token distribution.
 
 The Lano grammars are *layered*: a symbol of level ``l`` expands only to symbols of level ``l + 1``, the root is the
 single symbol of level 0 and the last level holds the terminals ``1..num_sym``. Every derivation therefore has exactly
@@ -76,7 +76,7 @@ class CFG:
 
     @classmethod
     def from_dict(cls, d: dict, name: str = "custom") -> CFG:
-        """Builds a grammar from the official JSON structure (SPEC B.5), validating it.
+        """Builds a grammar from the official JSON structure (the release's ``Lano-cfg/configs/*.json``), validating it.
 
         Required fields: ``depth``, ``num_sym``, ``eos_token``, ``sizes``, ``all``; ``idx`` is optional.
         """

@@ -1,4 +1,4 @@
-"""Mano: knowledge manipulation — evaluate a prefix-notation expression mod 23 "mentally" (SPEC B.3, 0.2, 0.4).
+"""Mano: knowledge manipulation — evaluate a prefix-notation expression mod 23 "mentally" (docs/tasks.md).
 
 An expression with ℓ operations is a random binary tree in prefix order: gen(0) = a value v ~ U{0..mod-1};
 gen(ℓ) = op ~ U(ops), then l1 ~ U{0..ℓ-1} operations on the left and ℓ-1-l1 on the right.  ``÷`` (op "d") is the

@@ -7,7 +7,7 @@ ones).  Output per window (``L = seq_len``):
 
 * ``inputs``      int32 ``[L]``   tokens (PAD=0 after the last sample)
 * ``targets``     int32 ``[L]``   ``inputs[t+1]`` (PAD at t = L-1): the next token
-* ``loss_mask``   float32 ``[L]`` target semantics (SPEC 0.1): 1 iff ``targets[t]`` is supervised, i.e. tokens t and
+* ``loss_mask``   float32 ``[L]`` target semantics: 1 iff ``targets[t]`` is supervised, i.e. tokens t and
   t+1 belong to the same sample and (``loss_on="answer"``) token t+1's label is 1 / (``loss_on="all"``) always
 * ``segment_ids`` int32 ``[L]``   samples numbered 1, 2, … within the window; 0 = padding
 * ``positions``   int32 ``[L]``   position inside the sample (continues across pieces of a split sample)

@@ -1,4 +1,4 @@
-"""The shared vocabulary of a task mix (SPEC 0.8).
+"""The shared vocabulary of a task mix (docs/tasks.md, "Vocabulary").
 
 Global ids: ``0..NUM_SPECIAL-1`` are the special tokens shared by every task (PAD=0, BOS=1, EOS=2, ANSWER=3, QUERY=4,
 SEP=5); then each task of the mix gets a contiguous block for its own tokens, in the order the mix lists them.  A task

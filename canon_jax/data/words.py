@@ -1,4 +1,4 @@
-"""The official "multi-token word" generator shared by Depo and Brevo2 (SPEC B, general notes).
+"""The official "multi-token word" generator shared by Depo and Brevo2 (docs/tasks.md).
 
 A word has a length uniform in [min_len, max_len]; each token is uniform in 1..mini_vocab and the *last* token is
 shifted by +mini_vocab, so ids mini_vocab+1..2*mini_vocab mark word ends and a token stream splits into words

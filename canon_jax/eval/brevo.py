@@ -1,6 +1,6 @@
 """Brevo evaluation: the generated answer must list exactly the query's ancestors plus the query, each node after all
 of its parents (any valid topological order is accepted — there is no single reference), terminated by EOS
-(SPEC B.2, 0.2).  Test samples have n = N.  Outputs with no EOS within the budget, unknown tokens, duplicated,
+(docs/tasks.md).  Test samples have n = N.  Outputs with no EOS within the budget, unknown tokens, duplicated,
 missing or extra nodes, or an order violation are wrong.
 """
 

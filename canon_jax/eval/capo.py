@@ -1,4 +1,4 @@
-"""Capo evaluation: attribute accuracy on the trained people and a bits-of-knowledge estimate (SPEC B.4, 0.2, 0.5).
+"""Capo evaluation: attribute accuracy on the trained people and a bits-of-knowledge estimate (docs/tasks.md).
 
 Each evaluated person's biography is rendered freshly (test seed) and scored teacher-forced.  For every attribute a
 with value tokens v_1..v_m at known positions:

@@ -23,13 +23,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from canon_jax.data.base import PAD
+from pallas_kernels.common import round_up
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 GenerateFn = Callable[..., np.ndarray]
-
-
-def _round_up(n: int, m: int = 8) -> int:
-    return max(m, -(-n // m) * m)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -48,7 +45,7 @@ def teacher_forced(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not seqs:
         return []
-    length = _round_up(max(len(s) for s in seqs))
+    length = round_up(max(1, *(len(s) for s in seqs)), 8)  # a multiple of 8: fewer distinct shapes to compile
     out = []
     for b0 in range(0, len(seqs), batch_size):
         chunk = list(seqs[b0 : b0 + batch_size])

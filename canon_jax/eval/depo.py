@@ -1,4 +1,4 @@
-"""Depo evaluation: per-k accuracy of the k-hop answer word at n = N (SPEC B.1, 0.2).
+"""Depo evaluation: per-k accuracy of the k-hop answer word at n = N (docs/tasks.md).
 
 A query is correct iff greedy decoding after the answer marker reproduces every token of the answer word.  Greedy
 decoding conditions each step on the previously generated tokens, which (while correct) are exactly the true ones, so

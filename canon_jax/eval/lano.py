@@ -1,4 +1,4 @@
-"""Lano evaluator (SPEC B.5 and section 0, point 6): generation accuracy and KL to the grammar's true next-token
+"""Lano evaluator (docs/tasks.md, "Evaluation"): generation accuracy and KL to the grammar's true next-token
 distribution.
 
 * **Generation accuracy**: ``num_samples`` strings are sampled from the model starting from BOS (temperature 1 is the
@@ -14,7 +14,7 @@ distribution.
   averaged over the positions of each string, then over strings (``kl``); ``kl_pooled`` averages over all positions
   of all strings at once. Columns with ``p_true = 0`` contribute 0. No smoothing by default (``kl_epsilon = 0``): the
   restricted softmax is strictly positive for finite logits, so the KL is finite. ``kl_epsilon > 0`` applies the
-  smoothing SPEC B.5 describes for the official demo (1e-5 there): add eps to both distributions and renormalise,
+  smoothing of the official release's KL demo (1e-5 there): add eps to both distributions and renormalise,
   ``(p + eps) / (1 + K * eps)`` over the ``K = 1 + num_sym`` columns, before the KL.
 
 Which strings the KL is measured on (``kl_on``):

@@ -1,4 +1,4 @@
-"""Mano evaluation: accuracy of the answer token for expressions with exactly L operations (SPEC B.3, 0.2).
+"""Mano evaluation: accuracy of the answer token for expressions with exactly L operations (docs/tasks.md).
 
 The answer is one token, so greedy generation is correct iff the argmax of the teacher-forced logits at the "="
 position is the true value.

@@ -1,4 +1,4 @@
-"""Hugging Face ``LlamaCanon`` checkpoints <-> canon-jax ``CausalLM`` (SPEC A.4).
+"""Hugging Face ``LlamaCanon`` checkpoints <-> canon-jax ``CausalLM`` (docs/training.md, "Hugging Face checkpoints").
 
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Layouts: PyTorch ``Linear`` weights are ``[out, in]`` (Flax ``Dense`` kernels are
@@ -124,7 +124,7 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 
 def hf_config_from_model_config(config: ModelConfig) -> dict:
-    """The LlamaCanon ``config.json`` dict (HF field names of SPEC A.4) for an ``arch="llama"`` config."""
+    """The LlamaCanon ``config.json`` dict (field names of the official ``LlamaCanonConfig``) for ``arch="llama"``."""
     if config.arch != "llama":
         raise CheckpointError(
             f"hf_config_from_model_config: only arch='llama' has an HF LlamaCanon form, got {config.arch!r}"

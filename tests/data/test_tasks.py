@@ -320,7 +320,7 @@ def test_capo_people_unique_and_exposures():
     assert persons[:N] != persons[N : 2 * N]  # a fresh order per exposure
     assert [task.person_of(i, "test", 7) for i in range(N)] == list(range(N))
     assert all(v == 50 for v in NUM_TEMPLATES.values())
-    # attributes are uniform over their value lists (SPEC 0.5): chi-square on a larger table
+    # attributes are uniform over their value lists (docs/tasks.md, Capo people): chi-square on a larger table
     big = people_table(6000, 1)
     for attr, k in (("birthmonth", 12), ("birthday", 28), ("field", 100)):
         assert scipy.stats.chisquare(np.bincount(big[attr], minlength=k)).pvalue > 1e-3, attr

@@ -37,7 +37,7 @@ CFG = ModelConfig(
     canon_bias=True,
 )
 
-# Every LlamaCanon field of SPEC A.4 that describes the model.
+# Every field of the official LlamaCanonConfig that describes the model.
 HF_FIELDS = {
     "vocab_size",
     "hidden_size",
@@ -202,7 +202,7 @@ def test_config_mapping():
     }
     cfg = model_config_from_hf(hf)
     assert cfg.kv_heads == 4 and cfg.head_size == 16 and cfg.ffn_dim() == 64 * 8 // 3
-    assert cfg.rope_dim == 0 and cfg.effective_rope_dim == 0  # NoPE (SPEC 0.7)
+    assert cfg.rope_dim == 0 and cfg.effective_rope_dim == 0  # rope_dim 0 means NoPE
     back = hf_config_from_model_config(cfg)
     # the export spells derived sizes out; the re-imported config describes the same model
     assert model_config_from_hf(back) == cfg.replace(num_kv_heads=4, head_dim=16)
