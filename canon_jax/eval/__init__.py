@@ -11,46 +11,48 @@ task alone.  Which function each task needs: depo, mano, capo → ``logits_fn``;
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_EVALUATORS = {
-    "depo1": ("canon_jax.eval.depo", "evaluate_depo"),
-    "depo2": ("canon_jax.eval.depo", "evaluate_depo"),
-    "brevo1": ("canon_jax.eval.brevo", "evaluate_brevo"),
-    "brevo2": ("canon_jax.eval.brevo", "evaluate_brevo"),
-    "mano": ("canon_jax.eval.mano", "evaluate_mano"),
-    "capo": ("canon_jax.eval.capo", "evaluate_capo"),
-    "lano": ("canon_jax.eval", "_evaluate_lano"),
-}
+from canon_jax.data import base
+from canon_jax.data.vocab import Vocabulary
+from canon_jax.eval import lano as lano_eval
+from canon_jax.eval.brevo import evaluate_brevo
+from canon_jax.eval.capo import evaluate_capo
+from canon_jax.eval.depo import evaluate_depo
+from canon_jax.eval.mano import evaluate_mano
 
 
 def _evaluate_lano(task, *, max_new_tokens: int | None = None, **kwargs) -> dict:
-    """Adapter to the Lano evaluator ``canon_jax.eval.lano.evaluate_lano`` (owned by the Lano component).
+    """Adapter to the Lano evaluator :func:`canon_jax.eval.lano.evaluate_lano`.
 
     Hands it the task's grammar and this task's token ids (``token_map``: BOS, EOS and the global id of every
     terminal); the generation budget defaults to the grammar's longest string + EOS.  Other keywords (``kl_on``,
     ``kl_epsilon``, ``length_multiple``) pass through.
     """
-    from canon_jax.data.base import BOS, EOS
-    from canon_jax.eval import lano as lano_eval  # owned by the Lano component
-
     num_sym = int(task.cfg.num_sym)
     terminal_ids = [int(task.sample_token(t)) for t in range(1, num_sym + 1)]
     if max_new_tokens is None:
         max_new_tokens = int(task.cfg.max_len) + 1
     return lano_eval.evaluate_lano(
         task.cfg,
-        token_map={"bos_id": BOS, "eos_id": EOS, "terminal_ids": terminal_ids},
+        token_map={"bos_id": base.BOS, "eos_id": base.EOS, "terminal_ids": terminal_ids},
         max_new_tokens=max_new_tokens,
         **kwargs,
     )
 
 
-def _resolve_task(task_name: str, task_params: dict | None, vocab: Any):
-    from canon_jax.data import base
-    from canon_jax.data.vocab import Vocabulary
+_EVALUATORS = {
+    "depo1": evaluate_depo,
+    "depo2": evaluate_depo,
+    "brevo1": evaluate_brevo,
+    "brevo2": evaluate_brevo,
+    "mano": evaluate_mano,
+    "capo": evaluate_capo,
+    "lano": _evaluate_lano,
+}
 
+
+def _resolve_task(task_name: str, task_params: dict | None, vocab: Any):
     if task_name not in _EVALUATORS:
         raise ValueError(f"unknown task {task_name!r}; valid tasks: {sorted(_EVALUATORS)}")
     params = dict(task_params or {})
@@ -80,8 +82,7 @@ def evaluate(
     task = _resolve_task(task_name, task_params, vocab)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    mod, fn = _EVALUATORS[task_name]
-    return getattr(importlib.import_module(mod), fn)(
+    return _EVALUATORS[task_name](
         task,
         logits_fn=logits_fn,
         generate_fn=generate_fn,
