@@ -1,4 +1,4 @@
-"""Token-level cross-entropy with optional z-loss (SPEC A.2).
+"""Token-level cross-entropy with optional z-loss (docs/models.md, "Loss").
 
 :func:`cross_entropy` takes materialised logits. :func:`chunked_cross_entropy` takes the final hidden states and the
 head weight instead and computes the head matmul, log-sum-exp and target logit a chunk of time steps at a time, so
