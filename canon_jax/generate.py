@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
+from canon_jax.models import CausalLM, init_cache
 
 __all__ = ["generate", "prompt_positions"]
 
@@ -46,8 +47,6 @@ def _generate(
     top_k: int | None,
     return_logits: bool,
 ):
-    from canon_jax.models import CausalLM, init_cache
-
     model = CausalLM(config)
     b, p = prompt_ids.shape
     cache = init_cache(model, b, p + max_new_tokens)

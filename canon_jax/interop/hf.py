@@ -13,11 +13,14 @@ import warnings
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from canon_jax.config import ModelConfig
+from canon_jax.models import CausalLM
+from canon_jax.train import sharding as shd
 
 __all__ = [
     "load_hf_checkpoint",
@@ -220,9 +223,6 @@ def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
 
 def _expected_shapes(config: ModelConfig) -> dict:
     """HF name -> expected HF tensor shape, computed from the config."""
-    import jax
-
-    from canon_jax.models import CausalLM
 
     cfg = config.replace(scan_layers=False)
     shapes = jax.eval_shape(lambda: CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
@@ -358,7 +358,6 @@ def load_hf_checkpoint(path: str, **config_overrides):
 
     ``config_overrides`` set jax-side ``ModelConfig`` fields (e.g. ``scan_layers=True``, ``dtype="bfloat16"``).
     """
-    from canon_jax.models import CausalLM
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -453,10 +452,6 @@ def load_hf_checkpoint_sharded(path: str, mesh, *, rules=None, **config_override
     only that device's slice from the safetensors shards, so no host ever holds a full copy of the model (an 8B
     checkpoint loads onto a pod with each host reading only the shards its devices need).
     """
-    import jax
-
-    from canon_jax.models import CausalLM
-    from canon_jax.train import sharding as shd
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
