@@ -12,12 +12,7 @@ import importlib
 
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "reference", "pallas", "pallas_interpret")
-
-
-def check_impl(op: str, impl: str) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"{op}: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+from pallas_kernels.common import round_up
 
 
 def check_chunk_size(op: str, chunk_size) -> None:
@@ -29,10 +24,6 @@ def check_state(op: str, initial_state, want: tuple, names: str) -> None:
     """Raise a ValueError naming ``op`` unless ``initial_state`` is None or has shape ``want`` (``names`` its axes)."""
     if initial_state is not None and tuple(initial_state.shape) != tuple(want):
         raise ValueError(f"{op}: initial_state must be [{names}]={tuple(want)}, got {initial_state.shape}")
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def effective_chunk(t: int, chunk_size: int, multiple: int = 1) -> int:
@@ -82,7 +73,7 @@ def try_kernel(op: str, impl: str, *args, **kwargs):
     Returns ``None`` when the XLA chunked path should run. An explicitly requested Pallas implementation that does not
     exist raises ``NotImplementedError`` instead of silently running something else.
     """
-    if impl in ("xla", "reference"):
+    if impl in ("xla", "cpu", "reference"):
         return None
     dispatch = importlib.import_module("canon_jax.ops.dispatch")
     fn = getattr(dispatch, op, None)

@@ -20,11 +20,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from canon_jax.ops import cpu as _cpu
-from canon_jax.ops.sharded import shard_map_call, target_platform
+from pallas_kernels.common import check_impl, target_platform
+from pallas_kernels.sharding import shard_map_call
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "IMPLEMENTATIONS"]
+__all__ = ["causal_conv1d", "causal_conv1d_step"]
 
-IMPLEMENTATIONS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
 _ACTIVATIONS = (None, "silu")
 
 
@@ -284,8 +284,7 @@ def causal_conv1d(
       ``y`` ``[batch, time, channels]`` in ``x.dtype`` (float32 accumulation), and the final state if requested.
     """
     _check_args(x, weight, bias, activation, segment_ids, initial_state)
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"causal_conv1d: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+    check_impl("causal_conv1d", impl)
     k = weight.shape[0]
     y = None
     native = False

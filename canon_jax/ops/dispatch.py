@@ -13,14 +13,8 @@ import importlib
 
 from jax.sharding import PartitionSpec as P
 
-from canon_jax.ops.sharded import shard_map_call, target_platform
-
-
-def accelerator_backend() -> str | None:
-    """``"tpu"``, ``"gpu"`` or ``None`` (CPU) for the devices the program is compiled for: the context mesh's
-    devices (e.g. abstract TPU devices of a deviceless compile on a CPU host), else the default backend."""
-    platform = target_platform()
-    return None if platform == "cpu" else platform
+from pallas_kernels.common import accelerator_backend, target_platform
+from pallas_kernels.sharding import shard_map_call
 
 
 def _pallas_api(module: str, op: str):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.ops import _chunk_utils as cu
+from pallas_kernels.common import check_impl
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "gated_delta_rule_reference", "l2_normalize"]
 
@@ -226,7 +227,7 @@ def gated_delta_rule(
     Returns:
       ``(o [batch, time, heads, value_dim] in q's dtype, final_state [batch, heads, key_dim, value_dim] float32)``.
     """
-    cu.check_impl("gated_delta_rule", impl)
+    check_impl("gated_delta_rule", impl)
     cu.check_chunk_size("gated_delta_rule", chunk_size)
     _check(q, k, v, log_decay, beta, initial_state)
     if impl == "reference":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from canon_jax.ops import _chunk_utils as cu
 from canon_jax.ops import dispatch
+from pallas_kernels.common import check_impl
 
 __all__ = ["gla", "gla_step", "gla_reference"]
 
@@ -172,7 +173,7 @@ def gla(q, k, v, log_gate, *, scale: float | None = None, initial_state=None, ch
     Returns:
       ``(o [batch, time, heads, value_dim] in q's dtype, final_state [batch, heads, key_dim, value_dim] float32)``.
     """
-    cu.check_impl("gla", impl)
+    check_impl("gla", impl)
     cu.check_chunk_size("gla", chunk_size)
     _check(q, k, v, log_gate, initial_state)
     if impl == "reference":

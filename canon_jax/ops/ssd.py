@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.ops import _chunk_utils as cu
+from pallas_kernels.common import check_impl
 
 __all__ = ["ssd", "ssd_step", "ssd_reference"]
 
@@ -159,7 +160,7 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 256, im
     Returns:
       ``(y [batch, time, heads, head_dim] in x's dtype, final_state [batch, heads, head_dim, state] float32)``.
     """
-    cu.check_impl("ssd", impl)
+    check_impl("ssd", impl)
     cu.check_chunk_size("ssd", chunk_size)
     _check(x, dt, A, B, C, D, initial_state)
     if impl == "reference":

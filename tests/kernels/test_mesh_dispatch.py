@@ -17,7 +17,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 from canon_jax.ops import dispatch
-from canon_jax.ops.sharded import resolve_logical_axes, shard_map_call, target_platform
+from pallas_kernels.common import target_platform
+from pallas_kernels.sharding import resolve_logical_axes, shard_map_call
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
