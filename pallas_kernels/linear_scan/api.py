@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 
 from pallas_kernels.common import BlockSizes, resolve_backend, round_up
+from pallas_kernels.linear_scan import gpu, gpu_common, gpu_plan
 from pallas_kernels.linear_scan.op import _Static, scan_op
 from pallas_kernels.linear_scan.tpu import ScanLayout
 
@@ -25,12 +26,10 @@ def supports(
     """Whether the kernel family of ``backend`` (default: the current device's) takes this call of ``op`` ("gla" or
     "ssd"; ``dk`` = key width (SSD's N), ``dv`` = value width (SSD's P)). The TPU kernel takes any shape; the Mosaic
     GPU kernels need Dk a multiple of 64, Dv a multiple of ``block_sizes.block_dv`` and a chunk that is a multiple of
-    64 (see ``gpu.check_supported``); for "ssd" also a chunk (the requested one or a smaller multiple of 64, unless
+    64 (see ``gpu_plan.check_supported``); for "ssd" also a chunk (the requested one or a smaller multiple of 64, unless
     ``block_sizes.chunk`` fixes it) at which all its kernels fit the shared memory of an sm_90 block
-    (``gpu.ssd_chunk``; at N = 256 none does). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under
+    (``gpu_plan.ssd_chunk``; at N = 256 none does). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under
     ``impl="auto"``."""
-    from pallas_kernels.linear_scan import gpu
-
     if op not in ("gla", "ssd"):
         raise ValueError(f"linear_scan.supports: unknown op {op!r}")
     try:
@@ -42,9 +41,9 @@ def supports(
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     try:
         chunk = _gpu_chunk(t_len, chunk_size, bs)
-        gpu.check_supported(chunk, dk, dv, bs.block_dv)
+        gpu_plan.check_supported(chunk, dk, dv, bs.block_dv)
         if op == "ssd":
-            gpu.ssd_chunk(chunk, dk, bs.block_dv, fixed=bs.chunk is not None)
+            gpu_plan.ssd_chunk(chunk, dk, bs.block_dv, fixed=bs.chunk is not None)
     except (NotImplementedError, ValueError):
         return False
     return True
@@ -67,18 +66,16 @@ def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: BlockSizes 
     """Scalar bool (traceable): whether the Mosaic GPU GLA kernels' exponent bound holds for these log-gates
     ``[batch, time, heads, Dk]``.
 
-    The kernels refer q and k to the middle row of their sub-chunk (``gpu.gla_scan_fwd``), so the factors
+    The kernels refer q and k to the middle row of their sub-chunk (``gpu_fwd.gla_scan_fwd``), so the factors
     ``exp(b_t - m_i)`` / ``exp(m_j - b_s)`` have positive exponents up to the log-gate total of half a sub-chunk per
-    channel (``gpu.gla_max_exponent``). Up to ``gpu.GLA_SAFE_EXPONENT`` both the large factor and its small partner
-    stay normal float32/bfloat16 numbers; beyond it the diagonal blocks would lose terms or overflow.
+    channel (``gpu_plan.gla_max_exponent``). Up to ``gpu_plan.GLA_SAFE_EXPONENT`` both the large factor and its small
+    partner stay normal float32/bfloat16 numbers; beyond it the diagonal blocks would lose terms or overflow.
     ``canon_jax.ops.gla`` runs its exact XLA path (every exponent non-positive) when this is False."""
-    from pallas_kernels.linear_scan import gpu
-
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     t_len = log_gate.shape[1]
     chunk = _gpu_chunk(t_len, chunk_size, bs)
     g = jnp.pad(log_gate.astype(jnp.float32), [(0, 0), (0, round_up(t_len, chunk) - t_len), (0, 0), (0, 0)])
-    return gpu.gla_max_exponent(g, sub=math.gcd(chunk, bs.sub_chunk)) <= gpu.GLA_SAFE_EXPONENT
+    return gpu_plan.gla_max_exponent(g, sub=math.gcd(chunk, bs.sub_chunk)) <= gpu_plan.GLA_SAFE_EXPONENT
 
 
 def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
@@ -93,9 +90,7 @@ def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
 def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector, rep=1):
     """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
     [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
-    from pallas_kernels.linear_scan import gpu
-
-    gpu_interp = gpu.is_gpu_interpret(interpret)  # the Mosaic GPU interpreter runs the GPU kernel family
+    gpu_interp = gpu_common.is_gpu_interpret(interpret)  # the Mosaic GPU interpreter runs the GPU kernel family
     be = "gpu" if gpu_interp and backend is None else resolve_backend(backend, interpret)
     if gpu_interp and be != "gpu":
         raise ValueError(f"linear_scan: Mosaic GPU interpret params need backend='gpu' (or None), got {backend!r}")
@@ -155,14 +150,12 @@ def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
     padded with k = v = 0 and gate 0, whose cotangents are dropped by the final slice). Same arguments
     as ``_run``; q/k keep their groups (the kernel reads group ``h // rep``). ``interpret``: None (compile) or
     the Mosaic GPU interpreter's params."""
-    from pallas_kernels.linear_scan import gpu
-
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     bsz, t_len, heads, dv = v.shape
     chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
-    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
+    gpu_plan.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
     # at most the requested chunk, shrunk to one whose kernels fit the shared memory (Mamba2's 256 does not)
-    chunk = gpu.ssd_chunk(chunk, q.shape[-1], bs.block_dv, fixed=bs.chunk is not None)
+    chunk = gpu_plan.ssd_chunk(chunk, q.shape[-1], bs.block_dv, fixed=bs.chunk is not None)
     tp = round_up(t_len, chunk)
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
     o, s = gpu.scalar_scan(
@@ -182,12 +175,10 @@ def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
     """Vector gates on the Mosaic GPU wgmma kernels (``gpu.vector_scan``; backward on the ``gpu_bwd`` kernels). Same
     arguments as ``_run`` (q, k, g ``[B, T, H, Dk]``; st0 ``[B, H, Dv, Dk]``). The sub-chunk is
     ``gcd(chunk, BlockSizes.sub_chunk)``."""
-    from pallas_kernels.linear_scan import gpu
-
     bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
     t_len, dv = v.shape[1], v.shape[3]
     chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
-    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
+    gpu_plan.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
     sub = math.gcd(chunk, bs.sub_chunk)
     tp = round_up(t_len, chunk)
     # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
@@ -231,7 +222,7 @@ def gla(
       initial_state: optional ``[batch, heads, Dk, Dv]``.
       chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
       interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
-        ``pltpu.InterpretParams``, or the Mosaic GPU interpreter's params ``gpu.interpret_params()``).
+        ``pltpu.InterpretParams``, or the Mosaic GPU interpreter's params ``gpu_common.interpret_params()``).
         ``backend="gpu"`` runs the Mosaic GPU wgmma kernel (``gpu.vector_scan``: Dk a multiple of 64, Dv of
         ``block_sizes.block_dv``, chunk a multiple of 64; backward on the Mosaic GPU kernels of ``gpu_bwd``).
 
@@ -296,7 +287,7 @@ def ssd(
       B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
       D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
       chunk_size: tokens per chunk; the Mosaic GPU kernels take the largest multiple of 64 up to it at which they
-        fit an sm_90 block's shared memory (``gpu.ssd_chunk``: 64 for Mamba2's 256 at N = 128), unless
+        fit an sm_90 block's shared memory (``gpu_plan.ssd_chunk``: 64 for Mamba2's 256 at N = 128), unless
         ``block_sizes.chunk`` fixes the chunk.
 
     Returns:

@@ -53,20 +53,24 @@ def test_ssd_gpu_chunk_plan_holds_the_smem_model_to_the_limit():
     """The SSD kernels' chunk is the largest multiple of 64 up to the requested one whose kernels all fit an sm_90
     block's 232,448 bytes (the per-kernel models are checked against Mosaic's own counts in test_export.py)."""
     from pallas_kernels.common import BlockSizes
-    from pallas_kernels.linear_scan import gpu, supports
+    from pallas_kernels.linear_scan import gpu_common, gpu_plan, supports
 
     limit = 232448
-    assert gpu.SMEM_LIMIT == limit
+    assert gpu_common.SMEM_LIMIT == limit
     # Mamba2's chunk of 256 at N = 128: 691,288 bytes (dq/dk kernel); 192 and 128 are over too; 64 fits
-    assert gpu.ssd_smem_bytes(256, 128, 64) == 691288
-    assert min(gpu.ssd_smem_bytes(c, 128, 64) for c in (128, 192, 256)) > limit >= gpu.ssd_smem_bytes(64, 128, 64)
-    assert gpu.ssd_chunk(256, 128, 64) == 64
-    assert gpu.ssd_chunk(256, 64, 64) == 128  # N = 64: 216,152 bytes at 128
-    assert gpu.ssd_chunk(64, 128, 64) == 64 and gpu.ssd_chunk(256, 128, 64, fixed=False, limit=10**6) == 256
+    assert gpu_plan.ssd_smem_bytes(256, 128, 64) == 691288
+    assert (
+        min(gpu_plan.ssd_smem_bytes(c, 128, 64) for c in (128, 192, 256))
+        > limit
+        >= gpu_plan.ssd_smem_bytes(64, 128, 64)
+    )
+    assert gpu_plan.ssd_chunk(256, 128, 64) == 64
+    assert gpu_plan.ssd_chunk(256, 64, 64) == 128  # N = 64: 216,152 bytes at 128
+    assert gpu_plan.ssd_chunk(64, 128, 64) == 64 and gpu_plan.ssd_chunk(256, 128, 64, fixed=False, limit=10**6) == 256
     with pytest.raises(NotImplementedError, match="need 283768 bytes of shared memory at chunk=64.* may use 232448"):
-        gpu.ssd_chunk(256, 256, 64)  # N = 256 fits at no chunk
+        gpu_plan.ssd_chunk(256, 256, 64)  # N = 256 fits at no chunk
     with pytest.raises(NotImplementedError, match="need 691288 bytes .* at chunk=256"):
-        gpu.ssd_chunk(256, 128, 64, fixed=True)
+        gpu_plan.ssd_chunk(256, 128, 64, fixed=True)
     big = dict(dk=128, dv=256, t_len=16384, chunk_size=256)
     assert supports("ssd", backend="gpu", **big)  # planned down to 64
     assert not supports("ssd", backend="gpu", **{**big, "dk": 256})
