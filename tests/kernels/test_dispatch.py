@@ -1,4 +1,4 @@
-"""The ``impl=`` bridge in ``canon_jax.ops.dispatch`` for the kernels."""
+"""The ``impl=`` switch of the scan ops (``pallas_kernels.linear_scan.api``) routing to the kernels."""
 
 import chex
 import jax
@@ -6,31 +6,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from canon_jax.ops import dispatch
-from pallas_kernels.linear_scan import gla_reference
+from pallas_kernels.common import accelerator_backend
+from pallas_kernels.linear_scan import api, gla_reference
 
 
 def test_linear_scan_routes_and_falls_back():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 1, 8)), jnp.float32) for _ in range(3))
     g = jnp.asarray(np.log(rng.uniform(0.7, 1.0, (1, 6, 1, 8))), jnp.float32)
-    assert dispatch.linear_scan("xla", "gla", q, k, v, g) is None
-    if dispatch.accelerator_backend() is None:
-        assert dispatch.linear_scan("auto", "gla", q, k, v, g) is None
+    assert api.scan_kernel("xla", "gla", q, k, v, g) is None
+    if accelerator_backend() is None:
+        assert api.scan_kernel("auto", "gla", q, k, v, g) is None
         with pytest.raises(NotImplementedError, match="pallas_interpret"):
-            dispatch.linear_scan("pallas", "gla", q, k, v, g)
-    o, s = jax.jit(lambda *a: dispatch.linear_scan("pallas_interpret", "gla", *a, chunk_size=16))(q, k, v, g)
+            api.scan_kernel("pallas", "gla", q, k, v, g)
+    o, s = jax.jit(lambda *a: api.scan_kernel("pallas_interpret", "gla", *a, chunk_size=16))(q, k, v, g)
     ro, rs = gla_reference(q, k, v, g)
     np.testing.assert_allclose(np.asarray(o), ro, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s), rs, atol=1e-5)
-    y, h = jax.jit(lambda *a: dispatch.ssd("pallas_interpret", *a, chunk_size=8))(
+    y, h = jax.jit(lambda *a: api.ssd_kernel("pallas_interpret", *a, chunk_size=8))(
         v, jnp.full((1, 6, 1), 0.1), jnp.array([-1.0]), k, q, jnp.array([0.5])
     )
     chex.assert_shape((y, h), ((1, 6, 1, 8), (1, 1, 8, 8)))
     with pytest.raises(ValueError, match="unknown op"):
-        dispatch.linear_scan("auto", "gdn", q, k, v, g)
+        api.scan_kernel("auto", "gdn", q, k, v, g)
     with pytest.raises(ValueError, match="unknown impl"):
-        dispatch.linear_scan("fast", "gla", q, k, v, g)
+        api.scan_kernel("fast", "gla", q, k, v, g)
 
 
 def test_scan_supports_reports_the_gpu_kernel_limits():
@@ -43,7 +43,7 @@ def test_scan_supports_reports_the_gpu_kernel_limits():
     assert not supports("ssd", backend="gpu", **{**ok, "dv": 96})  # Dv not a multiple of block_dv = 64
     assert not supports("gla", backend="gpu", **{**ok, "chunk_size": 32})  # chunk not a multiple of 64
     assert supports("gla", backend="gpu", **{**ok, "t_len": 5, "chunk_size": 32}) is False
-    if dispatch.accelerator_backend() is None:
+    if accelerator_backend() is None:
         assert not supports("gla", **ok)  # no compiled kernel on a CPU host
     with pytest.raises(ValueError, match="unknown op"):
         supports("gdn", **ok)
@@ -82,20 +82,20 @@ def test_auto_routes_the_scan_to_the_gpu_kernel_only_for_supported_shapes(monkey
     """``impl="auto"`` on a (simulated) GPU host: the Mosaic GPU kernel for shapes it takes, XLA (None) otherwise.
     The kernel entry point is replaced by a recorder: this checks the routing, not the kernel."""
     import pallas_kernels.common as common
-    import pallas_kernels.linear_scan as ls
+    from pallas_kernels.linear_scan import kernel as ls
 
-    monkeypatch.setattr(dispatch, "accelerator_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "accelerator_backend", lambda: "gpu")
     monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
     calls = []
     monkeypatch.setattr(ls, "gla", lambda *a, **kw: calls.append(("gla", kw)) or "kernel")
     monkeypatch.setattr(ls, "ssd", lambda *a, **kw: calls.append(("ssd", kw)) or "kernel")
     q = jnp.zeros((1, 128, 2, 64))
     v = jnp.zeros((1, 128, 2, 128))
-    assert dispatch.gla("auto", q, q, v, q, chunk_size=64) == "kernel"
-    assert dispatch.gla("auto", q, q, v, q, chunk_size=16) is None  # chunk 16: XLA
-    assert dispatch.gla("auto", q[..., :32], q[..., :32], v, q[..., :32], chunk_size=64) is None  # Dk 32: XLA
+    assert api.gla_kernel("auto", q, q, v, q, chunk_size=64) == "kernel"
+    assert api.gla_kernel("auto", q, q, v, q, chunk_size=16) is None  # chunk 16: XLA
+    assert api.gla_kernel("auto", q[..., :32], q[..., :32], v, q[..., :32], chunk_size=64) is None  # Dk 32: XLA
     x, dt, a, d = jnp.zeros((1, 128, 2, 64)), jnp.zeros((1, 128, 2)), jnp.zeros((2,)), jnp.zeros((2,))
     bm = jnp.zeros((1, 128, 1, 64))
-    assert dispatch.ssd("auto", x, dt, a, bm, bm, d, chunk_size=256) == "kernel"
-    assert dispatch.ssd("auto", x[..., :48], dt, a, bm, bm, d, chunk_size=256) is None  # P = 48: XLA
+    assert api.ssd_kernel("auto", x, dt, a, bm, bm, d, chunk_size=256) == "kernel"
+    assert api.ssd_kernel("auto", x[..., :48], dt, a, bm, bm, d, chunk_size=256) is None  # P = 48: XLA
     assert [c[0] for c in calls] == ["gla", "ssd"] and all(c[1]["interpret"] is False for c in calls)

@@ -563,7 +563,7 @@ def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
     """``canon_jax.ops.gla`` on a (simulated) GPU host: the Mosaic GPU kernels (run here by the interpreter) when the
     log-gates keep their sub-chunk factors in range, the exact XLA path when they do not — gates of -30 per token in
     some channels, where the kernel alone returns a wrong (non-finite) output."""
-    from canon_jax.ops import dispatch
+    from pallas_kernels.linear_scan import api
 
     calls = []
 
@@ -571,8 +571,8 @@ def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
         calls.append(impl)
         return gla(q, k, v, g, backend="gpu", interpret=gpu_common.interpret_params(), **kw)
 
-    monkeypatch.setattr(dispatch, "gla_uses_gpu_kernel", lambda *a: True)
-    monkeypatch.setattr(dispatch, "gla", gpu_gla)
+    monkeypatch.setattr(api, "gla_uses_gpu_kernel", lambda *a: True)
+    monkeypatch.setattr(api, "gla_kernel", gpu_gla)
     b, t, h, dk, dv = 1, 64, 1, 64, 64
     q, k, v, g, _ = _gla_inputs(22, b, t, h, dk, dv, jnp.float32)
     for strong in (False, True):
