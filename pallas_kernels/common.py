@@ -28,12 +28,12 @@ IMPLEMENTATIONS = {
 }
 
 
-def check_impl(op: str, impl) -> str:
+def check_impl(op: str, impl, name: str = "impl") -> str:
     """``impl`` if ``op`` (a key of ``IMPLEMENTATIONS``) has an implementation of that name; else a ValueError naming
-    the op and the allowed names."""
+    the op, the argument (``name``) and the allowed names."""
     allowed = IMPLEMENTATIONS[op]
     if impl not in allowed:
-        raise ValueError(f"{op}: unknown impl {impl!r}; choose one of {allowed}")
+        raise ValueError(f"{op}: unknown {name} {impl!r}; choose one of {allowed}")
     return impl
 
 

@@ -56,7 +56,7 @@ def resolve(impl: str, q, k) -> str:
     """The implementation ``impl`` stands for on the target platform: ``"xla"``, ``"splash"``,
     ``"splash_interpret"`` or ``"cudnn"``. Raises ValueError for an unknown name and NotImplementedError for a
     kernel the target platform cannot run."""
-    check_impl("attention", impl)
+    check_impl("attention", impl, name="attention_impl")
     if impl in ("xla", "splash_interpret"):
         return impl
     platform = _platform()
