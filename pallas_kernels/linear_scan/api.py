@@ -23,7 +23,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.common import accelerator_backend, check_impl, target_platform
-from pallas_kernels.linear_scan import gdn_xla, gla_xla, kernel, ssd_xla
+from pallas_kernels.linear_scan import chunked, gdn_xla, gla_xla, kernel, ssd_xla
 from pallas_kernels.linear_scan.checks import check_chunk_size, check_gdn, check_gla, check_ssd
 from pallas_kernels.linear_scan.gdn_xla import gated_delta_rule_step
 from pallas_kernels.linear_scan.gla_xla import gla_step
@@ -174,8 +174,8 @@ def gla(q, k, v, log_gate, *, scale: float | None = None, initial_state=None, ch
     check_gla("gla", q, k, v, log_gate, initial_state)
     if impl == "reference":
         return gla_xla.gla_reference(q, k, v, log_gate, scale=scale, initial_state=initial_state)
-    kw = dict(scale=gla_xla._scale(scale, q.shape[-1]), initial_state=initial_state, chunk_size=chunk_size)
-    chunked = lambda: gla_xla.gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size)
+    kw = dict(scale=chunked.query_scale(scale, q.shape[-1]), initial_state=initial_state, chunk_size=chunk_size)
+    xla_form = lambda: gla_xla.gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size)
     if gla_uses_gpu_kernel(impl, q, v, chunk_size):
         # The Mosaic GPU kernels factor the diagonal sub-chunk blocks with exponents bounded by half a sub-chunk's
         # log-gate total (not non-positive); for gates beyond that bound this path runs the exact XLA form instead.
@@ -183,9 +183,9 @@ def gla(q, k, v, log_gate, *, scale: float | None = None, initial_state=None, ch
             o, s = gla_kernel(impl, q, k, v, log_gate, **kw)
             return o.astype(q.dtype), s
 
-        return jax.lax.cond(kernel.gla_gpu_gates_ok(log_gate, chunk_size=chunk_size), on_kernel, chunked)
+        return jax.lax.cond(kernel.gla_gpu_gates_ok(log_gate, chunk_size=chunk_size), on_kernel, xla_form)
     out = gla_kernel(impl, q, k, v, log_gate, **kw) if _wants_kernel("gla", impl) else None
-    return out if out is not None else chunked()
+    return out if out is not None else xla_form()
 
 
 def gated_delta_rule(

@@ -13,6 +13,11 @@ import jax.numpy as jnp
 from pallas_kernels.common import round_up
 
 
+def query_scale(scale, dk: int):
+    """The query scale: ``scale``, default ``dk ** -0.5``."""
+    return dk**-0.5 if scale is None else scale
+
+
 def effective_chunk(t: int, chunk_size: int, multiple: int = 1) -> int:
     """The chunk actually used: ``chunk_size``, or less for short inputs (no point padding 1 token to 256)."""
     return min(chunk_size, round_up(max(t, 1), multiple))

@@ -43,10 +43,6 @@ def l2_normalize(x):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
 
 
-def _scale(scale, dk):
-    return dk**-0.5 if scale is None else scale
-
-
 def _prep_qk(q, k, use_qk_l2norm):
     if use_qk_l2norm:
         return l2_normalize(q), l2_normalize(k)
@@ -77,7 +73,7 @@ def gated_delta_rule_step(
         raise ValueError(f"gated_delta_rule_step: state must be {want}, got {state.shape}")
     qf, kf = _prep_qk(q_t, k_t, use_qk_l2norm)
     f = lambda a: a.astype(jnp.float32)
-    o, s = _step_f32(f(state), qf * _scale(scale, q_t.shape[-1]), kf, f(v_t), f(log_decay_t), f(beta_t))
+    o, s = _step_f32(f(state), qf * cu.query_scale(scale, q_t.shape[-1]), kf, f(v_t), f(log_decay_t), f(beta_t))
     return o.astype(q_t.dtype), s
 
 
@@ -91,7 +87,7 @@ def gated_delta_rule_reference(q, k, v, log_decay, beta, *, scale=None, initial_
     """Token-by-token ``lax.scan``. Same arguments/returns as ``api.gated_delta_rule``."""
     b, _, h, dk = q.shape
     qf, kf = _prep_qk(q, k, use_qk_l2norm)
-    qf = qf * _scale(scale, dk)
+    qf = qf * cu.query_scale(scale, dk)
     xs = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (qf, kf, v, log_decay, beta))
 
     def body(state, inp):
@@ -153,7 +149,7 @@ def gdn_chunked(q, k, v, log_decay, beta, scale, initial_state, use_qk_l2norm, c
     # Padded steps: log-decay 0 and beta 0 make them identity transitions.
     qc, kc, vc = (cu.to_chunks(cu.pad_time(a.astype(jnp.float32), tp), c) for a in (qf, kf, v))
     gc, bc = (cu.to_chunks(cu.pad_time(a.astype(jnp.float32), tp), c) for a in (log_decay, beta))  # [B,H,N,C]
-    qc = qc * _scale(scale, dk)
+    qc = qc * cu.query_scale(scale, dk)
     gcum = jnp.cumsum(gc, axis=-1)  # [B, H, N, C]
     diff = gcum[..., :, None] - gcum[..., None, :]
     decay = cu.masked_exp(diff, cu.causal_mask(c))  # D_ts, zero above the diagonal

@@ -36,10 +36,6 @@ __all__ = ["gla_step", "gla_reference", "gla_chunked"]
 _SUB_CHUNK = 16
 
 
-def _scale(scale, dk):
-    return dk**-0.5 if scale is None else scale
-
-
 def _step_f32(state, q_t, k_t, v_t, g_t):
     state = jnp.exp(g_t)[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
     o_t = jnp.einsum("bhd,bhde->bhe", q_t, state)
@@ -59,7 +55,7 @@ def gla_step(q_t, k_t, v_t, log_gate_t, state, *, scale: float | None = None):
     if state.shape != want:
         raise ValueError(f"gla_step: state must be [batch, heads, key_dim, value_dim]={want}, got {state.shape}")
     f = lambda a: a.astype(jnp.float32)
-    o, s = _step_f32(f(state), f(q_t) * _scale(scale, q_t.shape[-1]), f(k_t), f(v_t), f(log_gate_t))
+    o, s = _step_f32(f(state), f(q_t) * cu.query_scale(scale, q_t.shape[-1]), f(k_t), f(v_t), f(log_gate_t))
     return o.astype(q_t.dtype), s
 
 
@@ -74,7 +70,7 @@ def gla_reference(q, k, v, log_gate, *, scale=None, initial_state=None):
     b, _, h, dk = q.shape
     s0 = _init_state(initial_state, b, h, dk, v.shape[-1])
     xs = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (q, k, v, log_gate))
-    sc = _scale(scale, dk)
+    sc = cu.query_scale(scale, dk)
 
     def body(state, inp):
         q_t, k_t, v_t, g_t = inp
@@ -98,7 +94,7 @@ def gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size):
     tp = round_up(t, c)
     # Padded steps: zero q/k/v and log-gate 0 (identity transition), so the final state is exact.
     qc, kc, vc, gc = (cu.to_chunks(cu.pad_time(a.astype(jnp.float32), tp), c) for a in (q, k, v, log_gate))
-    qc = qc * _scale(scale, dk)
+    qc = qc * cu.query_scale(scale, dk)
     bcum = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dk], inclusive, <= 0
 
     lead = bcum.shape[:3]
