@@ -9,6 +9,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from pallas_kernels.common import ATTENTION_IMPLS, KERNEL_IMPLS
+
 __all__ = ["ModelConfig", "ARCHS", "CANON_LETTERS"]
 
 ARCHS = ("llama", "gla", "gdn", "mamba2")
@@ -20,7 +22,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # outputs and the token mixer's core output: attention / linear recurrence): canon_jax.models.causal_lm.REMAT_POLICIES
 REMAT = ("none", "full", "save_dots", "save_canon_attn")
 INIT_SCHEMES = ("auto", "lingua", "hf", "torch")
-ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret", "cudnn")  # canon_jax.ops.attention.ATTENTION_IMPLS
 
 
 def _err(name, msg):
@@ -94,7 +95,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
-    kernel_impl: str = "auto"  # impl= passed to the ops (auto / xla / pallas / pallas_interpret)
+    kernel_impl: str = "auto"  # impl= passed to the ops: one of pallas_kernels.common.KERNEL_IMPLS
 
     def __post_init__(self):
         self.validate()
@@ -155,8 +156,8 @@ class ModelConfig:
             raise _err("remat", f"must be one of {REMAT}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise _err("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.kernel_impl not in ("auto", "xla", "pallas", "pallas_interpret"):
-            raise _err("kernel_impl", f"must be auto/xla/pallas/pallas_interpret, got {self.kernel_impl!r}")
+        if self.kernel_impl not in KERNEL_IMPLS:
+            raise _err("kernel_impl", f"must be one of {KERNEL_IMPLS}, got {self.kernel_impl!r}")
         # linear models
         if self.arch != "llama":
             for name in ("gate_low_rank", "output_gate_rank", "linear_chunk_size", "ssm_groups", "mamba_chunk_size"):

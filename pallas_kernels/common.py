@@ -1,4 +1,5 @@
-"""Shared plumbing for the Pallas kernels: block sizes per backend, backend choice, compiler parameters."""
+"""Shared plumbing of the ops: the implementation names, the target platform and kernel family, block sizes per
+backend, compiler parameters, padding arithmetic."""
 
 from __future__ import annotations
 
@@ -10,6 +11,58 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 BACKENDS = ("tpu", "gpu")
+
+# The implementation names an op's ``impl=`` takes (one list; ``ModelConfig.kernel_impl`` takes ``KERNEL_IMPLS``):
+# "auto" (the target platform's best), "xla" (XLA only), "cpu" (the CPU path: the native XLA:CPU kernel of the conv;
+# the chunked XLA form of the scans, which have no native kernel), "reference" (the scans' token-by-token lax.scan),
+# "pallas" (the compiled Pallas kernel) and "pallas_interpret" (the Pallas kernel in the interpreter, any backend).
+KERNEL_IMPLS = ("auto", "xla", "cpu", "pallas", "pallas_interpret")
+_SCAN_IMPLS = KERNEL_IMPLS + ("reference",)
+ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret", "cudnn")
+IMPLEMENTATIONS = {
+    "causal_conv1d": KERNEL_IMPLS,
+    "gla": _SCAN_IMPLS,
+    "gated_delta_rule": _SCAN_IMPLS,
+    "ssd": _SCAN_IMPLS,
+    "attention": ATTENTION_IMPLS,
+}
+
+
+def check_impl(op: str, impl, name: str = "impl") -> str:
+    """``impl`` if ``op`` (a key of ``IMPLEMENTATIONS``) has an implementation of that name; else a ValueError naming
+    the op, the argument (``name``) and the allowed names."""
+    allowed = IMPLEMENTATIONS[op]
+    if impl not in allowed:
+        raise ValueError(f"{op}: unknown {name} {impl!r}; choose one of {allowed}")
+    return impl
+
+
+def context_mesh():
+    """The mesh set for the code being traced (an ``AbstractMesh``), or None when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def target_platform() -> str:
+    """``"tpu"``, ``"gpu"`` or ``"cpu"``: the platform of the devices the program is compiled for, i.e. the context
+    mesh's devices (also the abstract TPU/GPU devices of a deviceless ahead-of-time compile on a CPU host), else the
+    process's default backend."""
+    mesh = context_mesh()
+    device = None if mesh is None else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return "cpu"
+
+
+def accelerator_backend() -> str | None:
+    """The kernel family of the target platform: ``"tpu"``, ``"gpu"``, or ``None`` on CPU."""
+    platform = target_platform()
+    return None if platform == "cpu" else platform
+
+
 SCAN_LAYOUTS = ("auto", "time_major", "head_major")
 
 
@@ -67,23 +120,21 @@ class BlockSizes:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def resolve_backend(backend: str | None, interpret: bool) -> str:
-    """Which kernel family to build: the named ``backend``, else the default device's, else (CPU) ``"tpu"`` in
-    interpret mode. Raises when a compiled kernel is asked for on a machine without TPU/GPU."""
+def resolve_backend(backend: str | None, interpret) -> str:
+    """Which kernel family to build: the named ``backend``, else the target platform's (:func:`accelerator_backend`),
+    else (CPU) ``"tpu"`` in interpret mode. Raises when a compiled kernel is asked for a CPU target."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         return backend
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "tpu"
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
+    family = accelerator_backend()
+    if family is not None:
+        return family
     if interpret:
         return "tpu"
     raise NotImplementedError(
-        f"Pallas kernels need a TPU or GPU (default backend is {platform!r}); pass interpret=True to run them "
-        "in interpret mode, or use the XLA implementation"
+        f"Pallas kernels need a TPU or GPU (the program is compiled for {target_platform()!r}); pass "
+        "interpret=True to run them in interpret mode, or use the XLA implementation"
     )
 
 

@@ -1,8 +1,9 @@
-"""Math with one signature and several implementations (XLA reference/chunked paths, Pallas kernels).
+"""The model's ops, each with one ``impl=`` switch (``pallas_kernels.common.IMPLEMENTATIONS``).
 
-``causal_conv1d`` (the Canon conv), ``gla`` (gated linear attention), ``gated_delta_rule`` (GDN) and ``ssd``
-(Mamba2) each take ``impl=`` in {"auto", "xla", "pallas", "pallas_interpret"}; the three linear recurrences also take
-``"reference"`` (a token-by-token ``lax.scan``; ``"xla"`` is their chunked form).
+``causal_conv1d`` (the Canon conv; ``pallas_kernels.short_conv.api``), ``gla`` (gated linear attention),
+``gated_delta_rule`` (GDN) and ``ssd`` (Mamba2) (``pallas_kernels.linear_scan.api``) live with their kernels and are
+re-exported here; ``attention`` (JAX's splash / cuDNN flash attention), ``linear`` (the projections' matmul) and
+``cpu`` (the native XLA:CPU conv kernel) are this package's own.
 """
 
 from __future__ import annotations

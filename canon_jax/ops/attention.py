@@ -7,14 +7,14 @@ grouped KV heads, scale ``hd^-1/2``, optional packed-document segment ids and ke
 ``impl`` (``ModelConfig.attention_impl``):
 
 * ``"auto"``: splash on TPU, cuDNN on a CUDA GPU when its shape/dtype limits allow, else ``None`` (the blocked XLA
-  path). The platform is the one the program is compiled for (:func:`canon_jax.ops.sharded.target_platform`: the
+  path). The platform is the one the program is compiled for (:func:`pallas_kernels.common.target_platform`: the
   trace-time mesh's devices, so a deviceless compile for TPU from a CPU host gets splash; else the default backend).
 * ``"xla"``: ``None``.
 * ``"splash"`` / ``"splash_interpret"``: the splash kernel compiled by Mosaic (TPU only) / run by the Pallas
   interpreter (any platform; tests).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (CUDA GPU only).
 
-Under a mesh the kernels run per device through :func:`canon_jax.ops.sharded.shard_map_call` (Mosaic calls are not
+Under a mesh the kernels run per device through :func:`pallas_kernels.sharding.shard_map_call` (Mosaic calls are not
 partitioned by XLA): batch over the mesh axes of the logical name ``"batch"``, query and KV heads over those of
 ``"heads"``, time and head_dim whole.
 """
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from canon_jax.config import ATTENTION_IMPLS
-from canon_jax.ops.sharded import shard_map_call, target_platform
+from pallas_kernels.common import ATTENTION_IMPLS, check_impl, round_up, target_platform
+from pallas_kernels.sharding import shard_map_call
 
 __all__ = ["ATTENTION_IMPLS", "resolve", "flash_attention", "splash_attention", "cudnn_attention"]
 
@@ -56,8 +56,7 @@ def resolve(impl: str, q, k) -> str:
     """The implementation ``impl`` stands for on the target platform: ``"xla"``, ``"splash"``,
     ``"splash_interpret"`` or ``"cudnn"``. Raises ValueError for an unknown name and NotImplementedError for a
     kernel the target platform cannot run."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention: unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+    check_impl("attention", impl, name="attention_impl")
     if impl in ("xla", "splash_interpret"):
         return impl
     platform = _platform()
@@ -87,8 +86,6 @@ def resolve(impl: str, q, k) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # splash (TPU)
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _splash_kernel(heads: int, t_pad: int, block: int, interpret: bool):
@@ -123,8 +120,8 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, interpret: bool, block_size: int = 
         )
     # time is padded at the end to whole blocks: causality keeps every real query off the padded keys, and the
     # padded query rows are dropped
-    block = min(block_size, _round_up(t, _LANES))
-    t_pad = _round_up(t, block)
+    block = min(block_size, round_up(t, _LANES))
+    t_pad = round_up(t, block)
     # the kernel takes unscaled logits: fold hd^-1/2 into q (one rounding, exact for hd = 4^n)
     q = (q.astype(jnp.float32) * (hd**-0.5)).astype(q.dtype)
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, heads, t, hd]

@@ -1,347 +1,254 @@
-"""Public entry points: ``gla`` (vector gates) and ``ssd`` (Mamba2, scalar per-head gates) on one scan kernel."""
+"""The linear recurrences as ops, each with one ``impl=`` switch and one set of argument checks: ``gla`` (gated
+linear attention, per-key-channel gates), ``gated_delta_rule`` (Gated DeltaNet), ``ssd`` (Mamba2) and their decode
+steps.
+
+``impl`` (``pallas_kernels.common.IMPLEMENTATIONS[op]``):
+
+* ``"auto"``: the Pallas kernel when the program is compiled for TPU or GPU devices (the trace-time mesh's, else the
+  default backend's: ``pallas_kernels.common.target_platform``) and the target's kernel takes the call
+  (``kernel.supports``: any shape on TPU; on GPU the Mosaic GPU wgmma kernels need Dk a multiple of 64, Dv of
+  ``block_dv`` and a chunk of 64), else the chunked XLA form;
+* ``"xla"`` and ``"cpu"``: the chunked XLA form (``gla_xla`` / ``gdn_xla`` / ``ssd_xla``); ``"reference"``: the
+  token-by-token ``lax.scan``;
+* ``"pallas"`` (raises on a CPU target) and ``"pallas_interpret"`` (the kernel in interpret mode, any backend).
+  ``gated_delta_rule`` has no Pallas kernel: both raise.
+
+Under a mesh the kernels run per device through ``pallas_kernels.sharding.shard_map_call`` (batch over the batch
+axes, heads over ``tensor``, time whole).
+"""
 
 from __future__ import annotations
 
-import math
+import jax
+from jax.sharding import PartitionSpec as P
 
-import jax.numpy as jnp
+from pallas_kernels.common import accelerator_backend, check_impl, target_platform
+from pallas_kernels.linear_scan import chunked, gdn_xla, gla_xla, kernel, ssd_xla
+from pallas_kernels.linear_scan.checks import check_chunk_size, check_gdn, check_gla, check_ssd
+from pallas_kernels.linear_scan.gdn_xla import gated_delta_rule_step
+from pallas_kernels.linear_scan.gla_xla import gla_step
+from pallas_kernels.linear_scan.ssd_xla import ssd_step
+from pallas_kernels.sharding import shard_map_call
 
-from pallas_kernels.common import BlockSizes, resolve_backend, round_up
-from pallas_kernels.linear_scan.op import _Static, scan_op
-from pallas_kernels.linear_scan.tpu import ScanLayout
+__all__ = [
+    "gla",
+    "gla_step",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "ssd",
+    "ssd_step",
+    "scan_kernel",
+    "PALLAS_OPS",
+]
+
+# The ops with a Pallas kernel (``kernel.gla`` / ``kernel.ssd``).
+PALLAS_OPS = frozenset({"gla", "ssd"})
+
+_TOKENS = P("batch", None, "heads", None)  # [batch, time, heads, D]
+_STATE = P("batch", "heads", None, None)  # [batch, heads, Dk, Dv]
 
 
-def supports(
-    op: str,
-    *,
-    dk: int,
-    dv: int,
-    t_len: int,
-    chunk_size: int,
-    backend: str | None = None,
-    interpret=False,
-    block_sizes: BlockSizes | None = None,
-) -> bool:
-    """Whether the kernel family of ``backend`` (default: the current device's) takes this call of ``op`` ("gla" or
-    "ssd"; ``dk`` = key width (SSD's N), ``dv`` = value width (SSD's P)). The TPU kernel takes any shape; the Mosaic
-    GPU kernels need Dk a multiple of 64, Dv a multiple of ``block_sizes.block_dv`` and a chunk that is a multiple of
-    64 (see ``gpu.check_supported``); for "ssd" also a chunk (the requested one or a smaller multiple of 64, unless
-    ``block_sizes.chunk`` fixes it) at which all its kernels fit the shared memory of an sm_90 block
-    (``gpu.ssd_chunk``; at N = 256 none does). ``canon_jax.ops.dispatch`` uses this to fall back to XLA under
-    ``impl="auto"``."""
-    from pallas_kernels.linear_scan import gpu
-
-    if op not in ("gla", "ssd"):
-        raise ValueError(f"linear_scan.supports: unknown op {op!r}")
-    try:
-        be = resolve_backend(backend, interpret)
-    except NotImplementedError:
+def _wants_kernel(op: str, impl: str) -> bool:
+    """Whether ``impl`` may run a Pallas kernel of ``op``; raises when it names one that ``op`` does not have."""
+    if impl in ("xla", "cpu", "reference"):
         return False
-    if be != "gpu":
-        return True
-    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
-    try:
-        chunk = _gpu_chunk(t_len, chunk_size, bs)
-        gpu.check_supported(chunk, dk, dv, bs.block_dv)
-        if op == "ssd":
-            gpu.ssd_chunk(chunk, dk, bs.block_dv, fixed=bs.chunk is not None)
-    except (NotImplementedError, ValueError):
-        return False
+    if op not in PALLAS_OPS:
+        if impl == "auto":
+            return False
+        raise NotImplementedError(f"{op}: impl={impl!r}: this op has no Pallas kernel; use impl='xla' or 'auto'")
     return True
 
 
-def _requested_chunk(chunk_size, bs: BlockSizes) -> int:
-    """``BlockSizes.chunk`` if set, else the op's ``chunk_size``; a positive int."""
-    chunk = bs.chunk if bs.chunk is not None else chunk_size
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
-    return chunk
-
-
-def _gpu_chunk(t_len, chunk_size, bs: BlockSizes):
-    """The chunk the Mosaic GPU kernels use: the requested one, at most one 64-row wgmma tile past the sequence."""
-    return min(_requested_chunk(chunk_size, bs), round_up(t_len, 64))
-
-
-def gla_gpu_gates_ok(log_gate, *, chunk_size: int = 64, block_sizes: BlockSizes | None = None):
-    """Scalar bool (traceable): whether the Mosaic GPU GLA kernels' exponent bound holds for these log-gates
-    ``[batch, time, heads, Dk]``.
-
-    The kernels refer q and k to the middle row of their sub-chunk (``gpu.gla_scan_fwd``), so the factors
-    ``exp(b_t - m_i)`` / ``exp(m_j - b_s)`` have positive exponents up to the log-gate total of half a sub-chunk per
-    channel (``gpu.gla_max_exponent``). Up to ``gpu.GLA_SAFE_EXPONENT`` both the large factor and its small partner
-    stay normal float32/bfloat16 numbers; beyond it the diagonal blocks would lose terms or overflow.
-    ``canon_jax.ops.gla`` runs its exact XLA path (every exponent non-positive) when this is False."""
-    from pallas_kernels.linear_scan import gpu
-
-    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
-    t_len = log_gate.shape[1]
-    chunk = _gpu_chunk(t_len, chunk_size, bs)
-    g = jnp.pad(log_gate.astype(jnp.float32), [(0, 0), (0, round_up(t_len, chunk) - t_len), (0, 0), (0, 0)])
-    return gpu.gla_max_exponent(g, sub=math.gcd(chunk, bs.sub_chunk)) <= gpu.GLA_SAFE_EXPONENT
-
-
-def _plan(t_len, chunk_size, bs: BlockSizes, vector: bool):
-    chunk = _requested_chunk(chunk_size, bs)
-    # The secondary chunk must divide the chunk: gcd(chunk, BlockSizes.sub_chunk).
-    sub = math.gcd(chunk, bs.sub_chunk)
-    # Short sequences shrink the chunk, to a multiple of 16 rows (a bf16 sublane tile on TPU) and of the sub-chunk.
-    chunk = min(chunk, round_up(t_len, math.lcm(sub, 16) if vector else 16))
-    return chunk, sub
-
-
-def _run(q, k, v, g, st0, *, scale, chunk_size, interpret, block_sizes, backend, vector, rep=1):
-    """q, k: [B, T, H/rep, Dk] (rep heads share a q/k group); v: [B, T, H, Dv]; g: [B, T, H, Dk] (vector) or
-    [B, T, H] (scalar); st0: [B, H, Dv, Dk] float32. Returns (o [B, T, H, Dv], S^T float32)."""
-    from pallas_kernels.linear_scan import gpu
-
-    gpu_interp = gpu.is_gpu_interpret(interpret)  # the Mosaic GPU interpreter runs the GPU kernel family
-    be = "gpu" if gpu_interp and backend is None else resolve_backend(backend, interpret)
-    if gpu_interp and be != "gpu":
-        raise ValueError(f"linear_scan: Mosaic GPU interpret params need backend='gpu' (or None), got {backend!r}")
-    if be == "gpu" and (not interpret or gpu_interp):
-        if vector:
-            return _run_gpu_gla(
-                q,
-                k,
-                v,
-                g,
-                st0,
-                scale=scale,
-                chunk_size=chunk_size,
-                block_sizes=block_sizes,
-                interpret=interpret if gpu_interp else None,
+def _interpret(impl: str, op: str) -> bool | None:
+    """``interpret`` of the Pallas kernel for ``impl``, or None for the XLA path."""
+    if impl == "pallas_interpret":
+        return True
+    if impl == "pallas":
+        if accelerator_backend() is None:
+            raise NotImplementedError(
+                f"{op}: impl='pallas' needs TPU or GPU devices (the program is compiled for {target_platform()!r}); "
+                "use impl='pallas_interpret' to run the kernel in interpret mode, or impl='xla'"
             )
-        return _run_gpu(
-            q, k, v, g, st0, chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret if gpu_interp else None
+        return False
+    if impl == "auto":
+        return False if accelerator_backend() is not None else None
+    return None
+
+
+def _scan_dims(op_name, args, kw):
+    """The sizes ``kernel.supports`` needs, from the op's arguments."""
+    if op_name == "gla":
+        q, v = args[0], args[2]
+        dk, dv, t_len, chunk = q.shape[-1], v.shape[-1], q.shape[1], kw.get("chunk_size", 64)
+    else:  # ssd: (x, dt, A, B, C, D)
+        x, b = args[0], args[3]
+        dk, dv, t_len, chunk = b.shape[-1], x.shape[-1], x.shape[1], kw.get("chunk_size", 64)
+    return dict(dk=dk, dv=dv, t_len=t_len, chunk_size=chunk)
+
+
+def scan_kernel(impl, op_name, *args, **kw):
+    """The Pallas kernel of a gated linear scan for ``impl``, per device under a mesh, or ``None`` for the XLA path.
+
+    ``op_name="gla"``: ``args = (q, k, v, log_gate)``, keywords ``scale``, ``initial_state``, ``chunk_size``;
+    ``op_name="ssd"``: ``args = (x, dt, A, B, C, D)``, keywords ``initial_state``, ``chunk_size``.
+    Returns ``(out, final_state)`` exactly like ``kernel.gla`` / ``kernel.ssd``, or ``None`` (``impl="xla"``, or
+    ``"auto"`` on a CPU target or for shapes the target's kernel does not take).
+    """
+    if op_name not in PALLAS_OPS:
+        raise ValueError(f"scan_kernel: unknown op {op_name!r}; choose one of {sorted(PALLAS_OPS)}")
+    check_impl(op_name, impl)
+    interpret = _interpret(impl, op_name)
+    if interpret is None:
+        return None
+    backend = accelerator_backend()
+    if impl == "auto" and not kernel.supports(
+        op_name, backend=backend, interpret=interpret, **_scan_dims(op_name, args, kw)
+    ):
+        return None
+    s0 = kw.pop("initial_state", None)
+    fn = getattr(kernel, op_name)
+
+    def local(*a):
+        *a, s0 = a
+        return fn(*a, initial_state=s0, interpret=interpret, backend=backend, **kw)
+
+    if op_name == "gla":
+        in_axes = (_TOKENS,) * 4
+    else:  # ssd: (x, dt, A, B, C, D); B/C groups split like heads unless there is one group
+        groups = None if args[3].shape[2] == 1 else "heads"
+        in_axes = (
+            _TOKENS,
+            P("batch", None, "heads"),
+            P("heads"),
+            P("batch", None, groups, None),
+            P("batch", None, groups, None),
+            P("heads"),
         )
-    bs = block_sizes if block_sizes is not None else BlockSizes.default(be)
-    bsz, t_len, heads, dv = v.shape
-    dk = q.shape[-1]
-    chunk, sub = _plan(t_len, chunk_size, bs, vector)
-    tp = round_up(t_len, chunk)
-    time_major = be == "tpu" and (
-        bs.scan_layout == "time_major" or (bs.scan_layout == "auto" and dk % 128 == 0 and dv % 128 == 0)
-    )
-    if not time_major and rep > 1:
-        q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
-    # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
-    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    q, k, v, g = pad_t(q), pad_t(k), pad_t(v), pad_t(g.astype(jnp.float32))
-    if time_major:
-        flat = lambda a: a.reshape(bsz, tp, -1)
-        q, k, v = flat(q), flat(k), flat(v)
-        g = flat(g) if vector else jnp.swapaxes(g, 1, 2)[..., None]
-    else:
-        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-        g = jnp.swapaxes(g, 1, 2) if vector else jnp.swapaxes(g, 1, 2)[..., None]
-    layout = ScanLayout("time" if time_major else "head", heads, dk, dv, rep if time_major else 1)
-    st = _Static(
-        scale=float(scale),
-        chunk=chunk,
-        sub_chunk=sub,
-        backend=be,
-        interpret=interpret,
-        layout=layout,
-        scalar=not vector,
-    )
-    o, sf = scan_op(q, k, v, g, st0, st)
-    o = o.reshape(bsz, tp, heads, dv) if time_major else jnp.swapaxes(o, 1, 2)
-    return o[:, :t_len], sf
+    return shard_map_call(local, *args, s0, in_axes=in_axes + (_STATE,), out_axes=(_TOKENS, _STATE))
 
 
-def _run_gpu(q, k, v, g, st0, *, chunk_size, block_sizes, interpret):
-    """Scalar gates on the Mosaic GPU wgmma kernels (``gpu.scalar_scan``; backward on the ``gpu_bwd`` kernels; T is
-    padded with k = v = 0 and gate 0, whose cotangents are dropped by the final slice). Same arguments
-    as ``_run``; q/k keep their groups (the kernel reads group ``h // rep``). ``interpret``: None (compile) or
-    the Mosaic GPU interpreter's params."""
-    from pallas_kernels.linear_scan import gpu
-
-    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
-    bsz, t_len, heads, dv = v.shape
-    chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
-    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
-    # at most the requested chunk, shrunk to one whose kernels fit the shared memory (Mamba2's 256 does not)
-    chunk = gpu.ssd_chunk(chunk, q.shape[-1], bs.block_dv, fixed=bs.chunk is not None)
-    tp = round_up(t_len, chunk)
-    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    o, s = gpu.scalar_scan(
-        pad_t(q),
-        pad_t(k),
-        pad_t(v),
-        pad_t(g.astype(jnp.float32)),
-        jnp.swapaxes(st0, 2, 3),
-        chunk,
-        bs.block_dv,
-        interpret,
-    )
-    return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
+def gla_kernel(impl, q, k, v, log_gate, **kw):
+    """:func:`scan_kernel` for GLA (``scale``, ``initial_state``, ``chunk_size`` keywords)."""
+    return scan_kernel(impl, "gla", q, k, v, log_gate, **kw)
 
 
-def _run_gpu_gla(q, k, v, g, st0, *, scale, chunk_size, block_sizes, interpret):
-    """Vector gates on the Mosaic GPU wgmma kernels (``gpu.vector_scan``; backward on the ``gpu_bwd`` kernels). Same
-    arguments as ``_run`` (q, k, g ``[B, T, H, Dk]``; st0 ``[B, H, Dv, Dk]``). The sub-chunk is
-    ``gcd(chunk, BlockSizes.sub_chunk)``."""
-    from pallas_kernels.linear_scan import gpu
-
-    bs = block_sizes if block_sizes is not None else BlockSizes.default("gpu")
-    t_len, dv = v.shape[1], v.shape[3]
-    chunk = _gpu_chunk(t_len, chunk_size, bs)  # short sequences: one 64-row wgmma tile is the smallest chunk
-    gpu.check_supported(chunk, q.shape[-1], dv, bs.block_dv)
-    sub = math.gcd(chunk, bs.sub_chunk)
-    tp = round_up(t_len, chunk)
-    # Padded tokens have k = v = 0 and log-gate 0, so they leave the state unchanged.
-    pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t_len)] + [(0, 0)] * (a.ndim - 2))
-    o, s = gpu.vector_scan(
-        pad_t(q),
-        pad_t(k),
-        pad_t(v),
-        pad_t(g.astype(jnp.float32)),
-        jnp.swapaxes(st0, 2, 3),
-        float(scale),
-        chunk,
-        sub,
-        bs.block_dv,
-        interpret,
-    )
-    return o[:, :t_len].astype(v.dtype), jnp.swapaxes(s, 2, 3)
+def ssd_kernel(impl, x, dt, A, B, C, D=None, **kw):
+    """:func:`scan_kernel` for SSD (``initial_state``, ``chunk_size`` keywords)."""
+    return scan_kernel(impl, "ssd", x, dt, A, B, C, D, **kw)
 
 
-def gla(
+def gla_uses_gpu_kernel(impl, q, v, chunk_size) -> bool:
+    """Whether ``gla(..., impl=impl)`` runs the compiled Mosaic GPU GLA kernels (whose exponent range :func:`gla`
+    then guards with ``kernel.gla_gpu_gates_ok``)."""
+    if impl in ("xla", "cpu", "reference"):
+        return False
+    interpret = _interpret(impl, "gla")
+    if interpret is None or interpret or accelerator_backend() != "gpu":
+        return False
+    if impl != "auto":
+        return True
+    return kernel.supports("gla", backend="gpu", **_scan_dims("gla", (q, None, v), {"chunk_size": chunk_size}))
+
+
+def gla(q, k, v, log_gate, *, scale: float | None = None, initial_state=None, chunk_size: int = 64, impl: str = "auto"):
+    """Gated linear attention over a whole sequence.
+
+    Per head, with state ``S_t: [Dk, Dv]``: ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``,
+    ``o_t = (scale * q_t)^T S_t``.
+
+    Args:
+      q, k: ``[batch, time, heads, key_dim]``.
+      v: ``[batch, time, heads, value_dim]``.
+      log_gate: ``[batch, time, heads, key_dim]``, log forget gates (``<= 0``).
+      scale: query scale, default ``key_dim ** -0.5``.
+      initial_state: optional ``[batch, heads, key_dim, value_dim]``.
+      chunk_size: chunk length of the chunked form (any ``T`` works; short inputs use a smaller chunk).
+      impl: see the module docstring.
+
+    Returns:
+      ``(o [batch, time, heads, value_dim], final_state [batch, heads, key_dim, value_dim] float32)``; ``o`` in q's
+      dtype (v's on the Pallas kernels).
+    """
+    check_impl("gla", impl)
+    check_chunk_size("gla", chunk_size)
+    check_gla("gla", q, k, v, log_gate, initial_state)
+    if impl == "reference":
+        return gla_xla.gla_reference(q, k, v, log_gate, scale=scale, initial_state=initial_state)
+    kw = dict(scale=chunked.query_scale(scale, q.shape[-1]), initial_state=initial_state, chunk_size=chunk_size)
+    xla_form = lambda: gla_xla.gla_chunked(q, k, v, log_gate, scale, initial_state, chunk_size)
+    if gla_uses_gpu_kernel(impl, q, v, chunk_size):
+        # The Mosaic GPU kernels factor the diagonal sub-chunk blocks with exponents bounded by half a sub-chunk's
+        # log-gate total (not non-positive); for gates beyond that bound this path runs the exact XLA form instead.
+        def on_kernel():
+            o, s = gla_kernel(impl, q, k, v, log_gate, **kw)
+            return o.astype(q.dtype), s
+
+        return jax.lax.cond(kernel.gla_gpu_gates_ok(log_gate, chunk_size=chunk_size), on_kernel, xla_form)
+    out = gla_kernel(impl, q, k, v, log_gate, **kw) if _wants_kernel("gla", impl) else None
+    return out if out is not None else xla_form()
+
+
+def gated_delta_rule(
     q,
     k,
     v,
-    log_gate,
+    log_decay,
+    beta,
     *,
     scale: float | None = None,
     initial_state=None,
+    use_qk_l2norm: bool = False,
     chunk_size: int = 64,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-    backend: str | None = None,
+    impl: str = "auto",
 ):
-    """Gated linear attention with per-key-channel gates.
-
-    ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``, ``o_t = (scale q_t)^T S_t`` per (batch, head).
+    """Gated delta rule over a whole sequence (``gdn_xla`` has the recurrence and its chunked form).
 
     Args:
-      q, k: ``[batch, time, heads, Dk]``; v: ``[batch, time, heads, Dv]``.
-      log_gate: ``[batch, time, heads, Dk]``, ``<= 0`` (log of the forget gate); accumulated in float32.
-      scale: query scale, default ``Dk ** -0.5``.
-      initial_state: optional ``[batch, heads, Dk, Dv]``.
-      chunk_size: tokens per chunk (best a multiple of ``BlockSizes.sub_chunk``); shortened for short sequences.
-      interpret, block_sizes, backend: as in ``pallas_kernels.short_conv.short_conv`` (``interpret`` may be a
-        ``pltpu.InterpretParams``, or the Mosaic GPU interpreter's params ``gpu.interpret_params()``).
-        ``backend="gpu"`` runs the Mosaic GPU wgmma kernel (``gpu.vector_scan``: Dk a multiple of 64, Dv of
-        ``block_sizes.block_dv``, chunk a multiple of 64; backward on the Mosaic GPU kernels of ``gpu_bwd``).
+      q, k: ``[batch, time, heads, key_dim]``; v: ``[batch, time, heads, value_dim]``.
+      log_decay: ``[batch, time, heads]`` (``<= 0``); beta: ``[batch, time, heads]`` (write strength, in [0, 1]).
+      scale: query scale, default ``key_dim ** -0.5`` (applied after the optional L2 norm).
+      initial_state: optional ``[batch, heads, key_dim, value_dim]``.
+      use_qk_l2norm: L2-normalise q and k per head first.
+      chunk_size: chunk length of the chunked (UT-transform) form.
+      impl: see the module docstring (no Pallas kernel).
 
     Returns:
-      ``(o [batch, time, heads, Dv] in v.dtype, final_state [batch, heads, Dk, Dv] float32)``.
+      ``(o [batch, time, heads, value_dim] in q's dtype, final_state [batch, heads, key_dim, value_dim] float32)``.
     """
-    if q.ndim != 4 or 0 in q.shape or k.shape != q.shape or log_gate.shape != q.shape:
-        raise ValueError(
-            f"gla: q, k and log_gate must share one non-empty [batch, time, heads, Dk] shape, got "
-            f"q {q.shape}, k {k.shape}, log_gate {log_gate.shape}"
+    check_impl("gated_delta_rule", impl)
+    check_chunk_size("gated_delta_rule", chunk_size)
+    check_gdn("gated_delta_rule", q, k, v, log_decay, beta, initial_state)
+    if impl == "reference":
+        return gdn_xla.gated_delta_rule_reference(
+            q, k, v, log_decay, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm
         )
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"gla: v must be [batch, time, heads, Dv] with leading dims {q.shape[:3]}, got {v.shape}")
-    bsz, _, heads, dk = q.shape
-    dv = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (bsz, heads, dk, dv):
-        raise ValueError(
-            f"gla: initial_state must be [batch, heads, Dk, Dv]={(bsz, heads, dk, dv)}, got {initial_state.shape}"
-        )
-    scale = dk**-0.5 if scale is None else scale
-    st0 = (
-        jnp.zeros((bsz, heads, dv, dk), jnp.float32)
-        if initial_state is None
-        else jnp.swapaxes(initial_state.astype(jnp.float32), 2, 3)
-    )
-    o, sf = _run(
-        q,
-        k,
-        v,
-        log_gate,
-        st0,
-        scale=scale,
-        chunk_size=chunk_size,
-        interpret=interpret,
-        block_sizes=block_sizes,
-        backend=backend,
-        vector=True,
-    )
-    return o, jnp.swapaxes(sf, 2, 3)
+    _wants_kernel("gated_delta_rule", impl)
+    return gdn_xla.gdn_chunked(q, k, v, log_decay, beta, scale, initial_state, use_qk_l2norm, chunk_size)
 
 
-def ssd(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D=None,
-    *,
-    initial_state=None,
-    chunk_size: int = 64,
-    interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
-    backend: str | None = None,
-):
-    """Mamba2 state-space duality scan on the scalar-gate kernel.
-
-    ``h_t = exp(dt_t A_h) h_{t-1} + (dt_t x_t) B_t^T``, ``y_t = h_t C_t + D_h x_t`` per (batch, head).
+def ssd(x, dt, A, B, C, D=None, *, initial_state=None, chunk_size: int = 256, impl: str = "auto"):
+    """The SSD scan over a whole sequence (``ssd_xla`` has the recurrence and its chunked form).
 
     Args:
-      x: ``[batch, time, heads, P]``; dt: ``[batch, time, heads]`` (already softplus-ed, > 0); A: ``[heads]`` (< 0).
-      B, C: ``[batch, time, groups, N]`` with ``heads % groups == 0`` (head h uses group ``h // (heads/groups)``).
-      D: optional ``[heads]`` skip. initial_state: optional ``[batch, heads, P, N]``.
-      chunk_size: tokens per chunk; the Mosaic GPU kernels take the largest multiple of 64 up to it at which they
-        fit an sm_90 block's shared memory (``gpu.ssd_chunk``: 64 for Mamba2's 256 at N = 128), unless
-        ``block_sizes.chunk`` fixes the chunk.
+      x: ``[batch, time, heads, head_dim]``.
+      dt: ``[batch, time, heads]``, step sizes after softplus (``> 0``).
+      A: ``[heads]``, negative.
+      B, C: ``[batch, time, groups, state]``; ``groups`` divides ``heads``.
+      D: optional ``[heads]`` skip connection.
+      initial_state: optional ``[batch, heads, head_dim, state]``.
+      chunk_size: chunk length of the chunked form.
+      impl: see the module docstring.
 
     Returns:
-      ``(y [batch, time, heads, P] in x.dtype, final_state [batch, heads, P, N] float32)``.
+      ``(y [batch, time, heads, head_dim] in x's dtype, final_state [batch, heads, head_dim, state] float32)``.
     """
-    if x.ndim != 4 or 0 in x.shape:
-        raise ValueError(f"ssd: x must be a non-empty [batch, time, heads, P], got {x.shape}")
-    bsz, t_len, heads, p = x.shape
-    if dt.shape != (bsz, t_len, heads):
-        raise ValueError(f"ssd: dt must be [batch, time, heads]={(bsz, t_len, heads)}, got {dt.shape}")
-    if A.shape != (heads,):
-        raise ValueError(f"ssd: A must be [heads]=({heads},), got {A.shape}")
-    if B.ndim != 4 or B.shape[:2] != (bsz, t_len) or C.shape != B.shape or heads % B.shape[2]:
-        raise ValueError(
-            f"ssd: B and C must be [batch, time, groups, N] with heads % groups == 0, got B {B.shape}, "
-            f"C {C.shape}, heads={heads}"
-        )
-    if D is not None and D.shape != (heads,):
-        raise ValueError(f"ssd: D must be [heads]=({heads},), got {D.shape}")
-    n = B.shape[-1]
-    if initial_state is not None and initial_state.shape != (bsz, heads, p, n):
-        raise ValueError(
-            f"ssd: initial_state must be [batch, heads, P, N]={(bsz, heads, p, n)}, got {initial_state.shape}"
-        )
-    rep = heads // B.shape[2]
-    dtf = dt.astype(jnp.float32)
-    v = (dtf[..., None] * x.astype(jnp.float32)).astype(x.dtype)
-    g = dtf * A.astype(jnp.float32)  # scalar log-gate per (token, head)
-    st0 = (
-        jnp.zeros((bsz, heads, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    )  # the kernel's S^T [Dv, Dk] is exactly h [P, N]
-    y, sf = _run(
-        C,
-        B,
-        v,
-        g,
-        st0,
-        scale=1.0,
-        chunk_size=chunk_size,
-        interpret=interpret,
-        block_sizes=block_sizes,
-        backend=backend,
-        vector=False,
-        rep=rep,
-    )
-    if D is not None:
-        y = (y.astype(jnp.float32) + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(x.dtype)
-    return y, sf
+    check_impl("ssd", impl)
+    check_chunk_size("ssd", chunk_size)
+    check_ssd("ssd", x, dt, A, B, C, D, initial_state)
+    if impl == "reference":
+        return ssd_xla.ssd_reference(x, dt, A, B, C, D, initial_state=initial_state)
+    if _wants_kernel("ssd", impl):
+        out = ssd_kernel(impl, x, dt, A, B, C, D, initial_state=initial_state, chunk_size=chunk_size)
+        if out is not None:
+            return out
+    return ssd_xla.ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size)

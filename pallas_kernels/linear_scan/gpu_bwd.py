@@ -1,5 +1,6 @@
 """Mosaic GPU (Hopper, wgmma) *backward* kernels of the chunked scan, for scalar gates (Mamba2 SSD) and vector gates
-(GLA), with the XLA glue that makes them the backward of ``gpu.scalar_scan`` / ``gpu.vector_scan``.
+(GLA), with the XLA glue that makes them the backward of ``gpu.scalar_scan`` / ``gpu.vector_scan``. Building blocks
+(wgmma helpers, the double-buffered TMA pipeline) are in ``gpu_common``.
 
 Notation per (batch, head), chunk c of C tokens: ``b`` the chunk-local cumulative log-gates (float32, <= 0,
 non-increasing; one column per key channel for GLA, a scalar for SSD), ``b_C`` its last row, ``q̂ = scale q``,
@@ -26,8 +27,8 @@ output cotangent, ``dS_T`` the final-state cotangent.
 
 Scalar gates (``ssd_grads_*``): the decay ``D_ts = e^{b_t - b_s}[t >= s]`` is applied to ``dA`` / ``dA^T`` / ``k q̂^T``
 in registers (one ``[C, C]`` matrix, as in ``ssd_scan_fwd``), the per-row factors ``e^{b_t}``, ``e^{b_C - b_s}`` to
-accumulator rows. Vector gates (``gla_grads_*``): the forward's sub-chunk factorisation (``gpu._prep_vector_gates``,
-``gpu._gla_factor_rows``): ``qm = scale q e^{b_t - m_i}``, ``km = k e^{m_j - b_s}`` referred to the middle row of
+accumulator rows. Vector gates (``gla_grads_*``): the forward's sub-chunk factorisation (``prep_vector_gates``,
+``gla_factor_rows``): ``qm = scale q e^{b_t - m_i}``, ``km = k e^{m_j - b_s}`` referred to the middle row of
 their sub-chunk, and the per-chunk factor table (inter, koff, kstate, qoff, decay). Then
 
 * ``dqm = inter_i ⊙ (dO S^T) + (dA ⊙ diag) km + Σ_j qoff(i, j) ⊙ ((dA, columns in sub-chunk j, rows in later
@@ -61,11 +62,6 @@ Known precision effect of the Dv split: ``dA = dO v^T`` is a partial sum per Dv 
 before its wgmma; where the blocks' partials cancel, that entry's relative error exceeds one rounding (seen: 0.95 %
 on the largest ``dqm`` entry of the kernel test, two partials -4.17 and 8.41; the end-to-end gradients stay within
 5e-3 of their scale in the tests).
-
-Status (jax 0.10.2, no GPU in the session that wrote it): values checked in the Mosaic GPU interpreter against
-float64 references; lowers with ``jax.export(..., platforms=["cuda"])`` at the paper's shape; **never compiled by
-ptxas nor run on a GPU; untuned** (one warpgroup per CTA, synchronous wgmma, kernels B/C load each operand once
-and wait, partial sums over Dv blocks in HBM).
 """
 
 from __future__ import annotations
@@ -78,38 +74,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.linear_scan import gpu
-from pallas_kernels.linear_scan.gpu import COL, ROW, WG, _bytes, _mm, _mm_acc, _smem
+from pallas_kernels.linear_scan.gpu_common import (
+    COL,
+    ROW,
+    WG,
+    double_buffered,
+    layout_helpers,
+    load_all,
+    mm,
+    mm2,
+    mm_acc,
+    pipeline_barriers,
+    scale_sub,
+    scratch_bytes,
+    smem_tile,
+    store_tile,
+)
+from pallas_kernels.linear_scan.gpu_fwd import gla_factor_rows, prep_gates, prep_vector_gates
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-
-
-def _helpers(interpret):
-    """``lc`` (layout_cast) and ``iota(shape, dim)``: the interpreter of jax 0.10.2 has no rule for layout casts or
-    layout-annotated iotas, so interpret mode leaves the annotations (identity semantics) out (see ``ssd_scan_fwd``)."""
-    lc = (lambda x, layout: x) if interpret is not None else plgpu.layout_cast
-    iota = (
-        (lambda shape, d: lax.broadcasted_iota(jnp.int32, shape, d))
-        if interpret is not None
-        else (lambda shape, d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WG))
-    )
-    return lc, iota
-
-
-def _load(copies, bars):
-    """TMA-copies every ``(gmem_src, smem_dst)`` pair (one barrier each) and waits for all of them."""
-    for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
-
-
-def _store(val, o_s, dst):
-    """Registers -> the shared-memory output tile -> TMA store to ``dst``, waited for (``o_s`` is reused)."""
-    o_s[...] = val.astype(o_s.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, dst)
-    plgpu.wait_smem_to_gmem(0)
 
 
 # --- A: the state pass ---------------------------------------------------------------------------------------------
@@ -129,45 +112,28 @@ def state_pass(lt, r, dec, s0, *, chunk: int, block_dv: int, reverse: bool, inte
     bsz, heads, dk, t_len = lt.shape
     dv = r.shape[3]
     n, nv, c, dvb = t_len // chunk, dv // block_dv, chunk, block_dv
-    lc, _ = _helpers(interpret)
+    lc, _ = layout_helpers(interpret)
     chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
-    n_in = 3
 
     def body(lt_ref, r_ref, dec_ref, s0_ref, st_ref, sf_ref, lt_s, r_s, dec_s, s16_s, s32_s, bars):
         bi, hi, vi = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         cols = pl.ds(vi * dvb, dvb)
-        bufs = (lt_s, r_s, dec_s)
 
-        def issue(i, slot):
+        def sources(i):
             ci = chunk_of(i)
             rows = pl.ds(ci * c, c)
-            copies = (
-                (lt_ref.at[bi, hi, :, rows], lt_s),
-                (r_ref.at[bi, rows, hi, cols], r_s),
-                (dec_ref.at[bi, hi, ci, :], dec_s),
-            )
-            for j, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst.at[slot], bars.at[slot * n_in + j])
+            return (lt_ref.at[bi, hi, :, rows], r_ref.at[bi, rows, hi, cols], dec_ref.at[bi, hi, ci, :])
 
-        plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, :, cols], s32_s, bars.at[2 * n_in])
-        issue(0, 0)
-        plgpu.barrier_wait(bars.at[2 * n_in])
+        start, acquire = double_buffered((lt_s, r_s, dec_s), bars, sources, n)
+        start(s0_ref.at[bi, hi, :, cols], s32_s)
         st = lc(s32_s[...], WG)
 
         def step(i, st):
-            slot = lax.rem(i, 2)
-
-            @pl.when(i + 1 < n)
-            def _prefetch():  # the other buffer was last read by step i - 1, whose wgmma has finished
-                issue(i + 1, 1 - slot)
-
-            for j in range(n_in):
-                plgpu.barrier_wait(bars.at[slot * n_in + j])
-            lt_c, r_c, dec_c = (b.at[slot] for b in bufs)
+            lt_c, r_c, dec_c = acquire(i)
             s16_s[...] = st.astype(BF16)  # the value before this chunk's update
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(s16_s, st_ref.at[bi, hi, chunk_of(i), :, cols])
-            upd = _mm(lt_c, r_c, (dk, dvb))
+            upd = mm(lt_c, r_c, (dk, dvb))
             st = st * lax.broadcast_in_dim(lc(dec_c[...], ROW), (dk, dvb), [0]) + upd
             plgpu.wait_smem_to_gmem(0)  # s16_s is rewritten by the next step
             return st
@@ -179,12 +145,12 @@ def state_pass(lt, r, dec, s0, *, chunk: int, block_dv: int, reverse: bool, inte
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        _smem((2, dk, c), BF16),  # L^T (double-buffered)
-        _smem((2, c, dvb), BF16),  # R
+        smem_tile((2, dk, c), BF16),  # L^T (double-buffered)
+        smem_tile((2, c, dvb), BF16),  # R
         plgpu.SMEM((2, dk), F32),  # decay
-        _smem((dk, dvb), BF16),  # the state before the update (output tile)
-        _smem((dk, dvb), F32),  # start / final value
-        plgpu.Barrier(num_barriers=2 * n_in + 1),
+        smem_tile((dk, dvb), BF16),  # the state before the update (output tile)
+        smem_tile((dk, dvb), F32),  # start / final value
+        plgpu.Barrier(num_barriers=pipeline_barriers(3)),
     ]
     kernel = plgpu.kernel(
         body,
@@ -200,7 +166,9 @@ def state_pass(lt, r, dec, s0, *, chunk: int, block_dv: int, reverse: bool, inte
 
 def state_pass_smem_bytes(chunk, dk, block_dv):
     c, dvb = chunk, block_dv
-    return _bytes(((2, dk, c), BF16), ((2, c, dvb), BF16), ((2, dk), F32), ((dk, dvb), BF16), ((dk, dvb), F32), 7)
+    return scratch_bytes(
+        ((2, dk, c), BF16), ((2, c, dvb), BF16), ((2, dk), F32), ((dk, dvb), BF16), ((dk, dvb), F32), 7
+    )
 
 
 # --- B and C, scalar gates -----------------------------------------------------------------------------------------
@@ -221,7 +189,7 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
     bsz, t_len, groups, dk = q.shape
     heads, dv = v.shape[2], v.shape[3]
     n, nv, c, dvb = t_len // chunk, dv // block_dv, chunk, block_dv
-    lc, iota = _helpers(interpret)
+    lc, iota = layout_helpers(interpret)
 
     def body(
         q_ref,
@@ -256,7 +224,7 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         gi = lax.div(hi, jnp.int32(rep))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(
+        load_all(
             (
                 (q_ref.at[bi, rows, gi, :], q_s),
                 (k_ref.at[bi, rows, gi, :], k_s),
@@ -272,8 +240,8 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
             ),
             bars,
         )
-        da = _mm(do_s, vt_s, (c, c))  # dA[t, s] = dO_t . v_s
-        dat = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
+        da = mm(do_s, vt_s, (c, c))  # dA[t, s] = dO_t . v_s
+        dat = mm(v_s, dot_s, (c, c))  # dA^T[s, t]
         diff = lax.broadcast_in_dim(lc(b_s[...], ROW), (c, c), [0]) - lax.broadcast_in_dim(
             lc(b_s[...], COL), (c, c), [1]
         )  # b_row - b_col
@@ -283,26 +251,26 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
         pt_s[...] = jnp.where(c_id >= r_id, dat * jnp.exp(jnp.minimum(-diff, 0.0)), 0.0).astype(BF16)
         plgpu.commit_smem()
         row = lambda ref: lax.broadcast_in_dim(lc(ref[...], ROW), (c, dk), [0])
-        dq = _mm(do_s, st_s, (c, dk)) * row(eb_s) + _mm(p_s, k_s, (c, dk))
-        _store(dq, o_s, dq_ref.at[vi, bi, rows, hi, :])
-        dkv = _mm(v_s, xt_s, (c, dk)) * row(ek_s) + _mm(pt_s, q_s, (c, dk))
-        _store(dkv, o_s, dk_ref.at[vi, bi, rows, hi, :])
+        dq = mm(do_s, st_s, (c, dk)) * row(eb_s) + mm(p_s, k_s, (c, dk))
+        store_tile(dq, o_s, dq_ref.at[vi, bi, rows, hi, :])
+        dkv = mm(v_s, xt_s, (c, dk)) * row(ek_s) + mm(pt_s, q_s, (c, dk))
+        store_tile(dkv, o_s, dk_ref.at[vi, bi, rows, hi, :])
 
     scratch = [
-        _smem((c, dk), BF16),
-        _smem((c, dk), BF16),  # q̂, k
-        _smem((c, dvb), BF16),
-        _smem((dvb, c), BF16),  # v, v^T
-        _smem((c, dvb), BF16),
-        _smem((dvb, c), BF16),  # dO, dO^T
-        _smem((dvb, dk), BF16),
-        _smem((dvb, dk), BF16),  # S^T, X^T
+        smem_tile((c, dk), BF16),
+        smem_tile((c, dk), BF16),  # q̂, k
+        smem_tile((c, dvb), BF16),
+        smem_tile((dvb, c), BF16),  # v, v^T
+        smem_tile((c, dvb), BF16),
+        smem_tile((dvb, c), BF16),  # dO, dO^T
+        smem_tile((dvb, dk), BF16),
+        smem_tile((dvb, dk), BF16),  # S^T, X^T
         plgpu.SMEM((c,), F32),
         plgpu.SMEM((c,), F32),
         plgpu.SMEM((c,), F32),  # b, e^b, e^{b_C - b}
-        _smem((c, c), BF16),
-        _smem((c, c), BF16),  # masked dA, dA^T
-        _smem((c, dk), F32),  # output tile (dq̂, then dk)
+        smem_tile((c, c), BF16),
+        smem_tile((c, c), BF16),  # masked dA, dA^T
+        smem_tile((c, dk), F32),  # output tile (dq̂, then dk)
         plgpu.Barrier(num_barriers=11),
     ]
     out = jax.ShapeDtypeStruct((nv, bsz, t_len, heads, dk), F32)
@@ -320,7 +288,7 @@ def ssd_grads_dqk(q, k, v, vt, do, dot, st, xt, b, eb, ek, *, chunk: int, block_
 
 def ssd_grads_dqk_smem_bytes(chunk, dk, block_dv):
     c, dvb = chunk, block_dv
-    return _bytes(
+    return scratch_bytes(
         ((c, dk), BF16),
         ((c, dk), BF16),
         ((c, dvb), BF16),
@@ -351,13 +319,13 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
     bsz, t_len, groups, dk = k.shape
     heads, dv = do.shape[2], do.shape[3]
     n, nv, c, dvb = t_len // chunk, dv // block_dv, chunk, block_dv
-    lc, iota = _helpers(interpret)
+    lc, iota = layout_helpers(interpret)
 
     def body(k_ref, qt_ref, do_ref, x_ref, b_ref, ek_ref, dv_ref, k_s, qt_s, do_s, x_s, b_s, ek_s, at_s, o_s, bars):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         gi = lax.div(hi, jnp.int32(rep))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(
+        load_all(
             (
                 (k_ref.at[bi, rows, gi, :], k_s),
                 (qt_ref.at[bi, gi, :, rows], qt_s),
@@ -368,7 +336,7 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
             ),
             bars,
         )
-        scores = _mm(k_s, qt_s, (c, c))  # [s, t] = k_s . q̂_t
+        scores = mm(k_s, qt_s, (c, c))  # [s, t] = k_s . q̂_t
         diff = lax.broadcast_in_dim(lc(b_s[...], COL), (c, c), [1]) - lax.broadcast_in_dim(
             lc(b_s[...], ROW), (c, c), [0]
         )  # b_t - b_s
@@ -376,18 +344,18 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
         at_s[...] = jnp.where(c_id >= r_id, scores * jnp.exp(jnp.minimum(diff, 0.0)), 0.0).astype(BF16)
         plgpu.commit_smem()
         ekv = lax.broadcast_in_dim(lc(ek_s[...], ROW), (c, dvb), [0])
-        dvv = _mm(at_s, do_s, (c, dvb)) + _mm(k_s, x_s, (c, dvb)) * ekv
-        _store(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
+        dvv = mm(at_s, do_s, (c, dvb)) + mm(k_s, x_s, (c, dvb)) * ekv
+        store_tile(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
 
     scratch = [
-        _smem((c, dk), BF16),
-        _smem((dk, c), BF16),
-        _smem((c, dvb), BF16),
-        _smem((dk, dvb), BF16),
+        smem_tile((c, dk), BF16),
+        smem_tile((dk, c), BF16),
+        smem_tile((c, dvb), BF16),
+        smem_tile((dk, dvb), BF16),
         plgpu.SMEM((c,), F32),
         plgpu.SMEM((c,), F32),
-        _smem((c, c), BF16),
-        _smem((c, dvb), F32),
+        smem_tile((c, c), BF16),
+        smem_tile((c, dvb), F32),
         plgpu.Barrier(num_barriers=6),
     ]
     kernel = plgpu.kernel(
@@ -404,7 +372,7 @@ def ssd_grads_dv(k, qt, do, x, b, ek, *, chunk: int, block_dv: int, rep: int = 1
 
 def ssd_grads_dv_smem_bytes(chunk, dk, block_dv):
     c, dvb = chunk, block_dv
-    return _bytes(
+    return scratch_bytes(
         ((c, dk), BF16),
         ((dk, c), BF16),
         ((c, dvb), BF16),
@@ -424,8 +392,8 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     """dqm and dkm of the vector-gate scan (gradients with respect to the kernel's ``qm`` / ``km``).
 
     Args:
-      qm, km: ``[B, T, H, Dk]`` bfloat16 (``gpu._prep_vector_gates``'s ``qm`` and the untransposed ``km``).
-      v, do, vt, dot, st, xt: as in ``ssd_grads_dqk``. fac: ``[B, H, n, NF, Dk]`` float32 (``gpu._gla_factor_rows``).
+      qm, km: ``[B, T, H, Dk]`` bfloat16 (``prep_vector_gates``'s ``qm`` and the untransposed ``km``).
+      v, do, vt, dot, st, xt: as in ``ssd_grads_dqk``. fac: ``[B, H, n, NF, Dk]`` float32 (``gla_factor_rows``).
     Returns:
       ``(dqm, dkm)``, each ``[Dv / block_dv, B, T, H, Dk]`` float32 partial sums over the Dv blocks.
     """
@@ -433,8 +401,8 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     dv = v.shape[3]
     n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
     c, dvb, ell = chunk, block_dv, sub
-    frows, nf = gpu._gla_factor_rows(n_sub)
-    lc, _ = _helpers(interpret)
+    frows, nf = gla_factor_rows(n_sub)
+    lc, _ = layout_helpers(interpret)
     iota1 = (
         (lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0))
         if interpret is not None
@@ -470,7 +438,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
     ):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(
+        load_all(
             (
                 (qm_ref.at[bi, rows, hi, :], qm_s),
                 (km_ref.at[bi, rows, hi, :], km_s),
@@ -488,28 +456,28 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
         # Register budget (one warpgroup, 255 per thread; a [C, Dk] float32 tile is 64): dA / dA^T wait in shared
         # memory (float32) instead of registers, the factors are applied one sub-chunk at a time (``scale_sub``:
         # one vector live, masks on 1-D token indices), and products without a factor accumulate into the running
-        # sum by wgmma (``_mm_acc``). ptxas -v: no spills at C = 64, Dk = 128, block_dv = 64.
+        # sum by wgmma (``mm_acc``). ptxas -v: no spills at C = 64, Dk = 128, block_dv = 64.
         t_rows = iota1(ROW)  # token of each row of a [C, Dk] tile
         r_id = lax.broadcast_in_dim(t_rows, (c, c), [0])
         c_id = lax.broadcast_in_dim(iota1(COL), (c, c), [1])
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
-        scale = lambda x, vecs: gpu._scale_sub(x, t_rows, 0, vecs, ell)
-        a_s[...] = _mm(do_s, vt_s, (c, c))  # dA[t, s]
+        scale = lambda x, vecs: scale_sub(x, t_rows, 0, vecs, ell)
+        a_s[...] = mm(do_s, vt_s, (c, c))  # dA[t, s]
         plgpu.commit_smem()  # a_s and o_s are read back by element-wise code whose layout need not match the write
 
         # dqm, summed in the float32 output tile in shared memory (one [C, Dk] tile in registers at a time): the
         # inter-chunk term, the diagonal blocks (no factor; accumulated by wgmma), the earlier sub-chunks j of every
         # row (factor qoff[i, j] after the product)
-        o_s[...] = scale(_mm(do_s, st_s, (c, dk)), [colv(r) for r in frows["inter"]])
+        o_s[...] = scale(mm(do_s, st_s, (c, dk)), [colv(r) for r in frows["inter"]])
         p_s[...] = jnp.where((r_id >= c_id) & (r_sub == c_sub), a_s[...], 0.0).astype(BF16)
         plgpu.commit_smem()
-        o_s[...] = _mm_acc(o_s[...], p_s, km_s, interpret)
+        o_s[...] = mm_acc(o_s[...], p_s, km_s, interpret)
         if n_sub > 1:
             w_s[...] = scale(km_s[...].astype(F32), [colv(r) for r in frows["koff"]]).astype(BF16)
         for j in range(n_sub - 1):
             p_s[...] = jnp.where((c_sub == j) & (r_sub > j), a_s[...], 0.0).astype(BF16)
             plgpu.commit_smem()
-            part = scale(_mm(p_s, w_s, (c, dk)), [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)])
+            part = scale(mm(p_s, w_s, (c, dk)), [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)])
             o_s[...] = o_s[...] + part
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, dq_ref.at[vi, bi, rows, hi, :])
@@ -517,7 +485,7 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
 
         # dkm: the later sub-chunks of every row s (one wgmma per row sub-chunk j, P restricted to the rows of j, so
         # all accumulate into one tile; factor koff[j] after), the diagonal blocks, the state term
-        a_s[...] = _mm(v_s, dot_s, (c, c))  # dA^T[s, t]
+        a_s[...] = mm(v_s, dot_s, (c, c))  # dA^T[s, t]
         plgpu.commit_smem()
         dkm = None
         for j in range(n_sub - 1):
@@ -526,29 +494,29 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
                 qm_s[...].astype(F32), [colv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]
             ).astype(BF16)
             plgpu.commit_smem()
-            dkm = _mm(p_s, w_s, (c, dk)) if dkm is None else _mm_acc(dkm, p_s, w_s, interpret)
+            dkm = mm(p_s, w_s, (c, dk)) if dkm is None else mm_acc(dkm, p_s, w_s, interpret)
         if dkm is not None:
             dkm = scale(dkm, [colv(r) for r in frows["koff"]])
         p_s[...] = jnp.where((c_id >= r_id) & (r_sub == c_sub), a_s[...], 0.0).astype(BF16)
         plgpu.commit_smem()
-        dkm = _mm(p_s, qm_s, (c, dk)) if dkm is None else _mm_acc(dkm, p_s, qm_s, interpret)
-        dkm = dkm + scale(_mm(v_s, xt_s, (c, dk)), [colv(r) for r in frows["kstate"]])
-        _store(dkm, o_s, dk_ref.at[vi, bi, rows, hi, :])
+        dkm = mm(p_s, qm_s, (c, dk)) if dkm is None else mm_acc(dkm, p_s, qm_s, interpret)
+        dkm = dkm + scale(mm(v_s, xt_s, (c, dk)), [colv(r) for r in frows["kstate"]])
+        store_tile(dkm, o_s, dk_ref.at[vi, bi, rows, hi, :])
 
     scratch = [
-        _smem((c, dk), BF16),
-        _smem((c, dk), BF16),  # qm, km
-        _smem((c, dvb), BF16),
-        _smem((dvb, c), BF16),  # v, v^T
-        _smem((c, dvb), BF16),
-        _smem((dvb, c), BF16),  # dO, dO^T
-        _smem((dvb, dk), BF16),
-        _smem((dvb, dk), BF16),  # S^T, X^T
+        smem_tile((c, dk), BF16),
+        smem_tile((c, dk), BF16),  # qm, km
+        smem_tile((c, dvb), BF16),
+        smem_tile((dvb, c), BF16),  # v, v^T
+        smem_tile((c, dvb), BF16),
+        smem_tile((dvb, c), BF16),  # dO, dO^T
+        smem_tile((dvb, dk), BF16),
+        smem_tile((dvb, dk), BF16),  # S^T, X^T
         plgpu.SMEM((nf, dk), F32),  # gate-factor table
-        _smem((c, c), BF16),  # masked dA / dA^T (rewritten per wgmma)
-        _smem((c, dk), BF16),  # km ⊙ koff, then qm ⊙ qoff (rewritten per wgmma)
-        _smem((c, c), F32),  # dA, then dA^T
-        _smem((c, dk), F32),  # output tile (dqm, then dkm)
+        smem_tile((c, c), BF16),  # masked dA / dA^T (rewritten per wgmma)
+        smem_tile((c, dk), BF16),  # km ⊙ koff, then qm ⊙ qoff (rewritten per wgmma)
+        smem_tile((c, c), F32),  # dA, then dA^T
+        smem_tile((c, dk), F32),  # output tile (dqm, then dkm)
         plgpu.Barrier(num_barriers=9),
     ]
     out = jax.ShapeDtypeStruct((nv, bsz, t_len, heads, dk), F32)
@@ -565,8 +533,8 @@ def gla_grads_dqk(qm, km, v, vt, do, dot, st, xt, fac, *, chunk: int, sub: int, 
 
 
 def gla_grads_dqk_smem_bytes(chunk, sub, dk, block_dv):
-    c, dvb, nf = chunk, block_dv, gpu._gla_factor_rows(chunk // sub)[1]
-    return _bytes(
+    c, dvb, nf = chunk, block_dv, gla_factor_rows(chunk // sub)[1]
+    return scratch_bytes(
         ((c, dk), BF16),
         ((c, dk), BF16),
         ((c, dvb), BF16),
@@ -597,8 +565,8 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
     dv = do.shape[3]
     n, nv, n_sub = t_len // chunk, dv // block_dv, chunk // sub
     c, dvb, ell = chunk, block_dv, sub
-    frows, nf = gpu._gla_factor_rows(n_sub)
-    lc, _ = _helpers(interpret)
+    frows, nf = gla_factor_rows(n_sub)
+    lc, _ = layout_helpers(interpret)
     iota1 = (
         (lambda layout: lax.broadcasted_iota(jnp.int32, (c,), 0))
         if interpret is not None
@@ -608,7 +576,7 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
     def body(km_ref, qmt_ref, do_ref, x_ref, f_ref, dv_ref, km_s, qmt_s, do_s, x_s, f_s, kw_s, qw_s, at_s, o_s, bars):
         bi, hi, ci, vi = (lax.axis_index(a) for a in ("b", "h", "c", "v"))
         rows, cols = pl.ds(ci * c, c), pl.ds(vi * dvb, dvb)
-        _load(
+        load_all(
             (
                 (km_ref.at[bi, rows, hi, :], km_s),
                 (qmt_ref.at[bi, hi, :, rows], qmt_s),
@@ -627,31 +595,31 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
         r_sub, c_sub = lax.div(r_id, ell), lax.div(c_id, ell)
         # A^T[s, t]: diagonal blocks as they are (both referred to the block's middle row); dropped entries may be
         # inf, where() selects
-        at = jnp.where((c_id >= r_id) & (r_sub == c_sub), _mm(km_s, qmt_s, (c, c)), 0.0)
+        at = jnp.where((c_id >= r_id) & (r_sub == c_sub), mm(km_s, qmt_s, (c, c)), 0.0)
         for j in range(n_sub - 1):  # rows s of sub-chunk j (k side zero elsewhere) against the later columns t
             fk = [colv(frows["koff"][j]) if i == j else None for i in range(n_sub)]
-            kw_s[...] = gpu._scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
+            kw_s[...] = scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
             fq = [rowv(frows["qoff"][i, j]) if i > j else None for i in range(n_sub)]
-            qw_s[...] = gpu._scale_sub(qmt_s[...].astype(F32), t_cols, 1, fq, ell).astype(BF16)
+            qw_s[...] = scale_sub(qmt_s[...].astype(F32), t_cols, 1, fq, ell).astype(BF16)
             plgpu.commit_smem()
-            at = _mm_acc(at, kw_s, qw_s, interpret)
+            at = mm_acc(at, kw_s, qw_s, interpret)
         at_s[...] = at.astype(BF16)
         fk = [colv(r) for r in frows["kstate"]]
-        kw_s[...] = gpu._scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
+        kw_s[...] = scale_sub(km_s[...].astype(F32), s_rows, 0, fk, ell).astype(BF16)
         plgpu.commit_smem()
-        dvv = gpu._mm2(at_s, do_s, kw_s, x_s, (c, dvb))
-        _store(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
+        dvv = mm2(at_s, do_s, kw_s, x_s, (c, dvb))
+        store_tile(dvv, o_s, dv_ref.at[bi, rows, hi, cols])
 
     scratch = [
-        _smem((c, dk), BF16),
-        _smem((dk, c), BF16),
-        _smem((c, dvb), BF16),
-        _smem((dk, dvb), BF16),
+        smem_tile((c, dk), BF16),
+        smem_tile((dk, c), BF16),
+        smem_tile((c, dvb), BF16),
+        smem_tile((dk, dvb), BF16),
         plgpu.SMEM((nf, dk), F32),
-        _smem((c, dk), BF16),  # km ⊙ koff, then km ⊙ kstate
-        _smem((dk, c), BF16),  # qm^T ⊙ qoff (rewritten per wgmma)
-        _smem((c, c), BF16),  # A^T
-        _smem((c, dvb), F32),  # output tile
+        smem_tile((c, dk), BF16),  # km ⊙ koff, then km ⊙ kstate
+        smem_tile((dk, c), BF16),  # qm^T ⊙ qoff (rewritten per wgmma)
+        smem_tile((c, c), BF16),  # A^T
+        smem_tile((c, dvb), F32),  # output tile
         plgpu.Barrier(num_barriers=5),
     ]
     kernel = plgpu.kernel(
@@ -667,8 +635,8 @@ def gla_grads_dv(km, qmt, do, x, fac, *, chunk: int, sub: int, block_dv: int, in
 
 
 def gla_grads_dv_smem_bytes(chunk, sub, dk, block_dv):
-    c, dvb, nf = chunk, block_dv, gpu._gla_factor_rows(chunk // sub)[1]
-    return _bytes(
+    c, dvb, nf = chunk, block_dv, gla_factor_rows(chunk // sub)[1]
+    return scratch_bytes(
         ((c, dk), BF16),
         ((dk, c), BF16),
         ((c, dvb), BF16),
@@ -717,7 +685,7 @@ def vector_scan_bwd(q, k, v, g, s0, do, dsf, *, scale, chunk, sub, block_dv, int
     bflat = b.reshape(q.shape)
     qh = q.astype(F32) * scale
     kf = k.astype(F32)
-    qm, kmt, fac = gpu._prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
+    qm, kmt, fac = prep_vector_gates(q, k, g, scale=scale, chunk=chunk, sub=sub)
     km = jnp.transpose(kmt, (0, 3, 1, 2))  # [B, T, H, Dk]
     dec = jnp.moveaxis(jnp.exp(b_last), 2, 1)  # [B, H, n, Dk]
     v16, do16 = v.astype(BF16), do.astype(BF16)
@@ -758,7 +726,7 @@ def scalar_scan_bwd(q, k, v, g, s0, do, dsf, *, chunk, block_dv, interpret):
     bsz, t_len, groups, dk = q.shape
     heads = v.shape[2]
     rep = heads // groups
-    b, eb, ek, last = gpu._prep_gates(g, chunk)  # [B, H, T] x3, [B, H, n, 1]
+    b, eb, ek, last = prep_gates(g, chunk)  # [B, H, T] x3, [B, H, n, 1]
     n = t_len // chunk
     dec = jnp.broadcast_to(last, (bsz, heads, n, dk))
     q16, k16, v16, do16 = q.astype(BF16), k.astype(BF16), v.astype(BF16), do.astype(BF16)

@@ -9,10 +9,10 @@ Forward: the Pallas scan kernel; it saves only its inputs. Backward (TPU kernels
 3. XLA turns the cumulative-gate gradient into the raw-gate gradient (reverse cumulative sum inside each chunk) and
    sums the q/k gradients of heads that share a group.
 
-This op serves the TPU kernels and interpret-mode runs of their body. The compiled Mosaic GPU scan (scalar gates
-only) is a different kernel with its own custom VJP, ``gpu.scalar_scan`` (docs/kernels.md); here the non-TPU
-backward is ``jax.vjp`` of ``reference.scan_xla`` (the same chunk math with ``lax.scan``, head-major layout), so
-interpret-mode runs stay exact.
+This op serves the TPU kernels, and interpret-mode runs of their body for ``backend="gpu"`` (plain
+``interpret=True``), whose backward is ``jax.vjp`` of ``reference.scan_xla`` (the same chunk math with ``lax.scan``,
+head-major layout). The Mosaic GPU scans (scalar and vector gates) are different kernels with their own custom VJPs,
+``gpu.scalar_scan`` / ``gpu.vector_scan`` (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_scan import reference
+from pallas_kernels.linear_scan import reference, tpu
 from pallas_kernels.linear_scan.tpu import ScanLayout
 
 
@@ -60,12 +60,9 @@ def _brow(b, chunk):
 
 
 def _kernel_call(q, k, v, g, st0, st: _Static):
-    from pallas_kernels.linear_scan import gpu, tpu  # imported here: gpu imports tpu
-
     b = _cumsum(g, st.chunk)
     scalar = st.scalar
-    mod = tpu if st.backend == "tpu" else gpu
-    return mod.scan_call(
+    return tpu.scan_call(
         q,
         k,
         v,
@@ -105,8 +102,6 @@ def _bwd(st, res, cts):
     q, k, v, g, st0 = res
     do, dsf = cts
     if st.backend == "tpu":
-        from pallas_kernels.linear_scan import tpu
-
         b = _cumsum(g, st.chunk)
         brow = _brow(b, st.chunk) if st.scalar else None
         kw = dict(layout=st.layout, scale=st.scale, chunk=st.chunk, sub_chunk=st.sub_chunk, interpret=st.interpret)

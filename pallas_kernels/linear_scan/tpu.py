@@ -14,7 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import tpu_params
@@ -110,7 +109,6 @@ def scan_call(
     sub_chunk,
     out_dtype,
     interpret,
-    params=None,
     states_only=False,
 ):
     """Forward scan kernel.
@@ -180,8 +178,8 @@ def scan_call(
         grid=(bsz, heads, n),
         in_specs=in_specs,
         out_specs=(first[1], state),
-        scratch_shapes=[(pltpu.VMEM if params is None else plgpu.SMEM)((dv, dk), jnp.float32)],
-        compiler_params=params if params is not None else tpu_params(("parallel", "parallel", "arbitrary")),
+        scratch_shapes=[pltpu.VMEM((dv, dk), jnp.float32)],
+        compiler_params=tpu_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="gated_linear_scan",
     )(*args)
@@ -223,9 +221,7 @@ def _bwd_kernel(*refs, scale, sub_chunk, scalar, n_chunks):
         ds0_ref[...] = dst_in
 
 
-def scan_bwd_call(
-    q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scale, chunk, sub_chunk, interpret, params=None
-):
+def scan_bwd_call(q, k, v, b, brow, do, states, dsf, *, layout: ScanLayout, scale, chunk, sub_chunk, interpret):
     """Reverse-time backward kernel: the chunk axis runs from the last chunk to the first with the state gradient
     ``dS^T [Dv, Dk]`` in a float32 VMEM scratch.
 
@@ -278,8 +274,8 @@ def scan_bwd_call(
         grid=(bsz, heads, n),
         in_specs=in_specs,
         out_specs=(spec("k_out"), spec("k_out"), spec("v"), spec(bkind), state),
-        scratch_shapes=[(pltpu.VMEM if params is None else plgpu.SMEM)((dv, dk), jnp.float32)],
-        compiler_params=params if params is not None else tpu_params(("parallel", "parallel", "arbitrary")),
+        scratch_shapes=[pltpu.VMEM((dv, dk), jnp.float32)],
+        compiler_params=tpu_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="gated_linear_scan_bwd",
     )(*args)

@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import gpu_params
 from pallas_kernels.cost import conv_cost
-from pallas_kernels.short_conv.tiling import tile_and_halo_specs
+from pallas_kernels.short_conv.tiling import stage_tile_and_halo, tile_and_halo_specs
 
 
 def _kernel(
@@ -54,25 +54,9 @@ def _kernel(
     mask_ref = next(it) if has_mask else None
     extra_ref = next(it) if has_extra else None
     o_ref, buf, stage = next(it), next(it), next(it)
-    t = pl.program_id(2)
     bd = x_ref.shape[-1]
-    if direction == "causal":
-        main, halo_at, edge = hrows, 0, t == 0
-    else:
-        main, halo_at, edge = 0, bt, t == nt - 1
-    buf[pl.ds(main, bt), :] = x_ref[...].astype(jnp.float32)
-
-    @pl.when(edge)
-    def _():
-        if has_halo0:
-            buf[pl.ds(halo_at, hrows), :] = halo0_ref[...].astype(jnp.float32)
-        else:
-            buf[pl.ds(halo_at, hrows), :] = jnp.zeros((hrows, bd), jnp.float32)
-
-    @pl.when(jnp.logical_not(edge))
-    def _():
-        buf[pl.ds(halo_at, hrows), :] = halo_ref[...].astype(jnp.float32)
-
+    x = x_ref[...].astype(jnp.float32)
+    main = stage_tile_and_halo(buf, x, halo_ref, halo0_ref, direction=direction, hrows=hrows, bt=bt, nt=nt)
     if has_extra:
         stage[...] = extra_ref[...].astype(jnp.float32)
     if not interpret:

@@ -1,9 +1,9 @@
 """References for the short (depthwise causal) convolution: a float64 numpy loop and the XLA pieces of the backward.
 
-Semantics (SPEC A.1): ``y[t, c] = act(sum_j w[j, c] * x[t - (K - 1) + j, c] + bias[c]) (+ x[t, c])``; taps before the
-sequence come from ``initial_state`` ``[B, C, K]`` (the last K raw inputs, oldest first; slot 0 is never read) or are
-zero; with ``segment_ids`` a tap only reads tokens of the same segment, and the initial state continues the first
-token's segment.
+Semantics (as the official release): ``y[t, c] = act(sum_j w[j, c] * x[t - (K - 1) + j, c] + bias[c]) (+ x[t, c])``;
+taps before the sequence come from ``initial_state`` ``[B, C, K]`` (the last K raw inputs, oldest first; slot 0 is
+never read) or are zero; with ``segment_ids`` a tap only reads tokens of the same segment, and the initial state
+continues the first token's segment.
 """
 
 from __future__ import annotations

@@ -29,3 +29,30 @@ def tile_and_halo_specs(x, bt: int, bd: int, hrows: int, direction: str, halo0=N
         in_specs.append(pl.BlockSpec((None, hrows, bd), lambda b, d, t: (b, 0, d)))
         args.append(halo0)
     return in_specs, args, tile, nt, nd, r
+
+
+def stage_tile_and_halo(buf, x, halo_ref, halo0_ref, *, direction: str, hrows: int, bt: int, nt: int):
+    """Writes the float32 tile ``x [bt, bd]`` and its halo into ``buf [bt + hrows, bd]``: the halo rows before the
+    tile (causal) or after it (anti-causal); at the sequence edge the rows of ``halo0_ref`` (the initial state, or
+    None for zeros). Returns the row of ``buf`` where the tile starts: tap ``s`` is the ``bt``-row window ``s`` rows
+    before it (causal) or after it (anti-causal)."""
+    t = pl.program_id(2)
+    bd = buf.shape[-1]
+    if direction == "causal":
+        main, halo_at, edge = hrows, 0, t == 0
+    else:
+        main, halo_at, edge = 0, bt, t == nt - 1
+    buf[pl.ds(main, bt), :] = x
+
+    @pl.when(edge)
+    def _():
+        if halo0_ref is not None:
+            buf[pl.ds(halo_at, hrows), :] = halo0_ref[...].astype(jnp.float32)
+        else:
+            buf[pl.ds(halo_at, hrows), :] = jnp.zeros((hrows, bd), jnp.float32)
+
+    @pl.when(jnp.logical_not(edge))
+    def _():
+        buf[pl.ds(halo_at, hrows), :] = halo_ref[...].astype(jnp.float32)
+
+    return main

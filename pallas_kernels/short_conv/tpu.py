@@ -18,7 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import tpu_params
 from pallas_kernels.cost import conv_cost
-from pallas_kernels.short_conv.tiling import tile_and_halo_specs
+from pallas_kernels.short_conv.tiling import stage_tile_and_halo, tile_and_halo_specs
 
 
 def _kernel(
@@ -53,26 +53,9 @@ def _kernel(
     dw_ref = next(it) if with_dw else None
     buf = next(it)
     xbuf = next(it) if with_dw else None
-    t = pl.program_id(2)
     bd = x_ref.shape[-1]
     x = x_ref[...].astype(jnp.float32)
-    if direction == "causal":
-        main, halo_at, edge = hrows, 0, t == 0
-    else:
-        main, halo_at, edge = 0, bt, t == nt - 1
-    buf[pl.ds(main, bt), :] = x
-
-    @pl.when(edge)
-    def _():
-        if has_halo0:
-            buf[pl.ds(halo_at, hrows), :] = halo0_ref[...].astype(jnp.float32)
-        else:
-            buf[pl.ds(halo_at, hrows), :] = jnp.zeros((hrows, bd), jnp.float32)
-
-    @pl.when(jnp.logical_not(edge))
-    def _():
-        buf[pl.ds(halo_at, hrows), :] = halo_ref[...].astype(jnp.float32)
-
+    main = stage_tile_and_halo(buf, x, halo_ref, halo0_ref, direction=direction, hrows=hrows, bt=bt, nt=nt)
     bits = bits_ref[...] if has_bits else None
     acc = jnp.zeros((bt, bd), jnp.float32)
     for s in range(k):  # tap s reads s tokens back (causal) or ahead (anti-causal) with weight row K-1-s
@@ -97,21 +80,8 @@ def _kernel(
 def _partial_weight_grad(g, x_ref, halo_ref, halo0_ref, bits_ref, dw_ref, xbuf, *, k, hrows, bt):
     """Rows ``K-1-s`` of this tile's ``sum_t g[t] x[t-s]`` (causal taps of the forward input) and row K = sum_t g[t]
     (the bias gradient): the backward's reductions, computed while the ``g`` tile is in VMEM."""
-    t = pl.program_id(2)
-    bd = g.shape[-1]
-    xbuf[pl.ds(hrows, bt), :] = x_ref[...].astype(jnp.float32)
-
-    @pl.when(t == 0)
-    def _():
-        if halo0_ref is not None:
-            xbuf[pl.ds(0, hrows), :] = halo0_ref[...].astype(jnp.float32)
-        else:
-            xbuf[pl.ds(0, hrows), :] = jnp.zeros((hrows, bd), jnp.float32)
-
-    @pl.when(t > 0)
-    def _():
-        xbuf[pl.ds(0, hrows), :] = halo_ref[...].astype(jnp.float32)
-
+    x = x_ref[...].astype(jnp.float32)
+    stage_tile_and_halo(xbuf, x, halo_ref, halo0_ref, direction="causal", hrows=hrows, bt=bt, nt=None)
     bits = bits_ref[...] if bits_ref is not None else None
     for s in range(k):
         tap = xbuf[pl.ds(hrows - s, bt), :]

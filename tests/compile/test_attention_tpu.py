@@ -55,8 +55,8 @@ def _compile(attention_impl):
 def test_auto_attention_is_splash_on_tpu():
     from canon_jax import aot
     from canon_jax.ops.attention import resolve
-    from canon_jax.ops.sharded import target_platform
     from canon_jax.train.sharding import MESH_AXES
+    from pallas_kernels.common import target_platform
 
     mesh = aot.make_mesh(aot.get_target("v5e:2x2"), (1, 2, 2), MESH_AXES)
     q = jax.ShapeDtypeStruct((4, SEQ, 4, 64), jnp.bfloat16)

@@ -18,11 +18,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
 from canon_jax import aot  # noqa: E402
-from canon_jax.ops import dispatch  # noqa: E402
 from canon_jax.ops.conv import causal_conv1d  # noqa: E402
 from canon_jax.ops.gla import gla  # noqa: E402
 from canon_jax.ops.ssd import ssd  # noqa: E402
 from canon_jax.train.sharding import make_mesh  # noqa: E402
+from pallas_kernels.common import accelerator_backend  # noqa: E402
 
 pytestmark = pytest.mark.compile
 
@@ -92,7 +92,7 @@ def test_ops_and_gradients_compile_with_mosaic_kernels_on_a_mesh(target, mesh_na
     )
     with jax.set_mesh(mesh):
         # from the mesh, although the default backend is the CPU
-        assert dispatch.accelerator_backend() == platform
+        assert accelerator_backend() == platform
         compiled = jax.jit(step).lower(*args).compile()
     # conv, GLA and SSD: at least one forward and one backward kernel each (shapes the GPU kernels take: Dk, Dv
     # multiples of 64, chunk 64)

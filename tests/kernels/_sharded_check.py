@@ -8,8 +8,11 @@ import numpy as np
 
 from pallas_kernels.common import BlockSizes
 from pallas_kernels.linear_scan import gla, ssd
-from pallas_kernels.sharding import gla_sharded, short_conv_sharded, ssd_sharded
+from pallas_kernels.sharding import shard_map_call
 from pallas_kernels.short_conv import short_conv
+
+P = jax.sharding.PartitionSpec
+TOK, ST = P("batch", None, "heads", None), P("batch", "heads", None, None)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -17,7 +20,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def main():
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    rules = {"batch": "data", "embed": "model", "heads": "model"}
+    rules = (("batch", "data"), ("channels", "model"), ("heads", "model"))
     rng = np.random.default_rng(0)
     close = functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5)
 
@@ -30,7 +33,17 @@ def main():
     # inputs already laid out on the mesh, as under a sharded training step
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model")))
     plain = lambda x, w, bias: short_conv(x, w, bias=bias, segment_ids=seg, **kw)
-    shard = lambda x, w, bias: short_conv_sharded(x, w, bias=bias, segment_ids=seg, mesh=mesh, rules=rules, **kw)
+    shard = lambda x, w, bias: shard_map_call(
+        lambda x, w, bias, seg: short_conv(x, w, bias=bias, segment_ids=seg, **kw),
+        x,
+        w,
+        bias,
+        seg,
+        in_axes=(P("batch", None, "channels"), P(None, "channels"), P("channels"), P("batch", None)),
+        out_axes=P("batch", None, "channels"),
+        rules=rules,
+        mesh=mesh,
+    )
     close(jax.jit(shard)(x, w, bias), jax.jit(plain)(x, w, bias))
     loss = lambda f, *a: jnp.sum(jnp.sin(f(*a)))
     for a, r in zip(
@@ -45,7 +58,11 @@ def main():
     g = jnp.asarray(np.log(rng.uniform(0.6, 1.0, (4, 11, 2, 8))), jnp.float32)
     s0 = jnp.asarray(rng.standard_normal((4, 2, 8, 8)), jnp.float32)
     skw = dict(chunk_size=8, interpret=True, block_sizes=BlockSizes(sub_chunk=8))
-    a = jax.jit(lambda *z: gla_sharded(*z, initial_state=s0, mesh=mesh, rules=rules, **skw))(q, k, v, g)
+    local = lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, **skw)
+    sharded = lambda *z: shard_map_call(
+        local, *z, s0, in_axes=(TOK,) * 4 + (ST,), out_axes=(TOK, ST), rules=rules, mesh=mesh
+    )
+    a = jax.jit(sharded)(q, k, v, g)
     r = jax.jit(lambda *z: gla(*z, initial_state=s0, **skw))(q, k, v, g)
     for u, z in zip(a, r):
         close(u, z)
@@ -56,7 +73,16 @@ def main():
     aa = jnp.asarray(-rng.uniform(0.5, 3.0, 2), jnp.float32)
     bm, cm = (jnp.asarray(rng.standard_normal((4, 11, 1, 8)), jnp.float32) for _ in range(2))
     d = jnp.ones(2, jnp.float32)
-    a = jax.jit(lambda *z: ssd_sharded(*z, mesh=mesh, rules=rules, chunk_size=8, interpret=True))(xs, dt, aa, bm, cm, d)
+    ssd_axes = (TOK, P("batch", None, "heads"), P("heads"), P("batch", None, None, None), P("batch", None, None, None))
+    sharded = lambda *z: shard_map_call(
+        lambda *a: ssd(*a, chunk_size=8, interpret=True),
+        *z,
+        in_axes=ssd_axes + (P("heads"),),
+        out_axes=(TOK, ST),
+        rules=rules,
+        mesh=mesh,
+    )
+    a = jax.jit(sharded)(xs, dt, aa, bm, cm, d)
     r = jax.jit(lambda *z: ssd(*z, chunk_size=8, interpret=True))(xs, dt, aa, bm, cm, d)
     for u, z in zip(a, r):
         close(u, z)

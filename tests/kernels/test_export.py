@@ -141,12 +141,12 @@ def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
 
     import jax.experimental.mosaic.gpu.core as mosaic_core
 
-    from pallas_kernels.linear_scan import gpu
     from pallas_kernels.linear_scan import gpu_bwd as gb
+    from pallas_kernels.linear_scan import gpu_fwd
 
     bf, f32 = jnp.bfloat16, jnp.float32
     b, t, h, dk, dv, c, dvb, sub = 1, 128, 2, 128, 128, 64, 64, 16
-    n, nf = t // c, gpu._gla_factor_rows(c // sub)[1]
+    n, nf = t // c, gpu_fwd.gla_factor_rows(c // sub)[1]
     state = (S((b, h, n, dv, dk), bf), S((b, h, n, dv, dk), bf))
     vdo = (S((b, t, h, dv), bf), S((b, h, dv, t), bf), S((b, t, h, dv), bf), S((b, h, dv, t), bf))
     gates = (S((b, h, t), f32),) * 3
@@ -193,14 +193,14 @@ def test_scan_gpu_bwd_smem_model_matches_mosaic(monkeypatch):
 
 @pytest.mark.parametrize("chunk,out_dtype", [(64, jnp.bfloat16), (64, jnp.float32), (256, jnp.bfloat16)])
 def test_ssd_fwd_smem_model_matches_mosaic(monkeypatch, chunk, out_dtype):
-    """``gpu.ssd_fwd_smem_bytes`` (which ``gpu.ssd_chunk`` plans with) equals what Mosaic GPU allocates for the SSD
-    forward kernel at Dk = 128, block_dv = 64: 580,728 bytes at Mamba2's chunk of 256 (the count the sm_90 compile
-    of ``mamba2_canon_1b`` reported), under the limit at 64."""
+    """``gpu_fwd.ssd_fwd_smem_bytes`` (which ``gpu_plan.ssd_chunk`` plans with) equals what Mosaic GPU allocates for
+    the SSD forward kernel at Dk = 128, block_dv = 64: 580,728 bytes at Mamba2's chunk of 256 (the count the sm_90
+    compile of ``mamba2_canon_1b`` reported), under the limit at 64."""
     import re
 
     import jax.experimental.mosaic.gpu.core as mosaic_core
 
-    from pallas_kernels.linear_scan import gpu
+    from pallas_kernels.linear_scan import gpu_common, gpu_fwd
 
     bf, f32 = jnp.bfloat16, jnp.float32
     b, h, dk, dv, c = 1, 2, 128, 128, chunk
@@ -215,13 +215,13 @@ def test_ssd_fwd_smem_model_matches_mosaic(monkeypatch, chunk, out_dtype):
         S((b, h, t // c, dk), f32),
         S((b, h, dk, dv), f32),
     )
-    fn = lambda *a: gpu.ssd_scan_fwd(*a, chunk=c, block_dv=64, rep=2, out_dtype=out_dtype)
-    model = gpu.ssd_fwd_smem_bytes(c, dk, 64, out_dtype)
+    fn = lambda *a: gpu_fwd.ssd_scan_fwd(*a, chunk=c, block_dv=64, rep=2, out_dtype=out_dtype)
+    model = gpu_fwd.ssd_fwd_smem_bytes(c, dk, 64, out_dtype)
     monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 0)
     with pytest.raises(ValueError, match="exceeds available shared memory") as err:
         jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1)) == model
-    assert (model == 580728) if c == 256 else (model <= gpu.SMEM_LIMIT)
+    assert (model == 580728) if c == 256 else (model <= gpu_common.SMEM_LIMIT)
 
 
 def test_ssd_gpu_fixed_chunk_over_shared_memory_raises():
@@ -234,44 +234,13 @@ def test_ssd_gpu_fixed_chunk_over_shared_memory_raises():
 
 def test_gla_gpu_block_dv_128_exceeds_shared_memory():
     """block_dv=128 would double the state/value tiles (273,408 bytes of scratch): the lowering rejects it, which is
-    why the default is 64 (``gpu.gla_smem_bytes``)."""
-    from pallas_kernels.linear_scan import gpu
+    why the default is 64 (``gpu_fwd.gla_smem_bytes``)."""
+    from pallas_kernels.linear_scan import gpu_fwd
 
-    assert gpu.gla_smem_bytes(64, 16, 128, 64) <= 232448 < gpu.gla_smem_bytes(64, 16, 128, 128)
+    assert gpu_fwd.gla_smem_bytes(64, 16, 128, 64) <= 232448 < gpu_fwd.gla_smem_bytes(64, 16, 128, 128)
     fg = lambda *a: gla(*a, chunk_size=64, backend="gpu", block_sizes=BlockSizes(block_dv=128))[0]
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         _export(fg, GLA_ARGS, "gpu")
-
-
-@pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="Mosaic GPU: 'kernel exceeds available shared memory' (docs/kernels.md)"
-)
-def test_scan_tpu_body_does_not_lower_on_gpu():
-    """Keeps the recorded failure reproducible: the TPU kernel body (GLA vector gates) under Mosaic GPU compiler
-    params, paper shapes, overflows shared memory. This is why GLA on GPU has its own wgmma kernel
-    (``gpu.gla_scan_fwd``, exported in ``test_gla_lowers_on_gpu``), which keeps the state in registers and stages
-    only bfloat16 chunk tiles and a small float32 gate-factor table in shared memory; see docs/kernels.md."""
-    from pallas_kernels.linear_scan import gpu
-    from pallas_kernels.linear_scan.tpu import ScanLayout
-
-    def fn(q, k, v, b):
-        tr = lambda a: jnp.swapaxes(a, 1, 2)
-        return gpu.tpu_body_scan_call(
-            tr(q),
-            tr(k),
-            tr(v),
-            tr(b),
-            None,
-            None,
-            layout=ScanLayout("head", 16, 128, 256),
-            scale=1.0,
-            chunk=64,
-            sub_chunk=16,
-            out_dtype=jnp.bfloat16,
-            interpret=False,
-        )[0]
-
-    _export(fn, GLA_ARGS, "gpu")
 
 
 @pytest.mark.parametrize("k,dtype", [(5, jnp.float32), (8, jnp.bfloat16)])

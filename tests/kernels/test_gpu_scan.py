@@ -13,7 +13,17 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from canon_jax.ops import gla as ops_gla
 from pallas_kernels.common import BlockSizes
-from pallas_kernels.linear_scan import gla, gla_gpu_gates_ok, gla_reference, gpu, ssd, ssd_reference
+from pallas_kernels.linear_scan import (
+    gla,
+    gla_gpu_gates_ok,
+    gla_reference,
+    gpu_common,
+    gpu_fwd,
+    gpu_plan,
+    gpu_reference,
+    ssd,
+    ssd_reference,
+)
 
 # wgmma operands are bfloat16 (q, k, v = dt*x, the state and the masked scores are rounded to 8 mantissa bits,
 # relative error 2^-9 each) with float32 accumulation: errors of a few 1e-3 of the output's scale are expected.
@@ -63,7 +73,7 @@ def test_ssd_gpu_kernel_values(case):
 
 
 def test_ssd_gpu_chunk_over_shared_memory_runs_at_the_planned_chunk():
-    """Mamba2's chunk of 256 at N = 128 does not fit an sm_90 block (``gpu.ssd_chunk``): the op runs the kernels at
+    """Mamba2's chunk of 256 at N = 128 does not fit an sm_90 block (``gpu_plan.ssd_chunk``): the op runs the kernels at
     64 instead, so its output is the explicit-64 run's, bit for bit, and matches the float64 loop."""
     x, dt, a, bm, cm, d, h0 = _inputs(1, 1, 150, 2, 64, 1, 128, jnp.bfloat16)
     params = InterpretGPUParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
@@ -81,8 +91,8 @@ def test_ssd_gpu_chunk_over_shared_memory_runs_at_the_planned_chunk():
 
 
 def test_scalar_scan_xla_backward():
-    """``jax.vjp`` of ``gpu._scalar_scan_xla`` (the XLA chunked path with the GPU op's argument layout, kept as a
-    reference; the op's backward is now the Mosaic GPU kernels of ``gpu_bwd``) against autodiff of a token-by-token
+    """``jax.vjp`` of ``gpu_reference.scalar_scan_xla`` (the XLA chunked path with the GPU op's argument layout, a
+    reference for the Mosaic GPU backward kernels of ``gpu_bwd``) against autodiff of a token-by-token
     scan. Two heads share one q/k group; three chunks (XLA takes any chunk, so the sizes are small)."""
     b, t, h, grp, dk, dv, chunk = 1, 24, 2, 1, 8, 16, 8
     rng = np.random.default_rng(3)
@@ -106,7 +116,7 @@ def test_scalar_scan_xla_backward():
 
     args = (q, k, v, g, s0)
     want = jax.jit(lambda *a: jax.vjp(oracle, *a)[1]((do, dsf)))(*args)
-    got = jax.jit(lambda *a: jax.vjp(lambda *b: gpu._scalar_scan_xla(*b, chunk), *a)[1]((do, dsf)))(*args)
+    got = jax.jit(lambda *a: jax.vjp(lambda *b: gpu_reference.scalar_scan_xla(*b, chunk), *a)[1]((do, dsf)))(*args)
     for name, ga, gr in zip(("dq", "dk", "dv", "dg", "ds0"), got, want):
         chex.assert_shape(ga, gr.shape)
         np.testing.assert_allclose(
@@ -174,12 +184,12 @@ def test_gla_gpu_kernel_values(case):
 
 
 def test_gla_gpu_backward_path_values():
-    """``gpu._vector_scan_xla`` (the float32 XLA form of the GPU kernel's factorisation, kept as a reference; it was
-    the op's backward before the kernels of ``gpu_bwd``) against the float64 loop: 3 chunks, 4 sub-chunks of 16, two
+    """``gpu_reference.vector_scan_xla`` (the float32 XLA form of the GPU kernel's factorisation, a reference for the
+    kernels of ``gpu_bwd``) against the float64 loop: 3 chunks, 4 sub-chunks of 16, two
     heads, an initial state, gates down to -5 per token."""
     b, t, h, dk, dv = 2, 192, 2, 64, 32
     q, k, v, g, s0 = _gla_inputs(4, b, t, h, dk, dv, jnp.float32)
-    o, sf = jax.jit(lambda *a: gpu._vector_scan_xla(*a, 0.125, 64, 16))(q, k, v, g, s0)
+    o, sf = jax.jit(lambda *a: gpu_reference.vector_scan_xla(*a, 0.125, 64, 16))(q, k, v, g, s0)
     chex.assert_shape(o, (b, t, h, dv))
     chex.assert_shape(sf, (b, h, dk, dv))
     ro, rs = gla_reference(q, k, v, g, scale=0.125, initial_state=s0)
@@ -279,7 +289,7 @@ def test_ssd_bwd_kernels_values():
     rng, v, do, s, x = _bwd_kernel_operands(8, b, t, h, dk, dv, n)
     q, k = (jnp.asarray(0.5 * rng.standard_normal((b, t, grp, dk)), jnp.bfloat16) for _ in range(2))
     g = jnp.asarray(-rng.uniform(0.0, 0.2, (b, t, h)), jnp.float32)
-    bc, eb, ek, _ = gpu._prep_gates(g, c)
+    bc, eb, ek, _ = gpu_fwd.prep_gates(g, c)
     tr = lambda a: jnp.transpose(a, (0, 2, 3, 1))
     st, xt = jnp.swapaxes(s, 3, 4), jnp.swapaxes(x, 3, 4)
     params = InterpretGPUParams(**STRICT)
@@ -310,7 +320,7 @@ def test_gla_bwd_kernels_values():
     t = n * c
     rng, v, do, s, x = _bwd_kernel_operands(9, b, t, h, dk, dv, n)
     q, k, _, g, _ = _gla_inputs(10, b, t, h, dk, 64, jnp.float32)
-    qm, kmt, fac = gpu._prep_vector_gates(q, k, g, scale=0.25, chunk=c, sub=sub)
+    qm, kmt, fac = gpu_fwd.prep_vector_gates(q, k, g, scale=0.25, chunk=c, sub=sub)
     km = jnp.transpose(kmt, (0, 3, 1, 2))
     tr = lambda a: jnp.transpose(a, (0, 2, 3, 1))
     params = InterpretGPUParams(**STRICT)
@@ -448,7 +458,7 @@ def test_ssd_gpu_grad_kernels(dtype):
             chunk_size=64,
             backend="gpu",
             block_sizes=BlockSizes(block_dv=64),
-            interpret=gpu.interpret_params(),
+            interpret=gpu_common.interpret_params(),
         ),
         wo,
         ws,
@@ -481,7 +491,7 @@ def test_gla_gpu_grad_kernels(dtype):
             chunk_size=64,
             backend="gpu",
             block_sizes=BlockSizes(block_dv=64, sub_chunk=16),
-            interpret=gpu.interpret_params(),
+            interpret=gpu_common.interpret_params(),
         ),
         wo,
         ws,
@@ -504,7 +514,11 @@ def test_gla_gpu_grad_matches_xla():
     ws = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
     got = _weighted_grad(
         lambda *a: gla(
-            *a, chunk_size=64, backend="gpu", block_sizes=BlockSizes(sub_chunk=8), interpret=gpu.interpret_params()
+            *a,
+            chunk_size=64,
+            backend="gpu",
+            block_sizes=BlockSizes(sub_chunk=8),
+            interpret=gpu_common.interpret_params(),
         ),
         wo,
         ws,
@@ -519,17 +533,17 @@ def test_gla_gpu_grad_matches_xla():
 def test_gpu_kernel_limits_raise_clearly():
     x, dt, a, bm, cm, d, _ = _inputs(0, 1, 8, 2, 16, 1, 16, jnp.float32)
     with pytest.raises(NotImplementedError, match="multiple of 64"):
-        ssd(x, dt, a, bm, cm, d, backend="gpu", interpret=gpu.interpret_params())
+        ssd(x, dt, a, bm, cm, d, backend="gpu", interpret=gpu_common.interpret_params())
     q = jnp.zeros((1, 64, 1, 16))
     with pytest.raises(NotImplementedError, match="Dk .* must be a multiple of 64"):
-        gla(q, q, q, q, backend="gpu", interpret=gpu.interpret_params())
+        gla(q, q, q, q, backend="gpu", interpret=gpu_common.interpret_params())
     q = jnp.zeros((1, 64, 1, 64))
     with pytest.raises(NotImplementedError, match="multiple of block_dv"):
-        gla(q, q, jnp.zeros((1, 64, 1, 96)), q, backend="gpu", interpret=gpu.interpret_params())
+        gla(q, q, jnp.zeros((1, 64, 1, 96)), q, backend="gpu", interpret=gpu_common.interpret_params())
 
 
 def test_gla_max_exponent_matches_a_loop():
-    """``gpu.gla_max_exponent``: the largest positive exponent of the kernels' sub-chunk-referred q/k factors
+    """``gpu_plan.gla_max_exponent``: the largest positive exponent of the kernels' sub-chunk-referred q/k factors
     (``b_t - m`` for t before the middle row m, ``m - b_s`` after it), against a loop over sub-chunks."""
     rng = np.random.default_rng(21)
     g = -rng.exponential(1.0, (2, 64, 2, 8)).astype(np.float32)
@@ -539,7 +553,7 @@ def test_gla_max_exponent_matches_a_loop():
             b = np.cumsum(g[:, lo : lo + sub], axis=1)
             m = b[:, (sub - 1) // 2]
             want = max(want, float(np.max(b - m[:, None])), float(np.max(m[:, None] - b)))
-        np.testing.assert_allclose(float(gpu.gla_max_exponent(jnp.asarray(g), sub=sub)), want, rtol=1e-5)
+        np.testing.assert_allclose(float(gpu_plan.gla_max_exponent(jnp.asarray(g), sub=sub)), want, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings(
@@ -549,16 +563,16 @@ def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
     """``canon_jax.ops.gla`` on a (simulated) GPU host: the Mosaic GPU kernels (run here by the interpreter) when the
     log-gates keep their sub-chunk factors in range, the exact XLA path when they do not — gates of -30 per token in
     some channels, where the kernel alone returns a wrong (non-finite) output."""
-    from canon_jax.ops import dispatch
+    from pallas_kernels.linear_scan import api
 
     calls = []
 
     def gpu_gla(impl, q, k, v, g, **kw):
         calls.append(impl)
-        return gla(q, k, v, g, backend="gpu", interpret=gpu.interpret_params(), **kw)
+        return gla(q, k, v, g, backend="gpu", interpret=gpu_common.interpret_params(), **kw)
 
-    monkeypatch.setattr(dispatch, "gla_uses_gpu_kernel", lambda *a: True)
-    monkeypatch.setattr(dispatch, "gla", gpu_gla)
+    monkeypatch.setattr(api, "gla_uses_gpu_kernel", lambda *a: True)
+    monkeypatch.setattr(api, "gla_kernel", gpu_gla)
     b, t, h, dk, dv = 1, 64, 1, 64, 64
     q, k, v, g, _ = _gla_inputs(22, b, t, h, dk, dv, jnp.float32)
     for strong in (False, True):
@@ -571,5 +585,5 @@ def test_gla_op_guards_the_gpu_kernel_gate_range(monkeypatch):
         np.testing.assert_allclose(np.asarray(s, np.float64), rs, atol=tol * np.abs(rs).max(), rtol=tol)
         assert bool(gla_gpu_gates_ok(gg)) is not strong
     assert calls == ["auto"] * 2  # traced in both conds; with strong gates the kernel branch was not the one run
-    o_kernel, _ = gla(q, k, v, g.at[..., :4].set(-30.0), backend="gpu", interpret=gpu.interpret_params())
+    o_kernel, _ = gla(q, k, v, g.at[..., :4].set(-30.0), backend="gpu", interpret=gpu_common.interpret_params())
     assert not np.all(np.isfinite(np.asarray(o_kernel)))  # the overflow the guard avoids

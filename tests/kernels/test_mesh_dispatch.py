@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from canon_jax.ops import dispatch
-from canon_jax.ops.sharded import resolve_logical_axes, shard_map_call, target_platform
+from pallas_kernels.common import accelerator_backend, target_platform
+from pallas_kernels.sharding import resolve_logical_axes, shard_map_call
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_platform_comes_from_the_mesh_devices():
     for platform, want in (("tpu", "tpu"), ("gpu", "gpu"), ("cuda", "gpu"), ("cpu", "cpu")):
         with jax.sharding.use_abstract_mesh(_abstract_mesh((1, 1, 1), platform)):
             assert target_platform() == want
-            assert dispatch.accelerator_backend() == (None if want == "cpu" else want)
+            assert accelerator_backend() == (None if want == "cpu" else want)
     with jax.sharding.use_abstract_mesh(_abstract_mesh((1, 1, 1))):  # no device information: the default backend
         assert target_platform() == no_mesh
     # a mesh whose axes all have size 1 needs no shard_map: the function is called directly

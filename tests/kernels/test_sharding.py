@@ -1,5 +1,6 @@
-"""shard_map wrappers on 8 simulated CPU devices equal the unsharded kernels (interpret mode). Runs in a subprocess:
-forcing 8 host devices slows every program in the process that does it."""
+"""The kernels under ``pallas_kernels.sharding.shard_map_call`` on 8 simulated CPU devices equal the unsharded
+kernels (interpret mode). Runs in a subprocess: forcing 8 host devices slows every program in the process that
+does it."""
 
 import os
 import pathlib

@@ -1,4 +1,4 @@
-"""Helpers shared by the chunked linear-recurrence ops (``gla``, ``gated_delta_rule``, ``ssd``).
+"""Helpers shared by the chunked XLA forms of the linear recurrences (``gla_xla``, ``gdn_xla``, ``ssd_xla``).
 
 The chunked forms cut time into chunks of ``C`` tokens, do all work *inside* a chunk in parallel with matmuls and
 carry the recurrent state from chunk to chunk with ``lax.scan``. Any ``T`` works: inputs are padded at the end with
@@ -8,31 +8,14 @@ exact.
 
 from __future__ import annotations
 
-import importlib
-
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "reference", "pallas", "pallas_interpret")
+from pallas_kernels.common import round_up
 
 
-def check_impl(op: str, impl: str) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"{op}: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
-
-
-def check_chunk_size(op: str, chunk_size) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive integer, got {chunk_size!r}")
-
-
-def check_state(op: str, initial_state, want: tuple, names: str) -> None:
-    """Raise a ValueError naming ``op`` unless ``initial_state`` is None or has shape ``want`` (``names`` its axes)."""
-    if initial_state is not None and tuple(initial_state.shape) != tuple(want):
-        raise ValueError(f"{op}: initial_state must be [{names}]={tuple(want)}, got {initial_state.shape}")
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def query_scale(scale, dk: int):
+    """The query scale: ``scale``, default ``dk ** -0.5``."""
+    return dk**-0.5 if scale is None else scale
 
 
 def effective_chunk(t: int, chunk_size: int, multiple: int = 1) -> int:
@@ -74,23 +57,3 @@ def masked_exp(diff, mask):
     """``exp(diff)`` where ``mask`` else 0; masking happens *before* the exponential so that the (positive) exponents
     of the discarded entries never produce inf (whose gradient would be nan)."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
-
-
-def try_kernel(op: str, impl: str, *args, **kwargs):
-    """Hook for Pallas kernels: ``canon_jax.ops.dispatch.<op>(impl, ...)`` if the Pallas helper provides it.
-
-    Returns ``None`` when the XLA chunked path should run. An explicitly requested Pallas implementation that does not
-    exist raises ``NotImplementedError`` instead of silently running something else.
-    """
-    if impl in ("xla", "reference"):
-        return None
-    dispatch = importlib.import_module("canon_jax.ops.dispatch")
-    fn = getattr(dispatch, op, None)
-    if fn is None:
-        if impl == "auto":
-            return None
-        raise NotImplementedError(
-            f"{op}: impl={impl!r} has no Pallas kernel yet (canon_jax.ops.dispatch.{op} is "
-            "missing); use impl='xla' or 'auto'"
-        )
-    return fn(impl, *args, **kwargs)
