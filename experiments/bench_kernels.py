@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from canon_jax.ops.dispatch import accelerator_backend
+from pallas_kernels.common import accelerator_backend
 
 try:
     from canon_jax.ops import gla as ops_gla  # canon_jax.ops.gla (the linear models' op), if merged
