@@ -79,11 +79,12 @@ class Canon(nn.Module):
     @nn.compact
     def __call__(self, x, *, segment_ids=None, token_mask=None, decode: bool = False):
         split = isinstance(x, (list, tuple))
-        parts = [mask_tokens(p, token_mask) for p in (x if split else [x])]
+        parts = list(x) if split else [x]
         if self.kernel_size < 1:
             raise ValueError(f"Canon: kernel_size must be >= 1, got {self.kernel_size}")
         if not parts or any(p.ndim != 3 or p.shape[:2] != parts[0].shape[:2] for p in parts):
             raise ValueError(f"Canon: inputs must be [batch, time, channels] arrays, got {[p.shape for p in parts]}")
+        parts = [mask_tokens(p, token_mask) for p in parts]
         widths = [p.shape[-1] for p in parts]
         offsets = [sum(widths[:i]) for i in range(len(parts))]
         channels = sum(widths)
@@ -121,7 +122,7 @@ class Canon(nn.Module):
             outs, finals = [], []
             for i, p in enumerate(parts):
                 prev = state.value[:, offsets[i] : offsets[i] + widths[i]] if split else state.value
-                if p.shape[1] == 1:  # one token: the step needs no segment ids (the history is its own document)
+                if p.shape[1] == 1:  # one token: segment ids change nothing (the history counts as its segment)
                     y, f = causal_conv1d_step(p[:, 0], prev, cut(weight, i), bias=cut(bias, i), **kw)
                     y = y[:, None]
                 else:
