@@ -1,4 +1,4 @@
-"""Grouped-query causal self-attention with QK-norm and Canon-B (SPEC A.2).
+"""Grouped-query causal self-attention with QK-norm and Canon-B (the Llama mixer of Physics of Language Models 4.1).
 
 Order of operations (as in the official LlamaCanon): ``q, k, v`` projections (no biases) -> optional RMSNorm over the
 *whole* q and k projections (one weight of width ``H*hd`` / ``H_kv*hd``) -> optional Canon-B on ``concat(q, k, v)``
@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.mlp import Kernel, compute_dtype, fused_projection, make_split_canon, mask_inputs, weight_init
+from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.dense import Kernel, compute_dtype, dense, fused_projection
+from canon_jax.layers.init import weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.layers.rope import apply_rope, default_rope_tables, rope_tables
-from canon_jax.ops import linear
 from canon_jax.ops.attention import flash_attention
 
 __all__ = ["Attention", "dot_product_attention", "causal_attention"]
@@ -114,17 +115,6 @@ class Attention(nn.Module):
         h, kvh, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
 
-        def dense(features, axes, fan, name):
-            return nn.Dense(
-                features,
-                use_bias=False,
-                dtype=dt,
-                param_dtype=pdt,
-                dot_general=linear.dot_general,
-                kernel_init=nn.with_logical_partitioning(weight_init(cfg, fan), axes),
-                name=name,
-            )
-
         def proj(width, axis, name):
             return fused_projection(x, [Kernel((d, width), ("embed", axis), weight_init(cfg, d), pdt, name=name)()], dt)
 
@@ -135,10 +125,8 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, "heads", pdt, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
         seg = segment_ids if cfg.segment_aware else None
-        if cfg.has_canon("B"):  # Canon-B on concat(q, k, v), computed part by part (see SplitCanon)
-            q, k, v = make_split_canon(cfg, "qkv", "canon_b")(
-                [mask_inputs(a, token_mask) for a in (q, k, v)], segment_ids=seg, decode=decode
-            )
+        if cfg.has_canon("B"):  # on concat(q, k, v), computed part by part
+            q, k, v = canon_from_config(cfg, "B")([q, k, v], segment_ids=seg, token_mask=token_mask, decode=decode)
         q = q.reshape(b, t, h, hd)
         k = k.reshape(b, t, kvh, hd)
         v = v.reshape(b, t, kvh, hd)
@@ -189,13 +177,4 @@ class Attention(nn.Module):
                 out = causal_attention(q, k, v, key_valid=key_valid, segment_ids=seg)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = checkpoint_name(out, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
-        return dense(d, ("heads", "embed"), d, "o_proj")(out.reshape(b, t, h * hd))
-
-
-def _register():
-    from canon_jax.models.registry import register_mixer
-
-    register_mixer("llama", Attention)
-
-
-_register()
+        return dense(cfg, d, ("heads", "embed"), "o_proj", init=weight_init(cfg, d))(out.reshape(b, t, h * hd))

@@ -1,4 +1,4 @@
-"""GDN2: the Gated DeltaNet mixer of Part 4.2, with Canon-b and Canon-B (SPEC A.3).
+"""GDN2: the Gated DeltaNet mixer of Physics of Language Models Part 4.2, with Canon-b and Canon-B.
 
 ``x: [batch, time, d]`` ->
 
@@ -15,48 +15,19 @@ log_decay = 0 (identity transition) and zeroed conv inputs.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.gla import _dense, check_linear_call, output_block, project_qkv
-from canon_jax.layers.lowrank import mask_tokens, recurrent_cache
+from canon_jax.layers.dense import dense
+from canon_jax.layers.gla import output_block, project_qkv
+from canon_jax.layers.init import a_log_init, dt_bias_init, normal_init
+from canon_jax.layers.masking import mask_tokens
+from canon_jax.layers.recurrent import check_linear_call, recurrent_cache
 from canon_jax.ops.gdn import gated_delta_rule, gated_delta_rule_step
 
-try:  # the mixer registry belongs to the model package; the mixer itself also works without it
-    from canon_jax.models.registry import register_mixer
-except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
-    if e.name != "canon_jax.models.registry":
-        raise
-    register_mixer = None
-
-__all__ = ["GDNMixer", "a_log_init", "dt_bias_init"]
-
-
-def a_log_init(low: float, high: float):
-    """``log(U(low, high))`` per head (``A = exp(A_log)`` is the decay rate)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        # U(0, 16) can return exactly 0 with vanishing probability; keep log finite
-        a = jax.random.uniform(key, shape, jnp.float32, low, high)
-        return jnp.log(jnp.maximum(a, 1e-6)).astype(dtype)
-
-    return init
-
-
-def dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4):
-    """``softplus^-1(dt)`` with ``dt`` log-uniform in ``[dt_min, dt_max]``, floored at ``floor`` (Mamba2/GDN)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        u = jax.random.uniform(key, shape, jnp.float32)
-        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = jnp.maximum(dt, floor)
-        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-
-    return init
+__all__ = ["GDNMixer"]
 
 
 class GDNMixer(nn.Module):
@@ -74,10 +45,11 @@ class GDNMixer(nn.Module):
         dk, dv = cfg.key_dim // h, cfg.value_dim // h
         pdt = jnp.dtype(cfg.param_dtype)
         q, k, v = project_qkv(cfg, x, segment_ids=segment_ids, token_mask=token_mask, decode=decode)
-        beta = jax.nn.sigmoid(_dense(h, ("embed", "heads"), cfg, "b_proj")(x).astype(jnp.float32))
+        init = normal_init(cfg.init_std)
+        beta = jax.nn.sigmoid(dense(cfg, h, ("embed", "heads"), "b_proj", init=init)(x).astype(jnp.float32))
         a_log = self.param("A_log", nn.with_logical_partitioning(a_log_init(0.0, 16.0), ("heads",)), (h,), pdt)
         dt_bias = self.param("dt_bias", nn.with_logical_partitioning(dt_bias_init(), ("heads",)), (h,), pdt)
-        a_in = _dense(h, ("embed", "heads"), cfg, "a_proj")(x).astype(jnp.float32)
+        a_in = dense(cfg, h, ("embed", "heads"), "a_proj", init=init)(x).astype(jnp.float32)
         log_decay = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a_in + dt_bias.astype(jnp.float32))
         # identity transition at masked steps (the official code multiplies beta and g by the mask)
         beta, log_decay = mask_tokens(beta, token_mask), mask_tokens(log_decay, token_mask)
@@ -105,7 +77,3 @@ class GDNMixer(nn.Module):
         if cache is not None and not is_init:
             cache.value = state
         return output_block(self, cfg, x, o)
-
-
-if register_mixer is not None:
-    register_mixer("gdn", GDNMixer)

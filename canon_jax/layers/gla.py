@@ -1,11 +1,11 @@
-"""GLA5: the gated-linear-attention mixer of Part 4.2, with Canon-b and Canon-B (SPEC A.3).
+"""GLA5: the gated-linear-attention mixer of Physics of Language Models Part 4.2, with Canon-b and Canon-B.
 
 ``x: [batch, time, d]`` ->
 
 1. ``q = Wq x`` (d -> key_dim), ``k = Wk x`` (d -> key_dim), ``v = Wv x`` (d -> value_dim), no biases.
 2. Canon-b (``"b"`` in canon_set): q, k, v each through their own short conv (SiLU, no residual, no bias,
-   N(0, 0.02)); without ``b`` just SiLU. Canon-B (``"B"``): a residual Canon on ``concat[q, k, v]`` (the official code
-   cannot do this for GLA; canon-jax can).
+   N(0, 0.02)); without ``b`` just SiLU. Canon-B (``"B"``): a residual Canon on ``concat[q, k, v]`` (a variant the
+   official GLA code does not offer). Both are :class:`canon_jax.layers.canon.Canon`.
 3. Forget gate: ``log_gate = logsigmoid(low_rank(x)) / gate_logit_normalizer`` per key channel (rank 16, bias on the
    second factor).
 4. ``o = gla(q, k, v, log_gate)`` per head (scale ``head_k_dim ** -0.5``).
@@ -24,81 +24,36 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import Canon
-from canon_jax.layers.lowrank import LowRankLinear, ShortConv, mask_tokens, normal_init, recurrent_cache, rms_norm
-from canon_jax.ops import linear
+from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.dense import LowRankLinear, compute_dtype, dense
+from canon_jax.layers.init import normal_init
+from canon_jax.layers.masking import mask_tokens
+from canon_jax.layers.norm import rms_norm
+from canon_jax.layers.recurrent import check_linear_call, recurrent_cache
 from canon_jax.ops.gla import gla, gla_step
 
-try:  # the mixer registry belongs to the model package; the mixer itself also works without it
-    from canon_jax.models.registry import register_mixer
-except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
-    if e.name != "canon_jax.models.registry":
-        raise
-    register_mixer = None
-
-__all__ = ["GLAMixer", "check_linear_call", "project_qkv", "output_block"]
-
-
-def check_linear_call(cfg: ModelConfig, x, segment_ids, name: str):
-    if x.ndim != 3 or x.shape[-1] != cfg.hidden_size:
-        raise ValueError(f"{name}: x must be [batch, time, hidden_size={cfg.hidden_size}], got {x.shape}")
-    if cfg.segment_aware and segment_ids is not None:
-        raise NotImplementedError(
-            f"{name}: segment_aware=True would need the recurrent state reset at document starts, which the linear "
-            "mixers do not implement; use segment_aware=False (SPEC 0.9 default: run across boundaries)"
-        )
-
-
-def _dense(features, axes, cfg, name, init=None):
-    return nn.Dense(
-        features,
-        use_bias=False,
-        name=name,
-        dtype=jnp.dtype(cfg.dtype),
-        dot_general=linear.dot_general,
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nn.with_logical_partitioning(init or normal_init(cfg.init_std), axes),
-    )
+__all__ = ["GLAMixer", "project_qkv", "output_block"]
 
 
 def project_qkv(cfg: ModelConfig, x, *, segment_ids, token_mask, decode):
     """q, k, v projections + Canon-b (or SiLU) + Canon-B, shared by GLA5 and GDN2. Must be called from a compact
     method (the submodules attach to the calling module). Returns ``[B, T, key_dim]`` x2 and ``[B, T, value_dim]``."""
-    q = _dense(cfg.key_dim, ("embed", "key"), cfg, "q_proj")(x)
-    k = _dense(cfg.key_dim, ("embed", "key"), cfg, "k_proj")(x)
-    v = _dense(cfg.value_dim, ("embed", "value"), cfg, "v_proj")(x)
+    init = normal_init(cfg.init_std)
+    q = dense(cfg, cfg.key_dim, ("embed", "key"), "q_proj", init=init)(x)
+    k = dense(cfg, cfg.key_dim, ("embed", "key"), "k_proj", init=init)(x)
+    v = dense(cfg, cfg.value_dim, ("embed", "value"), "v_proj", init=init)(x)
     seg = segment_ids if cfg.segment_aware else None
     if cfg.has_canon("b"):
-        convs = []
-        for name, t, axis in (("q_conv1d", q, "key"), ("k_conv1d", k, "key"), ("v_conv1d", v, "value")):
-            conv = ShortConv(
-                kernel_size=cfg.conv_size,
-                residual=False,
-                activation="silu",
-                use_bias=False,
-                channel_axis=axis,
-                kernel_init=normal_init(cfg.init_std),
-                param_dtype=jnp.dtype(cfg.param_dtype),
-                impl=cfg.kernel_impl,
-                name=name,
+        q, k, v = (
+            canon_from_config(cfg, "b", name, channel_axis=axis)(
+                t, segment_ids=seg, token_mask=token_mask, decode=decode
             )
-            convs.append(conv(mask_tokens(t, token_mask), segment_ids=seg, decode=decode))
-        q, k, v = convs
+            for name, t, axis in (("q_conv1d", q, "key"), ("k_conv1d", k, "key"), ("v_conv1d", v, "value"))
+        )
     else:
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-    if cfg.has_canon("B"):
-        canon = Canon(
-            kernel_size=cfg.canon_kernel,
-            residual=cfg.canon_residual,
-            activation="silu" if cfg.canon_activation else None,
-            use_bias=cfg.canon_bias,
-            channel_axis="qkv",
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            impl=cfg.kernel_impl,
-            name="canon_b",
-        )
-        qkv = canon(mask_tokens(jnp.concatenate([q, k, v], axis=-1), token_mask), segment_ids=seg, decode=decode)
-        q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+    if cfg.has_canon("B"):  # on concat(q, k, v), computed part by part
+        q, k, v = canon_from_config(cfg, "B")([q, k, v], segment_ids=seg, token_mask=token_mask, decode=decode)
     return q, k, v
 
 
@@ -123,7 +78,7 @@ class GLAMixer(nn.Module):
             ("embed", "key"),
             use_bias=True,
             factor_std=std,
-            dtype=jnp.dtype(cfg.dtype),
+            dtype=compute_dtype(cfg),
             param_dtype=jnp.dtype(cfg.param_dtype),
             name="gk_proj",
         )(x)
@@ -158,7 +113,7 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     ``o: [B, T, H, head_v_dim]`` -> ``[B, T, d]``. Called from a compact method (GLA5 and GDN2)."""
     b, t, h, dv = o.shape
     o = checkpoint_name(o, "mixer")  # for the remat policies (canon_jax.models.causal_lm.REMAT_POLICIES)
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = compute_dtype(cfg)
     pdt = jnp.dtype(cfg.param_dtype)
     std = cfg.init_std**0.5 / cfg.output_gate_rank**0.25  # zeyuan_split_init
     g = LowRankLinear(
@@ -174,10 +129,8 @@ def output_block(module: nn.Module, cfg: ModelConfig, x, o):
     norm_w = module.param(
         "o_norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)), (dv,), pdt
     )
-    y = rms_norm(o, norm_w, cfg.norm_eps) * jax.nn.silu(g.astype(jnp.float32)).reshape(b, t, h, dv)
+    y = rms_norm(o, norm_w, cfg.norm_eps, out_dtype=jnp.float32) * jax.nn.silu(g.astype(jnp.float32)).reshape(
+        b, t, h, dv
+    )
     y = y.reshape(b, t, h * dv).astype(dtype)
-    return _dense(cfg.hidden_size, ("value", "embed"), cfg, "o_proj")(y)
-
-
-if register_mixer is not None:
-    register_mixer("gla", GLAMixer)
+    return dense(cfg, cfg.hidden_size, ("value", "embed"), "o_proj", init=normal_init(cfg.init_std))(y)

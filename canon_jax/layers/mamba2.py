@@ -1,4 +1,5 @@
-"""Mamba2 mixer of Part 4.2 (with Canon-b = its own conv1d, Canon-B, and the ``noconv1d`` ablation; SPEC A.3).
+"""Mamba2 mixer of Physics of Language Models Part 4.2 (with Canon-b = its own conv1d, Canon-B, and the ``noconv1d``
+ablation).
 
 ``x: [batch, time, d]``, inner width ``di = 2 d``, ``H`` heads of ``P = di / H``, state ``N``, ``G`` groups:
 
@@ -23,18 +24,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import Canon
-from canon_jax.layers.gdn import a_log_init, dt_bias_init
-from canon_jax.layers.gla import _dense, check_linear_call
-from canon_jax.layers.lowrank import ShortConv, mask_tokens, recurrent_cache, rms_norm, torch_default_init
+from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.dense import compute_dtype, dense
+from canon_jax.layers.init import a_log_init, dt_bias_init, torch_default_init
+from canon_jax.layers.masking import mask_tokens
+from canon_jax.layers.norm import rms_norm
+from canon_jax.layers.recurrent import check_linear_call, recurrent_cache
 from canon_jax.ops.ssd import ssd, ssd_step
-
-try:  # the mixer registry belongs to the model package; the mixer itself also works without it
-    from canon_jax.models.registry import register_mixer
-except ModuleNotFoundError as e:  # pragma: no cover - only before the model package exists
-    if e.name != "canon_jax.models.registry":
-        raise
-    register_mixer = None
 
 __all__ = ["Mamba2Mixer", "mamba2_dims"]
 
@@ -66,34 +62,14 @@ class Mamba2Mixer(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         seg = segment_ids if cfg.segment_aware else None
 
-        zxbcdt = _dense(dims["in_proj"], ("embed", "qkv"), cfg, "in_proj", torch_default_init(cfg.hidden_size))(x)
+        in_init = torch_default_init(cfg.hidden_size)
+        zxbcdt = dense(cfg, dims["in_proj"], ("embed", "qkv"), "in_proj", init=in_init)(x)
         if cfg.has_canon("B"):
-            canon = Canon(
-                kernel_size=cfg.canon_kernel,
-                residual=cfg.canon_residual,
-                activation="silu" if cfg.canon_activation else None,
-                use_bias=cfg.canon_bias,
-                channel_axis="qkv",
-                param_dtype=pdt,
-                impl=cfg.kernel_impl,
-                name="canon_b",
-            )
-            zxbcdt = canon(mask_tokens(zxbcdt, token_mask), segment_ids=seg, decode=decode)
+            zxbcdt = canon_from_config(cfg, "B")(zxbcdt, segment_ids=seg, token_mask=token_mask, decode=decode)
         z, xbc, dt = jnp.split(zxbcdt, [di, di + dims["conv_dim"]], axis=-1)
         if cfg.has_canon("b"):
-            conv = ShortConv(
-                kernel_size=cfg.conv_size,
-                residual=False,
-                activation="silu",
-                use_bias=True,
-                channel_axis="qkv",
-                kernel_init=torch_default_init(cfg.conv_size),
-                bias_init=torch_default_init(cfg.conv_size),
-                param_dtype=pdt,
-                impl=cfg.kernel_impl,
-                name="conv1d",
-            )
-            xbc = conv(mask_tokens(xbc, token_mask), segment_ids=seg, decode=decode)
+            conv = canon_from_config(cfg, "b", "conv1d")
+            xbc = conv(xbc, segment_ids=seg, token_mask=token_mask, decode=decode)
         # noconv1d: identity kernel, no bias, no activation -> xBC passes through unchanged
         xs, bm, cm = jnp.split(xbc, [di, di + g * n], axis=-1)
 
@@ -128,9 +104,5 @@ class Mamba2Mixer(nn.Module):
 
         norm_w = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones_init(), ("value",)), (di,), pdt)
         y = y.reshape(bsz, t, di).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        y = rms_norm(y, norm_w, cfg.norm_eps).astype(jnp.dtype(cfg.dtype))
-        return _dense(cfg.hidden_size, ("value", "embed"), cfg, "out_proj", torch_default_init(di))(y)
-
-
-if register_mixer is not None:
-    register_mixer("mamba2", Mamba2Mixer)
+        y = rms_norm(y, norm_w, cfg.norm_eps, out_dtype=compute_dtype(cfg))
+        return dense(cfg, cfg.hidden_size, ("value", "embed"), "out_proj", init=torch_default_init(di))(y)

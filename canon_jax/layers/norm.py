@@ -1,20 +1,25 @@
-"""RMSNorm (SPEC A.2): ``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32."""
+"""RMSNorm: ``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 __all__ = ["RMSNorm", "rms_norm"]
 
 
-def rms_norm(x, weight, eps: float):
-    """``x: [..., d]``, ``weight: [d]`` -> ``[..., d]`` in ``x.dtype``; the statistics are taken in float32."""
+def rms_norm(x, weight, eps: float, *, out_dtype=None):
+    """``x: [..., d]``, ``weight: [d]`` -> ``[..., d]``; statistics and product in float32.
+
+    The result is in ``out_dtype`` (default ``x.dtype``); the linear mixers keep it in float32 to multiply it with
+    their output gate before the cast.
+    """
     xf = x.astype(jnp.float32)
-    y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * weight.astype(jnp.float32)
+    return y.astype(x.dtype if out_dtype is None else out_dtype)
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: full, partial (``rope_dim`` < head_dim) or none (``rope_dim = 0``), SPEC A.2.
+"""Rotary position embeddings: full, partial (``rope_dim`` < head_dim) or none (``rope_dim = 0``).
 
 Two pairings of the rotated channels are supported:
 

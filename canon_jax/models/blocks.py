@@ -1,4 +1,4 @@
-"""The pre-norm residual block shared by every architecture (SPEC A.2, A.3).
+"""The pre-norm residual block shared by every architecture.
 
 ``h = x + Mixer(CanonA(RMSNorm(x)))``; ``x_next = h + MLP(CanonC(RMSNorm(h)))`` with Canon-D inside the MLP. The mixer
 comes from the registry (``config.arch``); ``config.use_mlp=False`` drops the MLP half.
@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.mlp import MLP, make_canon, mask_inputs
+from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.mlp import MLP
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.models.registry import get_mixer
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
         seg = segment_ids if cfg.segment_aware else None
         a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
         if cfg.has_canon("A"):
-            a = make_canon(cfg, "embed", "canon_a")(mask_inputs(a, token_mask), segment_ids=seg, decode=self.decode)
+            a = canon_from_config(cfg, "A")(a, segment_ids=seg, token_mask=token_mask, decode=self.decode)
         y = get_mixer(cfg.arch)(cfg, name="mixer")(
             a, positions=positions, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
         )
@@ -43,7 +44,7 @@ class Block(nn.Module):
         if cfg.use_mlp:
             c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
             if cfg.has_canon("C"):
-                c = make_canon(cfg, "embed", "canon_c")(mask_inputs(c, token_mask), segment_ids=seg, decode=self.decode)
+                c = canon_from_config(cfg, "C")(c, segment_ids=seg, token_mask=token_mask, decode=self.decode)
             y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(
                 c, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
             )

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.mlp import compute_dtype, embedding_init, weight_init
+from canon_jax.layers.dense import compute_dtype, dense
+from canon_jax.layers.init import embedding_init, weight_init
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.models.blocks import Block
 from canon_jax.models.registry import get_mixer
-from canon_jax.ops import linear
 
 __all__ = ["CausalLM", "init_cache", "REMAT_POLICIES"]
 
@@ -63,7 +63,7 @@ class CausalLM(nn.Module):
     ):
         cfg = self.config
         self._check(input_ids, segment_ids, positions, token_mask)
-        get_mixer(cfg.arch)  # fail early with a clear error for an unregistered arch
+        get_mixer(cfg.arch)  # fail early with a clear error for an arch without a mixer
         dt, pdt = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
         d = cfg.hidden_size
         embed = nn.Embed(
@@ -109,15 +109,7 @@ class CausalLM(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=dt,
-                param_dtype=pdt,
-                dot_general=linear.dot_general,
-                kernel_init=nn.with_logical_partitioning(weight_init(cfg, d), ("embed", "vocab")),
-                name="lm_head",
-            )(x)
+            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", init=weight_init(cfg, d))(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 

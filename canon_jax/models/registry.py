@@ -1,26 +1,20 @@
-"""Mixer registry: ``config.arch`` -> the token-mixing module of a block.
+"""Mixer table: ``config.arch`` -> the token-mixing module of a block.
 
 A mixer is a Linen module built as ``Mixer(config, name=...)`` and called as
 ``mixer(x, *, positions, segment_ids, token_mask, decode) -> y`` with ``x, y: [batch, time, hidden]``.
-``"llama"`` maps to :class:`canon_jax.layers.attention.Attention`. The linear architectures register themselves from
-their own modules (``canon_jax.layers.{gla,gdn,mamba2}``) with :func:`register_mixer`; :func:`get_mixer` imports
-those modules on first use.
+The built-in mixers are listed statically below; :func:`register_mixer` adds (or replaces) one explicitly.
 """
 
 from __future__ import annotations
 
-import importlib
+from canon_jax.layers.attention import Attention
+from canon_jax.layers.gdn import GDNMixer
+from canon_jax.layers.gla import GLAMixer
+from canon_jax.layers.mamba2 import Mamba2Mixer
 
 __all__ = ["register_mixer", "get_mixer", "registered_mixers"]
 
-_MIXERS: dict = {}
-# Modules that register the mixer of an architecture when imported.
-_PROVIDERS = {
-    "llama": "canon_jax.layers.attention",
-    "gla": "canon_jax.layers.gla",
-    "gdn": "canon_jax.layers.gdn",
-    "mamba2": "canon_jax.layers.mamba2",
-}
+_MIXERS: dict = {"llama": Attention, "gla": GLAMixer, "gdn": GDNMixer, "mamba2": Mamba2Mixer}
 
 
 def register_mixer(arch: str, cls=None):
@@ -38,16 +32,10 @@ def registered_mixers() -> tuple:
 
 
 def get_mixer(arch: str):
-    """The mixer class of ``arch``; imports its provider module on first use. Raises ``ValueError`` if none."""
-    if arch not in _MIXERS and arch in _PROVIDERS:
-        try:
-            importlib.import_module(_PROVIDERS[arch])
-        except ModuleNotFoundError as e:
-            raise ValueError(f"arch={arch!r}: its mixer module {_PROVIDERS[arch]!r} is not available ({e})") from e
+    """The mixer class of ``arch``. Raises ``ValueError`` if there is none."""
     if arch not in _MIXERS:
         raise ValueError(
             f"arch={arch!r} has no registered mixer (registered: {registered_mixers()}); "
-            f"call canon_jax.models.register_mixer({arch!r}, MixerClass) in "
-            f"{_PROVIDERS.get(arch, 'your module')}"
+            f"add one with canon_jax.models.register_mixer({arch!r}, MixerClass)"
         )
     return _MIXERS[arch]

@@ -35,9 +35,9 @@ def test_fused_and_separate_projections_compute_the_same(canon):
 
 @pytest.mark.parametrize("activation,bias", [(None, False), ("silu", True)])
 def test_split_canon_equals_canon_on_concat(activation, bias):
-    """SplitCanon (used for Canon-B/D) == Canon on the concatenated tensor: values, params and decode states."""
+    """Canon on a list of parts (used for Canon-B/D) == Canon on the concatenated tensor: values, params and decode
+    states."""
     from canon_jax.layers import Canon
-    from canon_jax.layers.mlp import SplitCanon
 
     rng = np.random.default_rng(0)
     parts = [jnp.asarray(rng.normal(size=(2, 6, c)), jnp.float32) for c in (5, 3, 4)]
@@ -46,7 +46,7 @@ def test_split_canon_equals_canon_on_concat(activation, bias):
     params = nn.unbox(Canon(**kw).init(jax.random.key(0), cat)["params"])
     params = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape), jnp.float32) * 0.3, params)
     ref = Canon(**kw).apply({"params": params}, cat)
-    got = SplitCanon(**kw).apply({"params": params}, parts)
+    got = Canon(**kw).apply({"params": params}, parts)
     chex.assert_shape(got, [(2, 6, 5), (2, 6, 3), (2, 6, 4)])
     np.testing.assert_allclose(np.asarray(jnp.concatenate(got, -1)), np.asarray(ref), atol=1e-6)
     # decode: prefill 4 tokens then one step, states identical
@@ -54,7 +54,7 @@ def test_split_canon_equals_canon_on_concat(activation, bias):
     outs = []
     for layer, inputs in (
         (Canon(**kw), lambda sl: jnp.concatenate([p[:, sl] for p in parts], -1)),
-        (SplitCanon(**kw), lambda sl: [p[:, sl] for p in parts]),
+        (Canon(**kw), lambda sl: [p[:, sl] for p in parts]),
     ):
         c = dict(cache)
         y1, v = layer.apply({"params": params, "cache": c}, inputs(slice(0, 4)), decode=True, mutable=["cache"])

@@ -9,7 +9,7 @@ from canon_jax.layers.rope import apply_rope
 
 
 def _np_rope(x, pos, rope_dim, theta, version):
-    """Per-token, per-pair float64 rotation (SPEC A.2)."""
+    """Per-token, per-pair float64 rotation."""
     y = np.array(x, np.float64)
     half = rope_dim // 2
     for b in range(x.shape[0]):

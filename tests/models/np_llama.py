@@ -1,4 +1,4 @@
-"""Independent float64 numpy forward of a LlamaCanon model, written from SPEC A.1/A.2.
+"""Independent float64 numpy forward of a LlamaCanon model, written from the paper's definitions.
 
 It reads the Hugging Face ``config.json`` dict and HF tensors (PyTorch layouts: Linear ``[out, in]``, Conv1d
 ``[C, 1, K]``), so it shares nothing with canon-jax's parameter layout or conversion code. Loops run over

@@ -10,7 +10,7 @@ from flax.traverse_util import flatten_dict
 
 from canon_jax.config import ModelConfig
 from canon_jax.generate import generate
-from canon_jax.layers.lowrank import normalize_canon_set
+from canon_jax.layers.canon import normalize_canon_set
 from canon_jax.models import CausalLM
 
 
@@ -20,7 +20,7 @@ def n_params(cfg):
 
 
 def expected_block(arch, d, h, canon_set, n=None):
-    """Parameters of one block: mixer ~6d^2, gated MLP 6d^2 (2d wide), plus the small terms, per SPEC A.3."""
+    """Parameters of one block: mixer ~6d^2, gated MLP 6d^2 (2d wide), plus the small terms."""
     has = lambda c: c in canon_set
     canon = lambda width: 4 * width  # Canon kernel K = 4, no bias
     total = 2 * d + 6 * d * d  # the two RMSNorms + the MLP (gate|up d -> 4d, down 2d -> d)

@@ -88,7 +88,7 @@ def test_init_schemes(scheme):
 
 @pytest.mark.parametrize("arch,canon_set", [("llama", "ABCD"), ("gla", "AbCD"), ("gdn", "AbCD"), ("mamba2", "AbCD")])
 def test_auto_init_follows_the_official_release_per_arch(arch, canon_set):
-    """init_scheme="auto" (SPEC A.2/A.3): Llama lingua trunc-normal d^-1/2; GLA5/GDN2 HF N(0, 0.02); Mamba2 PyTorch
+    """init_scheme="auto": Llama lingua trunc-normal d^-1/2; GLA5/GDN2 HF N(0, 0.02); Mamba2 PyTorch
     Linear default U(+-fan_in^-1/2) with embedding N(0, 0.1)."""
     d, ffn = 128, 256
     cfg = ModelConfig(
@@ -219,7 +219,6 @@ def test_mixer_registry(monkeypatch):
         )
     )
     assert "mlp" not in nn.unbox(no_mlp["params"])["layers_0"]
-    monkeypatch.setattr(registry, "_PROVIDERS", {})
     monkeypatch.setattr(registry, "_MIXERS", {})
     with pytest.raises(ValueError, match="no registered mixer"):
         registry.get_mixer("mamba2")
