@@ -13,11 +13,6 @@ mode, which measures nothing about kernel speed).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import statistics
 import time
@@ -25,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from canon_jax import runtime
 from canon_jax.ops.dispatch import accelerator_backend
 
 try:
@@ -150,6 +146,7 @@ def main():
     ap.add_argument("--what", choices=("conv", "scan", "all"), default="all")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    runtime.print_hint(jax.default_backend())
     accel = accelerator_backend() is not None
     print(f"# device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if not accel:
