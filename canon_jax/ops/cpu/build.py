@@ -81,6 +81,7 @@ def build(out: pathlib.Path | str | None = None, cxx: str | None = None) -> path
     if r.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    os.chmod(tmp, 0o755)  # mkstemp's file is private; the library is read by whoever imports the package
     os.replace(tmp, out)  # atomic: a process loading the library never sees a half-written file
     return out
 
