@@ -15,13 +15,19 @@ def run_reporting_errors(body: Callable[[], int]) -> int:
     (:class:`~canon_jax.train.export.RunError`) or a busy workdir (:class:`~canon_jax.train.workdir.WorkdirBusy`)
     printed as ``config error: ...`` / ``error: ...`` and returned as exit status 2."""
     from canon_jax.train.config import ConfigError
-    from canon_jax.train.export import RunError
-    from canon_jax.train.workdir import WorkdirBusy
 
     try:
         return body()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-    except (RunError, WorkdirBusy) as e:
+        return EXIT_USER_ERROR
+    except Exception as e:
+        # imported only now: importing jax (which these modules do) loads its plugins, whose start-up logging would
+        # precede a config error's one line
+        from canon_jax.train.export import RunError
+        from canon_jax.train.workdir import WorkdirBusy
+
+        if not isinstance(e, (RunError, WorkdirBusy)):
+            raise
         print(f"error: {e}", file=sys.stderr)
-    return EXIT_USER_ERROR
+        return EXIT_USER_ERROR
