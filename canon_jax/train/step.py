@@ -48,7 +48,8 @@ def model_loss(model, params, batch, mask, chunk_size: int, z_loss: str = "none"
 
 def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None, param_shardings=None):
     """``step(state, batch) -> (state, metrics)`` (not jitted). ``metrics``: loss, nll, grad_norm, lr, tokens,
-    nonfinite (tree of per-parameter flags: gradient leaf has a non-finite entry).
+    nonfinite (bool ``[number of parameter arrays]`` in ``jax.tree.leaves(params)`` order: that array's gradient has a
+    non-finite entry).
 
     ``param_shardings`` (the parameters' shardings): gradients are constrained to them as soon as they are computed,
     so that under FSDP each weight gradient is reduce-scattered to its shard instead of all-reduced in full on every
@@ -105,7 +106,7 @@ def build_train_step(model, cfg: ExperimentConfig, tx, schedule, mesh=None, para
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             "tokens": batch["loss_mask"].astype(jnp.float32).sum(),
-            "nonfinite": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads),
+            "nonfinite": jnp.stack([~jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
         }
         return new_state, metrics
 

@@ -10,10 +10,10 @@ compute in ``model.dtype`` (bf16 on accelerators). Every array is laid out by th
 process reading only its own slice of the global batch.
 
 The loop never waits for the device between steps: the metrics stay on the device and are fetched at log steps, and
-a non-finite loss or gradient norm is recorded on the device (the first such step, with its diagnostics) and checked
-at every log step and before every checkpoint save and evaluation. A divergence is therefore reported up to
-``train.log_every`` steps (or ``checkpoint.every`` steps, if smaller) after it happened, always naming the first
-non-finite step, and a non-finite state is never saved.
+the losses and gradient norms of the steps in between are checked (one transfer) at every log step and before every
+checkpoint save and evaluation. A divergence is therefore reported up to ``train.log_every`` steps (or
+``checkpoint.every`` steps, if smaller) after it happened, always naming the first non-finite step, and a non-finite
+state is never saved.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -211,38 +212,28 @@ class Trainer:
         return fn
 
 
-def _first_nonfinite(first, step, loss, grad_norm, flags):
-    bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    now = {"step": jnp.where(bad, step, 0), "loss": loss, "grad_norm": grad_norm, "flags": flags}
-    if first is None:
-        return now
-    return jax.tree.map(lambda a, b: jnp.where(first["step"] > 0, a, b), first, now)
-
-
 class _NonfiniteMonitor:
-    """Keeps, on the device, the first step whose loss or gradient norm is not finite (with its loss, gradient norm
-    and per-parameter non-finite flags); :meth:`check` fetches it and raises :class:`TrainingDiverged`."""
+    """Keeps the loss, gradient norm and non-finite flags of every step since the last :meth:`check` on the device;
+    ``check`` fetches the losses and norms in one transfer and raises :class:`TrainingDiverged` naming the first step
+    where one of them is not finite."""
 
-    def __init__(self):
-        self._first = None
-        self._update = jax.jit(_first_nonfinite)
+    def __init__(self, params):
+        self._paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        self._pending = []
 
     def record(self, step: int, metrics: dict) -> None:
-        m = metrics
-        self._first = self._update(self._first, step, m["loss"], m["grad_norm"], m["nonfinite"])
+        self._pending.append((step, metrics["loss"], metrics["grad_norm"], metrics["nonfinite"]))
 
     def check(self) -> None:
-        if self._first is None:
-            return
-        f = self._first
-        step = int(f["step"])
-        if step:
-            loss, grad_norm = float(f["loss"]), float(f["grad_norm"])
-            raise TrainingDiverged(_nonfinite_report(step, loss, grad_norm, jax.device_get(f["flags"])))
+        pending, self._pending = self._pending, []
+        values = jax.device_get([(loss, grad_norm) for _, loss, grad_norm, _ in pending])
+        for (step, _, _, flags), (loss, grad_norm) in zip(pending, values):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bad = [p for p, v in zip(self._paths, jax.device_get(flags)) if v]
+                raise TrainingDiverged(_nonfinite_report(step, float(loss), float(grad_norm), bad))
 
 
-def _nonfinite_report(step, loss, grad_norm, flags) -> str:
-    bad = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(flags) if bool(v)]
+def _nonfinite_report(step, loss, grad_norm, bad: list) -> str:
     shown = ", ".join(bad[:10]) + (f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else "")
     return (
         f"non-finite training at step {step}: loss={loss}, grad_norm={grad_norm}; parameters with non-finite "
@@ -406,7 +397,7 @@ def _train_in(trainer: Trainer, evaluate: Evaluator, cfg, cfg_dict, workdir, it,
     last_loss = next((r["loss"] for r in reversed(previous) if "loss" in r and r.get("step") == start), None)
     done_eval = {r["eval"]: r for r in previous if "eval" in r and r.get("step") == start}
     window_t0, window_steps = time.perf_counter(), 0
-    nonfinite = _NonfiniteMonitor()
+    nonfinite = _NonfiniteMonitor(trainer.abstract_state["params"])
     m = None
     try:
         with _Preemption() as pre:
