@@ -1,76 +1,42 @@
-"""canon-jax: Canon layers (Physics of Language Models, Part 4.1) in JAX/Flax, with Pallas kernels."""
+"""Build hooks that pyproject.toml cannot express: the presets in configs/ shipped as the package data
+``canon_jax/configs``, and the native CPU conv (``canon_jax/ops/cpu/canon_conv.cc``) as an optional extension.
 
-from setuptools import find_packages, setup
+Everything else (metadata, dependencies, extras, scripts) is in pyproject.toml.
+"""
 
-INSTALL_REQUIRES = [
-    "jax>=0.10.2",
-    "flax>=0.12.8",
-    "optax>=0.2.8",
-    "orbax-checkpoint>=0.12.8",
-    "grain>=0.2.18",
-    "chex>=0.1.92",
-    "safetensors>=0.4",
-    "numpy>=1.26",
-    # experiments: YAML configs with typed dataclasses and dotted overrides, progress bar, TensorBoard, plots,
-    # real-text tokenisation and Parquet input.
-    "omegaconf>=2.3",
-    "pyyaml>=6.0",
-    "tqdm>=4.66",
-    "tensorboardX>=2.6",
-    "matplotlib>=3.8",
-    "tokenizers>=0.19",
-    "pyarrow>=15",
-]
+import importlib.util
+import pathlib
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+def _native_build():
+    """canon_jax/ops/cpu/build.py, loaded by path: it needs only the standard library and jaxlib, not the package."""
+    spec = importlib.util.spec_from_file_location("_canon_native_build", ROOT / "canon_jax/ops/cpu/build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class BuildNative(build_ext):
+    """Compiles the native CPU conv with the flags of canon_jax.ops.cpu.build (``-O3 -march=native``, or the
+    baseline). A failure (no C++ compiler, no jaxlib headers) is reported and skipped: the package then uses the XLA
+    path on CPU, and ``canon-build-native`` builds the library later."""
+
+    def build_extension(self, ext):
+        try:
+            _native_build().build(self.get_ext_fullpath(ext.name))
+        except Exception as e:  # noqa: BLE001 - optional: reported, the install goes on
+            print(f"warning: the native CPU conv was not built ({e}); canon-build-native builds it later")
+
 
 setup(
-    name="canon-jax",
-    version="0.1.0",
-    description="JAX/Flax reimplementation of Canon layers (Physics of Language Models: Part 4.1) with Pallas kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    # experiments/ is installed too: its modules are the console scripts below (run from any directory).
     packages=find_packages(include=["canon_jax", "canon_jax.*", "pallas_kernels", "pallas_kernels.*", "experiments"])
     + ["canon_jax.configs"],
-    # The YAML presets (configs/) ship inside the package as canon_jax/configs, where an installed canon_jax finds
-    # them (canon_jax.train.config.CONFIGS_ROOT); a source checkout reads configs/ directly.
     package_dir={"canon_jax.configs": "configs"},
-    package_data={
-        "canon_jax.data": ["assets/NOTICE.md", "assets/capo_fields/*.txt", "assets/lano_cfgs/*.json"],
-        "canon_jax": ["aot_targets/*.txtpb", "aot_targets/NOTICE.md"],
-        "canon_jax.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml", "*/*/*/*.yaml"],
-    },
-    include_package_data=True,
-    entry_points={
-        "console_scripts": [
-            "canon-train = experiments.train:cli",
-            "canon-sweep = experiments.sweep:main",
-            "canon-plot = experiments.plot:main",
-            "canon-export = experiments.export:main",
-            "canon-compile = experiments.compile:main",
-            "canon-demo = experiments.demo:main",
-            "canon-data = canon_jax.data.cli:main",
-        ]
-    },
-    install_requires=INSTALL_REQUIRES,
-    extras_require={
-        # lm-evaluation-harness for the canon-jax benchmark adapter (no torch; ~30 s / ~300 MB to install, so the
-        # test extra includes it and CI runs the harness tests)
-        "eval": ["lm_eval>=0.4.13"],
-        # ruff is pinned: .ci/run checks the formatting, which changes between ruff releases
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "lm_eval>=0.4.13", "ruff==0.17.6"],
-        "torch": ["torch>=2.2"],
-        # deviceless compilation for TPU and GPU targets (canon_jax.aot, tests/compile): versions must equal jax's;
-        # cuDNN (the range jax-cuda12-plugin's with-cuda extra asks for) to compile cuDNN flash attention
-        "aot": [
-            "libtpu==0.0.42.1",
-            "jax-cuda12-plugin==0.10.2",
-            "jax-cuda12-pjrt==0.10.2",
-            "nvidia-cuda-nvcc-cu12==12.9.86",
-            "nvidia-cudnn-cu12>=9.8,<10",
-        ],
-        # the TensorBoard viewer for the events every run writes (tensorboardX above only writes them)
-        "tb": ["tensorboard>=2.15"],
-    },
+    ext_modules=[Extension("canon_jax.ops.cpu._canon_conv", ["canon_jax/ops/cpu/canon_conv.cc"], optional=True)],
+    cmdclass={"build_ext": BuildNative},
 )

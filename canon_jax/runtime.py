@@ -1,15 +1,19 @@
-"""Process-level settings for the command-line entry points (``python -m experiments.train``, the benchmarks).
+"""A process-level setting for training on CPU: glibc's transparent-huge-page malloc tunable.
 
-:func:`use_malloc_hugepages` restarts the process once with glibc's ``glibc.malloc.hugetlb=1`` tunable. Why: XLA:CPU
-allocates each execution's temporary buffers anew and frees them afterwards, and glibc serves such large blocks
-with fresh ``mmap`` regions, so every training step first-touches (page-faults) its whole working set again, 4 KiB
-at a time. On the 2-core development machine (a KVM guest) the 4-layer LlamaCanon benchmark step took about 140,000
-page faults, ~15 % of its time (docs/benchmarks.md). With the tunable glibc asks for transparent huge pages
-(``madvise(MADV_HUGEPAGE)``) on those regions: 2 MiB per fault, ~50x fewer faults, and the same results bit for bit.
-The tunable is read only at process start, hence the restart (``os.execv``: same PID, same arguments, same
-environment plus the tunable); it happens before JAX starts, once, and only where it can help (Linux, glibc ≥ 2.35,
-transparent huge pages not ``never``). ``CANON_JAX_MALLOC_HUGEPAGES=0`` turns it off. Library code never calls this:
-only the ``if __name__ == "__main__"`` blocks of the scripts do.
+XLA:CPU allocates each execution's temporary buffers anew and frees them afterwards, and glibc serves such large
+blocks with fresh ``mmap`` regions, so every training step first-touches (page-faults) its whole working set again,
+4 KiB at a time. On the 2-core development machine (a KVM guest) the 4-layer LlamaCanon benchmark step took about
+140,000 page faults, ~15 % of its time (docs/benchmarks.md). With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc
+asks for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on those regions: 2 MiB per fault, ~50x fewer faults,
+and the same results bit for bit.
+
+glibc reads the tunable only at process start, so it is a launcher setting, exported by the user::
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 canon-train --config configs/quickstart.yaml --workdir runs/quickstart
+
+It helps only XLA:CPU (on TPU/GPU hosts the step's buffers live in device memory). ``canon-train``, ``canon-demo``
+and the CPU benchmarks print :func:`malloc_hugepages_hint` once when they run on CPU on a machine that supports it
+without it; ``CANON_JAX_MALLOC_HUGEPAGES=0`` silences the hint.
 """
 
 from __future__ import annotations
@@ -18,33 +22,25 @@ import os
 import platform
 import sys
 
-__all__ = ["use_malloc_hugepages", "malloc_hugepages_reason", "platform_reason"]
+__all__ = ["SETTING", "malloc_hugepages_active", "malloc_hugepages_hint", "platform_reason", "print_hint"]
 
+SETTING = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 _TUNABLE = "glibc.malloc.hugetlb"
-_DONE = "CANON_JAX_MALLOC_HUGEPAGES_SET"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def malloc_hugepages_reason() -> str | None:
-    """None when :func:`use_malloc_hugepages` would restart this process, else why it would not."""
-    if os.environ.get("CANON_JAX_MALLOC_HUGEPAGES", "1") == "0":
-        return "disabled by CANON_JAX_MALLOC_HUGEPAGES=0"
-    if os.environ.get(_DONE):
-        return "already restarted with the tunable"
-    if _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
-        return f"GLIBC_TUNABLES already sets {_TUNABLE}"
-    why = platform_reason()
-    if why is not None:
-        return why
-    if not sys.argv or sys.argv[0] in ("", "-", "-c"):
-        return "not started from a script or module file (stdin or -c cannot be replayed)"
-    if "jax" in sys.modules and _backend_started():
-        return "JAX is already running in this process"
-    return None
+def malloc_hugepages_active() -> bool:
+    """True when this process was started with the tunable set to a non-zero value."""
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == _TUNABLE:
+            return value not in ("", "0")
+    return False
 
 
 def platform_reason() -> str | None:
-    """None when this machine supports the tunable (Linux, glibc >= 2.35, transparent huge pages not ``never``)."""
+    """None when this machine supports the tunable (Linux, glibc >= 2.35, transparent huge pages not ``never``), else
+    why not."""
     if sys.platform != "linux":
         return f"not Linux ({sys.platform})"
     lib, version = platform.libc_ver()
@@ -63,28 +59,24 @@ def platform_reason() -> str | None:
     return None
 
 
-def _backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
+def malloc_hugepages_hint(backend: str) -> str | None:
+    """The one-line suggestion to start the process with the tunable, or None where it would not help or is set.
 
-        return bool(getattr(xla_bridge, "_backends", {}))
-    except Exception:  # noqa: BLE001 - private API moved: assume it started, never restart a live process
-        return True
-
-
-def use_malloc_hugepages() -> None:
-    """Restart this process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` when that helps (see the module doc).
-
-    Call it first thing in a script's ``if __name__ == "__main__":`` block. Returns normally (no restart) where it does
-    not apply; otherwise it does not return.
+    Args:
+      backend: the platform the process computes on (``jax.default_backend()``); only ``"cpu"`` gets a hint.
     """
-    if malloc_hugepages_reason() is not None:
-        return
-    env = dict(os.environ)
-    tunables = env.get("GLIBC_TUNABLES", "")
-    env["GLIBC_TUNABLES"] = f"{tunables}:{_TUNABLE}=1" if tunables else f"{_TUNABLE}=1"
-    env[_DONE] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    os.execve(sys.executable, argv, env)
+    if backend != "cpu" or malloc_hugepages_active() or _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    if os.environ.get("CANON_JAX_MALLOC_HUGEPAGES", "1") == "0" or platform_reason() is not None:
+        return None
+    return (
+        f"hint: start with {SETTING} for ~10-15 % faster CPU steps (fewer page faults in XLA:CPU; see "
+        "canon_jax/runtime.py); CANON_JAX_MALLOC_HUGEPAGES=0 silences this"
+    )
+
+
+def print_hint(backend: str) -> None:
+    """Print :func:`malloc_hugepages_hint` (if any) on stderr."""
+    hint = malloc_hugepages_hint(backend)
+    if hint:
+        print(hint, file=sys.stderr, flush=True)

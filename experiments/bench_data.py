@@ -68,7 +68,7 @@ def _naive_mano_expr(l, R):
 
 
 def bench_naive_mano(seconds):
-    """Calibration: a plain recursive Mano generator in the style SPEC B.3 describes (random.randint per draw, one
+    """Calibration: a plain recursive Mano generator in the style the paper describes (random.randint per draw, one
     random.Random per sample, official ids, no numpy) timed on this machine, to compare against canon-jax's Mano
     under the same load."""
     import random

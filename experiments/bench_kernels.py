@@ -13,11 +13,6 @@ mode, which measures nothing about kernel speed).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import statistics
 import time
@@ -25,14 +20,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+from canon_jax import runtime
+from canon_jax.ops import gla as ops_gla
 from pallas_kernels.common import accelerator_backend
-
-try:
-    from canon_jax.ops import gla as ops_gla  # canon_jax.ops.gla (the linear models' op), if merged
-except ImportError:
-    ops_gla = None
 from pallas_kernels.linear_scan import gla as gla_kernel
-from pallas_kernels.linear_scan import reference as scan_ref
 from pallas_kernels.short_conv import reference as conv_ref
 from pallas_kernels.short_conv import short_conv
 
@@ -102,29 +93,15 @@ def bench_scan(accel, reps):
         g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, dk), jnp.float32)) / 16
 
         def xla_chunked(q, k, v, g):
-            if ops_gla is not None:  # the library's XLA chunked path, when present
-                return ops_gla(q, k, v, g, chunk_size=chunk, impl="xla")[0]
-            tr = lambda a: jnp.swapaxes(a, 1, 2)
-            bc = scan_ref.chunk_cumsum(tr(g), chunk)
-            o, _ = scan_ref.scan_xla(
-                tr(q),
-                tr(k),
-                tr(v),
-                bc,
-                jnp.zeros((b, h, dv, dk), jnp.float32),
-                scale=dk**-0.5,
-                chunk=chunk,
-                sub_chunk=16,
-            )
-            return jnp.swapaxes(o, 1, 2)
+            return ops_gla(q, k, v, g, chunk_size=chunk, impl="xla")[0]
 
         def attention(q, k, v, g):
             return jax.nn.dot_product_attention(q, k, v[..., :dk], is_causal=True)
 
         paths = {"xla chunked": xla_chunked, "dot_product_attention": attention}
         if accel:
-            # TPU: the Pallas scan; GPU: the Mosaic GPU wgmma kernels (forward and backward kernels; not yet run on
-            # hardware when this was written, docs/kernels.md). Same call: gla() picks the device's family.
+            # TPU: the Pallas scan; GPU: the Mosaic GPU wgmma kernels (docs/kernels.md). Same call: gla() picks the
+            # device's family.
             paths["pallas"] = lambda q, k, v, g: gla_kernel(q, k, v, g, chunk_size=chunk)[0]
         if accel and accelerator_backend() == "gpu":
             from pallas_kernels.linear_scan import gpu as scan_gpu
@@ -150,6 +127,7 @@ def main():
     ap.add_argument("--what", choices=("conv", "scan", "all"), default="all")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    runtime.print_hint(jax.default_backend())
     accel = accelerator_backend() is not None
     print(f"# device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if not accel:

@@ -11,11 +11,6 @@ Timed: ``jax.grad`` of ``sum(out * w)`` w.r.t. every input, jitted, after one wa
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import statistics
 import time
@@ -24,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from canon_jax import runtime
 from canon_jax.ops import gated_delta_rule, gla, ssd
 
 H, DK, DV, N = 4, 64, 128, 64
@@ -68,6 +64,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=64, help="chunk size of the linear ops")
     a = p.parse_args(argv)
+    runtime.print_hint(jax.default_backend())
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     print("| op | " + " | ".join(f"T={t}" for t in a.lengths) + " |")
     print("|---|" + "---|" * len(a.lengths))

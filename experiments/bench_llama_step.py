@@ -8,11 +8,6 @@ the windows of the configurations are interleaved.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import os
 import statistics
@@ -21,6 +16,7 @@ import time
 import jax
 import optax
 
+from canon_jax import runtime
 from canon_jax.config import ModelConfig
 from canon_jax.losses import cross_entropy
 from canon_jax.models import CausalLM
@@ -96,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--scan", action="store_true")
     ap.add_argument("--canon-sets", default=",ABCD", help="comma-separated canon_set values to compare")
     args = ap.parse_args(argv)
+    runtime.print_hint(jax.default_backend())
     print(
         f"JAX {jax.__version__} on {jax.devices()[0].platform}; {args.layers}L d{args.hidden} {args.heads}h "
         f"seq {args.seq} batch {args.batch} vocab {args.vocab} float32; "

@@ -15,11 +15,6 @@ It exists so that canon-jax's CPU step can be compared with PyTorch on the *same
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import os
 import statistics
@@ -28,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from canon_jax import runtime
 
 
 class Canon(nn.Module):
@@ -124,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--canon-sets", default=",ABCD")
     args = ap.parse_args(argv)
+    runtime.print_hint("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -12,11 +12,6 @@ the process per step (``time.process_time``), which is what matters on a shared 
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import json
 import platform
@@ -26,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from canon_jax import runtime
 from canon_jax.train.config import load_config
 from canon_jax.train.flops import flops_per_token, peak_flops_per_device
 from canon_jax.train.trainer import Trainer, make_train_data
@@ -40,6 +36,7 @@ def main(argv=None):
     p.add_argument("--real-data", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
+    runtime.print_hint(jax.default_backend())
     cfg = load_config(args.config, args.overrides)
     tr = Trainer(cfg)
     B, L = cfg.train.batch_size, cfg.data.seq_len
@@ -102,6 +99,7 @@ def main(argv=None):
         "mfu": tps * fpt / (jax.device_count() * peak) if peak else None,
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "malloc_hugepages": runtime.malloc_hugepages_active(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "final_loss": float(m["loss"]),
     }

@@ -10,7 +10,14 @@ buffers, gradient accumulation) on the abstract devices of ``--target`` and comp
 the chip's HBM and whether it fits, the number of Pallas kernels in the program, model FLOPs per step (computed
 analytically, see ``canon_jax/train/flops.py``), tokens per device and the compile time. A program over HBM is
 reported as "does not fit", not as an error. ``--find-batch`` searches (by compiling) the largest per-device batch
-that fits, and the smallest ``train.grad_accum`` that fits the configured global batch.
+that fits, and the smallest ``train.grad_accum`` that fits the configured global batch. ``--per-device-batch N``
+sets ``train.batch_size`` to N sequences per data-parallel device; the result also counts the collectives of the
+compiled program (``--hlo FILE`` writes its optimised HLO), e.g. to check that FSDP reduce-scatters the weight
+gradients::
+
+    LIBTPU_INIT_ARGS=--xla_tpu_max_hbm_size_mib=200000 python -m experiments.compile \
+        --config configs/experiments/llama_canon_1b.yaml --target v5e:16x16 --per-device-batch 4 \
+        --set model.kernel_impl=xla
 
 ``--table DIR`` compiles every ``*.yaml`` in DIR for every ``--targets`` entry (with ``--find-batch`` unless
 ``--no-find-batch``), caches each result as JSON in ``--cache`` (a rerun only compiles what is missing) and writes
@@ -46,6 +53,42 @@ def count_pallas_kernels(hlo_text: str) -> int:
     return len(_PALLAS_CALL.findall(hlo_text))
 
 
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
+
+
+def collectives(hlo_text: str) -> list:
+    """``(kind, result_shape_text)`` of every collective instruction in an optimised HLO module's text (async
+    ``-start``/``-done`` pairs counted once, at the start).
+
+    XLA:TPU writes a reduce-scatter as an ``all-reduce`` + ``dynamic-slice`` inside a fused computation named
+    ``all-reduce-scatter.N``: those all-reduces count as ``reduce-scatter``.
+    """
+    out, computation = [], ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split(" ", 1)[0]
+        m = re.search(r" = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", line)
+        if m:
+            kind = m.group(2)
+            if kind == "all-reduce" and computation.startswith("%all-reduce-scatter"):
+                kind = "reduce-scatter"
+            out.append((kind, m.group(1)))
+    return out
+
+
+def collective_counts(hlo_text: str) -> dict:
+    """Instructions of each collective kind; ``<kind> (weights)``: those whose result holds a 2-D bf16/f32 matrix
+    with both dimensions >= 64, i.e. a projection weight (not a low-rank gate factor such as ``[16, value]``, which
+    is replicated and rightly all-reduced, nor a ``[1, C]`` row)."""
+    counts = {k: 0 for k in COLLECTIVES}
+    counts.update({f"{k} (weights)": 0 for k in COLLECTIVES})
+    for kind, shape in collectives(hlo_text):
+        counts[kind] += 1
+        if any(min(int(a), int(b)) >= 64 for a, b in re.findall(r"\b(?:bf16|f32)\[(\d+),(\d+)\]", shape)):
+            counts[f"{kind} (weights)"] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 def _oom_message(e: Exception) -> str | None:
     """The compiler's out-of-memory explanation, or None when ``e`` is another failure."""
@@ -61,8 +104,29 @@ def _oom_message(e: Exception) -> str | None:
     return " ".join((keep or lines)[:3])[:600]
 
 
-def compile_config(cfg, target) -> dict:
-    """Compile ``cfg``'s training step for ``target`` (a :class:`canon_jax.aot.Target`); a JSON-able result dict."""
+def with_per_device_batch(cfg, num_devices: int, per_device_batch: int):
+    """``cfg`` with ``train.batch_size`` = ``per_device_batch`` sequences per data-parallel device of its mesh."""
+    from canon_jax.train.sharding import MESH_AXES, mesh_shape
+
+    mesh = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, num_devices)))
+    return _with(cfg, batch_size=per_device_batch * mesh["data"] * mesh["fsdp"])
+
+
+def compile_step(cfg, target, per_device_batch: int | None = None):
+    """The compiled training step of ``cfg`` on ``target``'s devices (a :class:`canon_jax.aot.Target` or its name);
+    ``per_device_batch``: see :func:`with_per_device_batch`."""
+    from canon_jax.aot import get_target
+    from canon_jax.train.trainer import Trainer
+
+    target = get_target(target) if isinstance(target, str) else target
+    if per_device_batch is not None:
+        cfg = with_per_device_batch(cfg, target.num_devices, per_device_batch)
+    return Trainer(cfg, devices=target.devices).lower_step().compile()
+
+
+def compile_config(cfg, target, hlo_path=None) -> dict:
+    """Compile ``cfg``'s training step for ``target`` (a :class:`canon_jax.aot.Target`); a JSON-able result dict.
+    ``hlo_path``: also write the optimised HLO text there."""
     import jax
 
     from canon_jax.train.flops import flops_per_token
@@ -111,11 +175,15 @@ def compile_config(cfg, target) -> dict:
     mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
     # Peak per device: live arguments + fresh outputs (donated buffers are reused) + scratch + the program itself.
     mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
+    hlo = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(hlo)
     res.update(
         compiled=True,
         memory=mem,
         fits=mem["total"] <= target.hbm_bytes,
-        pallas_kernels=count_pallas_kernels(compiled.as_text()),
+        pallas_kernels=count_pallas_kernels(hlo),
+        collectives=collective_counts(hlo),
     )
     return res
 
@@ -237,6 +305,8 @@ def report(r: dict) -> str:
             f"  total {_gib(mem['total'])} of HBM {_gib(r['hbm_bytes'])}: "
             f"{'FITS' if r['fits'] else 'DOES NOT FIT'}; Pallas kernels in the program: {r['pallas_kernels']}"
         )
+        if "collectives" in r:
+            lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v))
     else:
         lines.append(f"  DOES NOT FIT (HBM {_gib(r['hbm_bytes'])}): {r['error']}")
     if "find_batch" in r:
@@ -426,6 +496,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--json", help="write the result as JSON to this file")
     p.add_argument(
+        "--per-device-batch",
+        type=int,
+        metavar="N",
+        help="set train.batch_size to N sequences per data-parallel device of the target's mesh",
+    )
+    p.add_argument("--hlo", metavar="FILE", help="write the compiled program's optimised HLO text here")
+    p.add_argument(
         "--find-batch",
         action="store_true",
         help="also search the largest per-device batch and the smallest grad_accum that fit",
@@ -483,7 +560,9 @@ def main(argv=None) -> int:
         print(f"error: --target: {e}", file=sys.stderr)
         return 2
     try:
-        r = compile_config(cfg, target)
+        if args.per_device_batch is not None:
+            cfg = with_per_device_batch(cfg, target.num_devices, args.per_device_batch)
+        r = compile_config(cfg, target, hlo_path=args.hlo)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -5,17 +5,13 @@ Run: ``python -m experiments.demo`` (from the repository root).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import time
 
 import jax
 import numpy as np
 
+from canon_jax import runtime
 from canon_jax.config import ModelConfig
 from canon_jax.generate import generate
 from canon_jax.losses import cross_entropy
@@ -32,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args(argv)
+    runtime.print_hint(jax.default_backend())
 
     config = ModelConfig(
         vocab_size=args.vocab,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.cli import run_reporting_errors
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -19,17 +21,13 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
     args = p.parse_args(argv)
-    from canon_jax.train.config import ConfigError
-    from canon_jax.train.export import RunError, export_hf
+    return run_reporting_errors(lambda: _export(args))
 
-    try:
-        out = export_hf(args.workdir, args.out, args.step)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _export(args) -> int:
+    from canon_jax.train.export import export_hf
+
+    out = export_hf(args.workdir, args.out, args.step)
     print(f"wrote {out}/config.json and {out}/model.safetensors")
     return 0
 

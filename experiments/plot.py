@@ -137,6 +137,42 @@ def plot_heatmap(values: np.ndarray, rows, cols, title: str, out, vmin=0.0, vmax
     return out
 
 
+def draw_curves(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
+    """Per-k accuracy of a sweep's collected results (mean line, min–max band over seeds) for every task reporting
+    ``accuracy_k*``."""
+    out = []
+    for task, t in res.items():
+        ks = [m for m in t["metrics"] if m.startswith("accuracy_k")]
+        if not ks:
+            continue
+        series = {arch: [row.get(m, []) for m in ks] for arch, row in t["archs"].items()}
+        out.append(
+            plot_per_k(
+                [int(m[len("accuracy_k") :]) for m in ks],
+                series,
+                f"{task}: accuracy per k",
+                root / "curves" / f"{task}.png",
+            )
+        )
+    return out
+
+
+def draw_heatmaps(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
+    """Per task, a heatmap of every architecture x metric (mean over seeds) of a sweep's collected results."""
+    out = []
+    for task, t in res.items():
+        if not t["metrics"]:
+            continue
+        archs = list(t["archs"])
+        vals = np.array(
+            [[np.mean(t["archs"][a][m]) if t["archs"][a].get(m) else np.nan for m in t["metrics"]] for a in archs]
+        )
+        out.append(
+            plot_heatmap(vals, archs, t["metrics"], f"{task} (mean over seeds)", root / "heatmaps" / f"{task}.png")
+        )
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -159,8 +195,6 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        from experiments.sweep import draw_heatmaps
-
         results = pathlib.Path(args.sweep_dir) / "results.json"
         if not results.is_file():
             print(f"error: {args.sweep_dir}: no results.json (run or collect the sweep first)", file=sys.stderr)

@@ -44,6 +44,7 @@ import yaml
 
 from canon_jax.train.config import CONFIGS_ROOT, ConfigError, load_config
 from canon_jax.train.metrics import read_metrics
+from experiments.plot import draw_curves, draw_heatmaps
 
 SWEEP_KEYS = {"name", "dir", "base", "archs", "tasks", "seeds", "overrides", "metrics"}
 
@@ -299,44 +300,6 @@ def markdown(sweep: dict, res: dict) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
-
-
-def draw_curves(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
-    """Per-k accuracy (mean line, min–max band over seeds) for every task reporting ``accuracy_k*``."""
-    from experiments.plot import plot_per_k
-
-    out = []
-    for task, t in res.items():
-        ks = [m for m in t["metrics"] if m.startswith("accuracy_k")]
-        if not ks:
-            continue
-        series = {arch: [row.get(m, []) for m in ks] for arch, row in t["archs"].items()}
-        out.append(
-            plot_per_k(
-                [int(m[len("accuracy_k") :]) for m in ks],
-                series,
-                f"{task}: accuracy per k",
-                root / "curves" / f"{task}.png",
-            )
-        )
-    return out
-
-
-def draw_heatmaps(res: dict, root: pathlib.Path) -> list[pathlib.Path]:
-    from experiments.plot import plot_heatmap
-
-    out = []
-    for task, t in res.items():
-        if not t["metrics"]:
-            continue
-        archs = list(t["archs"])
-        vals = np.array(
-            [[np.mean(t["archs"][a][m]) if t["archs"][a].get(m) else np.nan for m in t["metrics"]] for a in archs]
-        )
-        out.append(
-            plot_heatmap(vals, archs, t["metrics"], f"{task} (mean over seeds)", root / "heatmaps" / f"{task}.png")
-        )
-    return out
 
 
 def main(argv=None) -> int:

@@ -14,17 +14,13 @@ canon-export (a checkpoint to a Hugging Face directory), canon-compile (ahead-of
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything else: may restart the process once (canon_jax/runtime.py)
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
-
 import argparse
 import json
 import pathlib
 import sys
 
 from canon_jax.train.config import ConfigError, config_to_dict, load_config
+from experiments.cli import run_reporting_errors
 
 
 def parse_args(argv=None):
@@ -79,29 +75,25 @@ def _compatible_workdir(workdir: str, cfg) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: _run(args))
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
     if not args.workdir:
-        print("config error: --workdir: required to train", file=sys.stderr)
-        return 2
-    from canon_jax.train.trainer import TrainingDiverged, train
-    from canon_jax.train.workdir import WorkdirBusy
+        raise ConfigError("--workdir: required to train")
+    import jax
 
+    from canon_jax import runtime
+    from canon_jax.train.trainer import TrainingDiverged, train
+
+    workdir = _compatible_workdir(args.workdir, cfg) if args.new_workdir else args.workdir
+    runtime.print_hint(jax.default_backend())
     try:
-        workdir = _compatible_workdir(args.workdir, cfg) if args.new_workdir else args.workdir
         summary = train(cfg, workdir)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except WorkdirBusy as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingDiverged as e:
         print(f"training diverged: {e}", file=sys.stderr)
         return 3
@@ -120,10 +112,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """Console-script entry (``canon-train``): the same restart as ``python -m experiments.train``, then main."""
-    from canon_jax.runtime import use_malloc_hugepages
-
-    use_malloc_hugepages()
+    """Console-script entry (``canon-train``)."""
     sys.exit(main())
 
 

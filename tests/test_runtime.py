@@ -1,79 +1,67 @@
-"""canon_jax.runtime: the once-only restart with glibc's transparent-huge-page malloc tunable."""
+"""canon_jax.runtime: when the CPU hint for glibc's transparent-huge-page malloc tunable is given, and that the
+tunable, exported by the launcher, reaches the process (no restart, no change of PID or arguments)."""
 
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from canon_jax import runtime
 
-SCRIPT = textwrap.dedent("""
-    import os, sys
-    print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:], flush=True)
-    if __name__ == "__main__":
-        from canon_jax.runtime import use_malloc_hugepages
-        use_malloc_hugepages()
-    print("main", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:], flush=True)
-""")
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("CANON_JAX_MALLOC_HUGEPAGES", raising=False)
+    return monkeypatch
 
 
-def run(tmp_path, env_extra):
-    script = tmp_path / "prog.py"
-    script.write_text(SCRIPT)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("GLIBC_TUNABLES", "CANON_JAX_MALLOC_HUGEPAGES", "CANON_JAX_MALLOC_HUGEPAGES_SET")
-    }
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    env.update(env_extra)
-    out = subprocess.run(
-        [sys.executable, str(script), "a b", "--x=1"], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    return [line.split(" ", 2) for line in out.splitlines()]
+def test_active_parses_the_tunables_list(clean_env):
+    assert not runtime.malloc_hugepages_active()
+    for value, active in [
+        ("glibc.malloc.hugetlb=1", True),
+        ("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1", True),
+        ("glibc.malloc.hugetlb=0", False),
+        ("glibc.malloc.arena_max=4", False),
+    ]:
+        clean_env.setenv("GLIBC_TUNABLES", value)
+        assert runtime.malloc_hugepages_active() is active, value
 
 
-def test_restart_once_with_tunable_and_same_arguments(tmp_path):
-    if runtime.platform_reason() is not None:  # e.g. macOS or musl: the helper is a no-op there (next test)
+def test_hint_only_on_cpu_without_the_tunable(clean_env):
+    if runtime.platform_reason() is not None:  # e.g. macOS or musl: never a hint there
+        assert runtime.malloc_hugepages_hint("cpu") is None
         pytest.skip(f"the tunable does not exist on this machine: {runtime.platform_reason()}")
-    # another tunable already set: ours is appended, the process restarts once, same PID and arguments
-    lines = run(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
-    assert [l[0] for l in lines] == ["start", "start", "main"], lines
-    pids = {l[1] for l in lines}
-    assert len(pids) == 1, "exec keeps the PID"
-    assert lines[1][2].startswith("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1 ")
-    assert lines[1][2].endswith("['a b', '--x=1']") and lines[0][2].endswith("['a b', '--x=1']")
+    hint = runtime.malloc_hugepages_hint("cpu")
+    assert hint is not None and runtime.SETTING in hint
+    assert runtime.malloc_hugepages_hint("tpu") is None and runtime.malloc_hugepages_hint("gpu") is None
+    clean_env.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert runtime.malloc_hugepages_hint("cpu") is None
+    clean_env.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # switched off on purpose: no hint either
+    assert runtime.malloc_hugepages_hint("cpu") is None
+    clean_env.delenv("GLIBC_TUNABLES")
+    clean_env.setenv("CANON_JAX_MALLOC_HUGEPAGES", "0")
+    assert runtime.malloc_hugepages_hint("cpu") is None
 
 
-def test_no_restart_when_disabled_or_already_set(tmp_path):
-    for env in ({"CANON_JAX_MALLOC_HUGEPAGES": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}):
-        lines = run(tmp_path, env)
-        assert [l[0] for l in lines] == ["start", "main"], (env, lines)
+def test_print_hint_goes_to_stderr(clean_env, capsys):
+    runtime.print_hint("gpu")
+    assert capsys.readouterr() == ("", "")
+    runtime.print_hint("cpu")
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("" if runtime.platform_reason() else runtime.malloc_hugepages_hint("cpu") + "\n")
 
 
-def test_no_restart_from_stdin_or_dash_c(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "CANON_JAX_MALLOC"))}
+def test_exported_setting_reaches_the_process_without_restart():
+    code = (
+        "import os, sys; from canon_jax import runtime\n"
+        "print(os.getpid(), runtime.malloc_hugepages_active(), sys.argv[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    code = SCRIPT.replace('if __name__ == "__main__":', "if True:")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
-    out = subprocess.run([sys.executable, "-"], input=code, env=env, capture_output=True, text=True, check=True).stdout
-    assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["start", "main"], out
-
-
-def test_reasons(monkeypatch):
-    monkeypatch.setenv("CANON_JAX_MALLOC_HUGEPAGES", "0")
-    assert "disabled" in runtime.malloc_hugepages_reason()
-    monkeypatch.delenv("CANON_JAX_MALLOC_HUGEPAGES")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    assert "already sets" in runtime.malloc_hugepages_reason()
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    monkeypatch.delenv("CANON_JAX_MALLOC_HUGEPAGES_SET", raising=False)
-    # inside pytest JAX has started: a live process is never restarted
-    import jax
-
-    jax.devices()
-    assert runtime.malloc_hugepages_reason() is not None
-    runtime.use_malloc_hugepages()  # returns instead of exec'ing the test process
+    env["GLIBC_TUNABLES"] = runtime.SETTING.split("=", 1)[1]
+    p = subprocess.Popen([sys.executable, "-c", code, "a b"], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate()
+    assert p.returncode == 0
+    assert out.split(" ", 2) == [str(p.pid), "True", "['a b']\n"]

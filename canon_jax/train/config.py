@@ -55,10 +55,13 @@ __all__ = [
 
 
 def _configs_root() -> pathlib.Path:
-    """``configs/`` of a source checkout (or editable install); an installed wheel ships it as ``canon_jax/configs``."""
-    here = pathlib.Path(__file__).resolve()
-    repo = here.parents[2] / "configs"
-    return repo if repo.is_dir() else here.parents[1] / "configs"
+    """``configs/`` of a source checkout (or editable install); an installed package ships it as the package data
+    ``canon_jax/configs`` (setup.py maps it there)."""
+    package = pathlib.Path(__file__).resolve().parents[1]
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return package / "configs"
 
 
 CONFIGS_ROOT = _configs_root()
@@ -125,7 +128,7 @@ class DataSection:
     num_workers: int = 0
     # synthetic
     tasks: list[TaskEntry] = field(default_factory=list)
-    loss_on: str = "answer"  # "answer" (SPEC 0.1 default) or "all"
+    loss_on: str = "answer"  # "answer" (the paper's default: loss on answer tokens) or "all"
     shuffle_buffer: int = 4096  # index windows shuffled together (0 = no shuffle)
     split_long: bool = False  # cut samples longer than seq_len into windows instead of failing
     # real text
@@ -135,9 +138,9 @@ class DataSection:
 @dataclass
 class OptimSection:
     lr: float = 3e-3
-    lr_min_ratio: float = 0.01  # cosine ends at lr_min_ratio * lr (SPEC A.5: 0.01)
+    lr_min_ratio: float = 0.01  # cosine ends at lr_min_ratio * lr (the official recipe: 0.01)
     warmup_steps: int = 0
-    schedule: str = "cosine"  # "cosine" (SPEC A.5) or "constant" (after warmup)
+    schedule: str = "cosine"  # "cosine" (the official recipe) or "constant" (after warmup)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8

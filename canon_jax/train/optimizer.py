@@ -1,6 +1,6 @@
-"""AdamW with the official recipe's schedule (SPEC A.5), clipping and weight-decay masks.
+"""AdamW with the official recipe's schedule, clipping and weight-decay masks.
 
-Schedule (SPEC A.5): linear warmup from 0 to ``lr`` over ``warmup`` steps, then
+Schedule (the official lingua recipe): linear warmup from 0 to ``lr`` over ``warmup`` steps, then
 ``lr * (r + (1 - r) * 0.5 * (1 + cos(pi * s)))`` with ``s = (step - warmup) / (steps - warmup)`` and
 ``r = lr_min_ratio``; ``schedule="constant"`` keeps ``lr`` after the warmup.
 """
@@ -38,7 +38,7 @@ _NO_DECAY_WORDS = ("norm", "bias", "embed", "scale")
 def decay_mask(params, mode: str = "all"):
     """Bool pytree like ``params``: True where weight decay applies.
 
-    ``"all"``: every parameter (lingua builds AdamW on ``model.parameters()``, SPEC A.5).
+    ``"all"``: every parameter (lingua builds AdamW on ``model.parameters()``).
     ``"no_norm_bias_embed"``: no decay on parameters whose path names a norm, a bias, a scale or the embedding table.
     """
     if mode == "all":

@@ -32,7 +32,7 @@ __all__ = [
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Every logical axis name the models use (COMMON.md). Weights are sharded over ``fsdp`` along their "input-like"
+# Every logical axis name the models use. Weights are sharded over ``fsdp`` along their "input-like"
 # dimension (embed) and over ``tensor`` along their "output-like" dimension (heads / mlp / vocab / ...).
 LOGICAL_RULES = (
     ("batch", ("data", "fsdp")),

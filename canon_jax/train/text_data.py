@@ -1,11 +1,11 @@
 """Real-text pretraining input: local .txt / .jsonl / Parquet files -> tokenised, packed windows (grain).
 
-Recipe (as the official lingua runs, SPEC A.5): each document becomes ``[BOS] + tokens + [EOS]``; documents are
+Recipe (as the official lingua runs): each document becomes ``[BOS] + tokens + [EOS]``; documents are
 concatenated into one stream in file order; window ``i`` is ``stream[i*L : i*L + L + 1]`` (``L = seq_len``), giving
 ``inputs = w[:-1]`` and ``targets = w[1:]`` (every next-token transition is trained once per epoch). Windows are
 shuffled (reshuffled each epoch) and split across processes (process ``p`` reads windows ``p, p+P, ...``). The loss
 mask is all ones; ``segment_ids`` number the documents inside the window from 1 and ``positions`` count within each
-document (only used by segment-aware models; attention runs across documents by default, SPEC 0.9).
+document (only used by segment-aware models; attention runs across documents by default, as in the paper).
 
 Tokenizer: a Hugging Face ``tokenizers`` JSON file given by path, or the built-in byte-level tokenizer
 (:func:`byte_level_tokenizer`: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, then the 256 bytes) when no path is given.

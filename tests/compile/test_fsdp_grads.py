@@ -14,7 +14,7 @@ pytestmark = pytest.mark.compile
 
 def _compile(**model):
     from canon_jax.train.config import config_from_dict
-    from experiments.aot_step_memory import compile_step
+    from experiments.compile import compile_step
     from tests.train._util import tiny_config
 
     raw = tiny_config(
@@ -36,7 +36,7 @@ def _compile(**model):
 
 
 def test_fsdp_weight_gradients_are_reduce_scattered():
-    from experiments.aot_step_memory import collective_counts, collectives
+    from experiments.compile import collective_counts, collectives
 
     hlo = _compile(canon_set="ABCD").as_text()
     counts = collective_counts(hlo)

@@ -42,25 +42,3 @@ def test_chunked_loss_matches_full_logits(tie):
     chex.assert_trees_all_close(g, ref_g, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="return_hidden"):
         model.init(jax.random.key(0), ids, return_hidden=True)
-
-
-def test_text_eval_sums_chunked_equal_full():
-    from canon_jax.train.trainer import _eval_sums
-
-    cfg = ModelConfig(vocab_size=37, hidden_size=16, num_layers=1, num_heads=2, multiple_of=16)
-    model = CausalLM(cfg)
-    rng = np.random.default_rng(1)
-    batch = {
-        "inputs": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, 37, size=(2, 9)), jnp.int32),
-        "loss_mask": jnp.asarray(rng.random((2, 9)) > 0.3, jnp.int32),
-    }
-    params = model.init(jax.random.key(0), batch["inputs"])["params"]
-    logits = model.apply({"params": params}, batch["inputs"])
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-    ref = float(jnp.sum(nll * batch["loss_mask"]))
-    for chunk in (0, 4):
-        s, n = _eval_sums(model, params, batch, chunk)
-        np.testing.assert_allclose(float(s), ref, rtol=1e-6, err_msg=str(chunk))
-        assert float(n) == float(batch["loss_mask"].sum())

@@ -1,4 +1,5 @@
-"""Trainer tests compile the same tiny programs in several processes: share a persistent compilation cache."""
+"""Trainer tests compile the same tiny programs in several processes: share a persistent compilation cache. The
+commands' CPU hint for the malloc tunable (canon_jax/runtime.py) is silenced: the tests check their exact output."""
 
 import os
 
@@ -34,3 +35,14 @@ def compilation_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_malloc_hint():
+    old = os.environ.get("CANON_JAX_MALLOC_HUGEPAGES")
+    os.environ["CANON_JAX_MALLOC_HUGEPAGES"] = "0"  # inherited by the subprocesses the tests start
+    yield
+    if old is None:
+        os.environ.pop("CANON_JAX_MALLOC_HUGEPAGES", None)
+    else:
+        os.environ["CANON_JAX_MALLOC_HUGEPAGES"] = old

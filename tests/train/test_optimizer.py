@@ -1,4 +1,4 @@
-"""Schedule and AdamW against independent float64 numpy references (SPEC A.5)."""
+"""Schedule and AdamW against independent float64 numpy references (the official lingua schedule)."""
 
 import math
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from experiments import sweep as sw
-from experiments.plot import plot_curves
+from experiments.plot import draw_curves, draw_heatmaps, plot_curves
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -96,9 +96,9 @@ def test_collect_table_and_heatmaps(sweep_file, tmp_path):
     np.testing.assert_allclose(res["depo"]["archs"]["rope_canon"]["accuracy"], [0.8, 0.9])
     md = sw.markdown(sweep, res)
     assert "| rope_canon | 2 | 0.850 ± 0.050 [0.80–0.90] | 0.425 ± 0.025 [0.40–0.45] |" in md
-    pngs = sw.draw_heatmaps(res, tmp_path / "out")
+    pngs = draw_heatmaps(res, tmp_path / "out")
     assert [p.name for p in pngs] == ["depo.png", "mano.png"]
-    curves = sw.draw_curves(res, tmp_path / "out")  # per-k accuracy plots
+    curves = draw_curves(res, tmp_path / "out")  # per-k accuracy plots
     assert [p.relative_to(tmp_path / "out").as_posix() for p in curves] == ["curves/depo.png", "curves/mano.png"]
     for p in pngs + curves:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

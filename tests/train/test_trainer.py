@@ -11,6 +11,7 @@ import pytest
 from canon_jax.losses import cross_entropy
 from canon_jax.train.checkpoint import Checkpointer
 from canon_jax.train.config import config_from_dict
+from canon_jax.train.metrics import read_metrics
 from canon_jax.train.text_data import make_text_dataset
 from canon_jax.train.trainer import Trainer, TrainingDiverged, train
 from tests.train._util import tiny_config, write_corpus
@@ -67,12 +68,12 @@ def test_step_matches_reference_and_accumulation(corpus):
     chex.assert_trees_all_close(jax.device_get(s4["params"]), jax.device_get(s1["params"]), rtol=0, atol=1e-4)
 
 
-def test_nonfinite_stops_without_overwriting_checkpoint(corpus, tmp_path):
-    # Batch 3 carries a token id outside the vocabulary: the embedding gather fills it with NaN (jnp.take's
-    # out-of-bounds mode), so step 3's loss and gradients are NaN.
+def _poisoned(at_batch: int):
+    """A data factory whose ``at_batch``-th batch carries a token id outside the vocabulary: the embedding gather
+    fills it with NaN (jnp.take's out-of-bounds mode), so that step's loss and gradients are NaN."""
     from canon_jax.train.trainer import make_train_data
 
-    def poisoned(cfg, **kw):
+    def factory(cfg, **kw):
         ds = make_train_data(cfg, **kw)
 
         class It:
@@ -82,7 +83,7 @@ def test_nonfinite_stops_without_overwriting_checkpoint(corpus, tmp_path):
             def __next__(self):
                 b = dict(next(self.it))
                 self.n += 1
-                if self.n == 3:
+                if self.n == at_batch:
                     b["inputs"] = b["inputs"].copy()
                     b["inputs"][0, 5] = 10_000
                 return b
@@ -99,13 +100,30 @@ def test_nonfinite_stops_without_overwriting_checkpoint(corpus, tmp_path):
 
         return Ds()
 
+    return factory
+
+
+def test_nonfinite_stops_without_overwriting_checkpoint(corpus, tmp_path):
     cfg = config_from_dict(tiny_config(corpus, checkpoint={"every": 1}))
     with pytest.raises(TrainingDiverged) as e:
-        train(cfg, tmp_path, data_factory=poisoned)
+        train(cfg, tmp_path, data_factory=_poisoned(3))
     msg = str(e.value)
     assert msg.startswith("non-finite training at step 3: loss=nan, grad_norm=nan"), msg
     assert "['embed']['embedding']" in msg  # names the offending parameters
     assert Checkpointer(tmp_path / "checkpoints", 1, 5).all_steps() == [1, 2]  # the NaN state was never saved
+
+
+def test_nonfinite_between_log_steps_names_the_first_bad_step(corpus, tmp_path):
+    # The metrics are fetched every 4 steps only: the NaN of step 3 is found at step 4, reported as step 3, with no
+    # record or checkpoint written for a non-finite state.
+    cfg = config_from_dict(tiny_config(corpus, train={"log_every": 4}, checkpoint={"every": 4}))
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg, tmp_path, data_factory=_poisoned(3))
+    msg = str(e.value)
+    assert msg.startswith("non-finite training at step 3: loss=nan, grad_norm=nan"), msg
+    assert "['embed']['embedding']" in msg
+    assert not (tmp_path / "checkpoints").exists() or Checkpointer(tmp_path / "checkpoints", 4, 5).all_steps() == []
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == []
 
 
 def test_corrupt_latest_checkpoint_falls_back(corpus, tmp_path):

@@ -5,23 +5,18 @@ pure-XLA backward materialises K shifted copies of the input (about 10x the cost
 does the forward in one pass and the backward (dx, dw, dbias, d(history)) in two, split over channel blocks on XLA's
 intra-op thread pool.
 
-The shared library is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``/``g++``) against
-``jax.ffi.include_dir()`` and cached in ``$CANON_JAX_CACHE_DIR`` (default ``~/.cache/canon_jax``), keyed by the source,
-the JAX version and the compiler. Where no compiler is available, :func:`available` is False with the reason in
+The shared library is built when the package is installed (an optional extension: ``pip install`` builds it where a
+C++ compiler is found, tuned to the installing machine with ``-march=native``) or by ``canon-build-native``
+(:mod:`canon_jax.ops.cpu.build`, e.g. in a source checkout). This module only loads it. Where it is missing, or was
+built from another version of ``canon_conv.cc``, :func:`available` is False with the reason in
 :func:`unavailable_reason`; ``impl="auto"`` then uses the XLA path (and warns once), ``impl="cpu"`` raises.
+``CANON_JAX_DISABLE_CPU_KERNELS=1`` turns the kernel off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import os
-import pathlib
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 
@@ -31,70 +26,16 @@ __all__ = ["available", "unavailable_reason", "library_path", "FWD_TARGET", "BWD
 
 FWD_TARGET = "canon_jax_conv_fwd_f32"
 BWD_TARGET = "canon_jax_conv_bwd_f32"
-_SOURCE = pathlib.Path(__file__).with_name("canon_conv.cc")
 _lock = threading.Lock()
 _state: dict = {}
+_REBUILD = "build it with `canon-build-native` (or reinstall canon-jax on a machine with a C++ compiler)"
 
 
-def _compiler() -> str | None:
-    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
+def library_path():
+    """Where the package loads the native library from (next to ``canon_conv.cc``)."""
+    from canon_jax.ops.cpu.build import default_library_path
 
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("CANON_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "canon_jax")
-    return pathlib.Path(root)
-
-
-# -O3 auto-vectorises the channel loops; -march=native lets them use the machine's widest vectors (AVX-512 doubles
-# the kernels' speed over the SSE2 baseline on a Sapphire Rapids core). Compilers that reject it get the baseline.
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
-_NATIVE = ["-march=native"]
-
-
-def _target_id(cxx: str) -> bytes:
-    """What the compiler targets with -march=native (its predefined macros: __AVX512F__, __ARM_NEON, ...), so a cache
-    directory shared by machines with different CPUs never hands one of them a library built for the other."""
-    r = subprocess.run([cxx, *_NATIVE, "-E", "-dM", "-x", "c++", "-"], input="", capture_output=True, text=True)
-    return (r.stdout if r.returncode == 0 else "no-march-native").encode()
-
-
-def library_path(cxx: str) -> pathlib.Path:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                _SOURCE.read_bytes(),
-                jax.__version__.encode(),
-                version.encode(),
-                os.uname().machine.encode(),
-                " ".join(_FLAGS + _NATIVE).encode(),
-                _target_id(cxx),
-            ]
-        )
-    ).hexdigest()[:16]
-    return _cache_dir() / f"canon_conv_{key}.so"
-
-
-def _build(cxx: str, out: pathlib.Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)  # one compile per machine, even with parallel test workers
-        if out.exists():
-            return
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cxx, *_FLAGS, *_NATIVE, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:  # e.g. a compiler without -march=native: the portable baseline build
-            cmd = [c for c in cmd if c not in _NATIVE]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
-        os.replace(tmp, out)  # atomic: a reader never sees a half-written library
+    return default_library_path()
 
 
 def _load() -> None:
@@ -103,25 +44,26 @@ def _load() -> None:
     with _lock:
         if _state:
             return
+        from canon_jax.ops.cpu.build import source_hash
+
+        path = library_path()
         try:
-            if sys.platform != "linux" and sys.platform != "darwin":
-                raise RuntimeError(f"unsupported platform {sys.platform}")
-            cxx = _compiler()
-            if cxx is None:
-                raise RuntimeError("no C++ compiler found (set $CXX or install g++/clang++)")
-            path = library_path(cxx)
             if not path.exists():
-                _build(cxx, path)
+                raise RuntimeError(f"the native library {path.name} is not built; {_REBUILD}")
             lib = ctypes.cdll.LoadLibrary(str(path))
+            lib.CanonConvSourceHash.restype = ctypes.c_char_p
+            built_from = lib.CanonConvSourceHash().decode()
+            if built_from != source_hash():
+                raise RuntimeError(f"{path.name} was built from another version of canon_conv.cc; {_REBUILD}")
             jax.ffi.register_ffi_target(FWD_TARGET, jax.ffi.pycapsule(lib.CanonConvFwd), platform="cpu")
             jax.ffi.register_ffi_target(BWD_TARGET, jax.ffi.pycapsule(lib.CanonConvBwd), platform="cpu")
             _state.update(ok=True, reason=None, path=path, lib=lib)
-        except Exception as e:  # noqa: BLE001 - reported through unavailable_reason()/warnings, never swallowed
+        except (OSError, AttributeError, RuntimeError) as e:  # reported through unavailable_reason() and a warning
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
 
 
 def available() -> bool:
-    """True when the native CPU conv kernels are compiled and registered (compiles them on first call)."""
+    """True when the native CPU conv kernels are built and registered."""
     if os.environ.get("CANON_JAX_DISABLE_CPU_KERNELS"):
         return False
     _load()

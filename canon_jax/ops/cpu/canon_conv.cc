@@ -344,3 +344,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CanonConvBwd, ConvBwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dprev
                                   .Attr<int32_t>("silu")
                                   .Attr<int32_t>("residual"));
+
+// The hash of this file that the build passed in: the loader refuses a library built from another version of it.
+#ifndef CANON_CONV_SOURCE_HASH
+#define CANON_CONV_SOURCE_HASH "unknown"
+#endif
+extern "C" const char* CanonConvSourceHash() { return CANON_CONV_SOURCE_HASH; }
