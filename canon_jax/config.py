@@ -1,4 +1,5 @@
-"""Model configuration: one typed, validated object for every architecture (SPEC A.2-A.4, section 0).
+"""Model configuration: one typed, validated object for every architecture (Llama, GLA5, GDN2, Mamba2, with and
+without Canon layers; docs/models.md describes the models).
 
 Every bad value raises ``ValueError`` naming the field, at construction time (``ModelConfig(...)`` validates itself).
 """
@@ -15,7 +16,7 @@ __all__ = ["ModelConfig", "ARCHS", "CANON_LETTERS"]
 
 ARCHS = ("llama", "gla", "gdn", "mamba2")
 # Letters allowed in ``canon_set`` per architecture. Lower-case ``b`` is the linear architectures' own short conv
-# (non-residual, SiLU); upper-case ``B`` is a residual Canon inside the mixer (SPEC A.3).
+# (non-residual, SiLU); upper-case ``B`` is a residual Canon inside the mixer (docs/models.md, "Linear models").
 CANON_LETTERS = {"llama": "ABCD", "gla": "AbBCD", "gdn": "AbBCD", "mamba2": "AbBCD"}
 DTYPES = ("float32", "bfloat16", "float16")
 # none; full (save only each block's input); save_dots (keep matmul outputs); save_canon_attn (keep only the Canon
@@ -55,9 +56,9 @@ class ModelConfig:
     canon_residual: bool = True
     canon_activation: bool = False
     canon_bias: bool = False
-    segment_aware: bool = (
-        False  # SPEC 0.9: reset conv history (and attention) at segment boundaries when segment ids are given
-    )
+    # reset the conv history (and mask attention) at segment boundaries when segment ids are given; off by default,
+    # as in the official training, which lets both run across packed documents (docs/models.md, "The Canon layer")
+    segment_aware: bool = False
 
     # attention (llama)
     qk_norm: bool = False
@@ -68,7 +69,7 @@ class ModelConfig:
     # NVIDIA GPUs, the blocked XLA path elsewhere; see canon_jax.ops.attention
     attention_impl: str = "auto"
 
-    # initialisation of embeddings, MLP and head (the linear mixers own their inits, SPEC A.3):
+    # initialisation of embeddings, MLP and head (the linear mixers own their inits; docs/models.md, "Linear models"):
     #   "lingua": trunc-normal fan^-1/2 (what the released Llama models used);
     #   "hf":     N(0, initializer_range) (the official GLA5/GDN2 HF classes);
     #   "torch":  PyTorch nn.Linear default U(+-1/sqrt(fan_in)), embedding N(0, initializer_range) (official Mamba2);
@@ -76,7 +77,7 @@ class ModelConfig:
     init_scheme: str = "auto"
     initializer_range: float | None = None  # None: 0.1 for mamba2 (official config default), else 0.02
 
-    # linear models (SPEC A.3)
+    # linear models (gla / gdn / mamba2; docs/models.md, "Linear models")
     expand_k: float = 1.0
     expand_v: float = 2.0
     gate_low_rank: int = 16
