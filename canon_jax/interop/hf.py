@@ -1,4 +1,4 @@
-"""Hugging Face ``LlamaCanon`` checkpoints <-> canon-jax ``CausalLM`` (docs/training.md, "Hugging Face checkpoints").
+"""Hugging Face ``LlamaCanon`` checkpoints <-> canon-jax ``CausalLM`` (docs/models.md, "Hugging Face checkpoints").
 
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Layouts: PyTorch ``Linear`` weights are ``[out, in]`` (Flax ``Dense`` kernels are
