@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from pallas_kernels.common import ATTENTION_IMPLS, KERNEL_IMPLS
+from pallas_kernels.implementations import ATTENTION_IMPLS, KERNEL_IMPLS
 
 __all__ = ["ModelConfig", "ARCHS", "CANON_LETTERS"]
 
