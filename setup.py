@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tokenizers>=0.19",
+    "tiktoken>=0.8",
     "pyarrow>=15",
 ]
 
