@@ -285,3 +285,15 @@ def test_lone_surrogates_are_left_to_tokenizers(trained):
         trained.encode_batch([doc], add_special_tokens=False)
     with pytest.raises(type(hf_err.value)):
         TiktokenBPE(tiktoken_spec(trained), trained).encode_batch(["fine", doc])
+
+
+def test_cli_encoder_flag(tmp_path, trained):
+    from canon_jax.data import cli
+
+    trained.save(str(tmp_path / "tokenizer.json"))
+    ins = _jsonl(tmp_path / "in.jsonl", HARD)
+    for enc in ("tiktoken", "hf"):
+        argv = ["tokenize", ins, "--out", str(tmp_path / enc), "--tokenizer", str(tmp_path / "tokenizer.json")]
+        assert cli.main([*argv, "--encoder", enc, "--no-progress"]) == 0
+        assert json.loads((tmp_path / enc / "index.json").read_text())["encoder"] == enc
+    assert (tmp_path / "hf" / "tokens-00000.bin").read_bytes() == (tmp_path / "tiktoken" / "tokens-00000.bin").read_bytes()
