@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-__all__ = ["ENCODERS", "GPT2_PATTERN", "NotConvertible", "TiktokenBPE", "tiktoken_spec"]
+__all__ = ["ENCODERS", "GPT2_PATTERN", "NotConvertible", "TiktokenBPE", "tiktoken_spec", "split_probe"]
 
 ENCODERS = ("auto", "hf", "tiktoken")
 
@@ -195,3 +195,25 @@ class TiktokenBPE:
             for i, e in zip(slow, self.hf.encode_batch_fast([docs[i] for i in slow], add_special_tokens=False)):
                 out[i] = e.ids
         return out
+
+
+def split_probe():
+    """A ``tokenizers`` byte-level BPE that makes the split pattern's character classes visible in the ids, and the
+    probe text for a character: the merges join ``a``, ``1`` and ``!`` with every byte, so ``x + c`` becomes one
+    token only when the pattern keeps ``x`` and ``c`` in one piece (``c`` a letter, a number, or other, for the
+    three probes; none for whitespace). Encoding every character's probe with both encoders compares the two
+    regex engines' Unicode tables."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from canon_jax.train.text_data import _bytes_to_unicode
+
+    b2u = _bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    merges = []
+    for x in b"a1!":
+        for b in range(256):
+            merges.append((b2u[x], b2u[b]))
+            vocab[b2u[x] + b2u[b]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return tok, lambda c: f"a{c}\n1{c}\n!{c}"
