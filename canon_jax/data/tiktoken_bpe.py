@@ -76,6 +76,10 @@ def tiktoken_spec(tok) -> dict:
     """
     from canon_jax.train.text_data import _bytes_to_unicode
 
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        raise NotConvertible("tiktoken is not installed") from None
     d = json.loads(tok.to_str())
     m = d.get("model") or {}
     if m.get("type") != "BPE":
