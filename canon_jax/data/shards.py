@@ -2,7 +2,8 @@
 
 Layout of a token directory (written by :func:`tokenize_corpus`, ``python -m canon_jax.data tokenize``)::
 
-    index.json            format, dtype, vocabulary size, tokenizer sha256, BOS/EOS ids, totals, the shard list
+    index.json            format, dtype, vocabulary size, tokenizer sha256, BOS/EOS ids, totals, the shard list,
+                          the encoder library that wrote each shard (tokenizers or tiktoken: the same ids)
     tokens-00000.bin      raw little-endian uint16 (vocabulary <= 65536) or uint32 token ids of input file 0
     docs-00000.npy        int64 [num_docs + 1]: offset of each document's first token in the shard, then num_tokens
     tokens-00000.done     completion marker (JSON: source path, size, mtime, settings hash, counts)
