@@ -20,9 +20,12 @@ only when the conversion gives exactly the ids ``tokenizers`` gives, and says wh
 
 Documents the conversion does not cover are encoded with ``tokenizers`` (exact by definition): empty documents,
 documents containing an added token's text (``tokenizers`` splits the text around added tokens first, and applies
-``add_prefix_space`` to each part), and text that is not valid UTF-8 (lone surrogates). Whether the regex engines
-agree is a property of their Unicode tables; the tests compare the two on every code point range and the
-tokenising run compares both encoders on the first documents of every file.
+``add_prefix_space`` to each part), and text that is not valid UTF-8 (lone surrogates). Whether the two regex
+engines (Oniguruma in ``tokenizers``, fancy-regex in ``tiktoken``) split alike depends on their Unicode tables
+only: the pattern's classes are letters, numbers, whitespace and the rest. :func:`split_probe` makes those classes
+visible in the ids; the tests compare both encoders on a sample of code points and ``python -m
+experiments.bench_text unicode`` on all of them. As a last guard, ``tokenize_corpus`` encodes the first documents of
+every file both ways.
 """
 
 from __future__ import annotations
