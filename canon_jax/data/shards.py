@@ -271,7 +271,7 @@ def tokenize_corpus(
     workers: int = 1,
     batch_docs: int = 1024,
     encoder: str = "auto",
-    verify_docs: int = 32,
+    verify_docs: int = 16,
     progress: bool = True,
     log=print,
 ) -> dict:
