@@ -199,7 +199,7 @@ def _tokenize_file(job) -> dict:
                     if bad is not None:
                         notice = (
                             f"{path}: document {bad}: the tiktoken encoder gives other ids than tokenizers "
-                            f"({list(encs[bad][:8])}... vs {ref[bad][:8]}...)"
+                            f"({[int(t) for t in encs[bad][:8]]}... vs {ref[bad][:8]}...)"
                         )
                         if mode == "tiktoken":
                             raise ValueError(notice + "; --encoder tiktoken cannot be used for this tokenizer")
