@@ -1,11 +1,15 @@
 """Real-text input benchmarks: tokenisation throughput and streamed-loader throughput / memory.
 
-    python -m experiments.bench_text tokenize [--mb 32] [--files 8] [--vocab 8192]
+    python -m experiments.bench_text tokenize [--mb 32] [--files 8] [--vocab 8192] [--workers 1,2]
+    python -m experiments.bench_text unicode    # tiktoken's split = tokenizers' on every Unicode code point
     python -m experiments.bench_text stream [--gb 5] [--seconds 90] [--seq-len 4096] [--batch 64] [--threads 4]
     python -m experiments.bench_text step       # what a LlamaCanon-1B step consumes per host on a TPU v5e-8
 
 ``tokenize``: generates Zipf-distributed pseudo-English text (no download), trains a byte-level BPE on part of it
-with ``tokenizers``, then times ``tokenize_corpus`` with ``--workers 1`` and ``2`` (tokens/s and tokens/s per worker).
+with ``tokenizers``, then times ``tokenize_corpus`` with each encoder (``tokenizers``, ``tiktoken``) and each
+``--workers`` count (wall time, tokens/s, CPU seconds of the process and its workers), then each encoder alone in one
+thread on one file's documents. ``unicode``: encodes every code point's character-class probe
+(:func:`canon_jax.data.tiktoken_bpe.split_probe`) with both encoders and counts the differences.
 ``stream``: writes a synthetic uint16 token directory of ``--gb`` GB (random ids, random document lengths), then
 iterates the training loader (``make_token_dataset``, shuffled windows) for ``--seconds`` seconds, sampling the
 process's resident memory. ``step``: tokens/s a 1B step consumes = chips * peak * MFU / FLOPs-per-token.
@@ -74,8 +78,12 @@ def make_text(root: pathlib.Path, files: int, mb_total: float, seed: int = 0) ->
 def bench_tokenize(args) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    import canon_jax.data.tiktoken_bpe  # noqa: F401  (imported before timing: a one-off cost, not a rate)
+    import canon_jax.train.text_data  # noqa: F401
     from canon_jax.data.shards import tokenize_corpus
 
+    # one thread from the start: a thread pool left from training would be counted in this process's CPU time
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_tok_", dir=args.tmp))
     try:
         files = make_text(root, args.files, args.mb)
@@ -91,17 +99,33 @@ def bench_tokenize(args) -> dict:
         tok.train([files[0]], trainer)
         tok_path = root / "tokenizer.json"
         tok.save(str(tok_path))
-        res = {"bench": "tokenize", "text_mb": args.mb, "files": args.files, "vocab": tok.get_vocab_size()}
-        # the trained byte-level BPE, and the built-in 259-id byte-level tokenizer (one token per byte)
-        for name, path in (("bpe", str(tok_path)), ("bytes", None)):
-            for workers in (1, 2):
+        res = {
+            "bench": "tokenize",
+            "text_mb": args.mb,
+            "files": args.files,
+            "vocab": tok.get_vocab_size(),
+            "loadavg_before": os.getloadavg(),
+        }
+        workers_list = [int(w) for w in args.workers.split(",")]
+        # the trained byte-level BPE with each encoder, and the built-in 259-id byte-level tokenizer (one token per
+        # byte; not a regex-split BPE, so only tokenizers encodes it)
+        runs = [("bpe", str(tok_path), enc) for enc in ("hf", "tiktoken")] + [("bytes", None, "hf")]
+        for name, path, enc in runs:
+            for workers in workers_list:
                 cpu0 = _cpu_seconds()
                 idx = tokenize_corpus(
-                    files, root / f"out_{name}{workers}", path, workers=workers, progress=False, log=lambda *_: None
+                    files,
+                    root / f"out_{name}_{enc}{workers}",
+                    path,
+                    workers=workers,
+                    encoder=enc,
+                    progress=False,
+                    log=lambda *_: None,
                 )
                 cpu = _cpu_seconds() - cpu0
                 tps = idx["new_tokens"] / idx["seconds"]
-                res[f"{name}_workers{workers}"] = {
+                res[f"{name}_{enc}_workers{workers}"] = {
+                    "encoder_used": idx["encoder"],
                     "tokens": idx["new_tokens"],
                     "seconds": round(idx["seconds"], 2),
                     "tokens_per_s": round(tps),
@@ -109,20 +133,59 @@ def bench_tokenize(args) -> dict:
                     "cpu_seconds": round(cpu, 2),
                     "tokens_per_cpu_second": round(idx["new_tokens"] / cpu),
                 }
-        # the tokenizer alone (one thread) on the same documents: the share of the pipeline that is encoding
+                shutil.rmtree(root / f"out_{name}_{enc}{workers}")
+        # each encoder alone (one thread) on one file's documents: the share of the pipeline that is encoding
         import itertools
 
         from canon_jax.data.shards import iter_document_batches
+        from canon_jax.data.tiktoken_bpe import TiktokenBPE, tiktoken_spec
 
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         docs = list(itertools.chain.from_iterable(iter_document_batches(files[1])))
         c0 = time.process_time()
-        n = sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
-        res["encode_only_tokens_per_cpu_second"] = round(n / (time.process_time() - c0))
-        res["bytes_per_token"] = round(args.mb * 1e6 / res["bpe_workers1"]["tokens"], 2)
+        ref = [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+        res["encode_only_hf_tokens_per_cpu_second"] = round(sum(map(len, ref)) / (time.process_time() - c0))
+        fast = TiktokenBPE(tiktoken_spec(tok), tok)
+        c0 = time.process_time()
+        got = fast.encode_batch(docs)
+        res["encode_only_tiktoken_tokens_per_cpu_second"] = round(sum(map(len, got)) / (time.process_time() - c0))
+        res["encode_only_ids_identical"] = all(list(g) == r for g, r in zip(got, ref))
+        res["bytes_per_token"] = round(args.mb * 1e6 / res[f"bpe_hf_workers{workers_list[0]}"]["tokens"], 2)
+        res["loadavg_after"] = os.getloadavg()
+        import tiktoken
+        import tokenizers
+
+        res.update(tokenizers_version=tokenizers.__version__, tiktoken_version=tiktoken.__version__)
         return res
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_unicode(args) -> dict:
+    """Every code point (surrogates excepted) through the split probe with both encoders; the differences."""
+    from canon_jax.data.tiktoken_bpe import TiktokenBPE, split_probe, tiktoken_spec
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok, probe = split_probe()
+    fast = TiktokenBPE(tiktoken_spec(tok), tok)
+    cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    bad = []
+    for i in range(0, len(cps), 65536):
+        part = cps[i : i + 65536]
+        docs = [probe(chr(c)) for c in part]
+        ref = tok.encode_batch_fast(docs, add_special_tokens=False)
+        got = fast.encode_batch(docs)
+        bad += [hex(c) for c, r, g in zip(part, ref, got) if list(g) != r.ids]
+    import tiktoken
+    import tokenizers
+
+    return {
+        "bench": "unicode",
+        "code_points": len(cps),
+        "differences": len(bad),
+        "first_differences": bad[:20],
+        "tokenizers_version": tokenizers.__version__,
+        "tiktoken_version": tiktoken.__version__,
+    }
 
 
 def write_synthetic_tokens(out: pathlib.Path, gb: float, shards: int = 10, vocab: int = 32000, seed: int = 0):
@@ -259,6 +322,8 @@ def main(argv=None):
     t.add_argument("--mb", type=float, default=32)
     t.add_argument("--files", type=int, default=8)
     t.add_argument("--vocab", type=int, default=8192)
+    t.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")
+    sub.add_parser("unicode")
     s = sub.add_parser("stream")
     s.add_argument("--gb", type=float, default=5)
     s.add_argument("--seconds", type=float, default=90)
@@ -274,7 +339,8 @@ def main(argv=None):
     for p in (t, s):
         p.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"))
     args = ap.parse_args(argv)
-    res = {"tokenize": bench_tokenize, "stream": bench_stream, "step": bench_step}[args.cmd](args)
+    benches = {"tokenize": bench_tokenize, "unicode": bench_unicode, "stream": bench_stream, "step": bench_step}
+    res = benches[args.cmd](args)
     import jax
 
     res.update(

@@ -6,6 +6,7 @@
     python -m canon_jax.data vocab TASK [TASK ...]
     python -m canon_jax.data tokenize INPUT [INPUT ...] --out DIR [--tokenizer tokenizer.json] [--workers N]
                                   [--text-field text] [--txt-mode {file,paragraph,line}] [--no-bos] [--no-eos]
+                                  [--encoder {auto,hf,tiktoken}]
 
 A bad argument (unknown task or parameter, a bad value, ``--out`` in a folder that does not exist) prints one line
 ``config error: <what>: <why>`` and exits with status 2 before anything is written.
@@ -109,6 +110,12 @@ def _main(argv: list[str] | None = None) -> int:
     t.add_argument("--bos-token", default=None, help="BOS token string (default: detected)")
     t.add_argument("--eos-token", default=None, help="EOS token string (default: detected)")
     t.add_argument("--batch-docs", type=int, default=1024, help="documents encoded per tokenizer batch")
+    t.add_argument(
+        "--encoder",
+        choices=("auto", "hf", "tiktoken"),
+        default="auto",
+        help="tokenizers, or tiktoken for byte-level BPE tokenizers it reproduces exactly (auto: when it does)",
+    )
     t.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -128,6 +135,7 @@ def _main(argv: list[str] | None = None) -> int:
                 eos_token=args.eos_token,
                 workers=args.workers,
                 batch_docs=args.batch_docs,
+                encoder=args.encoder,
                 progress=not args.no_progress,
             )
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:

@@ -2,7 +2,8 @@
 
 Layout of a token directory (written by :func:`tokenize_corpus`, ``python -m canon_jax.data tokenize``)::
 
-    index.json            format, dtype, vocabulary size, tokenizer sha256, BOS/EOS ids, totals, the shard list
+    index.json            format, dtype, vocabulary size, tokenizer sha256, BOS/EOS ids, totals, the shard list,
+                          the encoder library that wrote each shard (tokenizers or tiktoken: the same ids)
     tokens-00000.bin      raw little-endian uint16 (vocabulary <= 65536) or uint32 token ids of input file 0
     docs-00000.npy        int64 [num_docs + 1]: offset of each document's first token in the shard, then num_tokens
     tokens-00000.done     completion marker (JSON: source path, size, mtime, settings hash, counts)
@@ -148,13 +149,18 @@ def _expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
 _WORKER: dict = {}
 
 
-def _worker_init(tok_json: str, settings: dict):
+def _worker_init(tok_json: str, settings: dict, encoder: dict):
     from tokenizers import Tokenizer
 
     # parallelism is over input files (--workers); one tokenizer thread per process keeps cores independent
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = Tokenizer.from_str(tok_json)
+    _WORKER["tok"] = tok = Tokenizer.from_str(tok_json)
     _WORKER["settings"] = settings
+    _WORKER["encoder"] = encoder
+    if encoder["spec"] is not None:
+        from canon_jax.data.tiktoken_bpe import TiktokenBPE
+
+        _WORKER["fast"] = TiktokenBPE(encoder["spec"], tok)
 
 
 def _shard_names(out: pathlib.Path, k: int):
@@ -170,6 +176,8 @@ def _tokenize_file(job) -> dict:
     """Tokenise input ``job = (k, path, out_dir)`` into shard ``k``; returns its marker dict."""
     k, path, out = job
     tok, s = _WORKER["tok"], _WORKER["settings"]
+    fast, mode, n_check = _WORKER.get("fast"), _WORKER["encoder"]["mode"], _WORKER["encoder"]["verify_docs"]
+    notice = None
     path, out = pathlib.Path(path), pathlib.Path(out)
     bin_path, docs_path, done_path = _shard_names(out, k)
     dtype = np.dtype(s["dtype"])
@@ -180,17 +188,33 @@ def _tokenize_file(job) -> dict:
     n_tok = 0
     with open(tmp_bin, "wb") as f:
         for docs in iter_document_batches(path, s["text_field"], s["txt_mode"], s["batch_docs"]):
-            encs = tok.encode_batch_fast(docs, add_special_tokens=False)
-            lens = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs)) + (bos is not None) + (eos is not None)
+            if fast is None:
+                encs = [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+            else:
+                encs = fast.encode_batch(docs)
+                if n_check > 0:  # the first documents of every file, encoded both ways, must agree
+                    ref = [e.ids for e in tok.encode_batch_fast(docs[:n_check], add_special_tokens=False)]
+                    bad = next((i for i, (a, b) in enumerate(zip(encs, ref)) if list(a) != b), None)
+                    n_check = 0
+                    if bad is not None:
+                        notice = (
+                            f"{path}: document {bad}: the tiktoken encoder gives other ids than tokenizers "
+                            f"({[int(t) for t in encs[bad][:8]]}... vs {ref[bad][:8]}...)"
+                        )
+                        if mode == "tiktoken":
+                            raise ValueError(notice + "; --encoder tiktoken cannot be used for this tokenizer")
+                        notice += "; this file is encoded with tokenizers"
+                        fast = None
+                        encs = [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+            lens = np.fromiter((len(e) for e in encs), np.int64, len(encs)) + (bos is not None) + (eos is not None)
             flat = np.empty(int(lens.sum()), dtype)
             ends = np.cumsum(lens)
             starts = ends - lens
-            for e, a in zip(encs, starts):
+            for ids, a in zip(encs, starts):
                 a = int(a)
                 if bos is not None:
                     flat[a] = bos
                     a += 1
-                ids = e.ids
                 flat[a : a + len(ids)] = ids
                 if eos is not None:
                     flat[a + len(ids)] = eos
@@ -207,7 +231,10 @@ def _tokenize_file(job) -> dict:
         "num_tokens": n_tok,
         "num_docs": len(offsets) - 1,
         "seconds": time.perf_counter() - t0,
+        "encoder": "hf" if fast is None else "tiktoken",
     }
+    if notice is not None:
+        marker["notice"] = notice
     tmp_done = done_path.with_name(done_path.name + f".tmp{os.getpid()}")
     tmp_done.write_text(json.dumps(marker))
     os.replace(tmp_done, done_path)
@@ -243,6 +270,8 @@ def tokenize_corpus(
     eos_token=None,
     workers: int = 1,
     batch_docs: int = 1024,
+    encoder: str = "auto",
+    verify_docs: int = 16,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -250,9 +279,21 @@ def tokenize_corpus(
 
     ``tokenizer``: a ``tokenizer.json`` path, a ``tokenizers.Tokenizer``, or None (the built-in byte-level one).
     ``workers`` processes tokenise whole input files in parallel. Returns the index dict (also ``index.json``).
+
+    ``encoder``: ``"hf"`` encodes with ``tokenizers``; ``"tiktoken"`` with ``tiktoken``'s BPE, for the byte-level
+    BPE tokenizers it reproduces exactly (:mod:`canon_jax.data.tiktoken_bpe`; an error for others); ``"auto"``
+    (default) uses ``tiktoken`` when it is exact, else ``tokenizers``. Either way the first ``verify_docs``
+    documents of every file are encoded both ways and must agree (``auto`` falls back to ``tokenizers`` for that
+    file, with a notice; ``tiktoken`` raises). The ids do not depend on the encoder, so it is not part of the
+    settings a resumed run must share; the index records which one wrote each shard.
     """
+    from canon_jax.data.tiktoken_bpe import ENCODERS, NotConvertible, tiktoken_spec
     from canon_jax.train.text_data import _BOS_NAMES, _EOS_NAMES, _special_id, load_tokenizer
 
+    if encoder not in ENCODERS:
+        raise ValueError(f"--encoder: {encoder!r}; choose one of {list(ENCODERS)}")
+    if verify_docs < 0:
+        raise ValueError(f"verify_docs must be >= 0, got {verify_docs}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if batch_docs < 1:
@@ -301,6 +342,15 @@ def tokenize_corpus(
             done[k] = m
     if done:
         log(f"resuming: {len(done)} of {len(files)} input file(s) already tokenised")
+    spec = None
+    if encoder != "hf" and todo:
+        try:
+            spec = tiktoken_spec(tok)
+        except NotConvertible as e:
+            if encoder == "tiktoken":
+                raise ValueError(f"--encoder tiktoken: the tokenizer cannot be converted exactly: {e}") from None
+            log(f"encoder: tokenizers (the tiktoken fast path does not apply: {e})")
+    enc_args = {"mode": encoder, "spec": spec, "verify_docs": verify_docs}
     total_bytes = sum(f.stat().st_size for f in files)
     bar = None
     if progress:
@@ -316,6 +366,8 @@ def tokenize_corpus(
         nonlocal new_tokens
         done[m["k"]] = m
         new_tokens += m["num_tokens"]
+        if m.get("notice"):
+            log(f"notice: {m['notice']}")
         if bar is not None:
             bar.update(m["source_bytes"])
             bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.3g}")
@@ -323,7 +375,7 @@ def tokenize_corpus(
     if workers == 1 or len(todo) <= 1:
         old_env = os.environ.get("TOKENIZERS_PARALLELISM")
         try:
-            _worker_init(tok_json, settings)
+            _worker_init(tok_json, settings, enc_args)
             for job in todo:
                 _record(_tokenize_file(job))
         finally:
@@ -336,7 +388,9 @@ def tokenize_corpus(
         import multiprocessing as mp
 
         # spawn: the parent's tokenizer thread pool must not be forked; workers rebuild it from JSON
-        with mp.get_context("spawn").Pool(min(workers, len(todo)), _worker_init, (tok_json, settings)) as pool:
+        with mp.get_context("spawn").Pool(
+            min(workers, len(todo)), _worker_init, (tok_json, settings, enc_args)
+        ) as pool:
             for m in pool.imap_unordered(_tokenize_file, todo):
                 _record(m)
     if bar is not None:
@@ -353,8 +407,10 @@ def tokenize_corpus(
                 "source_bytes": m["source_bytes"],
                 "num_tokens": m["num_tokens"],
                 "num_docs": m["num_docs"],
+                "encoder": m.get("encoder", "hf"),
             }
         )
+    used = sorted({s["encoder"] for s in shards})
     index = {
         "format": FORMAT,
         "version": VERSION,
@@ -365,6 +421,9 @@ def tokenize_corpus(
         "eos_id": eos,
         "text_field": text_field,
         "txt_mode": txt_mode,
+        # ids are the same with either encoder; this records which library wrote the shards
+        "encoder": used[0] if len(used) == 1 else "mixed",
+        "encoder_requested": encoder,
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "num_docs": sum(s["num_docs"] for s in shards),
         "shards": shards,
@@ -374,7 +433,8 @@ def tokenize_corpus(
     os.replace(tmp, out / "index.json")
     log(
         f"tokenized {len(todo)} file(s), {new_tokens} tokens in {dt:.2f} s "
-        f"({new_tokens / max(dt, 1e-9):.4g} tokens/s, workers={workers}); corpus: {index['num_tokens']} tokens, "
+        f"({new_tokens / max(dt, 1e-9):.4g} tokens/s, workers={workers}, encoder={index['encoder']}); "
+        f"corpus: {index['num_tokens']} tokens, "
         f"{index['num_docs']} documents, {len(shards)} shard(s), {dtype.name} -> {out}"
     )
     index["seconds"] = dt
