@@ -96,6 +96,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    # with remat "full" or "save_dots": recompute each Canon input and output (with the norm just before it) in the
+    # backward pass from what the model without Canon keeps anyway, instead of keeping both; one more depthwise conv
+    # per site in the backward (docs/scaling.md, "Canon's memory")
+    canon_recompute: bool = True
     kernel_impl: str = "auto"  # impl= passed to the ops: one of pallas_kernels.common.KERNEL_IMPLS
 
     def __post_init__(self):
@@ -155,6 +159,8 @@ class ModelConfig:
             raise _err("param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.remat not in REMAT:
             raise _err("remat", f"must be one of {REMAT}, got {self.remat!r}")
+        if not isinstance(self.canon_recompute, bool):
+            raise _err("canon_recompute", f"must be true or false, got {self.canon_recompute!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise _err("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.kernel_impl not in KERNEL_IMPLS:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.canon import canon_from_config, canon_site
 from canon_jax.layers.dense import Kernel, compute_dtype, dense, fused_projection
 from canon_jax.layers.init import weight_init
 from canon_jax.layers.norm import RMSNorm
@@ -121,12 +121,20 @@ class Attention(nn.Module):
         q = proj(h * hd, "heads", "q_proj")
         k = proj(kvh * hd, "kv_heads", "k_proj")
         v = proj(kvh * hd, "kv_heads", "v_proj")
-        if cfg.qk_norm:  # over the whole q and k projections (one weight each), before Canon-B
-            q = RMSNorm(cfg.norm_eps, "heads", pdt, name="q_norm")(q)
-            k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
         seg = segment_ids if cfg.segment_aware else None
-        if cfg.has_canon("B"):  # on concat(q, k, v), computed part by part
-            q, k, v = canon_from_config(cfg, "B")([q, k, v], segment_ids=seg, token_mask=token_mask, decode=decode)
+
+        def norm_canon(mdl, q, k, v, seg, token_mask):
+            if cfg.qk_norm:  # over the whole q and k projections (one weight each), before Canon-B
+                q = RMSNorm(cfg.norm_eps, "heads", pdt, name="q_norm")(q)
+                k = RMSNorm(cfg.norm_eps, "kv_heads", pdt, name="k_norm")(k)
+            if cfg.has_canon("B"):  # on concat(q, k, v), computed part by part
+                q, k, v = canon_from_config(cfg, "B")([q, k, v], segment_ids=seg, token_mask=token_mask, decode=decode)
+            return q, k, v
+
+        if cfg.has_canon("B"):
+            q, k, v = canon_site(cfg, decode, norm_canon)(self, q, k, v, seg, token_mask)
+        else:
+            q, k, v = norm_canon(self, q, k, v, seg, token_mask)
         q = q.reshape(b, t, h, hd)
         k = k.reshape(b, t, kvh, hd)
         v = v.reshape(b, t, kvh, hd)

@@ -29,7 +29,7 @@ from canon_jax.layers.init import canon_kernel_init, normal_init, torch_default_
 from canon_jax.layers.masking import mask_tokens
 from canon_jax.ops.conv import causal_conv1d, causal_conv1d_step
 
-__all__ = ["Canon", "canon_from_config", "canon_kernel_init", "normalize_canon_set", "CANON_PRESETS"]
+__all__ = ["Canon", "canon_from_config", "canon_site", "canon_kernel_init", "normalize_canon_set", "CANON_PRESETS"]
 
 # logical axis of the channels at each position (the sharding rules map these to mesh axes)
 _CHANNEL_AXIS = {"A": "embed", "B": "qkv", "C": "embed", "D": "mlp", "b": "qkv"}
@@ -166,3 +166,14 @@ def canon_from_config(config: ModelConfig, position: str, name: str | None = Non
         name=name or f"canon_{position.lower()}",
         **common,
     )
+
+
+def canon_site(config: ModelConfig, decode: bool, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(module, *arrays)`` (the Canon layer and what computes its input, e.g. the norm before Canon-A), lifted with
+    ``nn.remat`` when ``config.canon_recompute`` and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not
+    decoding), so that the backward pass keeps only ``fn``'s inputs and recomputes the Canon input and output; call the
+    result as ``fn``. Parameter paths are those of the modules ``fn`` creates, as if ``fn`` ran inline.
+    """
+    if config.canon_recompute and config.remat in ("full", "save_dots") and not decode:
+        return nn.remat(fn)
+    return fn

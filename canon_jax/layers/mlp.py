@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.canon import canon_from_config, canon_site
 from canon_jax.layers.dense import Kernel, compute_dtype, dense, fused_projection
 from canon_jax.layers.init import weight_init
 
@@ -41,8 +41,14 @@ class MLP(nn.Module):
         g = nn.with_logical_constraint(g, ("batch", "length", "mlp"))
         u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
         if cfg.has_canon("D"):  # on concat(gate, up), computed part by part
+
+            def canon_glu(mdl, g, u, seg, token_mask):
+                g, u = canon_from_config(cfg, "D")([g, u], segment_ids=seg, token_mask=token_mask, decode=decode)
+                return nn.silu(g) * u
+
             seg = segment_ids if cfg.segment_aware else None
-            g, u = canon_from_config(cfg, "D")([g, u], segment_ids=seg, token_mask=token_mask, decode=decode)
-        h = nn.silu(g) * u
+            h = canon_site(cfg, decode, canon_glu)(self, g, u, seg, token_mask)
+        else:
+            h = nn.silu(g) * u
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(cfg, d, ("mlp", "embed"), "down_proj", init=weight_init(cfg, f))(h)

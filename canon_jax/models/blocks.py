@@ -6,11 +6,13 @@ comes from the registry (``config.arch``); ``config.use_mlp=False`` drops the ML
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from canon_jax.config import ModelConfig
-from canon_jax.layers.canon import canon_from_config
+from canon_jax.layers.canon import canon_from_config, canon_site
 from canon_jax.layers.mlp import MLP
 from canon_jax.layers.norm import RMSNorm
 from canon_jax.models.registry import get_mixer
@@ -34,17 +36,26 @@ class Block(nn.Module):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         seg = segment_ids if cfg.segment_aware else None
-        a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
+
+        def norm_canon(mdl, h, seg, token_mask, norm, letter):
+            h = RMSNorm(cfg.norm_eps, "embed", pdt, name=norm)(h)
+            return canon_from_config(cfg, letter)(h, segment_ids=seg, token_mask=token_mask, decode=self.decode)
+
         if cfg.has_canon("A"):
-            a = canon_from_config(cfg, "A")(a, segment_ids=seg, token_mask=token_mask, decode=self.decode)
+            a = canon_site(cfg, self.decode, partial(norm_canon, norm="attn_norm", letter="A"))(self, x, seg, token_mask)
+        else:
+            a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
         y = get_mixer(cfg.arch)(cfg, name="mixer")(
             a, positions=positions, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
         )
         x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
         if cfg.use_mlp:
-            c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
             if cfg.has_canon("C"):
-                c = canon_from_config(cfg, "C")(c, segment_ids=seg, token_mask=token_mask, decode=self.decode)
+                c = canon_site(cfg, self.decode, partial(norm_canon, norm="mlp_norm", letter="C"))(
+                    self, x, seg, token_mask
+                )
+            else:
+                c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
             y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(
                 c, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
             )

@@ -1,5 +1,6 @@
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,3 +90,26 @@ def test_default_tables_match_numpy_and_broadcast_over_batch(version, const, mon
     y_b = apply_rope(jnp.asarray(x), jnp.asarray(pos), rope_dim=12, theta=500.0, version=version)
     err_b = np.abs(np.asarray(y_b) - _np_rope(x, pos, 12, 500.0, version))
     assert np.all(err_b <= tol), float(np.max(err_b - tol))
+
+
+def _eqn_shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqn_shapes(sub)
+        yield from ((eqn.primitive.name, v.aval.shape) for v in eqn.outvars)
+
+
+@pytest.mark.parametrize("version", ["huggingface", "lingua"])
+def test_rotation_and_its_gradient_form_only_whole_heads(version):
+    """TPU pads every minor dimension to 128 lanes: a partial RoPE (16 of 64 channels) must not slice the heads."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 3, 64)), jnp.float32)
+    cos, sin = rope.rope_tables(jnp.arange(8)[None] + 5, 16)
+    fn = lambda x: jnp.sum(rope.rotate(x, cos, sin, version=version) ** 2)
+    shapes = list(_eqn_shapes(jax.make_jaxpr(jax.value_and_grad(fn))(x).jaxpr))
+    narrow = [(p, s) for p, s in shapes if len(s) == 4 and s[-1] != 64]
+    assert not narrow, narrow
+    # the gradient is the float64 rotation's transpose: d/dx sum(R x)^2 = 2 R^T R x = 2 x (R is orthogonal)
+    g = jax.grad(fn)(x)
+    chex.assert_shape(g, x.shape)
+    np.testing.assert_allclose(np.asarray(g), 2 * np.asarray(x), rtol=1e-5, atol=1e-6)
+

@@ -1,4 +1,4 @@
-"""Every remat policy gives the loss and gradients of the model without remat (Llama and GDN with Canon layers,
+"""Every remat policy, with and without ``canon_recompute``, gives the loss and gradients of the model without remat (Llama and GDN with Canon layers,
 per-layer and scanned), and a bad policy name is a one-line config error."""
 
 import jax
@@ -39,8 +39,9 @@ def test_remat_policies_match_no_remat(arch, scan):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 41, size=(2, 8)), jnp.int32)
     params = CausalLM(base).init(jax.random.key(0), ids)["params"]
     ref_loss, ref_grads = _loss_and_grads(base, params, ids)
-    for policy in REMAT_POLICIES:
-        loss, grads = _loss_and_grads(base.replace(remat=policy), params, ids)
+    for policy, recompute in [(p, r) for p in REMAT_POLICIES for r in (True, False)]:
+        loss, grads = _loss_and_grads(base.replace(remat=policy, canon_recompute=recompute), params, ids)
+        policy = f"{policy} canon_recompute={recompute}"
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=policy)
         # float32 recomputation fuses differently: compare each leaf to 1e-5 of its own scale
         for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
