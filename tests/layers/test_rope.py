@@ -112,4 +112,3 @@ def test_rotation_and_its_gradient_form_only_whole_heads(version):
     g = jax.grad(fn)(x)
     chex.assert_shape(g, x.shape)
     np.testing.assert_allclose(np.asarray(g), 2 * np.asarray(x), rtol=1e-5, atol=1e-6)
-

@@ -1,5 +1,5 @@
-"""Every remat policy, with and without ``canon_recompute``, gives the loss and gradients of the model without remat (Llama and GDN with Canon layers,
-per-layer and scanned), and a bad policy name is a one-line config error."""
+"""Every remat policy, with and without ``canon_recompute``, gives the loss and gradients of the model without remat
+(Llama and GDN with Canon layers, per-layer and scanned), and a bad policy name is a one-line config error."""
 
 import jax
 import jax.numpy as jnp
