@@ -96,10 +96,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
-    # with remat "full" or "save_dots": recompute each Canon input and output (with the norm just before it) in the
-    # backward pass from what the model without Canon keeps anyway, instead of keeping both; one more depthwise conv
-    # per site in the backward (docs/scaling.md, "Canon's memory")
-    canon_recompute: bool = True
+    # with remat "full" or "save_dots", the Canon positions whose input and output are recomputed in the backward pass
+    # (with the norm just before them) from what the model without Canon keeps anyway: one more depthwise conv per
+    # site. "ABC" measured lowest on TPU with the Pallas conv (docs/scaling.md, "Canon's memory"); "" keeps both.
+    canon_recompute: str = "ABC"
     kernel_impl: str = "auto"  # impl= passed to the ops: one of pallas_kernels.common.KERNEL_IMPLS
 
     def __post_init__(self):
@@ -159,8 +159,8 @@ class ModelConfig:
             raise _err("param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.remat not in REMAT:
             raise _err("remat", f"must be one of {REMAT}, got {self.remat!r}")
-        if not isinstance(self.canon_recompute, bool):
-            raise _err("canon_recompute", f"must be true or false, got {self.canon_recompute!r}")
+        if not isinstance(self.canon_recompute, str) or set(self.canon_recompute) - set("ABCD"):
+            raise _err("canon_recompute", f"must be a string of the letters 'ABCD', got {self.canon_recompute!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise _err("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.kernel_impl not in KERNEL_IMPLS:

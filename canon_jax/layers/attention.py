@@ -132,7 +132,7 @@ class Attention(nn.Module):
             return q, k, v
 
         if cfg.has_canon("B"):
-            q, k, v = canon_site(cfg, decode, norm_canon)(self, q, k, v, seg, token_mask)
+            q, k, v = canon_site(cfg, decode, norm_canon, "B")(self, q, k, v, seg, token_mask)
         else:
             q, k, v = norm_canon(self, q, k, v, seg, token_mask)
         q = q.reshape(b, t, h, hd)

@@ -168,12 +168,14 @@ def canon_from_config(config: ModelConfig, position: str, name: str | None = Non
     )
 
 
-def canon_site(config: ModelConfig, decode: bool, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(module, *arrays)`` (the Canon layer and what computes its input, e.g. the norm before Canon-A), lifted with
-    ``nn.remat`` when ``config.canon_recompute`` and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not
-    decoding), so that the backward pass keeps only ``fn``'s inputs and recomputes the Canon input and output; call the
-    result as ``fn``. Parameter paths are those of the modules ``fn`` creates, as if ``fn`` ran inline.
+def canon_site(config: ModelConfig, decode: bool, fn: Callable[..., Any], position: str) -> Callable[..., Any]:
+    """``fn(module, *arrays)``: the Canon layer at ``position`` and what computes its input (the norm before Canon-A/C,
+    the q/k norms before Canon-B; Canon-D's ``fn`` also applies the gated activation), lifted with ``nn.remat`` when
+    ``position`` is in ``config.canon_recompute`` and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not
+    decoding). The backward pass then keeps only ``fn``'s inputs, which the model without Canon keeps too, and
+    recomputes the Canon input and output. Call the result as ``fn``; parameter paths are those of the modules ``fn``
+    creates, as if it ran inline.
     """
-    if config.canon_recompute and config.remat in ("full", "save_dots") and not decode:
+    if position in config.canon_recompute and config.remat in ("full", "save_dots") and not decode:
         return nn.remat(fn)
     return fn

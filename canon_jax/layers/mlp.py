@@ -47,7 +47,7 @@ class MLP(nn.Module):
                 return nn.silu(g) * u
 
             seg = segment_ids if cfg.segment_aware else None
-            h = canon_site(cfg, decode, canon_glu)(self, g, u, seg, token_mask)
+            h = canon_site(cfg, decode, canon_glu, "D")(self, g, u, seg, token_mask)
         else:
             h = nn.silu(g) * u
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))

@@ -42,7 +42,7 @@ class Block(nn.Module):
             return canon_from_config(cfg, letter)(h, segment_ids=seg, token_mask=token_mask, decode=self.decode)
 
         if cfg.has_canon("A"):
-            site = canon_site(cfg, self.decode, partial(norm_canon, norm="attn_norm", letter="A"))
+            site = canon_site(cfg, self.decode, partial(norm_canon, norm="attn_norm", letter="A"), "A")
             a = site(self, x, seg, token_mask)
         else:
             a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
@@ -52,7 +52,7 @@ class Block(nn.Module):
         x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
         if cfg.use_mlp:
             if cfg.has_canon("C"):
-                site = canon_site(cfg, self.decode, partial(norm_canon, norm="mlp_norm", letter="C"))
+                site = canon_site(cfg, self.decode, partial(norm_canon, norm="mlp_norm", letter="C"), "C")
                 c = site(self, x, seg, token_mask)
             else:
                 c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
