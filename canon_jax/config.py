@@ -98,8 +98,9 @@ class ModelConfig:
     remat: str = "none"
     # with remat "full" or "save_dots", the Canon positions whose input and output are recomputed in the backward pass
     # (with the norm just before them) from what the model without Canon keeps anyway: one more depthwise conv per
-    # site. "ABC" measured lowest on TPU with the Pallas conv (docs/scaling.md, "Canon's memory"); "" keeps both.
-    canon_recompute: str = "ABC"
+    # site; "" keeps both. "auto": "ABC" when compiling for TPU, "" elsewhere, the lowest memory measured on each
+    # (docs/scaling.md, "Canon's memory").
+    canon_recompute: str = "auto"
     kernel_impl: str = "auto"  # impl= passed to the ops: one of pallas_kernels.common.KERNEL_IMPLS
 
     def __post_init__(self):
@@ -159,8 +160,12 @@ class ModelConfig:
             raise _err("param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.remat not in REMAT:
             raise _err("remat", f"must be one of {REMAT}, got {self.remat!r}")
-        if not isinstance(self.canon_recompute, str) or set(self.canon_recompute) - set("ABCD"):
-            raise _err("canon_recompute", f"must be a string of the letters 'ABCD', got {self.canon_recompute!r}")
+        if not isinstance(self.canon_recompute, str) or (
+            self.canon_recompute != "auto" and set(self.canon_recompute) - set("ABCD")
+        ):
+            raise _err(
+                "canon_recompute", f"must be 'auto' or a string of the letters 'ABCD', got {self.canon_recompute!r}"
+            )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise _err("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.kernel_impl not in KERNEL_IMPLS:

@@ -28,6 +28,7 @@ from canon_jax.config import CANON_LETTERS, ModelConfig
 from canon_jax.layers.init import canon_kernel_init, normal_init, torch_default_init
 from canon_jax.layers.masking import mask_tokens
 from canon_jax.ops.conv import causal_conv1d, causal_conv1d_step
+from pallas_kernels.common import target_platform
 
 __all__ = ["Canon", "canon_from_config", "canon_site", "canon_kernel_init", "normalize_canon_set", "CANON_PRESETS"]
 
@@ -171,11 +172,14 @@ def canon_from_config(config: ModelConfig, position: str, name: str | None = Non
 def canon_site(config: ModelConfig, decode: bool, fn: Callable[..., Any], position: str) -> Callable[..., Any]:
     """``fn(module, *arrays)``: the Canon layer at ``position`` and what computes its input (the norm before Canon-A/C,
     the q/k norms before Canon-B; Canon-D's ``fn`` also applies the gated activation), lifted with ``nn.remat`` when
-    ``position`` is in ``config.canon_recompute`` and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not
-    decoding). The backward pass then keeps only ``fn``'s inputs, which the model without Canon keeps too, and
-    recomputes the Canon input and output. Call the result as ``fn``; parameter paths are those of the modules ``fn``
-    creates, as if it ran inline.
+    ``position`` is in ``config.canon_recompute`` (``"auto"``: ``"ABC"`` when the program is compiled for TPU, else
+    none) and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not decoding). The backward pass then keeps only
+    ``fn``'s inputs, which the model without Canon keeps too, and recomputes the Canon input and output. Call the
+    result as ``fn``; parameter paths are those of the modules ``fn`` creates, as if it ran inline.
     """
-    if position in config.canon_recompute and config.remat in ("full", "save_dots") and not decode:
+    sites = config.canon_recompute
+    if sites == "auto":
+        sites = "ABC" if target_platform() == "tpu" else ""
+    if position in sites and config.remat in ("full", "save_dots") and not decode:
         return nn.remat(fn)
     return fn

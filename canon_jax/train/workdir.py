@@ -38,7 +38,7 @@ LOCK_NAME = "train.lock"
 # Model fields that only choose how the same function is computed (numerics, memory, kernels): a resumed run may
 # change them. Every other model field changes the parameters' shapes or the function itself.
 RUNTIME_MODEL_KEYS = frozenset(
-    {"dtype", "remat", "kernel_impl", "linear_chunk_size", "mamba_chunk_size", "max_seq_len"}
+    {"dtype", "remat", "canon_recompute", "kernel_impl", "linear_chunk_size", "mamba_chunk_size", "max_seq_len"}
 )
 # Data fields that do not change the training stream, and the text runs' file locations: the same documents may move
 # (another mount, another cluster), so a changed path is reported, not refused.

@@ -39,7 +39,7 @@ def test_remat_policies_match_no_remat(arch, scan):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 41, size=(2, 8)), jnp.int32)
     params = CausalLM(base).init(jax.random.key(0), ids)["params"]
     ref_loss, ref_grads = _loss_and_grads(base, params, ids)
-    for policy, recompute in [(p, r) for p in REMAT_POLICIES for r in ("ABC", "ABCD", "")]:
+    for policy, recompute in [(p, r) for p in REMAT_POLICIES for r in ("ABC", "ABCD", "", "auto")]:
         loss, grads = _loss_and_grads(base.replace(remat=policy, canon_recompute=recompute), params, ids)
         policy = f"{policy} canon_recompute={recompute!r}"
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=policy)
@@ -62,7 +62,7 @@ def test_bad_remat_is_a_one_line_error():
 
 def test_bad_canon_recompute_is_a_one_line_error():
     with pytest.raises(
-        ValueError, match=r"^ModelConfig.canon_recompute: must be a string of the letters 'ABCD', got 'b'$"
+        ValueError, match=r"^ModelConfig.canon_recompute: must be 'auto' or a string of the letters 'ABCD', got 'b'$"
     ):
         ModelConfig(canon_recompute="b")
     with pytest.raises(ValueError, match=r"^ModelConfig.canon_recompute: .* got True$"):
