@@ -98,7 +98,7 @@ class ModelConfig:
     remat: str = "none"
     # with remat "full" or "save_dots", the Canon positions whose input and output are recomputed in the backward pass
     # (with the norm just before them) from what the model without Canon keeps anyway: one more depthwise conv per
-    # site; "" keeps both. "auto": "ABC" when compiling for TPU, "" elsewhere, the lowest memory measured on each
+    # site; "" keeps both. "auto": "ABC" for Llama compiled for TPU, "" elsewhere, the lowest memory measured on each
     # (docs/scaling.md, "Canon's memory").
     canon_recompute: str = "auto"
     kernel_impl: str = "auto"  # impl= passed to the ops: one of pallas_kernels.common.KERNEL_IMPLS
