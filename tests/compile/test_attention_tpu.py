@@ -68,3 +68,25 @@ def test_auto_attention_is_splash_on_tpu():
     for kernel in ("splash_mha_fwd_segmented", "splash_mha_dq_segmented", "splash_mha_dkv_segmented"):
         # once per layer (the forward again inside the rematerialised backward)
         assert text.count(kernel) >= 2, kernel
+
+
+def test_auto_canon_recompute_is_abc_for_llama_on_tpu_only():
+    from canon_jax import aot
+    from canon_jax.config import ModelConfig
+    from canon_jax.layers.canon import canon_site
+    from canon_jax.train.sharding import MESH_AXES
+
+    def fn(mdl, x):
+        return x
+
+    llama = ModelConfig(canon_set="ABCD", remat="full")
+    gdn = ModelConfig(arch="gdn", canon_set="AbCD", remat="full")
+    mesh = aot.make_mesh(aot.get_target("v5e:2x2"), (1, 2, 2), MESH_AXES)
+    with jax.set_mesh(mesh):
+        assert [canon_site(llama, False, fn, p) is fn for p in "ABCD"] == [False, False, False, True]
+        assert all(canon_site(gdn, False, fn, p) is fn for p in "ABCD")  # measured no better for the linear models
+        assert all(canon_site(llama, True, fn, p) is fn for p in "ABCD")  # decoding
+        assert all(canon_site(llama.replace(remat="none"), False, fn, p) is fn for p in "ABCD")
+        assert all(canon_site(llama.replace(canon_recompute=""), False, fn, p) is fn for p in "ABCD")
+        assert canon_site(llama.replace(canon_recompute="D"), False, fn, "D") is not fn
+    assert all(canon_site(llama, False, fn, p) is fn for p in "ABCD")  # no mesh: the CPU backend
