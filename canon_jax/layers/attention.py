@@ -131,10 +131,7 @@ class Attention(nn.Module):
                 q, k, v = canon_from_config(cfg, "B")([q, k, v], segment_ids=seg, token_mask=token_mask, decode=decode)
             return q, k, v
 
-        if cfg.has_canon("B"):
-            q, k, v = canon_site(cfg, decode, norm_canon, "B")(self, q, k, v, seg, token_mask)
-        else:
-            q, k, v = norm_canon(self, q, k, v, seg, token_mask)
+        q, k, v = canon_site(cfg, decode, norm_canon, "B")(self, q, k, v, seg, token_mask)
         q = q.reshape(b, t, h, hd)
         k = k.reshape(b, t, kvh, hd)
         v = v.reshape(b, t, kvh, hd)

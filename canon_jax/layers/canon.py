@@ -170,16 +170,17 @@ def canon_from_config(config: ModelConfig, position: str, name: str | None = Non
 
 
 def canon_site(config: ModelConfig, decode: bool, fn: Callable[..., Any], position: str) -> Callable[..., Any]:
-    """``fn(module, *arrays)``: the Canon layer at ``position`` and what computes its input (the norm before Canon-A/C,
-    the q/k norms before Canon-B; Canon-D's ``fn`` also applies the gated activation), lifted with ``nn.remat`` when
-    ``position`` is in ``config.canon_recompute`` (``"auto"``: ``"ABC"`` for Llama when the program is compiled for
-    TPU, else none) and ``config.remat`` is ``"full"`` or ``"save_dots"`` (and not decoding). The backward pass then
-    keeps only ``fn``'s inputs, which the model without Canon keeps too, and recomputes the Canon input and output.
-    Call the result as ``fn``; parameter paths are those of the modules ``fn`` creates, as if it ran inline.
+    """``fn(module, *arrays)``: the Canon layer at ``position`` (when the model has one) and what computes its input
+    (the norm before Canon-A/C, the q/k norms before Canon-B; Canon-D's ``fn`` also applies the gated activation),
+    lifted with ``nn.remat`` when the model has Canon at ``position``, ``position`` is in ``config.canon_recompute``
+    (``"auto"``: ``"ABC"`` for Llama when the program is compiled for TPU, else none) and ``config.remat`` is
+    ``"full"`` or ``"save_dots"`` (and not decoding). The backward pass then keeps only ``fn``'s inputs, which the
+    model without Canon keeps too, and recomputes the Canon input and output. Call the result as ``fn``; parameter
+    paths are those of the modules ``fn`` creates, as if it ran inline.
     """
     sites = config.canon_recompute
     if sites == "auto":
         sites = "ABC" if config.arch == "llama" and target_platform() == "tpu" else ""
-    if position in sites and config.remat in ("full", "save_dots") and not decode:
+    if config.has_canon(position) and position in sites and config.remat in ("full", "save_dots") and not decode:
         return nn.remat(fn)
     return fn

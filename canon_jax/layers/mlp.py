@@ -40,15 +40,13 @@ class MLP(nn.Module):
             )
         g = nn.with_logical_constraint(g, ("batch", "length", "mlp"))
         u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
-        if cfg.has_canon("D"):  # on concat(gate, up), computed part by part
 
-            def canon_glu(mdl, g, u, seg, token_mask):
+        def canon_glu(mdl, g, u, seg, token_mask):
+            if cfg.has_canon("D"):  # on concat(gate, up), computed part by part
                 g, u = canon_from_config(cfg, "D")([g, u], segment_ids=seg, token_mask=token_mask, decode=decode)
-                return nn.silu(g) * u
+            return nn.silu(g) * u
 
-            seg = segment_ids if cfg.segment_aware else None
-            h = canon_site(cfg, decode, canon_glu, "D")(self, g, u, seg, token_mask)
-        else:
-            h = nn.silu(g) * u
+        seg = segment_ids if cfg.segment_aware else None
+        h = canon_site(cfg, decode, canon_glu, "D")(self, g, u, seg, token_mask)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         return dense(cfg, d, ("mlp", "embed"), "down_proj", init=weight_init(cfg, f))(h)

@@ -20,6 +20,7 @@ from canon_jax.models.registry import get_mixer
 __all__ = ["Block"]
 
 _ACT = ("batch", "length", "embed")
+_NORM_NAMES = {"A": "attn_norm", "C": "mlp_norm"}  # the norm before each of the block's own Canon positions
 
 
 class Block(nn.Module):
@@ -37,25 +38,19 @@ class Block(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         seg = segment_ids if cfg.segment_aware else None
 
-        def norm_canon(mdl, h, seg, token_mask, norm, letter):
-            h = RMSNorm(cfg.norm_eps, "embed", pdt, name=norm)(h)
-            return canon_from_config(cfg, letter)(h, segment_ids=seg, token_mask=token_mask, decode=self.decode)
+        def norm_canon(mdl, h, seg, token_mask, letter):
+            h = RMSNorm(cfg.norm_eps, "embed", pdt, name=_NORM_NAMES[letter])(h)
+            if cfg.has_canon(letter):
+                h = canon_from_config(cfg, letter)(h, segment_ids=seg, token_mask=token_mask, decode=self.decode)
+            return h
 
-        if cfg.has_canon("A"):
-            site = canon_site(cfg, self.decode, partial(norm_canon, norm="attn_norm", letter="A"), "A")
-            a = site(self, x, seg, token_mask)
-        else:
-            a = RMSNorm(cfg.norm_eps, "embed", pdt, name="attn_norm")(x)
+        a = canon_site(cfg, self.decode, partial(norm_canon, letter="A"), "A")(self, x, seg, token_mask)
         y = get_mixer(cfg.arch)(cfg, name="mixer")(
             a, positions=positions, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
         )
         x = nn.with_logical_constraint(x + y.astype(x.dtype), _ACT)
         if cfg.use_mlp:
-            if cfg.has_canon("C"):
-                site = canon_site(cfg, self.decode, partial(norm_canon, norm="mlp_norm", letter="C"), "C")
-                c = site(self, x, seg, token_mask)
-            else:
-                c = RMSNorm(cfg.norm_eps, "embed", pdt, name="mlp_norm")(x)
+            c = canon_site(cfg, self.decode, partial(norm_canon, letter="C"), "C")(self, x, seg, token_mask)
             y = MLP(cfg, fused=cfg.arch != "llama", name="mlp")(
                 c, segment_ids=segment_ids, token_mask=token_mask, decode=self.decode
             )
