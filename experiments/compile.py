@@ -56,33 +56,77 @@ def count_pallas_kernels(hlo_text: str) -> int:
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 
 
-def collectives(hlo_text: str) -> list:
+def _computations(hlo_text: str) -> dict:
+    """``{computation name: its lines}`` of an HLO module's text."""
+    out, name = {}, ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            name = line.split(" ", 1)[0]
+            if name == "ENTRY":
+                name = "ENTRY " + line.split(" ", 2)[1]
+        out.setdefault(name, []).append(line)
+    return out
+
+
+_CALLS = re.compile(
+    r"\b(?:calls|body|condition|to_apply|called_computations|branch_computations)=\{?([^}\s]*(?:, %[^}\s,]*)*)"
+)
+
+
+def loop_computations(hlo_text: str) -> set:
+    """Names of the computations that run inside a ``while`` loop body: the bodies and everything they call
+    (fusions, reductions, nested loops). A scanned layer stack's forward and backward are such loops."""
+    comps = _computations(hlo_text)
+    calls = {
+        name: {c.strip().lstrip("%") for m in _CALLS.finditer("\n".join(lines)) for c in m.group(1).split(",")} - {""}
+        for name, lines in comps.items()
+    }
+    todo = [
+        m.group(1)
+        for lines in comps.values()
+        for line in lines
+        if " while(" in line
+        for m in [re.search(r"\bbody=%([\w.\-]+)", line)]
+        if m
+    ]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(calls.get("%" + name, ()))
+    return {"%" + n for n in seen}
+
+
+def collectives(hlo_text: str, computations=None) -> list:
     """``(kind, result_shape_text)`` of every collective instruction in an optimised HLO module's text (async
-    ``-start``/``-done`` pairs counted once, at the start).
+    ``-start``/``-done`` pairs counted once, at the start); with ``computations`` (a set of names, e.g.
+    :func:`loop_computations`), only those in these computations.
 
     XLA:TPU writes a reduce-scatter as an ``all-reduce`` + ``dynamic-slice`` inside a fused computation named
     ``all-reduce-scatter.N``: those all-reduces count as ``reduce-scatter``.
     """
-    out, computation = [], ""
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            computation = line.split(" ", 1)[0]
-        m = re.search(r" = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", line)
-        if m:
-            kind = m.group(2)
-            if kind == "all-reduce" and computation.startswith("%all-reduce-scatter"):
-                kind = "reduce-scatter"
-            out.append((kind, m.group(1)))
+    out = []
+    for computation, lines in _computations(hlo_text).items():
+        if computations is not None and computation not in computations:
+            continue
+        for line in lines:
+            m = re.search(r" = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", line)
+            if m:
+                kind = m.group(2)
+                if kind == "all-reduce" and computation.startswith("%all-reduce-scatter"):
+                    kind = "reduce-scatter"
+                out.append((kind, m.group(1)))
     return out
 
 
-def collective_counts(hlo_text: str) -> dict:
+def collective_counts(hlo_text: str, computations=None) -> dict:
     """Instructions of each collective kind; ``<kind> (weights)``: those whose result holds a 2-D bf16/f32 matrix
     with both dimensions >= 64, i.e. a projection weight (not a low-rank gate factor such as ``[16, value]``, which
-    is replicated and rightly all-reduced, nor a ``[1, C]`` row)."""
+    is replicated and rightly all-reduced, nor a ``[1, C]`` row). ``computations``: see :func:`collectives`."""
     counts = {k: 0 for k in COLLECTIVES}
     counts.update({f"{k} (weights)": 0 for k in COLLECTIVES})
-    for kind, shape in collectives(hlo_text):
+    for kind, shape in collectives(hlo_text, computations):
         counts[kind] += 1
         if any(min(int(a), int(b)) >= 64 for a, b in re.findall(r"\b(?:bf16|f32)\[(\d+),(\d+)\]", shape)):
             counts[f"{kind} (weights)"] += 1
