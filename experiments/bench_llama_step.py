@@ -2,8 +2,11 @@
 
 Default shape (the issue's): 4 layers, hidden 256, 4 heads, seq 512, batch 8, vocab 512, float32.
 Run: ``python -m experiments.bench_llama_step [--steps 10] [--repeats 3]``.
-Reports the median ms/step over ``repeats`` timed windows of ``steps`` steps each (after a compile + warm-up step);
-the windows of the configurations are interleaved.
+Reports the median ms/step over ``repeats`` timed windows of ``steps`` steps each (after a compile + warm-up step).
+The windows of the configurations are interleaved, in the reverse order every other round (ABBA), so that a slow
+drift of the machine's speed hits every configuration alike. The ratio of the last configuration to the first is
+printed twice: as the ratio of their medians, and as the median over rounds of the ratio within each round (the
+paired ratio, which cancels drift between rounds; on a shared VM it is the steadier of the two).
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def main(argv=None):
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     results = [setup(cs, args) for cs in args.canon_sets.split(",")]
-    # Alternate the timed windows between configurations so that load changes on a shared machine hit all alike.
-    for _ in range(args.repeats):
-        for r in results:
+    # Alternate the timed windows between configurations (ABBA order) so that load changes hit all alike.
+    for i in range(args.repeats):
+        for r in results if i % 2 == 0 else results[::-1]:
             r["times"].append(r["run"](args.steps))
     tokens = args.batch * args.seq
     for r in results:
@@ -117,10 +120,13 @@ def main(argv=None):
             f"loss {r['loss']:.3f})"
         )
     if len(results) > 1:
+        first, last = results[0], results[-1]
+        paired = [statistics.median(b[k] / a[k] for a, b in zip(first["times"], last["times"])) for k in (0, 1)]
         print(
-            f"ratio {results[-1]['canon_set']} / {results[0]['canon_set']}: wall "
-            f"{results[-1]['ms_per_step'] / results[0]['ms_per_step']:.3f}x, CPU time "
-            f"{results[-1]['cpu_ms_per_step'] / results[0]['cpu_ms_per_step']:.3f}x"
+            f"ratio {last['canon_set']} / {first['canon_set']}: wall "
+            f"{last['ms_per_step'] / first['ms_per_step']:.3f}x, CPU time "
+            f"{last['cpu_ms_per_step'] / first['cpu_ms_per_step']:.3f}x (ratio of medians); paired: wall "
+            f"{paired[0]:.3f}x, CPU time {paired[1]:.3f}x (median over {args.repeats} rounds)"
         )
 
 
