@@ -108,19 +108,21 @@ inline void SrcRows(const float* x, const float* prev, const Dims& d, int64_t b,
   for (int64_t j = 0; j < Taps<KK>(d); ++j) src[j] = XhRow(x, prev, d, b, t + j);
 }
 
-// acc[c] = bias[c] + sum_j w[j, c] * xh[b, t + j, c]  (the pre-activation of row (b, t))
-template <int KK>
+// acc[c] = bias[c] + sum_j w[j, c] * xh[b, t + j, c]  (the pre-activation of row (b, t)), plus x[b, t, c] when RES
+// (the Canon residual, added in the same pass: x[b, t] is the row xh[b, t + K - 1]).
+template <int KK, bool RES = false>
 inline void PreRow(const float* x, const float* __restrict__ w, const float* __restrict__ bias, const float* prev,
                    const Dims& d, int64_t b, int64_t t, float* __restrict__ acc) {
   const int64_t K = Taps<KK>(d), C = d.C;
   const float* src[KK > 0 ? KK : 64];
   if (KK > 0 || K <= 64) {
     SrcRows<KK>(x, prev, d, b, t, src);
+    const float* __restrict__ cur = src[K - 1];
     CANON_IVDEP
     for (int64_t c = 0; c < C; ++c) {
       float a = bias[c];
       for (int64_t j = 0; j < K; ++j) a += w[j * C + c] * src[j][c];
-      acc[c] = a;
+      acc[c] = RES ? a + cur[c] : a;
     }
     return;
   }
@@ -130,6 +132,10 @@ inline void PreRow(const float* x, const float* __restrict__ w, const float* __r
     const float* __restrict__ wj = w + j * C;
     for (int64_t c = 0; c < C; ++c) acc[c] += wj[c] * s[c];
   }
+  if (RES) {
+    const float* __restrict__ cur = XhRow(x, prev, d, b, t + K - 1);
+    for (int64_t c = 0; c < C; ++c) acc[c] += cur[c];
+  }
 }
 
 inline float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
@@ -138,16 +144,20 @@ template <int KK>
 void FwdItem(const float* xp, const float* wp, const float* bp, const float* pp, float* yp, const Dims& d,
              bool silu, bool residual, int64_t b, int64_t t0, int64_t t1) {
   const int64_t C = d.C;
+  if (!silu) {  // pre-activation (and residual) straight into the output rows
+    for (int64_t t = t0; t < t1; ++t) {
+      float* out = yp + (b * d.T + t) * C;
+      if (residual)
+        PreRow<KK, true>(xp, wp, bp, pp, d, b, t, out);
+      else
+        PreRow<KK, false>(xp, wp, bp, pp, d, b, t, out);
+    }
+    return;
+  }
   std::vector<float> acc(C);
   for (int64_t t = t0; t < t1; ++t) {
     float* __restrict__ out = yp + (b * d.T + t) * C;
     const float* __restrict__ xr = xp + (b * d.T + t) * C;
-    if (!silu) {  // pre-activation straight into the output row
-      PreRow<KK>(xp, wp, bp, pp, d, b, t, out);
-      if (residual)
-        for (int64_t c = 0; c < C; ++c) out[c] += xr[c];
-      continue;
-    }
     float* __restrict__ a = acc.data();
     PreRow<KK>(xp, wp, bp, pp, d, b, t, a);
     if (residual)
