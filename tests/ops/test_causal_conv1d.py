@@ -192,8 +192,10 @@ def test_bad_inputs_raise():
 
 
 @needs_native
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7])  # 1-4 are compile-time specialisations, 5 and 7 the generic body
-@pytest.mark.parametrize("t", [1, 3, 40, 77])  # the native kernel works in blocks of 32 time steps
+# K 1-4 are compile-time specialisations, 5 and 7 the generic body, 70 (> 64 taps) its tap-by-tap form
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 70])
+# the native kernel works in blocks of 32 time steps (forward) and 128 (backward)
+@pytest.mark.parametrize("t", [1, 3, 40, 77, 300])
 @pytest.mark.parametrize("c", [70, 300])  # not multiples of the SIMD width; (K+1)*300 > 512 spans reduction blocks
 def test_native_cpu_kernel_gradients_equal_xla(k, t, c):
     """Every gradient of the native CPU kernel (x, weight, bias, initial state) against the XLA path, which is itself

@@ -4,9 +4,10 @@
 // prev [B, H, C] with H = max(K-1, 1): the K-1 raw inputs before x (oldest first; only the first K-1 rows are used).
 //   pre[b,t,c] = bias[c] + sum_j w[j,c] * xh[b,t+j,c]     with xh = concat(prev[:, :K-1], x) along time
 //   y          = act(pre) (+ x if residual)               act = identity or SiLU
-// The backward returns dx, dw, dbias and dprev (the gradient of the history rows). Work items are blocks of kRows
-// time steps of one sequence, spread over XLA's intra-op thread pool; each item keeps float32 partial sums of dw and
-// dbias over its rows, and the partials are added in a fixed order in double precision (deterministic results).
+// The backward returns dx, dw, dbias and dprev (the gradient of the history rows). Work items are blocks of time
+// steps of one sequence (kRows forward, kBwdRows backward), spread over XLA's intra-op thread pool. A backward item
+// sums dw and dbias in float32 over kRows rows at a time and adds those sums into its double partials; the items'
+// partials are then added in a fixed order in double precision (deterministic results).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -87,7 +88,7 @@ ffi::Error CheckDims(const Dims& d, ffi::Span<const int64_t> w_dims, ffi::Span<c
 
 constexpr int64_t kRows = 32;  // time steps per forward work item (work items never straddle two sequences)
 // Time steps per backward work item: each item keeps its own (K+1) x C partial sums of dw and dbias, so longer items
-// mean fewer partials to zero and reduce (at [8, 512, 768], K = 4: 32 items and 0.5 MB instead of 128 and 2 MB).
+// mean fewer partials to zero and reduce (at [8, 512, 768], K = 4: 32 items instead of 128).
 constexpr int64_t kBwdRows = 128;
 
 // Row pointer of xh[b, s] (s in [0, T + K - 1)).
@@ -194,10 +195,19 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 // One work item of the backward: rows [t0, t1) of sequence b. Writes dx (and dprev for the first item of a
-// sequence) and this item's partial sums of dw (K rows) and dbias (1 row) into pdw.
+// sequence) and this item's partial sums of dw (K rows) and dbias (1 row) into pdd. They are summed in float32 over
+// blocks of kRows rows and the block sums are added in double, so longer items do not lose precision.
+// pdd[c] += block[c]; block[c] = 0  (a float32 block of partial sums into the double partials)
+inline void FlushPartials(float* __restrict__ block, double* __restrict__ pdd, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    pdd[c] += block[c];
+    block[c] = 0.0f;
+  }
+}
+
 template <int KK>
 void BwdItem(const float* gp0, const float* xp, const float* wp, const float* bp, const float* pp, float* dxp,
-             float* dpp, float* __restrict__ pdw, const Dims& d, bool silu, bool residual, int64_t b, int64_t t0,
+             float* dpp, double* __restrict__ pdd, const Dims& d, bool silu, bool residual, int64_t b, int64_t t0,
              int64_t t1) {
   const int64_t K = Taps<KK>(d), C = d.C;
   const int64_t s1 = std::min(d.T, t1 + K - 1);  // rows of gp this item reads: [t0, s1)
@@ -218,10 +228,13 @@ void BwdItem(const float* gp0, const float* xp, const float* wp, const float* bp
       }
     }
   }
+  std::vector<float> block((K + 1) * C, 0.0f);
+  float* __restrict__ pdw = block.data();
   float* __restrict__ pdb = pdw + K * C;
-  for (int64_t c = 0; c < (K + 1) * C; ++c) pdw[c] = 0.0f;
+  for (int64_t c = 0; c < (K + 1) * C; ++c) pdd[c] = 0.0;
   const bool fast = KK > 0;  // compile-time K: one fused channel loop per row
   for (int64_t t = t0; t < t1; ++t) {
+    if (t > t0 && (t - t0) % kRows == 0) FlushPartials(block.data(), pdd, (K + 1) * C);
     const float* __restrict__ gr = gp(t);
     const float* __restrict__ graw = gp0 + (b * d.T + t) * C;
     float* __restrict__ out = dxp + (b * d.T + t) * C;
@@ -262,6 +275,7 @@ void BwdItem(const float* gp0, const float* xp, const float* wp, const float* bp
       for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * gsj[c];
     }
   }
+  FlushPartials(block.data(), pdd, (K + 1) * C);
   if (t0 == 0) {  // dprev[i] = sum_{j <= i, i - j < T} w[j] * gp[i - j]; padding rows (i >= K-1) are zero
     for (int64_t i = 0; i < d.H; ++i) {
       float* __restrict__ out = dpp + (b * d.H + i) * C;
@@ -297,29 +311,29 @@ ffi::Error ConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffe
   const int64_t K = d.K, C = d.C;
   const int64_t per_seq = (d.T + kBwdRows - 1) / kBwdRows, items = d.B * per_seq;
   // Per work item partial sums of dw (K rows) and dbias (1 row), reduced in double precision at the end; each item
-  // zeroes its own partials. Up to kScratchFloats they live in the calling thread's scratch, kept between calls (no
+  // zeroes its own partials. Up to kScratchDoubles they live in the calling thread's scratch, kept between calls (no
   // fresh pages to fault in on every call); larger ones get a buffer of their own, freed after the call.
-  constexpr size_t kScratchFloats = size_t{4} << 20;  // 16 MiB
+  constexpr size_t kScratchDoubles = size_t{2} << 20;  // 16 MiB
   const size_t need = static_cast<size_t>(items * (K + 1) * C);
-  thread_local std::vector<float> scratch;
-  std::unique_ptr<float[]> own;
-  float* partial;
-  if (need <= kScratchFloats) {
+  thread_local std::vector<double> scratch;
+  std::unique_ptr<double[]> own;
+  double* partial;
+  if (need <= kScratchDoubles) {
     if (scratch.size() < need) scratch.resize(need);
     partial = scratch.data();
   } else {
-    own.reset(new float[need]);
+    own.reset(new double[need]);
     partial = own.get();
   }
   ParallelFor(pool, items, [&](int64_t item) {
     const int64_t b = item / per_seq, t0 = (item % per_seq) * kBwdRows, t1 = std::min(d.T, t0 + kBwdRows);
-    float* pdw = partial + item * (K + 1) * C;
+    double* pdd = partial + item * (K + 1) * C;
     switch (d.K) {
-      case 1: return BwdItem<1>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
-      case 2: return BwdItem<2>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
-      case 3: return BwdItem<3>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
-      case 4: return BwdItem<4>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
-      default: return BwdItem<0>(gp0, xp, wp, bp, pp, dxp, dpp, pdw, d, silu, residual, b, t0, t1);
+      case 1: return BwdItem<1>(gp0, xp, wp, bp, pp, dxp, dpp, pdd, d, silu, residual, b, t0, t1);
+      case 2: return BwdItem<2>(gp0, xp, wp, bp, pp, dxp, dpp, pdd, d, silu, residual, b, t0, t1);
+      case 3: return BwdItem<3>(gp0, xp, wp, bp, pp, dxp, dpp, pdd, d, silu, residual, b, t0, t1);
+      case 4: return BwdItem<4>(gp0, xp, wp, bp, pp, dxp, dpp, pdd, d, silu, residual, b, t0, t1);
+      default: return BwdItem<0>(gp0, xp, wp, bp, pp, dxp, dpp, pdd, d, silu, residual, b, t0, t1);
     }
   });
   // deterministic reduction of the partial sums (fixed item order, double accumulators), split over column blocks
@@ -330,7 +344,7 @@ ffi::Error ConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffe
     const int64_t c0 = blk * kCols, c1 = std::min(cols, c0 + kCols);
     double tot[kCols] = {0.0};
     for (int64_t item = 0; item < items; ++item) {
-      const float* __restrict__ part = partial + item * cols;
+      const double* __restrict__ part = partial + item * cols;
       for (int64_t c = c0; c < c1; ++c) tot[c - c0] += part[c];
     }
     for (int64_t c = c0; c < c1; ++c) {
