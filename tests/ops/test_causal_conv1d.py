@@ -191,12 +191,15 @@ def test_bad_inputs_raise():
         causal_conv1d(x, jnp.zeros((4, 3)), impl="pallas")
 
 
+# The native kernel works in blocks of 32 time steps (forward) and 128 (backward: T=300 spans three); K 1-4 are
+# compile-time specialisations, 5 and 7 the generic body, 70 (> 64 taps) its tap-by-tap form; C is not a multiple
+# of the SIMD width, and (K+1)*300 > 512 spans reduction blocks.
+_NATIVE_CASES = [(k, t, c) for k in (1, 2, 3, 4, 5, 7) for t in (1, 3, 40, 77) for c in (70, 300)]
+_NATIVE_CASES += [(4, 300, 300), (5, 300, 70), (70, 3, 70), (70, 300, 70)]
+
+
 @needs_native
-# K 1-4 are compile-time specialisations, 5 and 7 the generic body, 70 (> 64 taps) its tap-by-tap form
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 70])
-# the native kernel works in blocks of 32 time steps (forward) and 128 (backward)
-@pytest.mark.parametrize("t", [1, 3, 40, 77, 300])
-@pytest.mark.parametrize("c", [70, 300])  # not multiples of the SIMD width; (K+1)*300 > 512 spans reduction blocks
+@pytest.mark.parametrize("k,t,c", _NATIVE_CASES)
 def test_native_cpu_kernel_gradients_equal_xla(k, t, c):
     """Every gradient of the native CPU kernel (x, weight, bias, initial state) against the XLA path, which is itself
     checked against float64 finite differences above."""
