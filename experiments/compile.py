@@ -69,7 +69,7 @@ def _computations(hlo_text: str) -> dict:
 
 
 _CALLS = re.compile(
-    r"\b(?:calls|body|condition|to_apply|called_computations|branch_computations)=\{?([^}\s]*(?:, %[^}\s,]*)*)"
+    r"\b(?:calls|body|condition|to_apply|called_computations|branch_computations)=\{?([^,}\s]*(?:, %[^,}\s]*)*)"
 )
 
 
