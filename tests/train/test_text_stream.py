@@ -158,7 +158,8 @@ def test_kill9_mid_run_then_resume_with_two_processes(corpus, tmp_path):
         [sys.executable, str(script), corpus["dir"], str(tmp_path)], env=env, stderr=subprocess.PIPE
     )
     t0 = time.time()
-    while not (tmp_path / "batch30.npy").exists():
+    # batch31.npy is created only after the checkpoint of step 31 is in place (batch30.npy can appear just before it)
+    while not (tmp_path / "batch31.npy").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.time() - t0 < 120
         time.sleep(0.01)
