@@ -36,13 +36,7 @@ def build_revision(rev: str, out_dir: pathlib.Path) -> pathlib.Path:
     )
     src = out_dir / "canon_conv_other.cc"
     src.write_text(subprocess.check_output(["git", "show", f"{rev}:{rel}"], cwd=root, text=True))
-    lib = out_dir / "canon_conv_other.so"
-    cxx = build.compiler()
-    if cxx is None:
-        raise SystemExit("no C++ compiler found (set $CXX or install g++/clang++)")
-    cmd = [cxx, *build.BASE_FLAGS, *build.target_flags(), '-DCANON_CONV_SOURCE_HASH="other"', "-I", build.include_dir()]
-    subprocess.run([*cmd, str(src), "-o", str(lib)], check=True, capture_output=True)
-    return lib
+    return build.build(out_dir / "canon_conv_other.so", source=src)
 
 
 def _fwd(target):

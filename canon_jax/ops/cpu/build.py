@@ -52,9 +52,9 @@ def include_dir() -> str:
     return os.path.join(root, "include")
 
 
-def source_hash() -> str:
+def source_hash(source: pathlib.Path = SOURCE) -> str:
     """What the library records of the source it was built from (checked when it is loaded)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(pathlib.Path(source).read_bytes()).hexdigest()[:16]
 
 
 def target_flags() -> list[str]:
@@ -62,9 +62,13 @@ def target_flags() -> list[str]:
     return flags.split() if flags is not None else ["-march=native"]
 
 
-def build(out: pathlib.Path | str | None = None, cxx: str | None = None) -> pathlib.Path:
-    """Compile the library to ``out`` (default: next to the source, where the package loads it). Raises
-    RuntimeError naming the command and the compiler's error when it cannot be built."""
+def build(
+    out: pathlib.Path | str | None = None, cxx: str | None = None, source: pathlib.Path | str = SOURCE
+) -> pathlib.Path:
+    """Compile the library from ``source`` (default: the package's ``canon_conv.cc``) to ``out`` (default: next to
+    the source, where the package loads it). Raises RuntimeError naming the command and the compiler's error when it
+    cannot be built."""
+    source = pathlib.Path(source)
     out = pathlib.Path(out) if out is not None else default_library_path()
     cxx = cxx or compiler()
     if cxx is None:
@@ -72,15 +76,15 @@ def build(out: pathlib.Path | str | None = None, cxx: str | None = None) -> path
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *BASE_FLAGS, *target_flags(), f'-DCANON_CONV_SOURCE_HASH="{source_hash()}"', "-I", include_dir()]
-    cmd += [str(SOURCE), "-o", tmp]
+    cmd = [cxx, *BASE_FLAGS, *target_flags(), f'-DCANON_CONV_SOURCE_HASH="{source_hash(source)}"', "-I", include_dir()]
+    cmd += [str(source), "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 and "CANON_JAX_NATIVE_FLAGS" not in os.environ:
         cmd = [c for c in cmd if c != "-march=native"]  # a compiler without -march=native: the portable baseline
         r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     os.chmod(tmp, 0o755)  # mkstemp's file is private; the library is read by whoever imports the package
     os.replace(tmp, out)  # atomic: a process loading the library never sees a half-written file
     return out

@@ -194,9 +194,6 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// One work item of the backward: rows [t0, t1) of sequence b. Writes dx (and dprev for the first item of a
-// sequence) and this item's partial sums of dw (K rows) and dbias (1 row) into pdd. They are summed in float32 over
-// blocks of kRows rows and the block sums are added in double, so longer items do not lose precision.
 // pdd[c] += block[c]; block[c] = 0  (a float32 block of partial sums into the double partials)
 inline void FlushPartials(float* __restrict__ block, double* __restrict__ pdd, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
@@ -205,6 +202,9 @@ inline void FlushPartials(float* __restrict__ block, double* __restrict__ pdd, i
   }
 }
 
+// One work item of the backward: rows [t0, t1) of sequence b. Writes dx (and dprev for the first item of a
+// sequence) and this item's partial sums of dw (K rows) and dbias (1 row) into pdd. They are summed in float32 over
+// blocks of kRows rows and the block sums are added in double, so longer items do not lose precision.
 template <int KK>
 void BwdItem(const float* gp0, const float* xp, const float* wp, const float* bp, const float* pp, float* dxp,
              float* dpp, double* __restrict__ pdd, const Dims& d, bool silu, bool residual, int64_t b, int64_t t0,
